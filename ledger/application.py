@@ -1,0 +1,428 @@
+"""The Ledger application: its methods are the commands."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from decimal import Decimal
+from typing import Any
+from uuid import UUID, uuid4
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import JSONTranscoder, RecordConflictError, Transcoding
+
+from ledger.calendar import add_months
+from ledger.domain import (
+    Customer,
+    CustomerNotFound,
+    IdempotencyKeyReused,
+    IdempotencyRecord,
+    ImportJob,
+    Loan,
+    LoanTerms,
+    PhoneNumber,
+    PhoneNumberTaken,
+    RowIssue,
+    customer_uuid,
+    idempotency_uuid,
+    loan_uuid,
+    phone_uuid,
+)
+from ledger.history import CustomerRecord, LoanRecord
+from ledger.policy import Decision, LoanRequest, approved_limit, decide
+from ledger.ports import Clock, IdAllocator, InMemoryIds, SystemClock
+
+BOOKING_ATTEMPTS = 20
+
+
+class DateAsISO(Transcoding):
+    type = date
+    name = "date_iso"
+
+    def encode(self, obj: date) -> str:
+        return obj.isoformat()
+
+    def decode(self, data: str) -> date:
+        return date.fromisoformat(data)
+
+
+class LoanTermsAsDict(Transcoding):
+    type = LoanTerms
+    name = "loan_terms"
+
+    def encode(self, obj: LoanTerms) -> dict[str, Any]:
+        return obj.as_dict()
+
+    def decode(self, data: dict[str, Any]) -> LoanTerms:
+        return LoanTerms(**data)
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What a command recorded: the position of its last event in the notification log."""
+
+    last_position: int | None
+
+
+@dataclass(frozen=True)
+class Registration(Saved):
+    customer: Customer
+
+
+@dataclass(frozen=True)
+class Booking(Saved):
+    response: dict[str, Any]
+    replayed: bool = False
+
+
+@dataclass
+class ImportReport:
+    customers_imported: int = 0
+    customers_already_present: int = 0
+    loans_imported: int = 0
+    loans_already_present: int = 0
+    rekeyed_loans: list[dict[str, int]] = field(default_factory=list)
+    issues: list[RowIssue] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "customers_imported": self.customers_imported,
+            "customers_already_present": self.customers_already_present,
+            "loans_imported": self.loans_imported,
+            "loans_already_present": self.loans_already_present,
+            "rows_rejected": len(self.issues),
+            "rekeyed_loans": self.rekeyed_loans,
+        }
+
+
+def _last_position(recordings: Sequence[Any]) -> int | None:
+    return max((r.notification.id for r in recordings), default=None)
+
+
+def request_fingerprint(customer_id: int, request: LoanRequest) -> str:
+    body = {
+        "customer_id": customer_id,
+        "loan_amount": str(request.amount.normalize()),
+        "interest_rate": str(request.interest_rate.normalize()),
+        "tenure": request.tenure,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class Ledger(Application[UUID]):
+    name = "Ledger"
+    snapshotting_intervals = {Customer: 50}  # noqa: RUF012 (the library's own class attribute)
+
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        *,
+        ids: IdAllocator | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(env)
+        self.ids: IdAllocator = ids or InMemoryIds()
+        self.clock: Clock = clock or SystemClock()
+
+    def register_transcodings(self, transcoder: JSONTranscoder) -> None:
+        super().register_transcodings(transcoder)
+        transcoder.register(DateAsISO())
+        transcoder.register(LoanTermsAsDict())
+
+    # Customers
+
+    def register_customer(
+        self, first_name: str, last_name: str, age: int, phone_number: str, monthly_income: Decimal
+    ) -> Registration:
+        customer = Customer.register(
+            customer_id=self.ids.next_customer_id(),
+            first_name=first_name,
+            last_name=last_name,
+            age=age,
+            phone_number=phone_number,
+            monthly_income=monthly_income,
+            approved_limit=approved_limit(monthly_income),
+        )
+        claim = PhoneNumber.claim(phone_number, customer.customer_id)
+        try:
+            recordings = self.save(customer, claim)
+        except RecordConflictError:
+            raise PhoneNumberTaken(f"phone number {phone_number} already belongs to a customer") from None
+        return Registration(_last_position(recordings), customer)
+
+    def get_customer(self, customer_id: int) -> Customer:
+        try:
+            return self.repository.get(customer_uuid(customer_id))
+        except AggregateNotFoundError:
+            raise CustomerNotFound(f"customer {customer_id} not found") from None
+
+    def get_loan(self, loan_id: int) -> Loan:
+        return self.repository.get(loan_uuid(loan_id))
+
+    # Loans
+
+    def decide_for(self, customer: Customer, request: LoanRequest) -> Decision:
+        return decide(
+            customer.credit_history(self.clock.today()),
+            customer.monthly_income,
+            customer.approved_limit,
+            request,
+        )
+
+    def book_loan(
+        self, customer_id: int, request: LoanRequest, idempotency_key: str | None = None
+    ) -> Booking:
+        """Decide on the customer's own state and book the loan when approved.
+
+        Two bookings for one customer conflict on the customer's version; the loser
+        reloads and decides again, so nothing booked can break the rules.
+        """
+        fingerprint = request_fingerprint(customer_id, request)
+        for _ in range(BOOKING_ATTEMPTS):
+            if idempotency_key is not None:
+                earlier = self._idempotent_response(idempotency_key, fingerprint)
+                if earlier is not None:
+                    return Booking(None, earlier, replayed=True)
+            customer = self.get_customer(customer_id)
+            decision = self.decide_for(customer, request)
+            to_save: list[Aggregate] = []
+            loan_id = None
+            if decision.approved:
+                today = self.clock.today()
+                terms = LoanTerms(
+                    loan_id=self.ids.next_loan_id(),
+                    amount=request.amount,
+                    interest_rate=decision.corrected_interest_rate,
+                    tenure=request.tenure,
+                    monthly_installment=decision.monthly_installment,
+                    start_date=today,
+                    end_date=add_months(today, request.tenure),
+                )
+                customer.book_loan(terms)
+                to_save += [customer, Loan.book(customer_id, terms)]
+                loan_id = terms.loan_id
+            response = {
+                "loan_id": loan_id,
+                "customer_id": customer_id,
+                "loan_approved": decision.approved,
+                "message": decision.message,
+                "monthly_installment": decision.monthly_installment,
+            }
+            if idempotency_key is not None:
+                to_save.append(IdempotencyRecord.record(idempotency_key, fingerprint, response))
+            if not to_save:
+                return Booking(None, response)
+            try:
+                recordings = self.save(*to_save)
+            except RecordConflictError:
+                continue
+            return Booking(_last_position(recordings), response)
+        raise RuntimeError(f"could not book a loan for customer {customer_id}: too much contention")
+
+    def _idempotent_response(self, key: str, fingerprint: str) -> dict[str, Any] | None:
+        try:
+            record: IdempotencyRecord = self.repository.get(idempotency_uuid(key))
+        except AggregateNotFoundError:
+            return None
+        if record.fingerprint != fingerprint:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was already used with a different request; use a new key"
+            )
+        return record.response
+
+    # Import
+
+    def request_import(self, customers_file: str, loans_file: str, job_id: UUID | None = None) -> tuple[UUID, Saved]:
+        job = ImportJob.request(job_id or uuid4(), customers_file, loans_file)
+        return job.id, Saved(_last_position(self.save(job)))
+
+    def get_import_job(self, job_id: UUID) -> ImportJob:
+        return self.repository.get(job_id)
+
+    def fail_import(self, job_id: UUID, reason: str) -> Saved:
+        job = self.get_import_job(job_id)
+        job.fail(reason)
+        return Saved(_last_position(self.save(job)))
+
+    def import_history(
+        self,
+        job_id: UUID,
+        customers: Sequence[CustomerRecord],
+        loans: Sequence[LoanRecord],
+        issues: Sequence[RowIssue],
+        *,
+        batch_size: int = 500,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> ImportReport:
+        """Replay the lender's history as events, `batch_size` customers per transaction.
+
+        Idempotent: a customer already in the ledger and a loan already recorded for
+        that customer (by the file's Loan ID) are skipped, so a re-run adds nothing.
+        """
+        job = self.get_import_job(job_id)
+        total_rows = len(customers) + len(loans) + len(issues)
+        job.start(total_rows)
+        report = ImportReport(issues=list(issues))
+        self.save(job)
+
+        if customers:
+            self.ids.reserve_customer_ids_through(max(c.customer_id for c in customers))
+        if loans:
+            self.ids.reserve_loan_ids_through(max(ln.loan_id for ln in loans))
+
+        loans_by_customer: dict[int, list[LoanRecord]] = {}
+        for loan in loans:
+            loans_by_customer.setdefault(loan.customer_id, []).append(loan)
+        file_customers: dict[int, CustomerRecord] = {}
+        for record in customers:
+            if record.customer_id in file_customers:
+                first = file_customers[record.customer_id]
+                report.issues.append(
+                    RowIssue("customers", record.row, f"Customer ID {record.customer_id} repeats row {first.row}")
+                )
+            else:
+                file_customers[record.customer_id] = record
+        # Which loan rows keep the file's Loan ID: the first row to use an ID keeps it.
+        first_use: dict[int, int] = {}
+        for loan in loans:
+            first_use.setdefault(loan.loan_id, loan.row)
+
+        units: list[tuple[CustomerRecord | None, int, list[LoanRecord]]] = [
+            (record, cid, loans_by_customer.pop(cid, [])) for cid, record in file_customers.items()
+        ]
+        units += [(None, cid, rows) for cid, rows in loans_by_customer.items()]
+
+        rows_done = len(issues) + (len(customers) - len(file_customers))
+        for start in range(0, len(units), batch_size):
+            batch = units[start : start + batch_size]
+            batch_rows = sum((record is not None) + len(rows) for record, _, rows in batch)
+            for attempt in range(BOOKING_ATTEMPTS):
+                batch_report = ImportReport()
+                aggregates: list[Aggregate] = []
+                for record, cid, rows in batch:
+                    aggregates += self._import_unit(record, cid, rows, first_use, batch_report)
+                rows_done_after = rows_done + batch_rows
+                job.progress(rows_done_after, [i.as_dict() for i in batch_report.issues])
+                try:
+                    self.save(*aggregates, job)
+                except RecordConflictError:
+                    # Someone registered or imported concurrently: reload and plan the batch again.
+                    job = self.get_import_job(job_id)
+                    if attempt == BOOKING_ATTEMPTS - 1:
+                        raise
+                    continue
+                break
+            rows_done = rows_done_after
+            report.customers_imported += batch_report.customers_imported
+            report.customers_already_present += batch_report.customers_already_present
+            report.loans_imported += batch_report.loans_imported
+            report.loans_already_present += batch_report.loans_already_present
+            report.rekeyed_loans += batch_report.rekeyed_loans
+            report.issues += batch_report.issues
+            if on_batch is not None:
+                on_batch(rows_done, total_rows)
+
+        job.complete(report.summary())
+        self.save(job)
+        return report
+
+    def _import_unit(
+        self,
+        record: CustomerRecord | None,
+        customer_id: int,
+        rows: list[LoanRecord],
+        first_use: dict[int, int],
+        report: ImportReport,
+    ) -> list[Aggregate]:
+        """The events for one customer row and its loan rows."""
+        try:
+            existing: Customer | None = self.repository.get(customer_uuid(customer_id))
+        except AggregateNotFoundError:
+            existing = None
+
+        if existing is None and record is None:
+            report.issues += [
+                RowIssue("loans", r.row, f"Customer ID {customer_id} is in neither the customer file nor the ledger")
+                for r in rows
+            ]
+            return []
+        if existing is not None and record is not None:
+            if not existing.same_person(record.first_name, record.last_name, record.phone_number):
+                reason = f"Customer ID {customer_id} already belongs to another customer in the ledger"
+                report.issues.append(RowIssue("customers", record.row, reason))
+                report.issues += [RowIssue("loans", r.row, f"its customer row {record.row} was rejected: {reason}") for r in rows]
+                return []
+            report.customers_already_present += 1
+
+        aggregates: list[Aggregate] = []
+        if existing is None and record is not None:
+            claim = self._claim_phone(record)
+            if claim is None:
+                reason = f"Phone Number {record.phone_number} already belongs to another customer"
+                report.issues.append(RowIssue("customers", record.row, reason))
+                report.issues += [RowIssue("loans", r.row, f"its customer row {record.row} was rejected: {reason}") for r in rows]
+                return []
+            aggregates.append(claim)
+
+        already = existing.imported_source_ids() if existing is not None else set()
+        terms_list: list[LoanTerms] = []
+        for row in rows:
+            if row.loan_id in already:
+                report.loans_already_present += 1
+                continue
+            terms = self._imported_terms(row, first_use)
+            if terms.loan_id != row.loan_id:
+                report.rekeyed_loans.append(
+                    {"row": row.row, "customer_id": customer_id, "file_loan_id": row.loan_id, "loan_id": terms.loan_id}
+                )
+            terms_list.append(terms)
+            aggregates.append(Loan.import_history(customer_id, terms))
+        report.loans_imported += len(terms_list)
+
+        if existing is None:
+            assert record is not None
+            aggregates.append(
+                Customer.import_history(
+                    customer_id=customer_id,
+                    first_name=record.first_name,
+                    last_name=record.last_name,
+                    age=record.age,
+                    phone_number=record.phone_number,
+                    monthly_income=record.monthly_income,
+                    approved_limit=record.approved_limit,
+                    loans=terms_list,
+                )
+            )
+            report.customers_imported += 1
+        elif terms_list:
+            existing.import_loans(terms_list)
+            aggregates.append(existing)
+        return aggregates
+
+    def _claim_phone(self, record: CustomerRecord) -> PhoneNumber | None:
+        """A claim on the row's phone number, or None when another customer holds it."""
+        if phone_uuid(record.phone_number) in self.repository:
+            return None
+        return PhoneNumber.claim(record.phone_number, record.customer_id)
+
+    def _imported_terms(self, row: LoanRecord, first_use: dict[int, int]) -> LoanTerms:
+        loan_id = row.loan_id
+        if first_use[loan_id] != row.row or loan_uuid(loan_id) in self.repository:
+            loan_id = self.ids.next_loan_id()
+        return LoanTerms(
+            loan_id=loan_id,
+            amount=row.amount,
+            interest_rate=row.interest_rate,
+            tenure=row.tenure,
+            monthly_installment=row.monthly_payment,
+            start_date=row.start_date,
+            end_date=row.end_date,
+            emis_paid=row.emis_paid_on_time,
+            emis_paid_on_time=row.emis_paid_on_time,
+            source_loan_id=row.loan_id,
+        )
+

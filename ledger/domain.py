@@ -1,0 +1,393 @@
+"""Aggregates: Customer, Loan, the phone-number claim, idempotency records and import jobs.
+
+Aggregate IDs are derived from the integer IDs the API speaks (uuid5), so a second
+aggregate with the same integer ID fails on the event store's own constraint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.domain import Aggregate, event
+
+from ledger.policy import CreditHistory, LoanFacts, credit_history
+
+NAMESPACE = uuid5(NAMESPACE_URL, "https://credit-approval-ledger/ids")
+
+
+def customer_uuid(customer_id: int) -> UUID:
+    return uuid5(NAMESPACE, f"customer:{customer_id}")
+
+
+def loan_uuid(loan_id: int) -> UUID:
+    return uuid5(NAMESPACE, f"loan:{loan_id}")
+
+
+def phone_uuid(phone_number: str) -> UUID:
+    return uuid5(NAMESPACE, f"phone:{phone_number}")
+
+
+def idempotency_uuid(key: str) -> UUID:
+    return uuid5(NAMESPACE, f"idempotency:{key}")
+
+
+class DomainError(Exception):
+    """A command that the rules refuse."""
+
+
+class CustomerNotFound(DomainError):
+    pass
+
+
+class LoanNotFound(DomainError):
+    pass
+
+
+class PhoneNumberTaken(DomainError):
+    pass
+
+
+class IdempotencyKeyReused(DomainError):
+    pass
+
+
+@dataclass(frozen=True)
+class LoanTerms:
+    """A loan as its customer's aggregate remembers it (enough to decide the next one)."""
+
+    loan_id: int
+    amount: Decimal
+    interest_rate: Decimal
+    tenure: int
+    monthly_installment: Decimal
+    start_date: date
+    end_date: date
+    emis_paid: int = 0
+    emis_paid_on_time: int = 0
+    source_loan_id: int | None = None
+
+    def facts(self) -> LoanFacts:
+        return LoanFacts(
+            loan_id=self.loan_id,
+            amount=self.amount,
+            tenure=self.tenure,
+            monthly_installment=self.monthly_installment,
+            start_date=self.start_date,
+            end_date=self.end_date,
+            emis_paid=self.emis_paid,
+            emis_paid_on_time=self.emis_paid_on_time,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "loan_id": self.loan_id,
+            "amount": self.amount,
+            "interest_rate": self.interest_rate,
+            "tenure": self.tenure,
+            "monthly_installment": self.monthly_installment,
+            "start_date": self.start_date,
+            "end_date": self.end_date,
+            "emis_paid": self.emis_paid,
+            "emis_paid_on_time": self.emis_paid_on_time,
+            "source_loan_id": self.source_loan_id,
+        }
+
+
+class Customer(Aggregate):
+    """A borrower: who they are, what they earn, the limit they were given and their loans."""
+
+    class Registered(Aggregate.Created):
+        customer_id: int
+        first_name: str
+        last_name: str
+        age: int
+        phone_number: str
+        monthly_income: Decimal
+        approved_limit: Decimal
+
+    class Imported(Aggregate.Created):
+        """A customer from the lender's history, with the loans the files gave them."""
+
+        customer_id: int
+        first_name: str
+        last_name: str
+        age: int
+        phone_number: str
+        monthly_income: Decimal
+        approved_limit: Decimal
+        loans: list[LoanTerms]
+
+    def __init__(
+        self,
+        customer_id: int,
+        first_name: str,
+        last_name: str,
+        age: int,
+        phone_number: str,
+        monthly_income: Decimal,
+        approved_limit: Decimal,
+        loans: list[LoanTerms] | None = None,
+    ) -> None:
+        self.customer_id = customer_id
+        self.first_name = first_name
+        self.last_name = last_name
+        self.age = age
+        self.phone_number = phone_number
+        self.monthly_income = monthly_income
+        self.approved_limit = approved_limit
+        self.loans: list[LoanTerms] = list(loans or [])
+
+    @classmethod
+    def register(
+        cls,
+        customer_id: int,
+        first_name: str,
+        last_name: str,
+        age: int,
+        phone_number: str,
+        monthly_income: Decimal,
+        approved_limit: Decimal,
+    ) -> Customer:
+        return cls._create(
+            cls.Registered,
+            id=customer_uuid(customer_id),
+            customer_id=customer_id,
+            first_name=first_name,
+            last_name=last_name,
+            age=age,
+            phone_number=phone_number,
+            monthly_income=monthly_income,
+            approved_limit=approved_limit,
+        )
+
+    @classmethod
+    def import_history(
+        cls,
+        customer_id: int,
+        first_name: str,
+        last_name: str,
+        age: int,
+        phone_number: str,
+        monthly_income: Decimal,
+        approved_limit: Decimal,
+        loans: list[LoanTerms],
+    ) -> Customer:
+        return cls._create(
+            cls.Imported,
+            id=customer_uuid(customer_id),
+            customer_id=customer_id,
+            first_name=first_name,
+            last_name=last_name,
+            age=age,
+            phone_number=phone_number,
+            monthly_income=monthly_income,
+            approved_limit=approved_limit,
+            loans=loans,
+        )
+
+    @event("LoanBooked")
+    def book_loan(self, terms: LoanTerms) -> None:
+        self.loans.append(terms)
+
+    @event("LoansImported")
+    def import_loans(self, loans: list[LoanTerms]) -> None:
+        self.loans.extend(loans)
+
+    def credit_history(self, today: date) -> CreditHistory:
+        return credit_history((loan.facts() for loan in self.loans), today)
+
+    def imported_source_ids(self) -> set[int]:
+        return {loan.source_loan_id for loan in self.loans if loan.source_loan_id is not None}
+
+    def same_person(self, first_name: str, last_name: str, phone_number: str) -> bool:
+        return (self.first_name, self.last_name, self.phone_number) == (first_name, last_name, phone_number)
+
+
+class Loan(Aggregate):
+    """One loan: its terms, whose it is, and (for imported loans) the file's own ID."""
+
+    class Booked(Aggregate.Created):
+        loan_id: int
+        customer_id: int
+        amount: Decimal
+        interest_rate: Decimal
+        tenure: int
+        monthly_installment: Decimal
+        start_date: date
+        end_date: date
+
+    class Imported(Aggregate.Created):
+        loan_id: int
+        customer_id: int
+        amount: Decimal
+        interest_rate: Decimal
+        tenure: int
+        monthly_installment: Decimal
+        start_date: date
+        end_date: date
+        emis_paid: int
+        emis_paid_on_time: int
+        source_loan_id: int
+
+    def __init__(
+        self,
+        loan_id: int,
+        customer_id: int,
+        amount: Decimal,
+        interest_rate: Decimal,
+        tenure: int,
+        monthly_installment: Decimal,
+        start_date: date,
+        end_date: date,
+        emis_paid: int = 0,
+        emis_paid_on_time: int = 0,
+        source_loan_id: int | None = None,
+    ) -> None:
+        self.loan_id = loan_id
+        self.customer_id = customer_id
+        self.amount = amount
+        self.interest_rate = interest_rate
+        self.tenure = tenure
+        self.monthly_installment = monthly_installment
+        self.start_date = start_date
+        self.end_date = end_date
+        self.emis_paid = emis_paid
+        self.emis_paid_on_time = emis_paid_on_time
+        self.source_loan_id = source_loan_id
+
+    @classmethod
+    def book(cls, customer_id: int, terms: LoanTerms) -> Loan:
+        return cls._create(
+            cls.Booked,
+            id=loan_uuid(terms.loan_id),
+            loan_id=terms.loan_id,
+            customer_id=customer_id,
+            amount=terms.amount,
+            interest_rate=terms.interest_rate,
+            tenure=terms.tenure,
+            monthly_installment=terms.monthly_installment,
+            start_date=terms.start_date,
+            end_date=terms.end_date,
+        )
+
+    @classmethod
+    def import_history(cls, customer_id: int, terms: LoanTerms) -> Loan:
+        assert terms.source_loan_id is not None
+        return cls._create(
+            cls.Imported,
+            id=loan_uuid(terms.loan_id),
+            loan_id=terms.loan_id,
+            customer_id=customer_id,
+            amount=terms.amount,
+            interest_rate=terms.interest_rate,
+            tenure=terms.tenure,
+            monthly_installment=terms.monthly_installment,
+            start_date=terms.start_date,
+            end_date=terms.end_date,
+            emis_paid=terms.emis_paid,
+            emis_paid_on_time=terms.emis_paid_on_time,
+            source_loan_id=terms.source_loan_id,
+        )
+
+
+class PhoneNumber(Aggregate):
+    """Claims a phone number for one customer; a second claim fails on the event store's key."""
+
+    class Claimed(Aggregate.Created):
+        phone_number: str
+        customer_id: int
+
+    def __init__(self, phone_number: str, customer_id: int) -> None:
+        self.phone_number = phone_number
+        self.customer_id = customer_id
+
+    @classmethod
+    def claim(cls, phone_number: str, customer_id: int) -> PhoneNumber:
+        return cls._create(
+            cls.Claimed, id=phone_uuid(phone_number), phone_number=phone_number, customer_id=customer_id
+        )
+
+
+class IdempotencyRecord(Aggregate):
+    """The first response given to a request sent with an Idempotency-Key."""
+
+    class Recorded(Aggregate.Created):
+        key: str
+        fingerprint: str
+        response: dict[str, Any]
+
+    def __init__(self, key: str, fingerprint: str, response: dict[str, Any]) -> None:
+        self.key = key
+        self.fingerprint = fingerprint
+        self.response = response
+
+    @classmethod
+    def record(cls, key: str, fingerprint: str, response: dict[str, Any]) -> IdempotencyRecord:
+        return cls._create(
+            cls.Recorded, id=idempotency_uuid(key), key=key, fingerprint=fingerprint, response=response
+        )
+
+
+@dataclass(frozen=True)
+class RowIssue:
+    """A row the import could not take, and why."""
+
+    file: str
+    row: int
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "row": self.row, "reason": self.reason}
+
+
+class ImportJob(Aggregate):
+    """An import of the lender's history: requested, started, progressing, then completed or failed."""
+
+    class Requested(Aggregate.Created):
+        customers_file: str
+        loans_file: str
+
+    def __init__(self, customers_file: str, loans_file: str) -> None:
+        self.customers_file = customers_file
+        self.loans_file = loans_file
+        self.state = "queued"
+        self.total_rows = 0
+        self.rows_done = 0
+        self.issues: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] = {}
+
+    @classmethod
+    def request(cls, job_id: UUID, customers_file: str, loans_file: str) -> ImportJob:
+        return cls._create(cls.Requested, id=job_id, customers_file=customers_file, loans_file=loans_file)
+
+    @event("Started")
+    def start(self, total_rows: int) -> None:
+        self.state = "running"
+        self.total_rows = total_rows
+        self.rows_done = 0
+        self.issues = []
+
+    @event("Progressed")
+    def progress(self, rows_done: int, issues: list[dict[str, Any]]) -> None:
+        self.rows_done = rows_done
+        self.issues.extend(issues)
+
+    @event("Completed")
+    def complete(self, summary: dict[str, Any]) -> None:
+        self.state = "completed"
+        self.rows_done = self.total_rows
+        self.summary = summary
+
+    @event("Failed")
+    def fail(self, reason: str) -> None:
+        self.state = "failed"
+        self.summary = {"error": reason}
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("completed", "failed")
+

@@ -1,0 +1,203 @@
+"""The lender's history files, row by row: column names, and what a readable row is.
+
+Reading the spreadsheet itself is the caller's business; here a row is a mapping from
+column name to the cell's value (str, int, float, date, datetime or None).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal, InvalidOperation
+
+from ledger.domain import RowIssue
+
+CUSTOMER_COLUMNS = (
+    "Customer ID",
+    "First Name",
+    "Last Name",
+    "Age",
+    "Phone Number",
+    "Monthly Salary",
+    "Approved Limit",
+)
+LOAN_COLUMNS = (
+    "Customer ID",
+    "Loan ID",
+    "Loan Amount",
+    "Tenure",
+    "Interest Rate",
+    "Monthly payment",
+    "EMIs paid on Time",
+    "Date of Approval",
+    "End Date",
+)
+
+
+class UnreadableFile(Exception):
+    """The whole file cannot be imported; nothing is changed."""
+
+
+@dataclass(frozen=True)
+class CustomerRecord:
+    row: int
+    customer_id: int
+    first_name: str
+    last_name: str
+    age: int
+    phone_number: str
+    monthly_income: Decimal
+    approved_limit: Decimal
+
+
+@dataclass(frozen=True)
+class LoanRecord:
+    row: int
+    customer_id: int
+    loan_id: int
+    amount: Decimal
+    tenure: int
+    interest_rate: Decimal
+    monthly_payment: Decimal
+    emis_paid_on_time: int
+    start_date: date
+    end_date: date
+
+
+class _BadCell(ValueError):
+    pass
+
+
+Cell = object
+
+
+def check_header(file: str, header: list[Cell], expected: tuple[str, ...]) -> dict[str, int]:
+    """Map each expected column to its position, or refuse the file naming what is missing."""
+    names = [str(c).strip() if c is not None else "" for c in header]
+    positions = {name: i for i, name in enumerate(names) if name}
+    missing = [col for col in expected if col not in positions]
+    if missing:
+        raise UnreadableFile(f"{file}: missing column(s) {', '.join(missing)}; found {', '.join(n for n in names if n) or 'none'}")
+    return {col: positions[col] for col in expected}
+
+
+def _integer(value: Cell, column: str) -> int:
+    if isinstance(value, bool):
+        raise _BadCell(f"{column} is not a whole number: {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    raise _BadCell(f"{column} is not a whole number: {value!r}")
+
+
+def _decimal(value: Cell, column: str) -> Decimal:
+    if isinstance(value, bool) or value is None:
+        raise _BadCell(f"{column} is not a number: {value!r}")
+    try:
+        # repr gives the shortest decimal that reads back as the same float: what the sheet shows.
+        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(str(value).strip())
+    except InvalidOperation:
+        raise _BadCell(f"{column} is not a number: {value!r}") from None
+    if not number.is_finite():
+        raise _BadCell(f"{column} is not a number: {value!r}")
+    return number
+
+
+def _text(value: Cell, column: str) -> str:
+    text = "" if value is None else str(value).strip()
+    if not text:
+        raise _BadCell(f"{column} is empty")
+    if len(text) > 100:
+        raise _BadCell(f"{column} is longer than 100 characters")
+    return text
+
+
+def _date(value: Cell, column: str) -> date:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value.strip()[:10])
+        except ValueError:
+            pass
+    raise _BadCell(f"{column} is not a date: {value!r}")
+
+
+def _at_least(number: int | Decimal, low: int, column: str) -> None:
+    if number < low:
+        raise _BadCell(f"{column} must be at least {low}, got {number}")
+
+
+def parse_customer(file: str, row: int, cells: Mapping[str, Cell]) -> CustomerRecord | RowIssue:
+    try:
+        customer_id = _integer(cells["Customer ID"], "Customer ID")
+        _at_least(customer_id, 1, "Customer ID")
+        age = _integer(cells["Age"], "Age")
+        _at_least(age, 0, "Age")
+        phone = str(_integer(cells["Phone Number"], "Phone Number"))
+        if not 10 <= len(phone) <= 15:
+            raise _BadCell(f"Phone Number must have 10 to 15 digits, got {phone}")
+        income = _decimal(cells["Monthly Salary"], "Monthly Salary")
+        if income <= 0:
+            raise _BadCell(f"Monthly Salary must be above 0, got {income}")
+        limit = _decimal(cells["Approved Limit"], "Approved Limit")
+        _at_least(limit, 0, "Approved Limit")
+        return CustomerRecord(
+            row=row,
+            customer_id=customer_id,
+            first_name=_text(cells["First Name"], "First Name"),
+            last_name=_text(cells["Last Name"], "Last Name"),
+            age=age,
+            phone_number=phone,
+            monthly_income=income,
+            approved_limit=limit,
+        )
+    except _BadCell as bad:
+        return RowIssue(file, row, str(bad))
+
+
+def parse_loan(file: str, row: int, cells: Mapping[str, Cell]) -> LoanRecord | RowIssue:
+    try:
+        customer_id = _integer(cells["Customer ID"], "Customer ID")
+        _at_least(customer_id, 1, "Customer ID")
+        loan_id = _integer(cells["Loan ID"], "Loan ID")
+        _at_least(loan_id, 1, "Loan ID")
+        amount = _decimal(cells["Loan Amount"], "Loan Amount")
+        if amount <= 0:
+            raise _BadCell(f"Loan Amount must be above 0, got {amount}")
+        tenure = _integer(cells["Tenure"], "Tenure")
+        _at_least(tenure, 1, "Tenure")
+        rate = _decimal(cells["Interest Rate"], "Interest Rate")
+        if not 0 <= rate <= 100:
+            raise _BadCell(f"Interest Rate must be between 0 and 100, got {rate}")
+        payment = _decimal(cells["Monthly payment"], "Monthly payment")
+        _at_least(payment, 0, "Monthly payment")
+        paid = _integer(cells["EMIs paid on Time"], "EMIs paid on Time")
+        _at_least(paid, 0, "EMIs paid on Time")
+        if paid > tenure:
+            raise _BadCell(f"EMIs paid on Time ({paid}) is more than the Tenure ({tenure})")
+        start = _date(cells["Date of Approval"], "Date of Approval")
+        end = _date(cells["End Date"], "End Date")
+        if end < start:
+            raise _BadCell(f"End Date {end} is before Date of Approval {start}")
+        return LoanRecord(
+            row=row,
+            customer_id=customer_id,
+            loan_id=loan_id,
+            amount=amount,
+            tenure=tenure,
+            interest_rate=rate,
+            monthly_payment=payment,
+            emis_paid_on_time=paid,
+            start_date=start,
+            end_date=end,
+        )
+    except _BadCell as bad:
+        return RowIssue(file, row, str(bad))

@@ -1,0 +1,225 @@
+"""The lending policy: EMI, approved limit, credit score and the eligibility decision.
+
+Pure functions on Decimal. The write side (the Customer aggregate) and the read side
+(check-eligibility on the projections) both call `decide`, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date
+from decimal import ROUND_HALF_UP, Decimal, localcontext
+
+from ledger.calendar import installments_due
+from ledger.money import to_money
+
+ONE_LAKH = Decimal(100_000)
+LIMIT_MULTIPLE = 36
+AFFORDABILITY_SHARE = Decimal("0.5")
+
+# Credit score: BASE points for everyone, then up to +/- the weights below (see README).
+BASE_POINTS = Decimal(40)
+PAYMENT_WEIGHT = Decimal(35)
+COMPLETED_LOAN_POINTS = Decimal(3)
+COMPLETED_LOANS_CAP = 5
+THIS_YEAR_LOAN_PENALTY = Decimal(3)
+THIS_YEAR_LOANS_CAP = 5
+UTILISATION_WEIGHT = Decimal(30)
+
+
+def monthly_installment(principal: Decimal, annual_rate: Decimal, tenure: int) -> Decimal:
+    """EMI = P*r*(1+r)^n / ((1+r)^n - 1) with r the monthly rate; P/n at 0%."""
+    if tenure < 1:
+        raise ValueError("tenure must be at least one month")
+    with localcontext() as ctx:
+        ctx.prec = 50
+        if annual_rate == 0:
+            return to_money(principal / tenure)
+        r = annual_rate / Decimal(1200)
+        growth = (1 + r) ** tenure
+        return to_money(principal * r * growth / (growth - 1))
+
+
+def approved_limit(monthly_income: Decimal) -> Decimal:
+    """36 x monthly income, rounded to the nearest lakh, halves up."""
+    lakhs = (LIMIT_MULTIPLE * monthly_income / ONE_LAKH).quantize(Decimal(1), rounding=ROUND_HALF_UP)
+    return lakhs * ONE_LAKH
+
+
+@dataclass(frozen=True)
+class LoanFacts:
+    """What the policy needs to know about one loan."""
+
+    loan_id: int
+    amount: Decimal
+    tenure: int
+    monthly_installment: Decimal
+    start_date: date
+    end_date: date
+    emis_paid: int
+    emis_paid_on_time: int
+
+    @property
+    def repayments_left(self) -> int:
+        return max(0, self.tenure - self.emis_paid)
+
+    def is_current(self, today: date) -> bool:
+        """Current: its end date is today or later and it has repayments left."""
+        return self.end_date >= today and self.repayments_left > 0
+
+
+@dataclass(frozen=True)
+class CreditHistory:
+    """A customer's loan history summarised as of one date."""
+
+    loans_taken: int
+    completed_loans: int
+    loans_this_year: int
+    emis_due: int
+    emis_paid_on_time: int
+    current_loans: int
+    current_debt: Decimal
+    current_emis: Decimal
+
+    @classmethod
+    def empty(cls) -> CreditHistory:
+        return cls(0, 0, 0, 0, 0, 0, Decimal(0), Decimal(0))
+
+
+def credit_history(loans: Iterable[LoanFacts], today: date) -> CreditHistory:
+    loans_taken = completed = this_year = due = on_time = current = 0
+    debt = emis = Decimal(0)
+    for loan in loans:
+        loans_taken += 1
+        if loan.repayments_left == 0:
+            completed += 1
+        if loan.start_date.year == today.year:
+            this_year += 1
+        loan_due = installments_due(loan.start_date, loan.tenure, today)
+        due += loan_due
+        on_time += min(loan.emis_paid_on_time, loan_due)
+        if loan.is_current(today):
+            current += 1
+            debt += loan.amount
+            emis += loan.monthly_installment
+    return CreditHistory(loans_taken, completed, this_year, due, on_time, current, debt, emis)
+
+
+@dataclass(frozen=True)
+class CreditScore:
+    """The score and the points each component contributed."""
+
+    score: int
+    base: Decimal
+    payment_history: Decimal
+    completed_loans: Decimal
+    current_year_activity: Decimal
+    credit_utilisation: Decimal
+    over_limit: bool
+
+
+def credit_score(history: CreditHistory, limit: Decimal) -> CreditScore:
+    """Score 0..100. Over the approved limit scores 0; otherwise base 40 plus:
+
+    payment history   +35 .. -35  (share of due EMIs paid on time; 0 with nothing due yet)
+    completed loans   +3 each, at most +15
+    this year's loans -3 each, at most -15
+    utilisation       0 .. -30    (current debt / approved limit)
+    """
+    payment = Decimal(0)
+    if history.emis_due:
+        payment = PAYMENT_WEIGHT * (2 * Decimal(history.emis_paid_on_time) / history.emis_due - 1)
+    completed = COMPLETED_LOAN_POINTS * min(history.completed_loans, COMPLETED_LOANS_CAP)
+    activity = -THIS_YEAR_LOAN_PENALTY * min(history.loans_this_year, THIS_YEAR_LOANS_CAP)
+    if limit > 0:
+        utilisation = -UTILISATION_WEIGHT * min(history.current_debt / limit, Decimal(1))
+    else:
+        utilisation = -UTILISATION_WEIGHT if history.current_debt > 0 else Decimal(0)
+    over_limit = history.current_debt > limit
+    total = BASE_POINTS + payment + completed + activity + utilisation
+    score = 0 if over_limit else int(max(Decimal(0), min(Decimal(100), total)).quantize(Decimal(1), ROUND_HALF_UP))
+    return CreditScore(
+        score=score,
+        base=BASE_POINTS,
+        payment_history=to_money(payment),
+        completed_loans=to_money(completed),
+        current_year_activity=to_money(activity),
+        credit_utilisation=to_money(utilisation),
+        over_limit=over_limit,
+    )
+
+
+def minimum_rate(score: int) -> Decimal | None:
+    """The lowest annual rate the score's slab allows; None when the slab approves nothing."""
+    if score > 50:
+        return Decimal(0)
+    if score > 30:
+        return Decimal(12)
+    if score > 10:
+        return Decimal(16)
+    return None
+
+
+@dataclass(frozen=True)
+class LoanRequest:
+    amount: Decimal
+    interest_rate: Decimal
+    tenure: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    approved: bool
+    credit: CreditScore
+    interest_rate: Decimal
+    corrected_interest_rate: Decimal
+    tenure: int
+    monthly_installment: Decimal
+    reasons: tuple[str, ...]
+
+    @property
+    def message(self) -> str:
+        if self.approved:
+            if self.corrected_interest_rate != self.interest_rate:
+                return (
+                    f"Loan approved at {self.corrected_interest_rate}% "
+                    f"(the credit score {self.credit.score} requires at least that rate)"
+                )
+            return "Loan approved"
+        return "Loan not approved: " + "; ".join(self.reasons)
+
+
+def decide(
+    history: CreditHistory,
+    monthly_income: Decimal,
+    limit: Decimal,
+    request: LoanRequest,
+) -> Decision:
+    """The eligibility decision for one loan request, on a customer's history as of one date."""
+    credit = credit_score(history, limit)
+    floor = minimum_rate(credit.score)
+    rate = request.interest_rate if floor is None else max(request.interest_rate, floor)
+    installment = monthly_installment(request.amount, rate, request.tenure)
+    reasons: list[str] = []
+    if floor is None:
+        reasons.append(f"credit score {credit.score} is 10 or below")
+    if history.current_debt + request.amount > limit:
+        reasons.append(
+            f"current loans ({to_money(history.current_debt)}) plus this loan ({to_money(request.amount)}) "
+            f"exceed the approved limit ({to_money(limit)})"
+        )
+    if history.current_emis + installment > AFFORDABILITY_SHARE * monthly_income:
+        reasons.append(
+            f"monthly installments ({to_money(history.current_emis + installment)}) "
+            f"would exceed 50% of monthly income ({to_money(monthly_income)})"
+        )
+    return Decision(
+        approved=not reasons,
+        credit=credit,
+        interest_rate=request.interest_rate,
+        corrected_interest_rate=rate,
+        tenure=request.tenure,
+        monthly_installment=installment,
+        reasons=tuple(reasons),
+    )

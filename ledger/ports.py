@@ -1,0 +1,64 @@
+"""What the application needs from outside: a clock and a source of integer IDs."""
+
+from __future__ import annotations
+
+import threading
+from datetime import date
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def today(self) -> date: ...
+
+
+class SystemClock:
+    def today(self) -> date:
+        return date.today()
+
+
+class FixedClock:
+    """A clock stopped on one date: tests, demos and reproducible runs."""
+
+    def __init__(self, today: date) -> None:
+        self._today = today
+
+    def today(self) -> date:
+        return self._today
+
+
+class IdAllocator(Protocol):
+    """New integer IDs, always above every ID already handed out or imported."""
+
+    def next_customer_id(self) -> int: ...
+
+    def next_loan_id(self) -> int: ...
+
+    def reserve_customer_ids_through(self, highest: int) -> None: ...
+
+    def reserve_loan_ids_through(self, highest: int) -> None: ...
+
+
+class InMemoryIds:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._customer = 0
+        self._loan = 0
+
+    def next_customer_id(self) -> int:
+        with self._lock:
+            self._customer += 1
+            return self._customer
+
+    def next_loan_id(self) -> int:
+        with self._lock:
+            self._loan += 1
+            return self._loan
+
+    def reserve_customer_ids_through(self, highest: int) -> None:
+        with self._lock:
+            self._customer = max(self._customer, highest)
+
+    def reserve_loan_ids_through(self, highest: int) -> None:
+        with self._lock:
+            self._loan = max(self._loan, highest)
+
