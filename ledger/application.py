@@ -103,6 +103,10 @@ def _last_position(recordings: Sequence[Any]) -> int | None:
     return max((r.notification.id for r in recordings), default=None)
 
 
+def _file_label(path: str) -> str:
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
 def request_fingerprint(customer_id: int, request: LoanRequest) -> str:
     body = {
         "customer_id": customer_id,
@@ -264,16 +268,8 @@ class Ledger(Application[UUID]):
         that customer (by the file's Loan ID) are skipped, so a re-run adds nothing.
         """
         job = self.get_import_job(job_id)
-        total_rows = len(customers) + len(loans) + len(issues)
-        job.start(total_rows)
+        labels = (_file_label(job.customers_file), _file_label(job.loans_file))
         report = ImportReport(issues=list(issues))
-        self.save(job)
-
-        if customers:
-            self.ids.reserve_customer_ids_through(max(c.customer_id for c in customers))
-        if loans:
-            self.ids.reserve_loan_ids_through(max(ln.loan_id for ln in loans))
-
         loans_by_customer: dict[int, list[LoanRecord]] = {}
         for loan in loans:
             loans_by_customer.setdefault(loan.customer_id, []).append(loan)
@@ -282,7 +278,7 @@ class Ledger(Application[UUID]):
             if record.customer_id in file_customers:
                 first = file_customers[record.customer_id]
                 report.issues.append(
-                    RowIssue("customers", record.row, f"Customer ID {record.customer_id} repeats row {first.row}")
+                    RowIssue(labels[0], record.row, f"Customer ID {record.customer_id} repeats row {first.row}")
                 )
             else:
                 file_customers[record.customer_id] = record
@@ -291,12 +287,21 @@ class Ledger(Application[UUID]):
         for loan in loans:
             first_use.setdefault(loan.loan_id, loan.row)
 
+        total_rows = len(customers) + len(loans) + len(issues)
+        rows_done = len(report.issues)
+        job.start(total_rows)
+        job.progress(rows_done, [i.as_dict() for i in report.issues])
+        self.save(job)
+        if customers:
+            self.ids.reserve_customer_ids_through(max(c.customer_id for c in customers))
+        if loans:
+            self.ids.reserve_loan_ids_through(max(ln.loan_id for ln in loans))
+
         units: list[tuple[CustomerRecord | None, int, list[LoanRecord]]] = [
             (record, cid, loans_by_customer.pop(cid, [])) for cid, record in file_customers.items()
         ]
         units += [(None, cid, rows) for cid, rows in loans_by_customer.items()]
 
-        rows_done = len(issues) + (len(customers) - len(file_customers))
         for start in range(0, len(units), batch_size):
             batch = units[start : start + batch_size]
             batch_rows = sum((record is not None) + len(rows) for record, _, rows in batch)
@@ -304,7 +309,7 @@ class Ledger(Application[UUID]):
                 batch_report = ImportReport()
                 aggregates: list[Aggregate] = []
                 for record, cid, rows in batch:
-                    aggregates += self._import_unit(record, cid, rows, first_use, batch_report)
+                    aggregates += self._import_unit(record, cid, rows, first_use, labels, batch_report)
                 rows_done_after = rows_done + batch_rows
                 job.progress(rows_done_after, [i.as_dict() for i in batch_report.issues])
                 try:
@@ -336,6 +341,7 @@ class Ledger(Application[UUID]):
         customer_id: int,
         rows: list[LoanRecord],
         first_use: dict[int, int],
+        labels: tuple[str, str],
         report: ImportReport,
     ) -> list[Aggregate]:
         """The events for one customer row and its loan rows."""
@@ -346,15 +352,15 @@ class Ledger(Application[UUID]):
 
         if existing is None and record is None:
             report.issues += [
-                RowIssue("loans", r.row, f"Customer ID {customer_id} is in neither the customer file nor the ledger")
+                RowIssue(labels[1], r.row, f"Customer ID {customer_id} is in neither the customer file nor the ledger")
                 for r in rows
             ]
             return []
         if existing is not None and record is not None:
             if not existing.same_person(record.first_name, record.last_name, record.phone_number):
                 reason = f"Customer ID {customer_id} already belongs to another customer in the ledger"
-                report.issues.append(RowIssue("customers", record.row, reason))
-                report.issues += [RowIssue("loans", r.row, f"its customer row {record.row} was rejected: {reason}") for r in rows]
+                report.issues.append(RowIssue(labels[0], record.row, reason))
+                report.issues += [RowIssue(labels[1], r.row, f"its customer row {record.row} was rejected: {reason}") for r in rows]
                 return []
             report.customers_already_present += 1
 
@@ -363,8 +369,8 @@ class Ledger(Application[UUID]):
             claim = self._claim_phone(record)
             if claim is None:
                 reason = f"Phone Number {record.phone_number} already belongs to another customer"
-                report.issues.append(RowIssue("customers", record.row, reason))
-                report.issues += [RowIssue("loans", r.row, f"its customer row {record.row} was rejected: {reason}") for r in rows]
+                report.issues.append(RowIssue(labels[0], record.row, reason))
+                report.issues += [RowIssue(labels[1], r.row, f"its customer row {record.row} was rejected: {reason}") for r in rows]
                 return []
             aggregates.append(claim)
 

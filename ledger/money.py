@@ -6,5 +6,5 @@ CENT = Decimal("0.01")
 
 
 def to_money(amount: Decimal) -> Decimal:
-    """Round to 2 places, halves up."""
-    return amount.quantize(CENT, rounding=ROUND_HALF_UP)
+    """Round to 2 places, halves up (and never a negative zero)."""
+    return amount.quantize(CENT, rounding=ROUND_HALF_UP) + 0

@@ -1,0 +1,1 @@
+"""The HTTP interface: Starlette routes, msgspec bodies, no business rules of its own."""

@@ -1,0 +1,121 @@
+"""The Starlette application: lifespan, error handlers, the routes, the OpenAPI document and docs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import psycopg
+import swagger_ui
+from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from api import openapi
+from api.endpoints import Services
+from api.errors import ApiError, error_response
+from api.readyourwrites import PositionWatcher
+from api.routes import starlette_routes
+from infra.config import Settings
+from infra.postgres import build_ledger
+from ledger.ports import Clock
+
+log = logging.getLogger(__name__)
+
+SWAGGER_STATIC = Path(swagger_ui.__file__).parent / "static"
+
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Credit approval ledger: API</title>
+<link rel="stylesheet" href="/docs/static/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/docs/static/swagger-ui-bundle.js"></script>
+<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body></html>"""
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.code, exc.message, exc.details)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = {404: f"No endpoint at {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    return error_response(
+        exc.status_code,
+        codes.get(exc.status_code, "http_error"),
+        message.get(exc.status_code, str(exc.detail)),
+        headers=dict(exc.headers or {}),
+    )
+
+
+async def database_unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("database unavailable: %s", exc)
+    return error_response(503, "database_unavailable", "The database is unavailable; try again shortly", headers={"Retry-After": "1"})
+
+
+async def unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "An unexpected error occurred")
+
+
+async def openapi_json(request: Request) -> Response:
+    return Response(openapi.encoded(), media_type="application/json")
+
+
+async def docs(request: Request) -> Response:
+    return HTMLResponse(DOCS_PAGE)
+
+
+def create_app(settings: Settings | None = None, clock: Clock | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        ledger, sync_pool = build_ledger(settings, pool_size=settings.db_pool_size)
+        if clock is not None:
+            ledger.clock = clock
+        pool = AsyncConnectionPool(
+            settings.database_url, min_size=1, max_size=settings.db_pool_size, open=False,
+            kwargs={"connect_timeout": 5}, timeout=5,
+        )
+        await pool.open(wait=False)
+        watcher = PositionWatcher(settings.database_url)
+        await watcher.start()
+        app.state.services = Services(settings, ledger, pool, watcher)
+        try:
+            yield
+        finally:
+            await watcher.stop()
+            await pool.close()
+            sync_pool.close()
+            ledger.close()
+
+    routes = [
+        *starlette_routes(),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+        Mount("/docs/static", StaticFiles(directory=SWAGGER_STATIC), name="docs-static"),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: api_error,
+            HTTPException: http_error,
+            psycopg.OperationalError: database_unavailable,
+            Exception: unexpected,
+        },
+    )
+
+
+def app_from_env() -> Starlette:
+    """For uvicorn: `uvicorn api.app:app_from_env --factory`."""
+    return create_app()

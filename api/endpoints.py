@@ -1,0 +1,278 @@
+"""The endpoint functions: decode, call the application or a view, encode."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from psycopg_pool import AsyncConnectionPool
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api import schemas
+from api.errors import ApiError
+from api.readyourwrites import PositionWatcher
+from api.validation import decode
+from infra.config import Settings
+from ledger.application import Ledger, Saved
+from ledger.domain import CustomerNotFound, IdempotencyKeyReused, PhoneNumberTaken
+from ledger.money import to_money
+from ledger.policy import LoanRequest, credit_history, decide
+from projections import views
+from workers import tasks
+
+PROJECTION_HEADER = "X-Read-Model"
+
+
+@dataclass
+class Services:
+    settings: Settings
+    ledger: Ledger
+    pool: AsyncConnectionPool
+    watcher: PositionWatcher
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+def json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(schemas.encoder.encode(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def path_int(request: Request, name: str) -> int:
+    raw = request.path_params[name]
+    if not raw.isdigit() or not 1 <= int(raw) <= schemas.BIGINT:
+        raise ApiError(400, "validation_error", f"{name} must be a positive integer", [{"field": name, "message": f"Expected a positive integer, got {raw!r}"}])
+    return int(raw)
+
+
+async def after_command(svc: Services, saved: Saved) -> dict[str, str]:
+    """Trigger the projection and wait (bounded) until it shows the command's events."""
+    if saved.last_position is None:
+        return {}
+    if not await run_in_threadpool(tasks.trigger_catch_up):
+        return {PROJECTION_HEADER: "behind"}
+    caught_up = await svc.watcher.wait_for(saved.last_position, svc.settings.read_your_writes_timeout)
+    return {PROJECTION_HEADER: "current" if caught_up else "behind"}
+
+
+def _phone(value: int | str) -> str:
+    return str(value)
+
+
+async def register(request: Request) -> Response:
+    svc = services(request)
+    body = decode(await request.body(), schemas.RegisterRequest, aliases={"monthly_salary": "monthly_income"})
+    try:
+        registration = await run_in_threadpool(
+            svc.ledger.register_customer,
+            body.first_name.strip(),
+            body.last_name.strip(),
+            body.age,
+            _phone(body.phone_number),
+            body.monthly_income,
+        )
+    except PhoneNumberTaken as taken:
+        raise ApiError(409, "phone_number_taken", str(taken), {"field": "phone_number"}) from None
+    headers = await after_command(svc, registration)
+    customer = registration.customer
+    return json(
+        schemas.RegisterResponse(
+            customer_id=customer.customer_id,
+            name=f"{customer.first_name} {customer.last_name}",
+            age=customer.age,
+            monthly_income=to_money(customer.monthly_income),
+            approved_limit=to_money(customer.approved_limit),
+            phone_number=int(customer.phone_number),
+        ),
+        201,
+        headers,
+    )
+
+
+def _loan_request(body: schemas.LoanRequestBody) -> LoanRequest:
+    return LoanRequest(amount=body.loan_amount, interest_rate=body.interest_rate, tenure=body.tenure)
+
+
+async def check_eligibility(request: Request) -> Response:
+    svc = services(request)
+    body = decode(await request.body(), schemas.LoanRequestBody)
+    async with svc.pool.connection() as conn:
+        profile = await views.customer(conn, body.customer_id)
+        if profile is None:
+            raise ApiError(404, "customer_not_found", f"customer {body.customer_id} not found")
+        loans = await views.loan_facts(conn, body.customer_id)
+    history = credit_history(loans, svc.ledger.clock.today())
+    decision = decide(history, profile.monthly_income, profile.approved_limit, _loan_request(body))
+    credit = decision.credit
+    return json(
+        schemas.EligibilityResponse(
+            customer_id=body.customer_id,
+            approval=decision.approved,
+            interest_rate=body.interest_rate,
+            corrected_interest_rate=decision.corrected_interest_rate,
+            tenure=body.tenure,
+            monthly_installment=decision.monthly_installment,
+            credit_score=credit.score,
+            credit_score_breakdown=schemas.CreditScoreBreakdown(
+                base=credit.base,
+                payment_history=credit.payment_history,
+                completed_loans=credit.completed_loans,
+                current_year_activity=credit.current_year_activity,
+                credit_utilisation=credit.credit_utilisation,
+                over_limit=credit.over_limit,
+                inputs=schemas.CreditInputs(
+                    loans_taken=history.loans_taken,
+                    completed_loans=history.completed_loans,
+                    loans_this_year=history.loans_this_year,
+                    emis_due=history.emis_due,
+                    emis_paid_on_time=history.emis_paid_on_time,
+                    current_loans=history.current_loans,
+                    current_debt=to_money(history.current_debt),
+                    current_emis=to_money(history.current_emis),
+                    approved_limit=to_money(profile.approved_limit),
+                ),
+            ),
+            message=None if decision.approved else decision.message,
+        )
+    )
+
+
+IDEMPOTENCY_KEY_MAX = 255
+
+
+async def create_loan(request: Request) -> Response:
+    svc = services(request)
+    body = decode(await request.body(), schemas.LoanRequestBody)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key.strip()) <= IDEMPOTENCY_KEY_MAX:
+        raise ApiError(400, "validation_error", f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters", [{"field": "Idempotency-Key", "message": "invalid length"}])
+    try:
+        booking = await run_in_threadpool(svc.ledger.book_loan, body.customer_id, _loan_request(body), key)
+    except CustomerNotFound as missing:
+        raise ApiError(404, "customer_not_found", str(missing)) from None
+    except IdempotencyKeyReused as reused:
+        raise ApiError(422, "idempotency_key_reused", str(reused)) from None
+    headers = await after_command(svc, booking)
+    if booking.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    response = booking.response
+    return json(
+        schemas.CreateLoanResponse(
+            loan_id=response["loan_id"],
+            customer_id=response["customer_id"],
+            loan_approved=response["loan_approved"],
+            message=response["message"],
+            monthly_installment=to_money(response["monthly_installment"]),
+        ),
+        201 if response["loan_id"] is not None else 200,
+        headers,
+    )
+
+
+async def view_loan(request: Request) -> Response:
+    svc = services(request)
+    loan_id = path_int(request, "loan_id")
+    async with svc.pool.connection() as conn:
+        row = await views.loan(conn, loan_id)
+    if row is None:
+        raise ApiError(404, "loan_not_found", f"loan {loan_id} not found")
+    return json(
+        schemas.LoanView(
+            loan_id=row["loan_id"],
+            customer=schemas.LoanCustomer(
+                id=row["customer_id"],
+                first_name=row["first_name"],
+                last_name=row["last_name"],
+                phone_number=int(row["phone_number"]),
+                age=row["age"],
+            ),
+            loan_amount=to_money(row["loan_amount"]),
+            interest_rate=row["interest_rate"],
+            monthly_installment=to_money(row["monthly_installment"]),
+            tenure=row["tenure"],
+        )
+    )
+
+
+async def view_loans(request: Request) -> Response:
+    svc = services(request)
+    customer_id = path_int(request, "customer_id")
+    async with svc.pool.connection() as conn:
+        if await views.customer(conn, customer_id) is None:
+            raise ApiError(404, "customer_not_found", f"customer {customer_id} not found")
+        rows = await views.current_loans(conn, customer_id, svc.ledger.clock.today())
+    return json(
+        [
+            schemas.CustomerLoan(
+                loan_id=r["loan_id"],
+                loan_amount=to_money(r["loan_amount"]),
+                interest_rate=r["interest_rate"],
+                monthly_installment=to_money(r["monthly_installment"]),
+                repayments_left=r["repayments_left"],
+            )
+            for r in rows
+        ]
+    )
+
+
+def _inside(directory: Path, name: str) -> Path:
+    path = (directory / name).resolve()
+    if path.parent != directory.resolve() or not path.is_file():
+        raise ApiError(400, "validation_error", f"{name!r} is not a file in the import directory", [{"field": "file", "message": f"no file {name!r} in the import directory"}])
+    return path
+
+
+async def start_import(request: Request) -> Response:
+    svc = services(request)
+    body = decode(await request.body(), schemas.ImportRequest, empty_ok=True)
+    directory = svc.settings.import_dir
+    customers = _inside(directory, body.customers_file)
+    loans = _inside(directory, body.loans_file)
+    job_id, saved = await run_in_threadpool(svc.ledger.request_import, str(customers), str(loans))
+    try:
+        await run_in_threadpool(tasks.import_history.apply_async, (str(job_id), str(customers), str(loans)))
+    except Exception:
+        await run_in_threadpool(svc.ledger.fail_import, job_id, "the job could not be queued: Redis is unreachable")
+        raise ApiError(503, "queue_unavailable", "The import could not be queued: Redis is unreachable") from None
+    headers = await after_command(svc, saved)
+    headers["Location"] = f"/imports/{job_id}"
+    return json({"job_id": str(job_id), "state": "queued", "status_url": f"/imports/{job_id}"}, 202, headers)
+
+
+def job_view(row: dict[str, Any]) -> schemas.ImportJobView:
+    return schemas.ImportJobView(
+        job_id=str(row["job_id"]),
+        state=row["state"],
+        customers_file=Path(row["customers_file"]).name,
+        loans_file=Path(row["loans_file"]).name,
+        total_rows=row["total_rows"],
+        rows_done=row["rows_done"],
+        rows_rejected=len(row["issues"]),
+        issues=[schemas.RowIssueView(**issue) for issue in row["issues"]],
+        summary=row["summary"],
+        requested_at=row["requested_at"].isoformat(),
+        updated_at=row["updated_at"].isoformat(),
+    )
+
+
+async def import_status(request: Request) -> Response:
+    svc = services(request)
+    raw = request.path_params["job_id"]
+    try:
+        job_id = UUID(raw)
+    except ValueError:
+        raise ApiError(400, "validation_error", "job_id must be a UUID", [{"field": "job_id", "message": f"not a UUID: {raw!r}"}]) from None
+    async with svc.pool.connection() as conn:
+        row = await views.import_job(conn, job_id)
+    if row is None:
+        raise ApiError(404, "import_not_found", f"import job {job_id} not found")
+    return json(job_view(row))
+
+
+Handler = Callable[[Request], Awaitable[Response]]

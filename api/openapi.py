@@ -1,0 +1,53 @@
+"""The OpenAPI 3.1 document, generated from the route table and the msgspec structs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from api.routes import ENDPOINTS
+
+
+def _ref_template() -> str:
+    return "#/components/schemas/{name}"
+
+
+def document() -> dict[str, Any]:
+    types: list[Any] = []
+    for endpoint in ENDPOINTS:
+        if endpoint.request is not None:
+            types.append(endpoint.request)
+        types += [body for body, _ in endpoint.responses.values()]
+    schemas, components = msgspec.json.schema_components(types, ref_template=_ref_template())
+    resolved = iter(schemas)
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in ENDPOINTS:
+        operation: dict[str, Any] = {"summary": endpoint.summary, "operationId": endpoint.handler.__name__}
+        if endpoint.parameters:
+            operation["parameters"] = list(endpoint.parameters)
+        if endpoint.request is not None:
+            operation["requestBody"] = {
+                "required": endpoint.path != "/imports",
+                "content": {"application/json": {"schema": next(resolved)}},
+            }
+        operation["responses"] = {
+            str(status): {"description": description, "content": {"application/json": {"schema": next(resolved)}}}
+            for status, (_, description) in endpoint.responses.items()
+        }
+        operation["responses"]["405"] = {"description": "Method not allowed"}
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Credit approval ledger",
+            "version": "1.0.0",
+            "description": "Every path is also served with a trailing slash and under /api.",
+        },
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+
+
+def encoded() -> bytes:
+    return msgspec.json.encode(document())

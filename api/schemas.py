@@ -1,0 +1,166 @@
+"""Request and response bodies as msgspec structs: they validate, encode and document the API."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+BIGINT = 2**63 - 1
+
+Name = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"\S", description="Non-blank, at most 100 characters")]
+Id = Annotated[int, Meta(ge=1, le=BIGINT)]
+Money = Annotated[Decimal, Meta(description="Amount in rupees, at most 2 decimals")]
+PositiveAmount = Annotated[
+    Decimal,
+    Meta(
+        description="A number above 0",
+        extra_json_schema={"type": "number", "exclusiveMinimum": 0, "maximum": 1_000_000_000_000},
+    ),
+]
+Rate = Annotated[
+    Decimal,
+    Meta(description="Annual interest rate, percent", extra_json_schema={"type": "number", "minimum": 0, "maximum": 100}),
+]
+Tenure = Annotated[int, Meta(ge=1, le=600, description="Months")]
+Phone = (
+    Annotated[int, Meta(ge=10**9, le=10**15 - 1, description="10 to 15 digits")]
+    | Annotated[str, Meta(pattern=r"^[1-9][0-9]{9,14}$", description="10 to 15 digits, no leading zero")]
+)
+
+
+class RegisterRequest(Struct):
+    first_name: Name
+    last_name: Name
+    age: Annotated[int, Meta(ge=18, le=100)]
+    monthly_income: Annotated[
+        Decimal,
+        Meta(
+            description="Monthly income; `monthly_salary` is accepted as an alias",
+            extra_json_schema={"type": "number", "exclusiveMinimum": 0, "maximum": 1_000_000_000_000},
+        ),
+    ]
+    phone_number: Phone
+
+
+class RegisterResponse(Struct):
+    customer_id: int
+    name: str
+    age: int
+    monthly_income: Money
+    approved_limit: Money
+    phone_number: int
+
+
+class LoanRequestBody(Struct):
+    customer_id: Id
+    loan_amount: PositiveAmount
+    interest_rate: Rate
+    tenure: Tenure
+
+
+class CreditInputs(Struct):
+    loans_taken: int
+    completed_loans: int
+    loans_this_year: int
+    emis_due: int
+    emis_paid_on_time: int
+    current_loans: int
+    current_debt: Money
+    current_emis: Money
+    approved_limit: Money
+
+
+class CreditScoreBreakdown(Struct):
+    base: Decimal
+    payment_history: Decimal
+    completed_loans: Decimal
+    current_year_activity: Decimal
+    credit_utilisation: Decimal
+    over_limit: bool
+    inputs: CreditInputs
+
+
+class EligibilityResponse(Struct, omit_defaults=True):
+    customer_id: int
+    approval: bool
+    interest_rate: Decimal
+    corrected_interest_rate: Decimal
+    tenure: int
+    monthly_installment: Money
+    credit_score: int
+    credit_score_breakdown: CreditScoreBreakdown
+    message: str | None = None
+
+
+class CreateLoanResponse(Struct):
+    loan_id: int | None
+    customer_id: int
+    loan_approved: bool
+    message: str
+    monthly_installment: Money
+
+
+class LoanCustomer(Struct):
+    id: int
+    first_name: str
+    last_name: str
+    phone_number: int
+    age: int
+
+
+class LoanView(Struct):
+    loan_id: int
+    customer: LoanCustomer
+    loan_amount: Money
+    interest_rate: Decimal
+    monthly_installment: Money
+    tenure: int
+
+
+class CustomerLoan(Struct):
+    loan_id: int
+    loan_amount: Money
+    interest_rate: Decimal
+    monthly_installment: Money
+    repayments_left: int
+
+
+class ImportRequest(Struct):
+    customers_file: Annotated[str, Meta(min_length=1, max_length=255)] = "customer_data.xlsx"
+    loans_file: Annotated[str, Meta(min_length=1, max_length=255)] = "loan_data.xlsx"
+
+
+class RowIssueView(Struct):
+    file: str
+    row: int
+    reason: str
+
+
+class ImportJobView(Struct):
+    job_id: str
+    state: str
+    customers_file: str
+    loans_file: str
+    total_rows: int
+    rows_done: int
+    rows_rejected: int
+    issues: list[RowIssueView]
+    summary: dict[str, Any]
+    requested_at: str
+    updated_at: str
+
+
+class ErrorBody(Struct, omit_defaults=True):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorResponse(Struct):
+    error: ErrorBody
+
+
+encoder = msgspec.json.Encoder(decimal_format="number")

@@ -1,0 +1,104 @@
+"""Decode a JSON body into a struct, reporting every bad field, not just the first.
+
+Numbers are read as Decimal straight from the JSON text, never through a float.
+Decimal bounds live in each field's JSON-schema metadata, so the documentation and
+the check cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import typing
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import msgspec
+
+from api.errors import ApiError
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+_json = msgspec.json.Decoder(float_hook=Decimal)
+
+
+def _decimal_bounds(annotation: Any) -> dict[str, Any]:
+    for meta in typing.get_args(annotation)[1:]:
+        if isinstance(meta, msgspec.Meta) and meta.extra_json_schema:
+            return dict(meta.extra_json_schema)
+    return {}
+
+
+def _check_decimal(value: Decimal, bounds: dict[str, Any]) -> str | None:
+    if not value.is_finite():
+        return "Expected a finite number"
+    if "exclusiveMinimum" in bounds and not value > bounds["exclusiveMinimum"]:
+        return f"Expected a number > {bounds['exclusiveMinimum']}"
+    if "minimum" in bounds and not value >= bounds["minimum"]:
+        return f"Expected a number >= {bounds['minimum']}"
+    if "maximum" in bounds and not value <= bounds["maximum"]:
+        return f"Expected a number <= {bounds['maximum']}"
+    return None
+
+
+def _description(annotation: Any) -> str | None:
+    """The Meta description of a field, looking inside unions too."""
+    for arg in (annotation, *typing.get_args(annotation)):
+        for meta in typing.get_args(arg)[1:] if typing.get_origin(arg) is typing.Annotated else ():
+            if isinstance(meta, msgspec.Meta) and meta.description:
+                return meta.description
+    return None
+
+
+def _message(error: msgspec.ValidationError, annotation: Any) -> str:
+    message = str(error).split(" - at ")[0]
+    description = _description(annotation)
+    if "regex" in message and description:
+        return f"Expected {description[0].lower()}{description[1:]}"
+    return message
+
+
+def _base_type(annotation: Any) -> Any:
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is typing.Annotated else annotation
+
+
+def parse_json(body: bytes) -> Any:
+    if not body.strip():
+        raise ApiError(400, "malformed_json", "The request body must be a JSON object")
+    try:
+        return _json.decode(body)
+    except msgspec.DecodeError as error:
+        raise ApiError(400, "malformed_json", f"The request body is not valid JSON: {error}") from None
+
+
+def decode(body: bytes, struct: type[S], aliases: dict[str, str] | None = None, *, empty_ok: bool = False) -> S:
+    raw = {} if empty_ok and not body.strip() else parse_json(body)
+    if not isinstance(raw, dict):
+        raise ApiError(400, "malformed_json", "The request body must be a JSON object")
+    for alias, name in (aliases or {}).items():
+        if name not in raw and alias in raw:
+            raw[name] = raw.pop(alias)
+    errors: list[dict[str, str]] = []
+    values: dict[str, Any] = {}
+    for field in msgspec.structs.fields(struct):
+        if field.encode_name not in raw:
+            if field.required:
+                errors.append({"field": field.encode_name, "message": "This field is required"})
+            continue
+        value = raw[field.encode_name]
+        is_decimal = _base_type(field.type) is Decimal
+        if is_decimal and (isinstance(value, (str, bool)) or value is None):
+            errors.append({"field": field.encode_name, "message": f"Expected a number, got {type(value).__name__ if value is not None else 'null'}"})
+            continue
+        try:
+            converted = msgspec.convert(value, field.type, strict=True)
+        except msgspec.ValidationError as error:
+            errors.append({"field": field.encode_name, "message": _message(error, field.type)})
+            continue
+        if is_decimal:
+            problem = _check_decimal(converted, _decimal_bounds(field.type))
+            if problem:
+                errors.append({"field": field.encode_name, "message": problem})
+                continue
+        values[field.name] = converted
+    if errors:
+        raise ApiError(400, "validation_error", "The request has invalid fields", errors)
+    return struct(**values)

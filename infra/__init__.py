@@ -1,0 +1,1 @@
+"""Wiring: configuration, PostgreSQL, throwaway local services and the command line."""

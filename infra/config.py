@@ -1,0 +1,60 @@
+"""Configuration from environment variables, with defaults that work on a developer's machine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from psycopg.conninfo import conninfo_to_dict
+
+from ledger.ports import Clock, FixedClock, SystemClock
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    redis_url: str
+    today: date | None
+    read_your_writes_timeout: float
+    projection_poll_seconds: float
+    import_dir: Path
+    import_batch_size: int
+    db_pool_size: int
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ
+        today = env.get("LEDGER_TODAY")
+        return cls(
+            database_url=env.get("DATABASE_URL", "postgresql://ledger@127.0.0.1:5432/ledger"),
+            redis_url=env.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+            today=date.fromisoformat(today) if today else None,
+            read_your_writes_timeout=float(env.get("READ_YOUR_WRITES_TIMEOUT", "2.0")),
+            projection_poll_seconds=float(env.get("PROJECTION_POLL_SECONDS", "5")),
+            import_dir=Path(env.get("IMPORT_DIR", str(REPO_ROOT / "data"))),
+            import_batch_size=int(env.get("IMPORT_BATCH_SIZE", "500")),
+            db_pool_size=int(env.get("DB_POOL_SIZE", "10")),
+        )
+
+    def clock(self) -> Clock:
+        return FixedClock(self.today) if self.today else SystemClock()
+
+    def eventsourcing_env(self, create_table: bool = False) -> dict[str, str]:
+        """The eventsourcing library's POSTGRES_* settings, from DATABASE_URL."""
+        parts = conninfo_to_dict(self.database_url)
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_DBNAME": str(parts.get("dbname", "ledger")),
+            "POSTGRES_HOST": str(parts.get("host", "127.0.0.1")),
+            "POSTGRES_PORT": str(parts.get("port", "5432")),
+            "POSTGRES_USER": str(parts.get("user", "ledger")),
+            "POSTGRES_PASSWORD": str(parts.get("password", "")),
+            "POSTGRES_POOL_SIZE": str(self.db_pool_size),
+            "POSTGRES_CONNECT_TIMEOUT": "5",
+            "POSTGRES_PRE_PING": "y",
+            "CREATE_TABLE": "y" if create_table else "n",
+        }

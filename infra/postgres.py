@@ -1,0 +1,70 @@
+"""PostgreSQL: the schema setup step, ID sequences and the application wired to the event store."""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from infra.config import Settings
+from ledger.application import Ledger
+from projections import schema as read_model
+
+log = logging.getLogger(__name__)
+
+SEQUENCES = ("customer_id_seq", "loan_id_seq")
+
+
+class PostgresIds:
+    """IDs from PostgreSQL sequences; the import moves them past every imported ID."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+
+    def _scalar(self, sql: str, *params: object) -> int:
+        with self._pool.connection() as conn:
+            row = conn.execute(sql, params).fetchone()
+            assert row is not None
+            return int(row[0])
+
+    def next_customer_id(self) -> int:
+        return self._scalar("SELECT nextval('customer_id_seq')")
+
+    def next_loan_id(self) -> int:
+        return self._scalar("SELECT nextval('loan_id_seq')")
+
+    def _reserve(self, sequence: str, highest: int) -> None:
+        if highest < 1:
+            return
+        self._scalar(
+            f"SELECT setval('{sequence}', GREATEST(%s, (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {sequence})))",
+            highest,
+        )
+
+    def reserve_customer_ids_through(self, highest: int) -> None:
+        self._reserve("customer_id_seq", highest)
+
+    def reserve_loan_ids_through(self, highest: int) -> None:
+        self._reserve("loan_id_seq", highest)
+
+
+def connect(settings: Settings, **kwargs: object) -> psycopg.Connection:
+    return psycopg.connect(settings.database_url, connect_timeout=5, **kwargs)  # type: ignore[arg-type]
+
+
+def setup_schema(settings: Settings) -> None:
+    """Create the event store, the ID sequences and the read model, once, before anything runs."""
+    Ledger(settings.eventsourcing_env(create_table=True)).close()
+    with connect(settings) as conn:
+        for sequence in SEQUENCES:
+            conn.execute(f"CREATE SEQUENCE IF NOT EXISTS {sequence}")
+        read_model.create(conn, read_model.SCHEMA)
+    log.info("schema ready")
+
+
+def build_ledger(settings: Settings, pool_size: int = 4) -> tuple[Ledger, ConnectionPool]:
+    """The application on PostgreSQL, with sequence IDs and the configured clock."""
+    pool = ConnectionPool(settings.database_url, min_size=1, max_size=pool_size, open=True, kwargs={"connect_timeout": 5})
+    app = Ledger(settings.eventsourcing_env(), ids=PostgresIds(pool), clock=settings.clock())
+    return app, pool

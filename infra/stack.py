@@ -1,0 +1,147 @@
+"""Throwaway PostgreSQL and Redis on loopback, for `make run` and `make test`.
+
+When DATABASE_URL / REDIS_URL are set, those are used and nothing is started.
+PostgreSQL refuses to run as root, so as root the cluster belongs to the `postgres`
+user, in a fresh temporary directory that user owns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import redis
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def say(message: str) -> None:
+    print(f"[stack] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pg_binary(name: str) -> str:
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)
+    found = candidates[0] if candidates else shutil.which(name)
+    if not found:
+        raise StackError(
+            f"PostgreSQL's {name} was not found. Install the PostgreSQL server "
+            "(Debian: apt-get install postgresql) or set DATABASE_URL to a running server."
+        )
+    return found
+
+
+def _as_postgres_user(command: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return command
+    runuser = shutil.which("runuser")
+    if runuser:
+        return [runuser, "-u", "postgres", "--", *command]
+    return ["su", "postgres", "-s", "/bin/sh", "-c", " ".join(command)]
+
+
+@contextlib.contextmanager
+def postgres(fast: bool = False) -> Iterator[str]:
+    """A new cluster on a free loopback port; yields its URL for database `ledger`."""
+    workdir = Path(tempfile.mkdtemp(prefix="ledger-pg-"))
+    data = workdir / "data"
+    port = free_port()
+    if os.geteuid() == 0:
+        shutil.chown(workdir, "postgres", "postgres")
+    workdir.chmod(0o700)
+    say(f"starting a throwaway PostgreSQL on 127.0.0.1:{port} ({workdir})")
+    subprocess.run(
+        _as_postgres_user([_pg_binary("initdb"), "-D", str(data), "-U", "ledger", "--auth=trust", "-E", "UTF8", "--no-sync"]),
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={workdir} -c max_connections=200"
+    if fast:
+        options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    pg_ctl = _pg_binary("pg_ctl")
+    subprocess.run(
+        _as_postgres_user([pg_ctl, "-D", str(data), "-l", str(workdir / "server.log"), "-o", options, "-w", "start"]),
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    try:
+        with psycopg.connect(f"postgresql://ledger@127.0.0.1:{port}/postgres", autocommit=True) as conn:
+            conn.execute("CREATE DATABASE ledger")
+        yield f"postgresql://ledger@127.0.0.1:{port}/ledger"
+    finally:
+        subprocess.run(
+            _as_postgres_user([pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"]),
+            check=False, stdout=subprocess.DEVNULL,
+        )
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def ensure_redis_server() -> str:
+    found = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise StackError(
+            "redis-server is not installed. Install it (Debian: sudo apt-get install redis-server) "
+            "or set REDIS_URL to a running Redis."
+        )
+    say("redis-server is missing: installing it with apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise StackError(f"could not install redis-server ({' '.join(command)}):\n{result.stderr[-2000:]}")
+    return ensure_redis_server()
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    binary = ensure_redis_server()
+    workdir = Path(tempfile.mkdtemp(prefix="ledger-redis-"))
+    port = free_port()
+    say(f"starting a throwaway Redis on 127.0.0.1:{port}")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--databases", "64"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise StackError("Redis did not start") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def services(fast: bool = False) -> Iterator[tuple[str, str]]:
+    """DATABASE_URL and REDIS_URL: the configured ones, or throwaway servers started here."""
+    with contextlib.ExitStack() as stack:
+        database_url = os.environ.get("DATABASE_URL") or stack.enter_context(postgres(fast))
+        redis_url = os.environ.get("REDIS_URL") or stack.enter_context(redis_server())
+        yield database_url, redis_url

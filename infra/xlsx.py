@@ -1,0 +1,75 @@
+"""Reads the lender's Excel files with python-calamine (about 8x openpyxl's speed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+from python_calamine import CalamineWorkbook
+
+from ledger.domain import RowIssue
+from ledger.history import (
+    CUSTOMER_COLUMNS,
+    LOAN_COLUMNS,
+    CustomerRecord,
+    LoanRecord,
+    UnreadableFile,
+    check_header,
+    parse_customer,
+    parse_loan,
+)
+
+Record = TypeVar("Record", CustomerRecord, LoanRecord)
+
+
+def _rows(path: Path) -> tuple[int, Iterator[list[object]]]:
+    """The first sheet's rows and the Excel row number of its first row."""
+    if not path.is_file():
+        raise UnreadableFile(f"{path.name}: no such file")
+    try:
+        workbook = CalamineWorkbook.from_path(str(path))
+        if not workbook.sheet_names:
+            raise UnreadableFile(f"{path.name}: the workbook has no sheets")
+        sheet = workbook.get_sheet_by_index(0)
+        first_row = (sheet.start or (0, 0))[0] + 1
+        return first_row, iter(sheet.to_python(skip_empty_area=False))
+    except UnreadableFile:
+        raise
+    except Exception as error:  # calamine raises its own error types for every malformed file
+        raise UnreadableFile(f"{path.name}: not a readable Excel workbook ({error})") from None
+
+
+def _read(
+    path: Path,
+    label: str,
+    columns: tuple[str, ...],
+    parse: Callable[[str, int, dict[str, object]], Record | RowIssue],
+) -> tuple[list[Record], list[RowIssue]]:
+    first_row, rows = _rows(path)
+    header = next(rows, None)
+    if header is None:
+        raise UnreadableFile(f"{path.name}: the first sheet is empty")
+    positions = check_header(path.name, list(header), columns)
+    records: list[Record] = []
+    issues: list[RowIssue] = []
+    for offset, row in enumerate(rows, start=1):
+        if all(cell is None or cell == "" for cell in row):
+            continue
+        cells = {col: (row[i] if i < len(row) else None) for col, i in positions.items()}
+        cells = {col: (None if value == "" else value) for col, value in cells.items()}
+        parsed = parse(label, first_row + offset, cells)
+        if isinstance(parsed, RowIssue):
+            issues.append(parsed)
+        else:
+            records.append(parsed)
+    return records, issues
+
+
+def read_history(
+    customers_path: Path, loans_path: Path
+) -> tuple[list[CustomerRecord], list[LoanRecord], list[RowIssue]]:
+    """Both files, fully read and checked before anything is written; unreadable files raise."""
+    customers, customer_issues = _read(customers_path, customers_path.name, CUSTOMER_COLUMNS, parse_customer)
+    loans, loan_issues = _read(loans_path, loans_path.name, LOAN_COLUMNS, parse_loan)
+    return customers, loans, customer_issues + loan_issues

@@ -1,0 +1,86 @@
+"""Queries on the read model: plain SQL, one function per question the API asks.
+
+Date-dependent figures (is a loan current, how many EMIs are due) are computed at read
+time from stored facts, so nothing stored goes stale with the calendar.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+
+from ledger.policy import LoanFacts
+
+_CUSTOMER = """
+SELECT customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit
+FROM readmodel.customers WHERE customer_id = %s
+"""
+_LOAN_FACTS = """
+SELECT loan_id, loan_amount, tenure, monthly_installment, start_date, end_date, emis_paid, emis_paid_on_time
+FROM readmodel.loans WHERE customer_id = %s
+"""
+_LOAN = """
+SELECT l.loan_id, l.loan_amount, l.interest_rate, l.monthly_installment, l.tenure,
+       c.customer_id, c.first_name, c.last_name, c.phone_number, c.age
+FROM readmodel.loans l JOIN readmodel.customers c USING (customer_id)
+WHERE l.loan_id = %s
+"""
+_CURRENT_LOANS = """
+SELECT loan_id, loan_amount, interest_rate, monthly_installment, tenure - emis_paid AS repayments_left
+FROM readmodel.loans
+WHERE customer_id = %s AND end_date >= %s AND emis_paid < tenure
+ORDER BY loan_id
+"""
+_IMPORT_JOB = "SELECT * FROM readmodel.import_jobs WHERE job_id = %s"
+
+
+@dataclass(frozen=True)
+class CustomerProfile:
+    customer_id: int
+    first_name: str
+    last_name: str
+    age: int
+    phone_number: str
+    monthly_income: Decimal
+    approved_limit: Decimal
+
+
+async def customer(conn: AsyncConnection[Any], customer_id: int) -> CustomerProfile | None:
+    cur = await conn.execute(_CUSTOMER, (customer_id,))
+    row = await cur.fetchone()
+    return CustomerProfile(*row) if row else None
+
+
+async def loan_facts(conn: AsyncConnection[Any], customer_id: int) -> list[LoanFacts]:
+    cur = await conn.execute(_LOAN_FACTS, (customer_id,))
+    return [LoanFacts(*row) for row in await cur.fetchall()]
+
+
+async def loan(conn: AsyncConnection[Any], loan_id: int) -> dict[str, Any] | None:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(_LOAN, (loan_id,))
+    return await cur.fetchone()
+
+
+async def current_loans(conn: AsyncConnection[Any], customer_id: int, today: date) -> list[dict[str, Any]]:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(_CURRENT_LOANS, (customer_id, today))
+    return await cur.fetchall()
+
+
+async def import_job(conn: AsyncConnection[Any], job_id: UUID) -> dict[str, Any] | None:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(_IMPORT_JOB, (job_id,))
+    return await cur.fetchone()
+
+
+async def projection_position(conn: AsyncConnection[Any]) -> int:
+    cur = await conn.execute("SELECT position FROM readmodel.tracking WHERE projection = 'ledger'")
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0

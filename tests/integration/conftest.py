@@ -1,0 +1,137 @@
+"""The real stack for integration tests: a fresh PostgreSQL database per test module,
+a Redis database of its own, a real Celery worker (with beat) and the API in-process.
+
+`make test` starts throwaway PostgreSQL and Redis servers and sets DATABASE_URL and
+REDIS_URL; run `python -m infra.testrun tests/integration` to do the same by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import date
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from starlette.testclient import TestClient
+
+from api.app import create_app
+from infra.config import REPO_ROOT, Settings
+from infra.postgres import build_ledger, setup_schema
+from ledger.application import Ledger
+from ledger.ports import FixedClock
+
+TODAY = date(2026, 11, 22)
+
+
+def _require(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        pytest.fail(f"{name} is not set: run the integration tests with `make test` (or python -m infra.testrun)")
+    return value
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    env: dict[str, str]
+    workdir: Path
+    worker: subprocess.Popen[bytes] | None = None
+
+    def start_worker(self) -> None:
+        with (self.workdir / "worker.log").open("ab") as log:
+            self.worker = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel=INFO",
+                 "--concurrency=2", "-B", "--schedule", str(self.workdir / "beat-schedule"),
+                 "-n", f"test-{uuid.uuid4().hex[:8]}@%h"],
+                env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while b"ready." not in (self.workdir / "worker.log").read_bytes():
+            if time.monotonic() > deadline or self.worker.poll() is not None:
+                raise RuntimeError("the Celery worker did not start:\n" + self.worker_log())
+            time.sleep(0.1)
+
+    def stop_worker(self, sig: int = signal.SIGTERM) -> None:
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.send_signal(sig)
+            try:
+                self.worker.wait(30)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        self.worker = None
+
+    def worker_log(self) -> str:
+        return (self.workdir / "worker.log").read_text(errors="replace")
+
+    def connect(self) -> psycopg.Connection:
+        return psycopg.connect(self.settings.database_url, autocommit=True)
+
+    def ledger(self) -> Ledger:
+        app, _pool = build_ledger(self.settings)
+        app.clock = FixedClock(TODAY)
+        return app
+
+    def wait_for(self, sql: str, expected: object, timeout: float = 30) -> object:
+        """Poll a read-model query until it gives `expected` (projections are asynchronous)."""
+        deadline = time.monotonic() + timeout
+        with self.connect() as conn:
+            while True:
+                row = conn.execute(sql).fetchone()
+                value = row[0] if row else None
+                if value == expected or time.monotonic() > deadline:
+                    return value
+                time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    database_url = _require("DATABASE_URL")
+    redis_url = _require("REDIS_URL")
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    admin_url = psycopg.conninfo.make_conninfo(database_url, dbname="postgres")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    # One worker runs at a time (each module stops its own), so modules share the Redis
+    # database; emptying it keeps an earlier module's queued tasks away from this one.
+    redis.Redis.from_url(redis_url).flushdb()
+    env = {
+        **os.environ,
+        "DATABASE_URL": psycopg.conninfo.make_conninfo(database_url, dbname=name),
+        "REDIS_URL": redis_url,
+        "PROJECTION_POLL_SECONDS": "1",
+        "LEDGER_TODAY": TODAY.isoformat(),
+    }
+    os.environ.update({k: env[k] for k in ("DATABASE_URL", "REDIS_URL", "PROJECTION_POLL_SECONDS", "LEDGER_TODAY")})
+    workdir = tmp_path_factory.mktemp("stack")
+    imports = workdir / "imports"
+    imports.mkdir()
+    for reference in (REPO_ROOT / "data").glob("*.xlsx"):
+        shutil.copy(reference, imports)
+    settings = replace(Settings.from_env(), import_dir=imports)
+    setup_schema(settings)
+    stack = Stack(settings, env, workdir)
+    stack.start_worker()
+    try:
+        yield stack
+    finally:
+        stack.stop_worker()
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> Iterator[TestClient]:
+    app = create_app(stack.settings, clock=FixedClock(TODAY))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client

@@ -1,0 +1,205 @@
+"""Importing the lender's history through a real worker into real PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import openpyxl
+import pytest
+from starlette.testclient import TestClient
+
+from infra.config import REPO_ROOT
+from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS
+from tests.integration.conftest import Stack
+
+DATA = REPO_ROOT / "data"
+
+
+def follow(client: TestClient, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = client.get(f"/imports/{job_id}")
+        if response.status_code == 200 and response.json()["state"] in ("completed", "failed"):
+            return response.json()  # type: ignore[no-any-return]
+        assert time.monotonic() < deadline, f"import did not finish: {response.text}"
+        time.sleep(0.2)
+
+
+def start(client: TestClient, customers: str = "customer_data.xlsx", loans: str = "loan_data.xlsx") -> str:
+    response = client.post("/imports", json={"customers_file": customers, "loans_file": loans})
+    assert response.status_code == 202, response.text
+    return response.json()["job_id"]  # type: ignore[no-any-return]
+
+
+def counts(stack: Stack) -> tuple[int, int]:
+    with stack.connect() as conn:
+        customers = conn.execute("SELECT count(*) FROM readmodel.customers").fetchone()
+        loans = conn.execute("SELECT count(*) FROM readmodel.loans").fetchone()
+    assert customers is not None and loans is not None
+    return customers[0], loans[0]
+
+
+def write_xlsx(path: Path, header: tuple[str, ...] | list[str], rows: list[list[Any]]) -> Path:
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(list(header))
+    for row in rows:
+        sheet.append(row)
+    book.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def imported(stack: Stack, client: TestClient) -> dict[str, Any]:
+    return follow(client, start(client))
+
+
+def test_reference_import_keeps_all_300_customers_and_782_loans(stack: Stack, imported: dict[str, Any]) -> None:
+    assert imported["state"] == "completed"
+    assert imported["issues"] == []
+    assert imported["rows_done"] == imported["total_rows"] == 300 + 782
+    assert imported["summary"]["customers_imported"] == 300
+    assert imported["summary"]["loans_imported"] == 782
+    assert counts(stack) == (300, 782)
+
+
+def test_historical_figures_are_kept_as_in_the_file(stack: Stack, client: TestClient, imported: dict[str, Any]) -> None:
+    # Customer 1 in the file: salary 50,000 with an approved limit of 4,500,000 (not 36 x salary rounded).
+    with stack.connect() as conn:
+        row = conn.execute("SELECT monthly_income, approved_limit FROM readmodel.customers WHERE customer_id = 1").fetchone()
+    assert row == (50000, 4500000)
+    # Loan 5930 (first row of loan_data.xlsx): customer 14, 900,000, monthly payment 15,344 as in the file.
+    loan = client.get("/view-loan/5930").json()
+    assert loan["customer"]["id"] == 14
+    assert loan["loan_amount"] == 900000
+    assert loan["monthly_installment"] == 15344
+    assert loan["tenure"] == 129
+
+
+def test_duplicate_loan_ids_are_rekeyed_above_every_id_with_the_file_id_on_record(stack: Stack, imported: dict[str, Any]) -> None:
+    rekeyed = imported["summary"]["rekeyed_loans"]
+    assert len(rekeyed) == 29
+    with stack.connect() as conn:
+        max_file_id = conn.execute("SELECT max(source_loan_id) FROM readmodel.loans").fetchone()
+        assert max_file_id is not None
+        for entry in rekeyed:
+            assert entry["loan_id"] > max_file_id[0]
+            row = conn.execute(
+                "SELECT customer_id, source_loan_id FROM readmodel.loans WHERE loan_id = %s", (entry["loan_id"],)
+            ).fetchone()
+            assert row == (entry["customer_id"], entry["file_loan_id"])
+            # The first holder of the file's ID keeps it, for a different customer.
+            first = conn.execute("SELECT customer_id FROM readmodel.loans WHERE loan_id = %s", (entry["file_loan_id"],)).fetchone()
+            assert first is not None and first[0] != entry["customer_id"]
+
+
+def test_importing_the_same_files_again_adds_nothing(stack: Stack, client: TestClient, imported: dict[str, Any]) -> None:
+    with stack.connect() as conn:
+        events_before = conn.execute("SELECT count(*) FROM ledger_events WHERE topic NOT LIKE '%ImportJob%'").fetchone()
+    again = follow(client, start(client))
+    assert again["state"] == "completed"
+    assert again["summary"]["customers_imported"] == 0
+    assert again["summary"]["loans_imported"] == 0
+    assert again["summary"]["customers_already_present"] == 300
+    assert again["summary"]["loans_already_present"] == 782
+    assert counts(stack) == (300, 782)
+    with stack.connect() as conn:
+        events_after = conn.execute("SELECT count(*) FROM ledger_events WHERE topic NOT LIKE '%ImportJob%'").fetchone()
+    assert events_after == events_before
+
+
+def test_new_customers_and_loans_get_ids_above_the_imported_ones(client: TestClient, imported: dict[str, Any]) -> None:
+    registered = client.post(
+        "/register",
+        json={"first_name": "Nina", "last_name": "Rao", "age": 35, "monthly_income": 200000, "phone_number": 9000000001},
+    )
+    assert registered.status_code == 201, registered.text
+    assert registered.json()["customer_id"] > 300
+    booked = client.post(
+        "/create-loan", json={"customer_id": registered.json()["customer_id"], "loan_amount": 100000, "interest_rate": 14, "tenure": 12}
+    )
+    assert booked.status_code == 201, booked.text
+    highest_rekeyed = max(e["loan_id"] for e in imported["summary"]["rekeyed_loans"])
+    assert booked.json()["loan_id"] > highest_rekeyed
+
+
+def test_bad_rows_are_reported_by_file_and_row_and_good_rows_are_kept(
+    stack: Stack, client: TestClient, imported: dict[str, Any], tmp_path: Path
+) -> None:
+    customers = write_xlsx(
+        stack.settings.import_dir / "test_bad_customers.xlsx",
+        CUSTOMER_COLUMNS,
+        [
+            [901, "Good", "Row", 40, 9100000001, 60000, 2200000],
+            [902, "No", "Salary", 40, 9100000002, "lots", 2200000],
+            [903, "", "Blank", 40, 9100000003, 60000, 2200000],
+        ],
+    )
+    loans = write_xlsx(
+        stack.settings.import_dir / "test_bad_loans.xlsx",
+        LOAN_COLUMNS,
+        [
+            [901, 95001, 100000, 12, 10.5, 8800, 3, date(2026, 1, 5), date(2027, 1, 5)],
+            [901, 95002, -5, 12, 10.5, 8800, 3, date(2026, 1, 5), date(2027, 1, 5)],
+            [901, 95003, 100000, 12, 10.5, 8800, 13, date(2026, 1, 5), date(2027, 1, 5)],
+            [901, 95004, 100000, 12, 10.5, 8800, 3, date(2026, 1, 5), date(2025, 1, 5)],
+            [999_999, 95005, 100000, 12, 10.5, 8800, 3, date(2026, 1, 5), date(2027, 1, 5)],
+        ],
+    )
+    try:
+        report = follow(client, start(client, customers.name, loans.name))
+    finally:
+        customers.unlink()
+        loans.unlink()
+    assert report["state"] == "completed"
+    rejected = {(i["file"], i["row"]): i["reason"] for i in report["issues"]}
+    assert set(rejected) == {
+        ("test_bad_customers.xlsx", 3),
+        ("test_bad_customers.xlsx", 4),
+        ("test_bad_loans.xlsx", 3),
+        ("test_bad_loans.xlsx", 4),
+        ("test_bad_loans.xlsx", 5),
+        ("test_bad_loans.xlsx", 6),
+    }
+    assert "Monthly Salary" in rejected[("test_bad_customers.xlsx", 3)]
+    assert "First Name" in rejected[("test_bad_customers.xlsx", 4)]
+    assert "Loan Amount" in rejected[("test_bad_loans.xlsx", 3)]
+    assert "more than the Tenure" in rejected[("test_bad_loans.xlsx", 4)]
+    assert "before Date of Approval" in rejected[("test_bad_loans.xlsx", 5)]
+    assert "999999" in rejected[("test_bad_loans.xlsx", 6)]
+    assert report["summary"]["customers_imported"] == 1
+    assert report["summary"]["loans_imported"] == 1
+    assert client.get("/view-loan/95001").json()["customer"]["id"] == 901
+
+
+def test_an_unreadable_file_fails_clearly_and_changes_nothing(stack: Stack, client: TestClient, imported: dict[str, Any]) -> None:
+    not_excel = stack.settings.import_dir / "test_not_excel.xlsx"
+    not_excel.write_text("Customer ID,First Name\n1,Ann\n")
+    wrong_columns = write_xlsx(stack.settings.import_dir / "test_wrong_columns.xlsx", ["Customer", "Name"], [[1, "x"]])
+    before = counts(stack)
+    try:
+        broken = follow(client, start(client, not_excel.name, "loan_data.xlsx"))
+        missing = follow(client, start(client, "customer_data.xlsx", wrong_columns.name))
+    finally:
+        not_excel.unlink()
+        wrong_columns.unlink()
+    assert broken["state"] == "failed"
+    assert "test_not_excel.xlsx" in broken["summary"]["error"]
+    assert missing["state"] == "failed"
+    assert "missing column(s) Customer ID, Loan ID" in missing["summary"]["error"]
+    assert counts(stack) == before
+
+
+def test_import_request_outside_the_import_directory_is_refused(client: TestClient) -> None:
+    response = client.post("/imports", json={"customers_file": "../pyproject.toml", "loans_file": "loan_data.xlsx"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "validation_error"
+
+
+def test_import_job_status_errors(client: TestClient) -> None:
+    assert client.get("/imports/not-a-uuid").status_code == 400
+    assert client.get("/imports/00000000-0000-0000-0000-000000000000").status_code == 404

@@ -1,0 +1,28 @@
+"""The Celery application. Broker and nothing else on Redis: task results are not kept,
+because every outcome that matters is an event in the store."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from infra.config import Settings
+
+settings = Settings.from_env()
+
+app = Celery("ledger", broker=settings.redis_url, include=["workers.tasks"])
+app.conf.update(
+    task_ignore_result=True,
+    task_acks_late=True,  # a task whose worker dies is delivered again
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_serializer="json",
+    accept_content=["json"],
+    broker_connection_retry_on_startup=True,
+    broker_connection_timeout=2,
+    broker_transport_options={"visibility_timeout": 3600, "socket_timeout": 2, "socket_connect_timeout": 2},
+    task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
+    worker_hijack_root_logger=False,
+    beat_schedule={
+        "catch-up": {"task": "workers.tasks.catch_up", "schedule": settings.projection_poll_seconds},
+    },
+)
