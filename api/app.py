@@ -58,7 +58,9 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def database_unavailable(request: Request, exc: Exception) -> Response:
     log.warning("database unavailable: %s", exc)
-    return error_response(503, "database_unavailable", "The database is unavailable; try again shortly", headers={"Retry-After": "1"})
+    return error_response(
+        503, "database_unavailable", "The database is unavailable; try again shortly", headers={"Retry-After": "1"}
+    )
 
 
 async def unexpected(request: Request, exc: Exception) -> Response:
@@ -83,8 +85,12 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         if clock is not None:
             ledger.clock = clock
         pool = AsyncConnectionPool(
-            settings.database_url, min_size=1, max_size=settings.db_pool_size, open=False,
-            kwargs={"connect_timeout": 5}, timeout=5,
+            settings.database_url,
+            min_size=1,
+            max_size=settings.db_pool_size,
+            open=False,
+            kwargs={"connect_timeout": 5},
+            timeout=5,
         )
         await pool.open(wait=False)
         watcher = PositionWatcher(settings.database_url)

@@ -47,7 +47,12 @@ def json(body: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 def path_int(request: Request, name: str) -> int:
     raw = request.path_params[name]
     if not raw.isdigit() or not 1 <= int(raw) <= schemas.BIGINT:
-        raise ApiError(400, "validation_error", f"{name} must be a positive integer", [{"field": name, "message": f"Expected a positive integer, got {raw!r}"}])
+        raise ApiError(
+            400,
+            "validation_error",
+            f"{name} must be a positive integer",
+            [{"field": name, "message": f"Expected a positive integer, got {raw!r}"}],
+        )
     return int(raw)
 
 
@@ -151,7 +156,12 @@ async def create_loan(request: Request) -> Response:
     body = decode(await request.body(), schemas.LoanRequestBody)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key.strip()) <= IDEMPOTENCY_KEY_MAX:
-        raise ApiError(400, "validation_error", f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters", [{"field": "Idempotency-Key", "message": "invalid length"}])
+        raise ApiError(
+            400,
+            "validation_error",
+            f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters",
+            [{"field": "Idempotency-Key", "message": "invalid length"}],
+        )
     try:
         booking = await run_in_threadpool(svc.ledger.book_loan, body.customer_id, _loan_request(body), key)
     except CustomerNotFound as missing:
@@ -224,7 +234,12 @@ async def view_loans(request: Request) -> Response:
 def _inside(directory: Path, name: str) -> Path:
     path = (directory / name).resolve()
     if path.parent != directory.resolve() or not path.is_file():
-        raise ApiError(400, "validation_error", f"{name!r} is not a file in the import directory", [{"field": "file", "message": f"no file {name!r} in the import directory"}])
+        raise ApiError(
+            400,
+            "validation_error",
+            f"{name!r} is not a file in the import directory",
+            [{"field": "file", "message": f"no file {name!r} in the import directory"}],
+        )
     return path
 
 
@@ -267,7 +282,9 @@ async def import_status(request: Request) -> Response:
     try:
         job_id = UUID(raw)
     except ValueError:
-        raise ApiError(400, "validation_error", "job_id must be a UUID", [{"field": "job_id", "message": f"not a UUID: {raw!r}"}]) from None
+        raise ApiError(
+            400, "validation_error", "job_id must be a UUID", [{"field": "job_id", "message": f"not a UUID: {raw!r}"}]
+        ) from None
     async with svc.pool.connection() as conn:
         row = await views.import_job(conn, job_id)
     if row is None:

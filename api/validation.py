@@ -86,7 +86,12 @@ def decode(body: bytes, struct: type[S], aliases: dict[str, str] | None = None, 
         value = raw[field.encode_name]
         is_decimal = _base_type(field.type) is Decimal
         if is_decimal and (isinstance(value, (str, bool)) or value is None):
-            errors.append({"field": field.encode_name, "message": f"Expected a number, got {type(value).__name__ if value is not None else 'null'}"})
+            errors.append(
+                {
+                    "field": field.encode_name,
+                    "message": f"Expected a number, got {type(value).__name__ if value is not None else 'null'}",
+                }
+            )
             continue
         try:
             converted = msgspec.convert(value, field.type, strict=True)

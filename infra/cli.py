@@ -137,16 +137,34 @@ def cmd_run(args: argparse.Namespace) -> int:
             processes.append(_spawn([*celery, "worker", "--loglevel=INFO", "--concurrency=2"], env))
             processes.append(_spawn([*celery, "beat", "--loglevel=INFO", "--schedule", f"{beat_dir}/schedule"], env))
             if not args.no_import:
-                job_id = start_import(settings, settings.import_dir / "customer_data.xlsx", settings.import_dir / "loan_data.xlsx")
+                job_id = start_import(
+                    settings, settings.import_dir / "customer_data.xlsx", settings.import_dir / "loan_data.xlsx"
+                )
                 print_report(follow_import(settings, job_id))
             server = _spawn(
-                [sys.executable, "-m", "uvicorn", "api.app:app_from_env", "--factory", "--host", args.host,
-                 "--port", str(args.port), "--workers", str(args.workers), "--timeout-graceful-shutdown", "10"],
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "api.app:app_from_env",
+                    "--factory",
+                    "--host",
+                    args.host,
+                    "--port",
+                    str(args.port),
+                    "--workers",
+                    str(args.workers),
+                    "--timeout-graceful-shutdown",
+                    "10",
+                ],
                 env,
             )
             processes.append(server)
             base = f"http://{args.host}:{args.port}"
-            print(f"\nLedger API on {base}  (docs: {base}/docs, OpenAPI: {base}/openapi.json). Ctrl-C stops everything.\n", file=sys.stderr)
+            print(
+                f"\nLedger API on {base}  (docs: {base}/docs, OpenAPI: {base}/openapi.json). Ctrl-C stops everything.\n",
+                file=sys.stderr,
+            )
             return server.wait()
         except KeyboardInterrupt:
             return 0
@@ -165,17 +183,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ledger", description="Operate the credit approval ledger.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("setup", help="create the event store, ID sequences and read model (idempotent)").set_defaults(func=cmd_setup)
+    commands.add_parser("setup", help="create the event store, ID sequences and read model (idempotent)").set_defaults(
+        func=cmd_setup
+    )
 
     imp = commands.add_parser("import", help="import the history files in a worker and follow its progress")
     imp.add_argument("--customers", default=str(REPO_ROOT / "data" / "customer_data.xlsx"), help="customer file (xlsx)")
     imp.add_argument("--loans", default=str(REPO_ROOT / "data" / "loan_data.xlsx"), help="loan file (xlsx)")
     imp.set_defaults(func=cmd_import)
 
-    commands.add_parser("rebuild", help="replay every event into fresh read-model tables and swap them in").set_defaults(func=cmd_rebuild)
-    commands.add_parser("status", help="show the events recorded and how far the read model has got").set_defaults(func=cmd_status)
+    commands.add_parser("rebuild", help="replay every event into fresh read-model tables and swap them in").set_defaults(
+        func=cmd_rebuild
+    )
+    commands.add_parser("status", help="show the events recorded and how far the read model has got").set_defaults(
+        func=cmd_status
+    )
 
-    run = commands.add_parser("run", help="start PostgreSQL, Redis (unless configured), a worker, beat and the API; import the reference data")
+    run = commands.add_parser(
+        "run", help="start PostgreSQL, Redis (unless configured), a worker, beat and the API; import the reference data"
+    )
     run.add_argument("--host", default=os.environ.get("API_HOST", "127.0.0.1"))
     run.add_argument("--port", type=int, default=int(os.environ.get("API_PORT", "8000")))
     run.add_argument("--workers", type=int, default=int(os.environ.get("API_WORKERS", "2")))

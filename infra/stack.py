@@ -69,7 +69,8 @@ def postgres(fast: bool = False) -> Iterator[str]:
     say(f"starting a throwaway PostgreSQL on 127.0.0.1:{port} ({workdir})")
     subprocess.run(
         _as_postgres_user([_pg_binary("initdb"), "-D", str(data), "-U", "ledger", "--auth=trust", "-E", "UTF8", "--no-sync"]),
-        check=True, stdout=subprocess.DEVNULL,
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={workdir} -c max_connections=200"
     if fast:
@@ -77,7 +78,8 @@ def postgres(fast: bool = False) -> Iterator[str]:
     pg_ctl = _pg_binary("pg_ctl")
     subprocess.run(
         _as_postgres_user([pg_ctl, "-D", str(data), "-l", str(workdir / "server.log"), "-o", options, "-w", "start"]),
-        check=True, stdout=subprocess.DEVNULL,
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     try:
         with psycopg.connect(f"postgresql://ledger@127.0.0.1:{port}/postgres", autocommit=True) as conn:
@@ -86,7 +88,8 @@ def postgres(fast: bool = False) -> Iterator[str]:
     finally:
         subprocess.run(
             _as_postgres_user([pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"]),
-            check=False, stdout=subprocess.DEVNULL,
+            check=False,
+            stdout=subprocess.DEVNULL,
         )
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -116,8 +119,21 @@ def redis_server() -> Iterator[str]:
     port = free_port()
     say(f"starting a throwaway Redis on 127.0.0.1:{port}")
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir), "--databases", "64"],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            "--databases",
+            "64",
+        ],
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"

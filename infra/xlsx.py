@@ -33,7 +33,8 @@ def _rows(path: Path) -> tuple[int, Iterator[list[object]]]:
             raise UnreadableFile(f"{path.name}: the workbook has no sheets")
         sheet = workbook.get_sheet_by_index(0)
         first_row = (sheet.start or (0, 0))[0] + 1
-        return first_row, iter(sheet.to_python(skip_empty_area=False))
+        rows: list[list[object]] = [list(row) for row in sheet.to_python(skip_empty_area=False)]
+        return first_row, iter(rows)
     except UnreadableFile:
         raise
     except Exception as error:  # calamine raises its own error types for every malformed file
@@ -66,9 +67,7 @@ def _read(
     return records, issues
 
 
-def read_history(
-    customers_path: Path, loans_path: Path
-) -> tuple[list[CustomerRecord], list[LoanRecord], list[RowIssue]]:
+def read_history(customers_path: Path, loans_path: Path) -> tuple[list[CustomerRecord], list[LoanRecord], list[RowIssue]]:
     """Both files, fully read and checked before anything is written; unreadable files raise."""
     customers, customer_issues = _read(customers_path, customers_path.name, CUSTOMER_COLUMNS, parse_customer)
     loans, loan_issues = _read(loans_path, loans_path.name, LOAN_COLUMNS, parse_loan)

@@ -177,9 +177,7 @@ class Ledger(Application[UUID]):
             request,
         )
 
-    def book_loan(
-        self, customer_id: int, request: LoanRequest, idempotency_key: str | None = None
-    ) -> Booking:
+    def book_loan(self, customer_id: int, request: LoanRequest, idempotency_key: str | None = None) -> Booking:
         """Decide on the customer's own state and book the loan when approved.
 
         Two bookings for one customer conflict on the customer's version; the loser
@@ -233,9 +231,7 @@ class Ledger(Application[UUID]):
         except AggregateNotFoundError:
             return None
         if record.fingerprint != fingerprint:
-            raise IdempotencyKeyReused(
-                "this Idempotency-Key was already used with a different request; use a new key"
-            )
+            raise IdempotencyKeyReused("this Idempotency-Key was already used with a different request; use a new key")
         return record.response
 
     # Import
@@ -277,9 +273,7 @@ class Ledger(Application[UUID]):
         for record in customers:
             if record.customer_id in file_customers:
                 first = file_customers[record.customer_id]
-                report.issues.append(
-                    RowIssue(labels[0], record.row, f"Customer ID {record.customer_id} repeats row {first.row}")
-                )
+                report.issues.append(RowIssue(labels[0], record.row, f"Customer ID {record.customer_id} repeats row {first.row}"))
             else:
                 file_customers[record.customer_id] = record
         # Which loan rows keep the file's Loan ID: the first row to use an ID keeps it.
@@ -298,18 +292,18 @@ class Ledger(Application[UUID]):
             self.ids.reserve_loan_ids_through(max(ln.loan_id for ln in loans))
 
         units: list[tuple[CustomerRecord | None, int, list[LoanRecord]]] = [
-            (record, cid, loans_by_customer.pop(cid, [])) for cid, record in file_customers.items()
+            (row, cid, loans_by_customer.pop(cid, [])) for cid, row in file_customers.items()
         ]
         units += [(None, cid, rows) for cid, rows in loans_by_customer.items()]
 
         for start in range(0, len(units), batch_size):
             batch = units[start : start + batch_size]
-            batch_rows = sum((record is not None) + len(rows) for record, _, rows in batch)
+            batch_rows = sum((unit_customer is not None) + len(unit_loans) for unit_customer, _, unit_loans in batch)
             for attempt in range(BOOKING_ATTEMPTS):
                 batch_report = ImportReport()
                 aggregates: list[Aggregate] = []
-                for record, cid, rows in batch:
-                    aggregates += self._import_unit(record, cid, rows, first_use, labels, batch_report)
+                for unit_customer, cid, unit_loans in batch:
+                    aggregates += self._import_unit(unit_customer, cid, unit_loans, first_use, labels, batch_report)
                 rows_done_after = rows_done + batch_rows
                 job.progress(rows_done_after, [i.as_dict() for i in batch_report.issues])
                 try:
@@ -360,7 +354,9 @@ class Ledger(Application[UUID]):
             if not existing.same_person(record.first_name, record.last_name, record.phone_number):
                 reason = f"Customer ID {customer_id} already belongs to another customer in the ledger"
                 report.issues.append(RowIssue(labels[0], record.row, reason))
-                report.issues += [RowIssue(labels[1], r.row, f"its customer row {record.row} was rejected: {reason}") for r in rows]
+                report.issues += [
+                    RowIssue(labels[1], r.row, f"its customer row {record.row} was rejected: {reason}") for r in rows
+                ]
                 return []
             report.customers_already_present += 1
 
@@ -370,7 +366,9 @@ class Ledger(Application[UUID]):
             if claim is None:
                 reason = f"Phone Number {record.phone_number} already belongs to another customer"
                 report.issues.append(RowIssue(labels[0], record.row, reason))
-                report.issues += [RowIssue(labels[1], r.row, f"its customer row {record.row} was rejected: {reason}") for r in rows]
+                report.issues += [
+                    RowIssue(labels[1], r.row, f"its customer row {record.row} was rejected: {reason}") for r in rows
+                ]
                 return []
             aggregates.append(claim)
 
@@ -431,4 +429,3 @@ class Ledger(Application[UUID]):
             emis_paid_on_time=row.emis_paid_on_time,
             source_loan_id=row.loan_id,
         )
-

@@ -307,9 +307,7 @@ class PhoneNumber(Aggregate):
 
     @classmethod
     def claim(cls, phone_number: str, customer_id: int) -> PhoneNumber:
-        return cls._create(
-            cls.Claimed, id=phone_uuid(phone_number), phone_number=phone_number, customer_id=customer_id
-        )
+        return cls._create(cls.Claimed, id=phone_uuid(phone_number), phone_number=phone_number, customer_id=customer_id)
 
 
 class IdempotencyRecord(Aggregate):
@@ -327,9 +325,7 @@ class IdempotencyRecord(Aggregate):
 
     @classmethod
     def record(cls, key: str, fingerprint: str, response: dict[str, Any]) -> IdempotencyRecord:
-        return cls._create(
-            cls.Recorded, id=idempotency_uuid(key), key=key, fingerprint=fingerprint, response=response
-        )
+        return cls._create(cls.Recorded, id=idempotency_uuid(key), key=key, fingerprint=fingerprint, response=response)
 
 
 @dataclass(frozen=True)
@@ -364,25 +360,38 @@ class ImportJob(Aggregate):
     def request(cls, job_id: UUID, customers_file: str, loans_file: str) -> ImportJob:
         return cls._create(cls.Requested, id=job_id, customers_file=customers_file, loans_file=loans_file)
 
-    @event("Started")
+    class Started(Aggregate.Event):
+        total_rows: int
+
+    class Progressed(Aggregate.Event):
+        rows_done: int
+        issues: list[dict[str, Any]]
+
+    class Completed(Aggregate.Event):
+        summary: dict[str, Any]
+
+    class Failed(Aggregate.Event):
+        reason: str
+
+    @event(Started)
     def start(self, total_rows: int) -> None:
         self.state = "running"
         self.total_rows = total_rows
         self.rows_done = 0
         self.issues = []
 
-    @event("Progressed")
+    @event(Progressed)
     def progress(self, rows_done: int, issues: list[dict[str, Any]]) -> None:
         self.rows_done = rows_done
         self.issues.extend(issues)
 
-    @event("Completed")
+    @event(Completed)
     def complete(self, summary: dict[str, Any]) -> None:
         self.state = "completed"
         self.rows_done = self.total_rows
         self.summary = summary
 
-    @event("Failed")
+    @event(Failed)
     def fail(self, reason: str) -> None:
         self.state = "failed"
         self.summary = {"error": reason}
@@ -390,4 +399,3 @@ class ImportJob(Aggregate):
     @property
     def finished(self) -> bool:
         return self.state in ("completed", "failed")
-

@@ -79,7 +79,9 @@ def check_header(file: str, header: list[Cell], expected: tuple[str, ...]) -> di
     positions = {name: i for i, name in enumerate(names) if name}
     missing = [col for col in expected if col not in positions]
     if missing:
-        raise UnreadableFile(f"{file}: missing column(s) {', '.join(missing)}; found {', '.join(n for n in names if n) or 'none'}")
+        raise UnreadableFile(
+            f"{file}: missing column(s) {', '.join(missing)}; found {', '.join(n for n in names if n) or 'none'}"
+        )
     return {col: positions[col] for col in expected}
 
 

@@ -61,4 +61,3 @@ class InMemoryIds:
     def reserve_loan_ids_through(self, highest: int) -> None:
         with self._lock:
             self._loan = max(self._loan, highest)
-

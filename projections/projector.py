@@ -124,9 +124,7 @@ class Projector:
         last = self.app.recorder.max_notification_id() or 0
         applied = 0
         while position < last:
-            notifications = self.app.recorder.select_notifications(
-                start=position, limit=self.page_size, inclusive_of_start=False
-            )
+            notifications = self.app.recorder.select_notifications(start=position, limit=self.page_size, inclusive_of_start=False)
             if not notifications:
                 break
             position = self.apply_page(conn, notifications)
@@ -225,8 +223,7 @@ class Projector:
         elif isinstance(e, ImportJob.Completed):
             cur.execute(
                 sql.SQL(
-                    "UPDATE {} SET state = 'completed', rows_done = total_rows, summary = %s, updated_at = %s"
-                    " WHERE job_id = %s"
+                    "UPDATE {} SET state = 'completed', rows_done = total_rows, summary = %s, updated_at = %s WHERE job_id = %s"
                 ).format(jobs),
                 (Jsonb(e.summary), when, e.originator_id),
             )
@@ -250,6 +247,7 @@ def rebuild(app: Ledger, conninfo: str, progress: Progress | None = None) -> int
             read_model.create(conn, read_model.REBUILD_SCHEMA)
             fresh = Projector(app, conninfo, schema=read_model.REBUILD_SCHEMA)
             applied = fresh.run_holding_lock(conn, progress)
+            position = fresh.position(conn)
             with conn.transaction():
                 read_model.drop(conn, read_model.SCHEMA)
                 conn.execute(
@@ -257,7 +255,7 @@ def rebuild(app: Ledger, conninfo: str, progress: Progress | None = None) -> int
                         sql.Identifier(read_model.REBUILD_SCHEMA), sql.Identifier(read_model.SCHEMA)
                     )
                 )
-                conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(fresh.position(conn))))
+                conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(position)))
             log.info("rebuilt the read model from %d events", applied)
             return applied
         finally:

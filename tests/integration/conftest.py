@@ -50,10 +50,25 @@ class Stack:
     def start_worker(self) -> None:
         with (self.workdir / "worker.log").open("ab") as log:
             self.worker = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel=INFO",
-                 "--concurrency=2", "-B", "--schedule", str(self.workdir / "beat-schedule"),
-                 "-n", f"test-{uuid.uuid4().hex[:8]}@%h"],
-                env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "workers.celery_app",
+                    "worker",
+                    "--loglevel=INFO",
+                    "--concurrency=2",
+                    "-B",
+                    "--schedule",
+                    str(self.workdir / "beat-schedule"),
+                    "-n",
+                    f"test-{uuid.uuid4().hex[:8]}@%h",
+                ],
+                env=self.env,
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 30
         while b"ready." not in (self.workdir / "worker.log").read_bytes():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import date
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from starlette.testclient import TestClient
 
 from infra.config import REPO_ROOT
 from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS
+from ledger.policy import LoanRequest
 from tests.integration.conftest import Stack
 
 DATA = REPO_ROOT / "data"
@@ -93,7 +95,9 @@ def test_duplicate_loan_ids_are_rekeyed_above_every_id_with_the_file_id_on_recor
             ).fetchone()
             assert row == (entry["customer_id"], entry["file_loan_id"])
             # The first holder of the file's ID keeps it, for a different customer.
-            first = conn.execute("SELECT customer_id FROM readmodel.loans WHERE loan_id = %s", (entry["file_loan_id"],)).fetchone()
+            first = conn.execute(
+                "SELECT customer_id FROM readmodel.loans WHERE loan_id = %s", (entry["file_loan_id"],)
+            ).fetchone()
             assert first is not None and first[0] != entry["customer_id"]
 
 
@@ -120,7 +124,8 @@ def test_new_customers_and_loans_get_ids_above_the_imported_ones(client: TestCli
     assert registered.status_code == 201, registered.text
     assert registered.json()["customer_id"] > 300
     booked = client.post(
-        "/create-loan", json={"customer_id": registered.json()["customer_id"], "loan_amount": 100000, "interest_rate": 14, "tenure": 12}
+        "/create-loan",
+        json={"customer_id": registered.json()["customer_id"], "loan_amount": 100000, "interest_rate": 14, "tenure": 12},
     )
     assert booked.status_code == 201, booked.text
     highest_rekeyed = max(e["loan_id"] for e in imported["summary"]["rekeyed_loans"])
@@ -203,3 +208,24 @@ def test_import_request_outside_the_import_directory_is_refused(client: TestClie
 def test_import_job_status_errors(client: TestClient) -> None:
     assert client.get("/imports/not-a-uuid").status_code == 400
     assert client.get("/imports/00000000-0000-0000-0000-000000000000").status_code == 404
+
+
+def test_check_eligibility_on_the_read_model_decides_as_the_customer_aggregate_does(
+    stack: Stack, client: TestClient, imported: dict[str, Any]
+) -> None:
+    """For every imported customer, the projection-side decision equals the write-side one."""
+    ledger = stack.ledger()
+    try:
+        for customer_id in range(1, 301):
+            for amount, rate, tenure in ((200_000, 8, 24), (1_000_000, 14, 120)):
+                body = {"customer_id": customer_id, "loan_amount": amount, "interest_rate": rate, "tenure": tenure}
+                read_side = client.post("/check-eligibility", json=body).json()
+                write_side = ledger.decide_for(
+                    ledger.get_customer(customer_id), LoanRequest(Decimal(amount), Decimal(rate), tenure)
+                )
+                assert read_side["approval"] == write_side.approved, customer_id
+                assert read_side["credit_score"] == write_side.credit.score, customer_id
+                assert Decimal(str(read_side["corrected_interest_rate"])) == write_side.corrected_interest_rate
+                assert Decimal(str(read_side["monthly_installment"])) == write_side.monthly_installment
+    finally:
+        ledger.close()

@@ -1,0 +1,338 @@
+"""The HTTP API against real PostgreSQL, Redis and a Celery worker."""
+
+from __future__ import annotations
+
+import itertools
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from ledger.policy import monthly_installment
+from tests.integration.conftest import Stack
+
+_phones = itertools.count(9_800_000_001)
+
+
+def register(client: TestClient, income: int = 100_000, **overrides: Any) -> dict[str, Any]:
+    body = {"first_name": "Asha", "last_name": "Iyer", "age": 30, "monthly_income": income, "phone_number": next(_phones)}
+    body.update(overrides)
+    response = client.post("/register", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def loan_body(customer_id: int, amount: float = 100_000, rate: float = 14, tenure: int = 12) -> dict[str, Any]:
+    return {"customer_id": customer_id, "loan_amount": amount, "interest_rate": rate, "tenure": tenure}
+
+
+def count_rows(stack: Stack, table: str) -> int:
+    with stack.connect() as conn:
+        row = conn.execute(f"SELECT count(*) FROM readmodel.{table}").fetchone()
+        events = conn.execute("SELECT count(*) FROM ledger_events").fetchone()
+    assert row is not None and events is not None
+    return int(row[0]) * 1_000_000 + int(events[0])
+
+
+def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+    return error  # type: ignore[no-any-return]
+
+
+# Register
+
+
+def test_register_returns_the_customer_with_the_approved_limit_rounded_to_a_lakh(client: TestClient) -> None:
+    response = client.post(
+        "/register",
+        json={"first_name": "Ravi", "last_name": "Kumar", "age": 28, "monthly_income": 12500, "phone_number": "9812345678"},
+    )
+    assert response.status_code == 201
+    body = response.json()
+    assert body["name"] == "Ravi Kumar"
+    assert body["age"] == 28
+    assert body["monthly_income"] == 12500
+    assert body["approved_limit"] == 500_000  # 36 x 12,500 = 450,000: a half, rounded up
+    assert body["phone_number"] == 9812345678
+    assert isinstance(body["customer_id"], int)
+
+
+def test_register_accepts_monthly_salary_as_an_alias(client: TestClient) -> None:
+    response = client.post(
+        "/register",
+        json={"first_name": "Mia", "last_name": "Das", "age": 41, "monthly_salary": 40_000, "phone_number": next(_phones)},
+    )
+    assert response.status_code == 201
+    assert response.json()["monthly_income"] == 40_000
+    assert response.json()["approved_limit"] == 1_400_000
+
+
+def test_a_phone_number_belongs_to_one_customer(stack: Stack, client: TestClient) -> None:
+    first = register(client, phone_number=9_700_000_000)
+    before = count_rows(stack, "customers")
+    again = client.post(
+        "/register",
+        json={"first_name": "Other", "last_name": "Person", "age": 50, "monthly_income": 10_000, "phone_number": "9700000000"},
+    )
+    error = assert_error(again, 409, "phone_number_taken")
+    assert "9700000000" in error["message"]
+    assert count_rows(stack, "customers") == before
+    assert first["phone_number"] == 9_700_000_000
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"age": 17}, "age"),
+        ({"age": 101}, "age"),
+        ({"age": "30"}, "age"),
+        ({"age": 30.5}, "age"),
+        ({"monthly_income": 0}, "monthly_income"),
+        ({"monthly_income": -5}, "monthly_income"),
+        ({"monthly_income": "5000"}, "monthly_income"),
+        ({"monthly_income": True}, "monthly_income"),
+        ({"phone_number": 123456789}, "phone_number"),
+        ({"phone_number": "1234567890123456"}, "phone_number"),
+        ({"phone_number": "98765x4321"}, "phone_number"),
+        ({"first_name": "   "}, "first_name"),
+        ({"first_name": "x" * 101}, "first_name"),
+        ({"last_name": None}, "last_name"),
+    ],
+)
+def test_register_rejects_bad_fields_field_by_field(stack: Stack, client: TestClient, change: dict[str, Any], field: str) -> None:
+    body = {"first_name": "A", "last_name": "B", "age": 30, "monthly_income": 1000, "phone_number": next(_phones)}
+    body.update(change)
+    before = count_rows(stack, "customers")
+    error = assert_error(client.post("/register", json=body), 400, "validation_error")
+    assert [d["field"] for d in error["details"]] == [field]
+    assert count_rows(stack, "customers") == before
+
+
+def test_register_reports_every_missing_field(client: TestClient) -> None:
+    error = assert_error(client.post("/register", json={}), 400, "validation_error")
+    assert {d["field"] for d in error["details"]} == {"first_name", "last_name", "age", "monthly_income", "phone_number"}
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"[1,2]", b"null", b'"text"', b"{'a': 1}", b"\xff\xfe"])
+def test_malformed_json_is_a_400(client: TestClient, body: bytes) -> None:
+    for path in ("/register", "/check-eligibility", "/create-loan"):
+        assert_error(client.post(path, content=body), 400, "malformed_json")
+
+
+# Check eligibility and create loan
+
+
+def test_a_new_customer_is_approved_at_twelve_percent_or_more(client: TestClient) -> None:
+    customer = register(client, income=100_000)
+    response = client.post("/check-eligibility", json=loan_body(customer["customer_id"], 100_000, 10, 12))
+    assert response.status_code == 200
+    body = response.json()
+    assert body["approval"] is True
+    assert body["credit_score"] == 40
+    assert body["interest_rate"] == 10
+    assert body["corrected_interest_rate"] == 12
+    assert body["monthly_installment"] == 8884.88  # 100,000 at 12% over 12 months
+    assert "message" not in body
+    breakdown = body["credit_score_breakdown"]
+    assert breakdown["base"] == 40
+    assert breakdown["inputs"]["loans_taken"] == 0
+
+
+def test_affordability_and_limit_rules_refuse_with_a_reason(client: TestClient) -> None:
+    customer = register(client, income=20_000)  # limit 700,000; half of income 10,000
+    too_dear = client.post("/check-eligibility", json=loan_body(customer["customer_id"], 200_000, 14, 12)).json()
+    assert too_dear["approval"] is False
+    assert "50% of monthly income" in too_dear["message"]
+    too_big = client.post("/check-eligibility", json=loan_body(customer["customer_id"], 800_000, 14, 600)).json()
+    assert too_big["approval"] is False
+    assert "approved limit" in too_big["message"]
+
+
+def test_create_loan_books_what_check_eligibility_approves_and_it_is_visible_at_once(client: TestClient) -> None:
+    customer = register(client, income=150_000)
+    request = loan_body(customer["customer_id"], 250_000, 13.5, 24)
+    eligibility = client.post("/check-eligibility", json=request).json()
+    created = client.post("/create-loan", json=request)
+    assert created.status_code == 201
+    booked = created.json()
+    assert booked["loan_approved"] is eligibility["approval"] is True
+    assert booked["monthly_installment"] == eligibility["monthly_installment"]
+    assert created.headers["X-Read-Model"] == "current"
+    # Read-your-writes: no waiting, no retrying.
+    loan = client.get(f"/view-loan/{booked['loan_id']}")
+    assert loan.status_code == 200
+    assert loan.json() == {
+        "loan_id": booked["loan_id"],
+        "customer": {
+            "id": customer["customer_id"],
+            "first_name": "Asha",
+            "last_name": "Iyer",
+            "phone_number": customer["phone_number"],
+            "age": 30,
+        },
+        "loan_amount": 250_000,
+        "interest_rate": 13.5,
+        "monthly_installment": float(monthly_installment(Decimal(250_000), Decimal("13.5"), 24)),
+        "tenure": 24,
+    }
+    loans = client.get(f"/view-loans/{customer['customer_id']}").json()
+    assert loans == [
+        {
+            "loan_id": booked["loan_id"],
+            "loan_amount": 250_000,
+            "interest_rate": 13.5,
+            "monthly_installment": booked["monthly_installment"],
+            "repayments_left": 24,
+        }
+    ]
+
+
+def test_a_loan_is_booked_at_the_corrected_rate(client: TestClient) -> None:
+    customer = register(client, income=100_000)
+    booked = client.post("/create-loan", json=loan_body(customer["customer_id"], 100_000, 8, 12)).json()
+    assert booked["loan_approved"] is True
+    assert booked["monthly_installment"] == 8884.88
+    assert client.get(f"/view-loan/{booked['loan_id']}").json()["interest_rate"] == 12
+
+
+def test_a_refused_loan_books_nothing(stack: Stack, client: TestClient) -> None:
+    customer = register(client, income=10_000)
+    before = count_rows(stack, "loans")
+    refused = client.post("/create-loan", json=loan_body(customer["customer_id"], 300_000, 14, 12))
+    assert refused.status_code == 200
+    body = refused.json()
+    assert body["loan_id"] is None
+    assert body["loan_approved"] is False
+    assert "Loan not approved" in body["message"]
+    assert count_rows(stack, "loans") == before
+    assert client.get(f"/view-loans/{customer['customer_id']}").json() == []
+
+
+def test_later_bookings_see_the_earlier_ones(client: TestClient) -> None:
+    customer = register(client, income=30_000)  # half of income: 15,000
+    first = client.post("/create-loan", json=loan_body(customer["customer_id"], 100_000, 12, 12)).json()
+    second = client.post("/create-loan", json=loan_body(customer["customer_id"], 100_000, 12, 12)).json()
+    assert first["loan_approved"] is True
+    assert second["loan_approved"] is False  # 8,884.88 twice exceeds 15,000
+    eligibility = client.post("/check-eligibility", json=loan_body(customer["customer_id"], 100_000, 12, 12)).json()
+    assert eligibility["approval"] is False
+    assert eligibility["credit_score_breakdown"]["inputs"]["current_loans"] == 1
+
+
+def test_idempotency_key_replays_the_first_response_and_books_once(stack: Stack, client: TestClient) -> None:
+    customer = register(client, income=200_000)
+    request = loan_body(customer["customer_id"], 100_000, 15, 6)
+    headers = {"Idempotency-Key": f"order-{customer['customer_id']}"}
+    first = client.post("/create-loan", json=request, headers=headers)
+    loans_after_first = count_rows(stack, "loans")
+    second = client.post("/create-loan", json=request, headers=headers)
+    assert first.status_code == second.status_code == 201
+    assert first.json() == second.json()
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert count_rows(stack, "loans") == loans_after_first
+    other = client.post("/create-loan", json={**request, "tenure": 7}, headers=headers)
+    error = assert_error(other, 422, "idempotency_key_reused")
+    assert "different request" in error["message"]
+
+
+@pytest.mark.parametrize("path", ["/check-eligibility", "/create-loan"])
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"customer_id": 0}, "customer_id"),
+        ({"customer_id": "1"}, "customer_id"),
+        ({"customer_id": 2**64}, "customer_id"),
+        ({"loan_amount": 0}, "loan_amount"),
+        ({"loan_amount": "100"}, "loan_amount"),
+        ({"interest_rate": -1}, "interest_rate"),
+        ({"interest_rate": 100.5}, "interest_rate"),
+        ({"tenure": 0}, "tenure"),
+        ({"tenure": 601}, "tenure"),
+        ({"tenure": 12.5}, "tenure"),
+    ],
+)
+def test_loan_requests_reject_bad_fields(client: TestClient, path: str, change: dict[str, Any], field: str) -> None:
+    error = assert_error(client.post(path, json={**loan_body(1), **change}), 400, "validation_error")
+    assert [d["field"] for d in error["details"]] == [field]
+
+
+@pytest.mark.parametrize("path", ["/check-eligibility", "/create-loan"])
+def test_unknown_customer_is_a_404(client: TestClient, path: str) -> None:
+    assert_error(client.post(path, json=loan_body(987_654_321)), 404, "customer_not_found")
+
+
+# Views
+
+
+def test_view_loan_and_view_loans_errors(client: TestClient) -> None:
+    assert_error(client.get("/view-loan/987654321"), 404, "loan_not_found")
+    assert_error(client.get("/view-loan/abc"), 400, "validation_error")
+    assert_error(client.get("/view-loan/-3"), 400, "validation_error")
+    assert_error(client.get("/view-loan/99999999999999999999999"), 400, "validation_error")
+    assert_error(client.get("/view-loans/987654321"), 404, "customer_not_found")
+    customer = register(client)
+    assert client.get(f"/view-loans/{customer['customer_id']}").json() == []
+
+
+# Paths, methods, documents
+
+
+@pytest.mark.parametrize("prefix", ["", "/api"])
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_every_path_is_served_with_a_trailing_slash_and_under_api(client: TestClient, prefix: str, slash: str) -> None:
+    registered = client.post(
+        f"{prefix}/register{slash}",
+        json={"first_name": "P", "last_name": "V", "age": 30, "monthly_income": 90_000, "phone_number": next(_phones)},
+    )
+    assert registered.status_code == 201
+    customer_id = registered.json()["customer_id"]
+    assert client.post(f"{prefix}/check-eligibility{slash}", json=loan_body(customer_id)).status_code == 200
+    created = client.post(f"{prefix}/create-loan{slash}", json=loan_body(customer_id))
+    assert created.status_code == 201
+    assert client.get(f"{prefix}/view-loan/{created.json()['loan_id']}{slash}").status_code == 200
+    assert len(client.get(f"{prefix}/view-loans/{customer_id}{slash}").json()) == 1
+
+
+def test_wrong_method_is_a_405_in_the_error_shape(client: TestClient) -> None:
+    for method, path in [
+        ("GET", "/register"),
+        ("DELETE", "/create-loan"),
+        ("POST", "/view-loan/1"),
+        ("PUT", "/api/view-loans/1/"),
+    ]:
+        assert_error(client.request(method, path), 405, "method_not_allowed")
+
+
+def test_unknown_path_is_a_404_in_the_error_shape(client: TestClient) -> None:
+    assert_error(client.get("/no-such-thing"), 404, "not_found")
+
+
+def test_openapi_document_describes_every_endpoint(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    assert document["openapi"] == "3.1.0"
+    assert set(document["paths"]) >= {
+        "/register",
+        "/check-eligibility",
+        "/create-loan",
+        "/view-loan/{loan_id}",
+        "/view-loans/{customer_id}",
+        "/imports/{job_id}",
+    }
+    register_schema = document["components"]["schemas"]["RegisterRequest"]
+    assert register_schema["properties"]["age"] == {"type": "integer", "minimum": 18, "maximum": 100}
+    assert document["paths"]["/create-loan"]["post"]["responses"]["201"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/CreateLoanResponse"
+    }
+
+
+def test_docs_page_works_offline(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "https://" not in page.text and "http://" not in page.text
+    assert client.get("/docs/static/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/docs/static/swagger-ui.css").status_code == 200

@@ -1,0 +1,138 @@
+"""The Ledger application on eventsourcing's in-memory store: a narrated scenario per rule."""
+
+from __future__ import annotations
+
+from datetime import date
+from decimal import Decimal as D
+from uuid import uuid4
+
+import pytest
+
+from ledger.application import Ledger
+from ledger.domain import Customer, CustomerNotFound, IdempotencyKeyReused, Loan, PhoneNumberTaken, loan_uuid
+from ledger.history import CustomerRecord, LoanRecord
+from ledger.policy import Decision, LoanRequest
+from ledger.ports import FixedClock
+
+TODAY = date(2026, 11, 22)
+
+
+@pytest.fixture
+def ledger() -> Ledger:
+    return Ledger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, clock=FixedClock(TODAY))
+
+
+def test_registration_records_the_customer_with_a_limit_from_income(ledger: Ledger) -> None:
+    registered = ledger.register_customer("Ann", "Lee", 30, "9876543210", D(12_500))
+    customer = ledger.get_customer(registered.customer.customer_id)
+    assert (customer.first_name, customer.approved_limit, customer.loans) == ("Ann", D(500_000), [])
+    assert registered.last_position is not None
+
+
+def test_a_second_registration_with_the_same_phone_is_refused_and_records_nothing(ledger: Ledger) -> None:
+    ledger.register_customer("Ann", "Lee", 30, "9876543210", D(12_500))
+    before = ledger.recorder.max_notification_id()
+    with pytest.raises(PhoneNumberTaken):
+        ledger.register_customer("Bob", "Roy", 40, "9876543210", D(90_000))
+    assert ledger.recorder.max_notification_id() == before
+
+
+def test_booking_records_the_loan_on_the_customer_and_as_a_loan(ledger: Ledger) -> None:
+    customer_id = ledger.register_customer("Ann", "Lee", 30, "9876543210", D(100_000)).customer.customer_id
+    booking = ledger.book_loan(customer_id, LoanRequest(D(100_000), D(8), 12))
+    assert booking.response["loan_approved"] is True
+    loan: Loan = ledger.repository.get(loan_uuid(booking.response["loan_id"]))
+    assert (loan.interest_rate, loan.start_date, loan.end_date, loan.emis_paid) == (D(12), TODAY, date(2027, 11, 22), 0)
+    assert [terms.loan_id for terms in ledger.get_customer(customer_id).loans] == [loan.loan_id]
+
+
+def test_an_unknown_customer_cannot_book(ledger: Ledger) -> None:
+    with pytest.raises(CustomerNotFound):
+        ledger.book_loan(404, LoanRequest(D(1000), D(12), 12))
+
+
+def test_a_concurrent_booking_conflicts_and_the_loser_decides_again(ledger: Ledger) -> None:
+    """Two requests load the customer at the same version; the second save conflicts,
+    reloads the customer with the first loan booked and is refused by the 50% rule."""
+    customer_id = ledger.register_customer("Ann", "Lee", 30, "9876543210", D(30_000)).customer.customer_id
+    request = LoanRequest(D(100_000), D(12), 12)  # EMI 8,884.88: one fits in 15,000, two do not
+    decisions: list[Decision] = []
+    decide_for = ledger.decide_for
+
+    def decide_while_another_request_books(customer: Customer, req: LoanRequest) -> Decision:
+        decision = decide_for(customer, req)
+        decisions.append(decision)
+        if len(decisions) == 1:
+            ledger.decide_for = decide_for  # type: ignore[method-assign]
+            assert ledger.book_loan(customer_id, request).response["loan_approved"] is True
+            ledger.decide_for = decide_while_another_request_books  # type: ignore[method-assign]
+        return decision
+
+    ledger.decide_for = decide_while_another_request_books  # type: ignore[method-assign]
+    outcome = ledger.book_loan(customer_id, request)
+    assert decisions[0].approved is True  # on the stale state it looked affordable
+    assert decisions[-1].approved is False  # after the conflict it decided again
+    assert outcome.response["loan_approved"] is False
+    assert len(ledger.get_customer(customer_id).loans) == 1
+
+
+def test_an_idempotency_key_returns_the_first_response_and_rejects_another_body(ledger: Ledger) -> None:
+    customer_id = ledger.register_customer("Ann", "Lee", 30, "9876543210", D(100_000)).customer.customer_id
+    first = ledger.book_loan(customer_id, LoanRequest(D(10_000), D(14), 6), "key-1")
+    again = ledger.book_loan(customer_id, LoanRequest(D("10000.00"), D("14.0"), 6), "key-1")
+    assert again.replayed and again.response == first.response
+    assert len(ledger.get_customer(customer_id).loans) == 1
+    with pytest.raises(IdempotencyKeyReused):
+        ledger.book_loan(customer_id, LoanRequest(D(10_000), D(14), 7), "key-1")
+
+
+def customer_row(row: int, customer_id: int, phone: str) -> CustomerRecord:
+    return CustomerRecord(row, customer_id, "F", "L", 40, phone, D(50_000), D(1_800_000))
+
+
+def loan_row(row: int, customer_id: int, loan_id: int) -> LoanRecord:
+    return LoanRecord(row, customer_id, loan_id, D(10_000), 12, D(10), D(880), 12, date(2020, 1, 1), date(2021, 1, 1))
+
+
+def run_import(ledger: Ledger, customers: list[CustomerRecord], loans: list[LoanRecord]) -> dict[str, object]:
+    job_id, _ = ledger.request_import("/x/customers.xlsx", "/x/loans.xlsx", uuid4())
+    report = ledger.import_history(job_id, customers, loans, [], batch_size=2)
+    return report.summary() | {"issues": [i.as_dict() for i in report.issues]}
+
+
+def test_import_keeps_the_file_ids_and_rekeys_a_repeated_loan_id(ledger: Ledger) -> None:
+    summary = run_import(
+        ledger,
+        [customer_row(2, 7, "9000000007"), customer_row(3, 8, "9000000008"), customer_row(4, 9, "9000000009")],
+        [loan_row(2, 7, 50), loan_row(3, 8, 50), loan_row(4, 9, 51)],
+    )
+    assert summary["rekeyed_loans"] == [{"row": 3, "customer_id": 8, "file_loan_id": 50, "loan_id": 52}]
+    assert [t.loan_id for t in ledger.get_customer(7).loans] == [50]
+    assert [(t.loan_id, t.source_loan_id) for t in ledger.get_customer(8).loans] == [(52, 50)]
+    assert ledger.register_customer("N", "C", 30, "9111111111", D(1000)).customer.customer_id == 10
+
+
+def test_importing_again_adds_nothing(ledger: Ledger) -> None:
+    customers = [customer_row(2, 7, "9000000007"), customer_row(3, 8, "9000000008")]
+    loans = [loan_row(2, 7, 50), loan_row(3, 8, 50)]
+    run_import(ledger, customers, loans)
+    events = ledger.recorder.max_notification_id() or 0
+    summary = run_import(ledger, customers, loans)
+    assert (summary["customers_imported"], summary["loans_imported"]) == (0, 0)
+    assert (summary["customers_already_present"], summary["loans_already_present"]) == (2, 2)
+    new_events = ledger.recorder.select_notifications(events, 100, inclusive_of_start=False)
+    assert all("ImportJob" in n.topic for n in new_events)
+
+
+def test_import_reports_a_phone_already_taken_and_a_loan_without_customer(ledger: Ledger) -> None:
+    ledger.register_customer("Ann", "Lee", 30, "9000000007", D(10_000))
+    summary = run_import(ledger, [customer_row(2, 7, "9000000007")], [loan_row(2, 7, 50), loan_row(3, 99, 51)])
+    assert summary["issues"] == [
+        {"file": "customers.xlsx", "row": 2, "reason": "Phone Number 9000000007 already belongs to another customer"},
+        {
+            "file": "loans.xlsx",
+            "row": 2,
+            "reason": "its customer row 2 was rejected: Phone Number 9000000007 already belongs to another customer",
+        },
+        {"file": "loans.xlsx", "row": 3, "reason": "Customer ID 99 is in neither the customer file nor the ledger"},
+    ]

@@ -1,0 +1,158 @@
+"""The lending policy's rules, case by case and as properties."""
+
+from __future__ import annotations
+
+from datetime import date
+from decimal import Decimal as D
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ledger.calendar import add_months, installments_due
+from ledger.policy import CreditHistory, LoanRequest, approved_limit, credit_score, decide, minimum_rate, monthly_installment
+
+
+@pytest.mark.parametrize(
+    ("principal", "rate", "tenure", "emi"),
+    [
+        (D(100_000), D(12), 12, D("8884.88")),
+        (D(100_000), D(0), 12, D("8333.33")),
+        (D(120_000), D(0), 12, D("10000.00")),
+        (D(500_000), D("10.5"), 60, D("10746.95")),
+        (D(1), D(100), 1, D("1.08")),
+    ],
+)
+def test_monthly_installment(principal: D, rate: D, tenure: int, emi: D) -> None:
+    assert monthly_installment(principal, rate, tenure) == emi
+
+
+@pytest.mark.parametrize(
+    ("income", "limit"),
+    [(D(12_500), D(500_000)), (D(12_499), D(400_000)), (D(50_000), D(1_800_000)), (D(1), D(0)), (D(4_167), D(200_000))],
+)
+def test_approved_limit_rounds_to_the_nearest_lakh_halves_up(income: D, limit: D) -> None:
+    assert approved_limit(income) == limit
+
+
+@pytest.mark.parametrize(
+    ("score", "floor"),
+    [(100, D(0)), (51, D(0)), (50, D(12)), (31, D(12)), (30, D(16)), (11, D(16)), (10, None), (0, None)],
+)
+def test_slab_boundaries(score: int, floor: D | None) -> None:
+    assert minimum_rate(score) == floor
+
+
+def history(**changes: object) -> CreditHistory:
+    fields = CreditHistory.empty().__dict__ | changes
+    return CreditHistory(**fields)  # type: ignore[arg-type]
+
+
+def test_a_customer_with_no_history_scores_in_the_31_to_50_slab() -> None:
+    score = credit_score(CreditHistory.empty(), D(1_000_000)).score
+    assert 31 <= score <= 50
+
+
+def test_debt_over_the_limit_scores_zero() -> None:
+    assert credit_score(history(current_debt=D(1_000_001), current_loans=1), D(1_000_000)).score == 0
+    assert credit_score(history(current_debt=D(1_000_000), current_loans=1), D(1_000_000)).score > 0
+
+
+def test_requested_rate_below_the_slab_minimum_is_corrected() -> None:
+    decision = decide(CreditHistory.empty(), D(100_000), D(3_600_000), LoanRequest(D(100_000), D(8), 12))
+    assert decision.approved
+    assert decision.corrected_interest_rate == D(12)
+    assert decision.monthly_installment == D("8884.88")
+    above = decide(CreditHistory.empty(), D(100_000), D(3_600_000), LoanRequest(D(100_000), D(14), 12))
+    assert above.corrected_interest_rate == D(14)
+
+
+def test_affordability_counts_current_emis_plus_the_new_one() -> None:
+    # Half of 20,000 is 10,000: 1,115.12 already + 8,884.88 new = 10,000.00 exactly is allowed.
+    ok = decide(history(current_emis=D("1115.12")), D(20_000), D(1_000_000), LoanRequest(D(100_000), D(12), 12))
+    assert ok.approved
+    over = decide(history(current_emis=D("1115.13")), D(20_000), D(1_000_000), LoanRequest(D(100_000), D(12), 12))
+    assert not over.approved
+    assert "50% of monthly income" in over.message
+
+
+def test_limit_counts_current_loans_plus_the_new_one() -> None:
+    at_limit = decide(history(current_debt=D(400_000)), D(1_000_000), D(500_000), LoanRequest(D(100_000), D(12), 12))
+    assert at_limit.approved
+    over = decide(history(current_debt=D(400_000)), D(1_000_000), D(500_000), LoanRequest(D("100000.01"), D(12), 12))
+    assert not over.approved
+    assert "approved limit" in over.message
+
+
+def test_a_low_score_is_refused_whatever_the_rate() -> None:
+    bad_payer = history(loans_taken=3, emis_due=30, emis_paid_on_time=0)
+    decision = decide(bad_payer, D(1_000_000), D(10_000_000), LoanRequest(D(1000), D(30), 12))
+    assert decision.credit.score <= 10
+    assert not decision.approved
+    assert "credit score" in decision.message
+
+
+def test_installments_due_counts_due_dates_on_or_before_today() -> None:
+    start = date(2026, 1, 31)
+    assert add_months(start, 1) == date(2026, 2, 28)
+    assert installments_due(start, 12, date(2026, 2, 27)) == 0
+    assert installments_due(start, 12, date(2026, 2, 28)) == 1
+    assert installments_due(start, 12, date(2026, 3, 30)) == 1
+    assert installments_due(start, 12, date(2026, 3, 31)) == 2
+    assert installments_due(start, 12, date(2030, 1, 1)) == 12
+    assert installments_due(start, 12, date(2025, 1, 1)) == 0
+
+
+money = st.decimals(min_value=0, max_value=10_000_000, places=2)
+counts = st.integers(min_value=0, max_value=400)
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> CreditHistory:
+    due = draw(counts)
+    return CreditHistory(
+        loans_taken=draw(counts),
+        completed_loans=draw(counts),
+        loans_this_year=draw(counts),
+        emis_due=due,
+        emis_paid_on_time=draw(st.integers(min_value=0, max_value=due)),
+        current_loans=draw(counts),
+        current_debt=draw(money),
+        current_emis=draw(money),
+    )
+
+
+limits = st.decimals(min_value=0, max_value=20_000_000, places=0)
+
+
+@given(histories(), limits)
+def test_score_never_leaves_0_to_100(h: CreditHistory, limit: D) -> None:
+    assert 0 <= credit_score(h, limit).score <= 100
+
+
+@given(histories(), limits, st.integers(min_value=1, max_value=50))
+def test_score_never_falls_when_on_time_payments_rise(h: CreditHistory, limit: D, more: int) -> None:
+    better = history(**(h.__dict__ | {"emis_paid_on_time": min(h.emis_due, h.emis_paid_on_time + more)}))
+    assert credit_score(better, limit).score >= credit_score(h, limit).score
+
+
+@given(histories(), limits, st.decimals(min_value=D("0.01"), max_value=5_000_000, places=2))
+def test_score_never_rises_when_current_debt_rises(h: CreditHistory, limit: D, more: D) -> None:
+    deeper = history(**(h.__dict__ | {"current_debt": h.current_debt + more}))
+    assert credit_score(deeper, limit).score <= credit_score(h, limit).score
+
+
+@given(histories(), limits)
+def test_score_is_deterministic(h: CreditHistory, limit: D) -> None:
+    assert credit_score(h, limit) == credit_score(h, limit)
+
+
+@given(
+    st.decimals(min_value=1, max_value=10_000_000, places=2),
+    st.decimals(min_value=0, max_value=100, places=2),
+    st.integers(min_value=1, max_value=600),
+)
+def test_emi_repays_at_least_the_principal(principal: D, rate: D, tenure: int) -> None:
+    emi = monthly_installment(principal, rate, tenure)
+    assert emi * tenure >= principal - D("0.01") * tenure
+    assert emi == emi.quantize(D("0.01"))
