@@ -126,6 +126,8 @@ def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
 def cmd_run(args: argparse.Namespace) -> int:
     from infra.stack import services
 
+    # SIGTERM (docker stop, timeout, kill) cleans up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     processes: list[subprocess.Popen[bytes]] = []
     with services() as (database_url, redis_url), tempfile.TemporaryDirectory(prefix="ledger-beat-") as beat_dir:
         os.environ.update({"DATABASE_URL": database_url, "REDIS_URL": redis_url})

@@ -70,6 +70,7 @@ def postgres(fast: bool = False) -> Iterator[str]:
     subprocess.run(
         _as_postgres_user([_pg_binary("initdb"), "-D", str(data), "-U", "ledger", "--auth=trust", "-E", "UTF8", "--no-sync"]),
         check=True,
+        cwd=workdir,
         stdout=subprocess.DEVNULL,
     )
     options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={workdir} -c max_connections=200"
@@ -79,6 +80,7 @@ def postgres(fast: bool = False) -> Iterator[str]:
     subprocess.run(
         _as_postgres_user([pg_ctl, "-D", str(data), "-l", str(workdir / "server.log"), "-o", options, "-w", "start"]),
         check=True,
+        cwd=workdir,
         stdout=subprocess.DEVNULL,
     )
     try:
@@ -89,13 +91,18 @@ def postgres(fast: bool = False) -> Iterator[str]:
         subprocess.run(
             _as_postgres_user([pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"]),
             check=False,
+            cwd=workdir,
             stdout=subprocess.DEVNULL,
         )
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _redis_binary() -> str | None:
+    return shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+
+
 def ensure_redis_server() -> str:
-    found = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    found = _redis_binary()
     if found:
         return found
     if os.geteuid() != 0 or not shutil.which("apt-get"):
@@ -109,7 +116,10 @@ def ensure_redis_server() -> str:
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             raise StackError(f"could not install redis-server ({' '.join(command)}):\n{result.stderr[-2000:]}")
-    return ensure_redis_server()
+    found = _redis_binary()
+    if not found:
+        raise StackError("apt-get installed redis-server but no redis-server binary is on PATH")
+    return found
 
 
 @contextlib.contextmanager
