@@ -9,7 +9,8 @@ from pathlib import Path
 
 import psycopg
 import swagger_ui
-from psycopg_pool import AsyncConnectionPool
+from eventsourcing import persistence
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -117,6 +118,9 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             ApiError: api_error,
             HTTPException: http_error,
             psycopg.OperationalError: database_unavailable,
+            PoolTimeout: database_unavailable,
+            persistence.OperationalError: database_unavailable,
+            persistence.InterfaceError: database_unavailable,
             Exception: unexpected,
         },
     )
