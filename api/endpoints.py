@@ -292,4 +292,9 @@ async def import_status(request: Request) -> Response:
     return json(job_view(row))
 
 
+async def health(request: Request) -> Response:
+    """The process is up and serving (no dependency is checked)."""
+    return json(schemas.Health(status="ok"))
+
+
 Handler = Callable[[Request], Awaitable[Response]]

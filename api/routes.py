@@ -90,6 +90,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         {200: (list[schemas.CustomerLoan], "Current loans"), 400: (E, "Invalid customer ID"), 404: (E, "Unknown customer")},
         (_path_param("customer_id", ID),),
     ),
+    Endpoint("/health", "GET", endpoints.health, "The process is up", None, {200: (schemas.Health, "Up")}),
     Endpoint(
         "/imports",
         "POST",

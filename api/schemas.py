@@ -153,6 +153,10 @@ class ImportJobView(Struct):
     updated_at: str
 
 
+class Health(Struct):
+    status: str
+
+
 class ErrorBody(Struct, omit_defaults=True):
     code: str
     message: str

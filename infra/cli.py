@@ -81,9 +81,16 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _files(settings: Settings, args: argparse.Namespace) -> tuple[Path, Path]:
+    return (
+        Path(args.customers) if args.customers else settings.import_dir / "customer_data.xlsx",
+        Path(args.loans) if args.loans else settings.import_dir / "loan_data.xlsx",
+    )
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    job_id = start_import(settings, Path(args.customers), Path(args.loans))
+    job_id = start_import(settings, *_files(settings, args))
     print(f"import job {job_id} queued", file=sys.stderr)
     row = follow_import(settings, job_id)
     print_report(row)
@@ -119,6 +126,86 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """Schema, then the bundled history imported in this process, then the read model caught up.
+
+    Idempotent: a second run finds everything in place and adds nothing.
+    """
+    from infra.importer import run_import
+    from projections.projector import Projector
+
+    settings = Settings.from_env()
+    setup_schema(settings)
+    ledger, pool = build_ledger(settings)
+    try:
+        if not args.no_import:
+            customers, loans = settings.import_dir / "customer_data.xlsx", settings.import_dir / "loan_data.xlsx"
+            job_id, _ = ledger.request_import(str(customers), str(loans))
+            result = run_import(ledger, job_id, customers, loans, settings.import_batch_size, lambda d, t: bar(d, t, "import"))
+            print(file=sys.stderr)
+            if result["state"] != "completed":
+                print(f"import failed: {result.get('error')}", file=sys.stderr)
+                return 1
+            print(
+                f"import: {result['customers_imported']} customers and {result['loans_imported']} loans added, "
+                f"{result['customers_already_present']} and {result['loans_already_present']} already present",
+                file=sys.stderr,
+            )
+        Projector(ledger, settings.database_url).catch_up(lambda d, t: bar(d, t, "projection"))
+        print("\nready", file=sys.stderr)
+    finally:
+        pool.close()
+        ledger.close()
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    os.execvp(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.app:app_from_env",
+            "--factory",
+            "--host",
+            args.host,
+            "--port",
+            str(args.port),
+            "--workers",
+            str(args.workers),
+            "--timeout-graceful-shutdown",
+            "20",
+            "--no-access-log",
+        ],
+    )
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    # Celery's warm shutdown on SIGTERM finishes running tasks; acks_late redelivers the rest.
+    os.execvp(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app",
+            "worker",
+            "--loglevel=INFO",
+            f"--concurrency={args.concurrency}",
+        ],
+    )
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    schedule = Path(tempfile.gettempdir()) / f"ledger-beat-{os.getpid()}"
+    os.execvp(
+        sys.executable,
+        [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat", "--loglevel=INFO", "--schedule", str(schedule)],
+    )
+
+
 def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, env=env, cwd=REPO_ROOT)
 
@@ -129,37 +216,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     # SIGTERM (docker stop, timeout, kill) cleans up like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     processes: list[subprocess.Popen[bytes]] = []
-    with services() as (database_url, redis_url), tempfile.TemporaryDirectory(prefix="ledger-beat-") as beat_dir:
+    with services() as (database_url, redis_url):
         os.environ.update({"DATABASE_URL": database_url, "REDIS_URL": redis_url})
         env = dict(os.environ)
         settings = Settings.from_env()
+        ledger_cli = [sys.executable, "-m", "infra.cli"]
         try:
             setup_schema(settings)
-            celery = [sys.executable, "-m", "celery", "-A", "workers.celery_app"]
-            processes.append(_spawn([*celery, "worker", "--loglevel=INFO", "--concurrency=2"], env))
-            processes.append(_spawn([*celery, "beat", "--loglevel=INFO", "--schedule", f"{beat_dir}/schedule"], env))
+            processes.append(_spawn([*ledger_cli, "worker"], env))
+            processes.append(_spawn([*ledger_cli, "beat"], env))
             if not args.no_import:
                 job_id = start_import(
                     settings, settings.import_dir / "customer_data.xlsx", settings.import_dir / "loan_data.xlsx"
                 )
                 print_report(follow_import(settings, job_id))
             server = _spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "api.app:app_from_env",
-                    "--factory",
-                    "--host",
-                    args.host,
-                    "--port",
-                    str(args.port),
-                    "--workers",
-                    str(args.workers),
-                    "--timeout-graceful-shutdown",
-                    "10",
-                ],
-                env,
+                [*ledger_cli, "api", "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)], env
             )
             processes.append(server)
             base = f"http://{args.host}:{args.port}"
@@ -181,6 +253,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                     process.kill()
 
 
+def _serving_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=os.environ.get("API_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("API_PORT", "8000")))
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("API_WORKERS", "2")), help="uvicorn worker processes")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ledger", description="Operate the credit approval ledger.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -190,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     imp = commands.add_parser("import", help="import the history files in a worker and follow its progress")
-    imp.add_argument("--customers", default=str(REPO_ROOT / "data" / "customer_data.xlsx"), help="customer file (xlsx)")
-    imp.add_argument("--loans", default=str(REPO_ROOT / "data" / "loan_data.xlsx"), help="loan file (xlsx)")
+    imp.add_argument("--customers", help="customer file (xlsx); default: IMPORT_DIR/customer_data.xlsx")
+    imp.add_argument("--loans", help="loan file (xlsx); default: IMPORT_DIR/loan_data.xlsx")
     imp.set_defaults(func=cmd_import)
 
     commands.add_parser("rebuild", help="replay every event into fresh read-model tables and swap them in").set_defaults(
@@ -201,12 +279,24 @@ def main(argv: list[str] | None = None) -> int:
         func=cmd_status
     )
 
+    init = commands.add_parser("init", help="setup, then import the bundled history in this process and catch up (idempotent)")
+    init.add_argument("--no-import", action="store_true", help="only create the schema and catch up")
+    init.set_defaults(func=cmd_init)
+
+    api = commands.add_parser("api", help="serve the HTTP API with uvicorn")
+    _serving_options(api)
+    api.set_defaults(func=cmd_api)
+
+    worker = commands.add_parser("worker", help="run a Celery worker (projections, imports, rebuilds)")
+    worker.add_argument("--concurrency", type=int, default=int(os.environ.get("WORKER_CONCURRENCY", "2")))
+    worker.set_defaults(func=cmd_worker)
+
+    commands.add_parser("beat", help="run Celery beat (the periodic projection catch-up)").set_defaults(func=cmd_beat)
+
     run = commands.add_parser(
         "run", help="start PostgreSQL, Redis (unless configured), a worker, beat and the API; import the reference data"
     )
-    run.add_argument("--host", default=os.environ.get("API_HOST", "127.0.0.1"))
-    run.add_argument("--port", type=int, default=int(os.environ.get("API_PORT", "8000")))
-    run.add_argument("--workers", type=int, default=int(os.environ.get("API_WORKERS", "2")))
+    _serving_options(run)
     run.add_argument("--no-import", action="store_true", help="do not import the bundled reference data")
     run.set_defaults(func=cmd_run)
 

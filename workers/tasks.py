@@ -9,13 +9,11 @@ from typing import Any
 from uuid import UUID
 
 import redis
-from celery import Task
 
 from infra.config import Settings
+from infra.importer import run_import
 from infra.postgres import build_ledger
-from infra.xlsx import read_history
 from ledger.application import Ledger
-from ledger.history import UnreadableFile
 from projections.projector import Projector, rebuild
 from workers.celery_app import app as celery
 
@@ -57,28 +55,18 @@ def catch_up() -> int | None:
     return projector().catch_up()
 
 
-@celery.task(bind=True, max_retries=3)
-def import_history(self: Task, job_id: str, customers_path: str, loans_path: str) -> dict[str, Any]:
-    app = _ledger()
-    job = app.get_import_job(UUID(job_id))
-    if job.finished:
-        return {"state": job.state}
-    try:
-        customers, loans, issues = read_history(Path(customers_path), Path(loans_path))
-    except UnreadableFile as unreadable:
-        app.fail_import(job.id, str(unreadable))
-        trigger_catch_up()
-        return {"state": "failed", "error": str(unreadable)}
-
+@celery.task
+def import_history(job_id: str, customers_path: str, loans_path: str) -> dict[str, Any]:
     def batch_done(done: int, total: int) -> None:
         log.info("import %s: %d/%d rows", job_id, done, total)
         trigger_catch_up()
 
-    report = app.import_history(
-        job.id, customers, loans, issues, batch_size=Settings.from_env().import_batch_size, on_batch=batch_done
-    )
-    trigger_catch_up()
-    return report.summary()
+    try:
+        return run_import(
+            _ledger(), UUID(job_id), Path(customers_path), Path(loans_path), Settings.from_env().import_batch_size, batch_done
+        )
+    finally:
+        trigger_catch_up()
 
 
 @celery.task
