@@ -13,6 +13,7 @@ from eventsourcing import persistence
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
@@ -21,6 +22,7 @@ from starlette.staticfiles import StaticFiles
 from api import openapi
 from api.endpoints import Services
 from api.errors import ApiError, error_response
+from api.limits import BodySizeLimit
 from api.readyourwrites import PositionWatcher
 from api.routes import starlette_routes
 from infra.config import Settings
@@ -114,6 +116,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     return Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(BodySizeLimit)],
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,

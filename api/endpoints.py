@@ -19,7 +19,7 @@ from api.readyourwrites import PositionWatcher
 from api.validation import decode
 from infra.config import Settings
 from ledger.application import Ledger, Saved
-from ledger.domain import CustomerNotFound, IdempotencyKeyReused, PhoneNumberTaken
+from ledger.domain import Contention, CustomerNotFound, IdempotencyKeyReused, PhoneNumberTaken
 from ledger.money import to_money
 from ledger.policy import LoanRequest, credit_history, decide
 from projections import views
@@ -168,6 +168,8 @@ async def create_loan(request: Request) -> Response:
         raise ApiError(404, "customer_not_found", str(missing)) from None
     except IdempotencyKeyReused as reused:
         raise ApiError(422, "idempotency_key_reused", str(reused)) from None
+    except Contention as busy:
+        raise ApiError(503, "contention", str(busy)) from None
     headers = await after_command(svc, booking)
     if booking.replayed:
         headers["Idempotent-Replayed"] = "true"

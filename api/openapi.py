@@ -13,13 +13,24 @@ def _ref_template() -> str:
     return "#/components/schemas/{name}"
 
 
+def _decimals_as_numbers(node: Any) -> Any:
+    """msgspec documents Decimal as a string; this API reads and writes it as a JSON number."""
+    if isinstance(node, dict):
+        if node.get("format") == "decimal":
+            node = {k: v for k, v in node.items() if k != "format"} | {"type": "number"}
+        return {k: _decimals_as_numbers(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_decimals_as_numbers(v) for v in node]
+    return node
+
+
 def document() -> dict[str, Any]:
     types: list[Any] = []
     for endpoint in ENDPOINTS:
         if endpoint.request is not None:
             types.append(endpoint.request)
         types += [body for body, _ in endpoint.responses.values()]
-    schemas, components = msgspec.json.schema_components(types, ref_template=_ref_template())
+    schemas, components = _decimals_as_numbers(list(msgspec.json.schema_components(types, ref_template=_ref_template())))
     resolved = iter(schemas)
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in ENDPOINTS:

@@ -13,16 +13,17 @@ BIGINT = 2**63 - 1
 Name = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"\S", description="Non-blank, at most 100 characters")]
 Id = Annotated[int, Meta(ge=1, le=BIGINT)]
 Money = Annotated[Decimal, Meta(description="Amount in rupees, at most 2 decimals")]
+Number = Decimal  # documented and encoded as a JSON number (see api.openapi)
 PositiveAmount = Annotated[
     Decimal,
     Meta(
         description="A number above 0",
-        extra_json_schema={"type": "number", "exclusiveMinimum": 0, "maximum": 1_000_000_000_000},
+        extra_json_schema={"exclusiveMinimum": 0, "maximum": 1_000_000_000_000},
     ),
 ]
 Rate = Annotated[
     Decimal,
-    Meta(description="Annual interest rate, percent", extra_json_schema={"type": "number", "minimum": 0, "maximum": 100}),
+    Meta(description="Annual interest rate, percent", extra_json_schema={"minimum": 0, "maximum": 100}),
 ]
 Tenure = Annotated[int, Meta(ge=1, le=600, description="Months")]
 Phone = (
@@ -39,7 +40,7 @@ class RegisterRequest(Struct):
         Decimal,
         Meta(
             description="Monthly income; `monthly_salary` is accepted as an alias",
-            extra_json_schema={"type": "number", "exclusiveMinimum": 0, "maximum": 1_000_000_000_000},
+            extra_json_schema={"exclusiveMinimum": 0, "maximum": 1_000_000_000_000},
         ),
     ]
     phone_number: Phone
@@ -74,11 +75,11 @@ class CreditInputs(Struct):
 
 
 class CreditScoreBreakdown(Struct):
-    base: Decimal
-    payment_history: Decimal
-    completed_loans: Decimal
-    current_year_activity: Decimal
-    credit_utilisation: Decimal
+    base: Number
+    payment_history: Number
+    completed_loans: Number
+    current_year_activity: Number
+    credit_utilisation: Number
     over_limit: bool
     inputs: CreditInputs
 
@@ -86,8 +87,8 @@ class CreditScoreBreakdown(Struct):
 class EligibilityResponse(Struct, omit_defaults=True):
     customer_id: int
     approval: bool
-    interest_rate: Decimal
-    corrected_interest_rate: Decimal
+    interest_rate: Number
+    corrected_interest_rate: Number
     tenure: int
     monthly_installment: Money
     credit_score: int
@@ -115,7 +116,7 @@ class LoanView(Struct):
     loan_id: int
     customer: LoanCustomer
     loan_amount: Money
-    interest_rate: Decimal
+    interest_rate: Number
     monthly_installment: Money
     tenure: int
 
@@ -123,7 +124,7 @@ class LoanView(Struct):
 class CustomerLoan(Struct):
     loan_id: int
     loan_amount: Money
-    interest_rate: Decimal
+    interest_rate: Number
     monthly_installment: Money
     repayments_left: int
 

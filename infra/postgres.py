@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
+from uuid import UUID
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -65,6 +68,23 @@ def setup_schema(settings: Settings) -> None:
 
 def build_ledger(settings: Settings, pool_size: int = 4) -> tuple[Ledger, ConnectionPool]:
     """The application on PostgreSQL, with sequence IDs and the configured clock."""
-    pool = ConnectionPool(settings.database_url, min_size=1, max_size=pool_size, open=True, kwargs={"connect_timeout": 5})
+    pool = ConnectionPool(
+        settings.database_url, min_size=1, max_size=pool_size, open=True, timeout=5, kwargs={"connect_timeout": 5}
+    )
     app = Ledger(settings.eventsourcing_env(), ids=PostgresIds(pool), clock=settings.clock())
     return app, pool
+
+
+@contextlib.contextmanager
+def exclusive(settings: Settings, job_id: UUID) -> Iterator[bool]:
+    """Hold a session advisory lock named by `job_id` while the block runs; yields False if
+    someone else holds it. The lock dies with its connection, so a killed worker frees it."""
+    key = int.from_bytes(job_id.bytes[:8], "big", signed=True)
+    with connect(settings, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        acquired = bool(row and row[0])
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))

@@ -57,44 +57,57 @@ def _as_postgres_user(command: list[str]) -> list[str]:
     return ["su", "postgres", "-s", "/bin/sh", "-c", " ".join(command)]
 
 
+class PostgresServer:
+    """A throwaway cluster on a free loopback port that can be stopped and started again."""
+
+    def __init__(self, fast: bool = False) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="ledger-pg-"))
+        self.data = self.workdir / "data"
+        self.port = free_port()
+        self.fast = fast
+        if os.geteuid() == 0:
+            shutil.chown(self.workdir, "postgres", "postgres")
+        self.workdir.chmod(0o700)
+        self._run([_pg_binary("initdb"), "-D", str(self.data), "-U", "ledger", "--auth=trust", "-E", "UTF8", "--no-sync"])
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://ledger@127.0.0.1:{self.port}/ledger"
+
+    def _run(self, command: list[str], check: bool = True) -> None:
+        subprocess.run(_as_postgres_user(command), check=check, stdout=subprocess.DEVNULL, cwd=self.workdir)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.workdir} -c max_connections=300"
+        if self.fast:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        log = str(self.workdir / "server.log")
+        self._run([_pg_binary("pg_ctl"), "-D", str(self.data), "-l", log, "-o", options, "-w", "start"])
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run([_pg_binary("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"], check=False)
+
+    def create_database(self) -> None:
+        with psycopg.connect(f"postgresql://ledger@127.0.0.1:{self.port}/postgres", autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'ledger'").fetchone():
+                conn.execute("CREATE DATABASE ledger")
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def postgres(fast: bool = False) -> Iterator[str]:
     """A new cluster on a free loopback port; yields its URL for database `ledger`."""
-    workdir = Path(tempfile.mkdtemp(prefix="ledger-pg-"))
-    data = workdir / "data"
-    port = free_port()
-    if os.geteuid() == 0:
-        shutil.chown(workdir, "postgres", "postgres")
-    workdir.chmod(0o700)
-    say(f"starting a throwaway PostgreSQL on 127.0.0.1:{port} ({workdir})")
-    subprocess.run(
-        _as_postgres_user([_pg_binary("initdb"), "-D", str(data), "-U", "ledger", "--auth=trust", "-E", "UTF8", "--no-sync"]),
-        check=True,
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-    )
-    options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={workdir} -c max_connections=200"
-    if fast:
-        options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-    pg_ctl = _pg_binary("pg_ctl")
-    subprocess.run(
-        _as_postgres_user([pg_ctl, "-D", str(data), "-l", str(workdir / "server.log"), "-o", options, "-w", "start"]),
-        check=True,
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-    )
+    server = PostgresServer(fast)
+    say(f"starting a throwaway PostgreSQL on 127.0.0.1:{server.port} ({server.workdir})")
     try:
-        with psycopg.connect(f"postgresql://ledger@127.0.0.1:{port}/postgres", autocommit=True) as conn:
-            conn.execute("CREATE DATABASE ledger")
-        yield f"postgresql://ledger@127.0.0.1:{port}/ledger"
+        server.start()
+        server.create_database()
+        yield server.url
     finally:
-        subprocess.run(
-            _as_postgres_user([pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"]),
-            check=False,
-            cwd=workdir,
-            stdout=subprocess.DEVNULL,
-        )
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.remove()
 
 
 def _redis_binary() -> str | None:
@@ -122,46 +135,66 @@ def ensure_redis_server() -> str:
     return found
 
 
-@contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    binary = ensure_redis_server()
-    workdir = Path(tempfile.mkdtemp(prefix="ledger-redis-"))
-    port = free_port()
-    say(f"starting a throwaway Redis on 127.0.0.1:{port}")
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-            "--databases",
-            "64",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
+class RedisServer:
+    """A throwaway Redis on a free loopback port, without persistence; restartable."""
+
+    def __init__(self) -> None:
+        self.binary = ensure_redis_server()
+        self.workdir = Path(tempfile.mkdtemp(prefix="ledger-redis-"))
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
-                redis.Redis.from_url(url).ping()
-                break
+                redis.Redis.from_url(self.url).ping()
+                return
             except redis.ConnectionError:
-                if time.monotonic() > deadline or process.poll() is not None:
+                if time.monotonic() > deadline or self.process.poll() is not None:
                     raise StackError("Redis did not start") from None
                 time.sleep(0.05)
-        yield url
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    server = RedisServer()
+    say(f"starting a throwaway Redis on 127.0.0.1:{server.port}")
+    try:
+        server.start()
+        yield server.url
     finally:
-        process.terminate()
-        process.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.remove()
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -17,6 +19,7 @@ from eventsourcing.persistence import JSONTranscoder, RecordConflictError, Trans
 
 from ledger.calendar import add_months
 from ledger.domain import (
+    Contention,
     Customer,
     CustomerNotFound,
     IdempotencyKeyReused,
@@ -36,7 +39,12 @@ from ledger.history import CustomerRecord, LoanRecord
 from ledger.policy import Decision, LoanRequest, approved_limit, decide
 from ledger.ports import Clock, IdAllocator, InMemoryIds, SystemClock
 
-BOOKING_ATTEMPTS = 20
+SAVE_ATTEMPTS = 200
+
+
+def _back_off(attempt: int) -> None:
+    """After a version conflict: someone else just saved; let them get clear before reloading."""
+    time.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
 
 
 class DateAsISO(Transcoding):
@@ -184,7 +192,7 @@ class Ledger(Application[UUID]):
         reloads and decides again, so nothing booked can break the rules.
         """
         fingerprint = request_fingerprint(customer_id, request)
-        for _ in range(BOOKING_ATTEMPTS):
+        for attempt in range(SAVE_ATTEMPTS):
             if idempotency_key is not None:
                 earlier = self._idempotent_response(idempotency_key, fingerprint)
                 if earlier is not None:
@@ -221,9 +229,10 @@ class Ledger(Application[UUID]):
             try:
                 recordings = self.save(*to_save)
             except RecordConflictError:
+                _back_off(attempt)
                 continue
             return Booking(_last_position(recordings), response)
-        raise RuntimeError(f"could not book a loan for customer {customer_id}: too much contention")
+        raise Contention(f"customer {customer_id} is being changed by too many requests at once; try again")
 
     def _idempotent_response(self, key: str, fingerprint: str) -> dict[str, Any] | None:
         try:
@@ -299,7 +308,7 @@ class Ledger(Application[UUID]):
         for start in range(0, len(units), batch_size):
             batch = units[start : start + batch_size]
             batch_rows = sum((unit_customer is not None) + len(unit_loans) for unit_customer, _, unit_loans in batch)
-            for attempt in range(BOOKING_ATTEMPTS):
+            for attempt in range(SAVE_ATTEMPTS):
                 batch_report = ImportReport()
                 aggregates: list[Aggregate] = []
                 for unit_customer, cid, unit_loans in batch:
@@ -311,8 +320,9 @@ class Ledger(Application[UUID]):
                 except RecordConflictError:
                     # Someone registered or imported concurrently: reload and plan the batch again.
                     job = self.get_import_job(job_id)
-                    if attempt == BOOKING_ATTEMPTS - 1:
+                    if attempt == SAVE_ATTEMPTS - 1:
                         raise
+                    _back_off(attempt)
                     continue
                 break
             rows_done = rows_done_after

@@ -55,6 +55,10 @@ class IdempotencyKeyReused(DomainError):
     pass
 
 
+class Contention(DomainError):
+    """Too many concurrent changes to one aggregate: the client may simply retry."""
+
+
 @dataclass(frozen=True)
 class LoanTerms:
     """A loan as its customer's aggregate remembers it (enough to decide the next one)."""

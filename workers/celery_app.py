@@ -24,5 +24,6 @@ app.conf.update(
     worker_hijack_root_logger=False,
     beat_schedule={
         "catch-up": {"task": "workers.tasks.catch_up", "schedule": settings.projection_poll_seconds},
+        "resume-imports": {"task": "workers.tasks.resume_imports", "schedule": 60.0},
     },
 )

@@ -9,10 +9,11 @@ from typing import Any
 from uuid import UUID
 
 import redis
+from celery.signals import worker_ready
 
 from infra.config import Settings
 from infra.importer import run_import
-from infra.postgres import build_ledger
+from infra.postgres import build_ledger, connect, exclusive
 from ledger.application import Ledger
 from projections.projector import Projector, rebuild
 from workers.celery_app import app as celery
@@ -57,16 +58,43 @@ def catch_up() -> int | None:
 
 @celery.task
 def import_history(job_id: str, customers_path: str, loans_path: str) -> dict[str, Any]:
+    """Run one import job. Delivered twice, or resumed after a worker died, it is safe:
+    one runner at a time (advisory lock), and the import skips what is already recorded."""
+    settings = Settings.from_env()
+
     def batch_done(done: int, total: int) -> None:
         log.info("import %s: %d/%d rows", job_id, done, total)
         trigger_catch_up()
 
+    with exclusive(settings, UUID(job_id)) as mine:
+        if not mine:
+            return {"state": "running elsewhere"}
+        try:
+            return run_import(
+                _ledger(), UUID(job_id), Path(customers_path), Path(loans_path), settings.import_batch_size, batch_done
+            )
+        finally:
+            trigger_catch_up()
+
+
+@celery.task
+def resume_imports() -> int:
+    """Queue every unfinished import again: a job whose worker was killed resumes here."""
+    with connect(Settings.from_env()) as conn:
+        jobs = conn.execute(
+            "SELECT job_id, customers_file, loans_file FROM readmodel.import_jobs WHERE state IN ('queued', 'running')"
+        ).fetchall()
+    for job_id, customers_file, loans_file in jobs:
+        import_history.apply_async((str(job_id), customers_file, loans_file))
+    return len(jobs)
+
+
+@worker_ready.connect
+def _resume_on_start(**_: object) -> None:
     try:
-        return run_import(
-            _ledger(), UUID(job_id), Path(customers_path), Path(loans_path), Settings.from_env().import_batch_size, batch_done
-        )
-    finally:
-        trigger_catch_up()
+        resume_imports.apply_async()
+    except Exception:
+        log.warning("could not queue the resumption of unfinished imports", exc_info=True)
 
 
 @celery.task
