@@ -12,6 +12,7 @@ import swagger_ui
 from eventsourcing import persistence
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -96,7 +97,12 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             timeout=5,
         )
         await pool.open(wait=False)
-        watcher = PositionWatcher(settings.database_url)
+
+        async def refresh_pools() -> None:
+            await pool.check()
+            await run_in_threadpool(sync_pool.check)
+
+        watcher = PositionWatcher(settings.database_url, on_reconnect=refresh_pools)
         await watcher.start()
         app.state.services = Services(settings, ledger, pool, watcher)
         try:

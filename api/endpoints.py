@@ -37,7 +37,11 @@ class Services:
 
 
 def services(request: Request) -> Services:
-    return request.app.state.services  # type: ignore[no-any-return]
+    """The app's services, refusing at once (503) while the database is known to be down."""
+    svc: Services = request.app.state.services
+    if not svc.watcher.connected:
+        raise ApiError(503, "database_unavailable", "The database is unavailable; try again shortly")
+    return svc
 
 
 def json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from psycopg import AsyncConnection
 
@@ -20,14 +21,20 @@ log = logging.getLogger(__name__)
 
 
 class PositionWatcher:
-    def __init__(self, conninfo: str) -> None:
+    def __init__(self, conninfo: str, on_reconnect: Callable[[], Awaitable[None]] | None = None) -> None:
         self.conninfo = conninfo
+        self.on_reconnect = on_reconnect
         self.position = 0
+        self.connected = False  # a circuit breaker: while the listener is cut off, so is the database
         self._changed = asyncio.Event()
+        self._connected_once = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, wait: float = 5.0) -> None:
+        """Start listening; wait (bounded) for the first connection so requests are not refused at startup."""
         self._task = asyncio.create_task(self._listen(), name="projection-position-listener")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected_once.wait(), wait)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -48,11 +55,16 @@ class PositionWatcher:
                 async with conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     self._set(await views.projection_position(conn))
+                    if self._connected_once.is_set() and self.on_reconnect is not None:
+                        await self.on_reconnect()  # the database came back: drop connections it broke
+                    self.connected = True
+                    self._connected_once.set()
                     async for notice in conn.notifies():
                         self._set(max(self.position, int(notice.payload)))
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # the database went away: keep trying, waiters time out meanwhile
+                self.connected = False
                 log.warning("projection listener lost its connection (%s); reconnecting", error)
                 await asyncio.sleep(0.5)
 

@@ -23,6 +23,7 @@ class Settings:
     projection_poll_seconds: float
     import_dir: Path
     import_batch_size: int
+    projection_page_size: int
     db_pool_size: int
 
     @classmethod
@@ -37,6 +38,7 @@ class Settings:
             projection_poll_seconds=float(env.get("PROJECTION_POLL_SECONDS", "5")),
             import_dir=Path(env.get("IMPORT_DIR", str(REPO_ROOT / "data"))),
             import_batch_size=int(env.get("IMPORT_BATCH_SIZE", "500")),
+            projection_page_size=int(env.get("PROJECTION_PAGE_SIZE", "1000")),
             db_pool_size=int(env.get("DB_POOL_SIZE", "10")),
         )
 
@@ -54,7 +56,7 @@ class Settings:
             "POSTGRES_USER": str(parts.get("user", "ledger")),
             "POSTGRES_PASSWORD": str(parts.get("password", "")),
             "POSTGRES_POOL_SIZE": str(self.db_pool_size),
-            "POSTGRES_CONNECT_TIMEOUT": "5",
+            "POSTGRES_CONNECT_TIMEOUT": "2",
             "POSTGRES_PRE_PING": "y",
             "CREATE_TABLE": "y" if create_table else "n",
         }

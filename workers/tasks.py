@@ -35,7 +35,8 @@ def _redis() -> redis.Redis:
 
 
 def projector() -> Projector:
-    return Projector(_ledger(), Settings.from_env().database_url)
+    settings = Settings.from_env()
+    return Projector(_ledger(), settings.database_url, page_size=settings.projection_page_size)
 
 
 def trigger_catch_up() -> bool:

@@ -1,0 +1,222 @@
+"""The whole system as it is deployed, for stress and fault tests: its own PostgreSQL and
+Redis servers (which the tests stop and start), a Celery worker and beat, and the API
+served by uvicorn with 2 worker processes, all started through the `ledger` command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import psycopg
+import pytest
+
+from infra.config import REPO_ROOT, Settings
+from infra.postgres import build_ledger, setup_schema
+from infra.stack import PostgresServer, RedisServer, free_port
+from projections.projector import rebuild
+
+READ_MODEL = {"customers": "customer_id", "loans": "loan_id", "import_jobs": "job_id", "tracking": "projection"}
+
+
+@dataclass
+class Served:
+    pg: PostgresServer
+    redis: RedisServer
+    workdir: Path
+    port: int
+    env: dict[str, str]
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def settings(self) -> Settings:
+        return _settings(self.env)
+
+    def start(self, name: str, *args: str, **extra_env: str) -> None:
+        with (self.workdir / f"{name}.log").open("ab") as log:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "infra.cli", name, *args],
+                env={**self.env, **extra_env},
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: a kill reaches the pool's children too
+            )
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        process = self.processes.pop(name, None)
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        if sig == signal.SIGKILL:
+            time.sleep(0.2)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # orphaned pool children, if any
+
+    def log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+    def start_worker(self, **extra_env: str) -> None:
+        logged = len(self.log("worker")) if (self.workdir / "worker.log").exists() else 0
+        self.start("worker", "--concurrency", "2", **extra_env)
+        deadline = time.monotonic() + 30
+        while "ready." not in self.log("worker")[logged:]:
+            assert time.monotonic() < deadline, self.log("worker")
+            time.sleep(0.1)
+
+    def start_api(self) -> None:
+        self.start("api", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "2")
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, self.log("api")
+            time.sleep(0.2)
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+        return httpx.Client(base_url=self.base, limits=limits, **({"timeout": 60} | kwargs))
+
+    def connect(self) -> psycopg.Connection:
+        return psycopg.connect(self.env["DATABASE_URL"], autocommit=True)
+
+    def scalar(self, sql: str) -> Any:
+        with self.connect() as conn:
+            row = conn.execute(sql).fetchone()
+        return row[0] if row else None
+
+    def wait_caught_up(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            last = self.scalar("SELECT coalesce(max(notification_id), 0) FROM ledger_events")
+            position = self.scalar("SELECT coalesce(max(position), 0) FROM readmodel.tracking")
+            if position == last:
+                return int(last)
+            assert time.monotonic() < deadline, f"projection stuck at {position} of {last}\n{self.log('worker')[-3000:]}"
+            time.sleep(0.2)
+
+    def audit(self) -> dict[str, int]:
+        """Events in the store, the read model and a fresh rebuild agree (once no import runs)."""
+        deadline = time.monotonic() + 120
+        while self.scalar("SELECT count(*) FROM readmodel.import_jobs WHERE state IN ('queued', 'running')"):
+            assert time.monotonic() < deadline, "an import never finished"
+            time.sleep(0.2)
+        self.wait_caught_up()
+        with self.connect() as conn:
+            topics = dict(conn.execute("SELECT topic, count(*) FROM ledger_events GROUP BY topic").fetchall())
+            before = _snapshot(conn)
+
+        def count(*names: str) -> int:
+            return sum(n for topic, n in topics.items() if topic.rsplit(":", 1)[-1] in names)
+
+        assert len(before["customers"]) == count("Customer.Registered", "Customer.Imported")
+        assert len(before["loans"]) == count("Loan.Booked", "Loan.Imported")
+        app, pool = build_ledger(self.settings)
+        try:
+            rebuild(app, self.env["DATABASE_URL"])
+        finally:
+            pool.close()
+            app.close()
+        with self.connect() as conn:
+            after = _snapshot(conn)
+        assert after == before, "the read model differs from a fresh rebuild"
+        return {"events": sum(topics.values()), "customers": len(before["customers"]), "loans": len(before["loans"])}
+
+
+def _settings(env: dict[str, str]) -> Settings:
+    saved = dict(os.environ)
+    try:
+        os.environ.update(env)
+        return Settings.from_env()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _snapshot(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    return {
+        table: conn.execute(f"SELECT * FROM readmodel.{table} ORDER BY {key}").fetchall() for table, key in READ_MODEL.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    workdir = tmp_path_factory.mktemp("served")
+    imports = workdir / "imports"
+    imports.mkdir()
+    for reference in (REPO_ROOT / "data").glob("*.xlsx"):
+        shutil.copy(reference, imports)
+    pg = PostgresServer(fast=True)
+    redis_server = RedisServer()
+    served = Served(pg, redis_server, workdir, free_port(), {})
+    try:
+        pg.start()
+        pg.create_database()
+        redis_server.start()
+        served.env = {
+            **os.environ,
+            "DATABASE_URL": pg.url,
+            "REDIS_URL": redis_server.url,
+            "IMPORT_DIR": str(imports),
+            "PROJECTION_POLL_SECONDS": "1",
+            "LEDGER_TODAY": "2026-11-22",
+        }
+        setup_schema(served.settings)
+        served.start_worker()
+        served.start("beat")
+        served.start_api()
+        yield served
+    finally:
+        for name in list(served.processes):
+            served.stop(name)
+        redis_server.remove()
+        pg.remove()
+
+
+@pytest.fixture
+def figures(capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """Figures a test reports; printed after it, visible in CI's output."""
+    found: dict[str, Any] = {}
+    yield found
+    with capsys.disabled():
+        print(f"\n  [{request.node.name}] " + ", ".join(f"{k}={v}" for k, v in found.items()))
+
+
+def import_reference(served: Served, client: httpx.Client, timeout: float = 120) -> dict[str, Any]:
+    job = client.post("/imports").json()["job_id"]
+    return follow(client, job, timeout)
+
+
+def follow(client: httpx.Client, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = client.get(f"/imports/{job_id}").json()
+        if body.get("state") in ("completed", "failed"):
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.2)

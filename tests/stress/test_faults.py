@@ -1,0 +1,154 @@
+"""Faults: a worker killed mid-import and mid-projection, Redis down, PostgreSQL down.
+Each ends with an audit: the event store, the read model and a fresh rebuild agree."""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from typing import Any
+
+import httpx2 as httpx
+
+from infra.postgres import build_ledger
+from tests.stress.conftest import Served, follow
+
+
+def test_a_worker_killed_mid_import_resumes_and_the_import_finishes_exactly(served: Served, figures: dict[str, Any]) -> None:
+    served.stop("worker")
+    served.start_worker(IMPORT_BATCH_SIZE="5")  # many small transactions: a long enough import to interrupt
+    with served.client() as client:
+        job_id = client.post("/imports").json()["job_id"]
+        deadline = time.monotonic() + 60
+        while True:
+            job = client.get(f"/imports/{job_id}").json()
+            if job.get("state") == "running" and 0 < job["rows_done"] < job["total_rows"] // 2:
+                break
+            assert job.get("state") != "completed", "the import finished before it could be interrupted"
+            assert time.monotonic() < deadline, job
+            time.sleep(0.02)
+        rows_at_kill = job["rows_done"]
+        served.stop("worker", signal.SIGKILL)
+        served.start_worker()  # resumes unfinished imports when ready
+        done = follow(client, job_id, timeout=120)
+    assert done["state"] == "completed", done
+    assert served.scalar("SELECT count(*) FROM readmodel.customers WHERE origin = 'imported'") == 300
+    assert served.scalar("SELECT count(*) FROM readmodel.loans WHERE origin = 'imported'") == 782
+    assert served.scalar("SELECT count(DISTINCT source_loan_id) FROM readmodel.loans WHERE origin = 'imported'") == 782 - 29
+    figures.update(rows_done_at_kill=rows_at_kill, total_rows=done["total_rows"], **served.audit())
+
+
+def test_a_worker_killed_mid_projection_leaves_a_consistent_read_model(served: Served, figures: dict[str, Any]) -> None:
+    served.stop("worker")
+    app, pool = build_ledger(served.settings)
+    try:
+        for n in range(300):  # events nobody has projected yet
+            app.register_customer("Kill", f"Test{n}", 30, str(9_310_000_000 + n), Decimal(40_000))
+    finally:
+        pool.close()
+        app.close()
+    start = served.scalar("SELECT position FROM readmodel.tracking")
+    last = served.scalar("SELECT max(notification_id) FROM ledger_events")
+    served.start_worker(PROJECTION_PAGE_SIZE="5")
+    deadline = time.monotonic() + 60
+    while True:
+        position = served.scalar("SELECT position FROM readmodel.tracking")
+        if start < position < last:
+            break
+        assert position != last, "the projection finished before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    served.stop("worker", signal.SIGKILL)
+    killed_at = served.scalar("SELECT position FROM readmodel.tracking")
+    served.start_worker()
+    audit = served.audit()
+    figures.update(position_at_kill=killed_at, events_to_project=last - start, **audit)
+
+
+def test_with_redis_down_commands_succeed_and_say_the_read_model_is_behind(served: Served, figures: dict[str, Any]) -> None:
+    served.redis.stop()
+    try:
+        with served.client() as client:
+            started = time.monotonic()
+            registered = client.post(
+                "/register",
+                json={
+                    "first_name": "No",
+                    "last_name": "Redis",
+                    "age": 50,
+                    "monthly_income": 90_000,
+                    "phone_number": 9_320_000_001,
+                },
+            )
+            booked = client.post(
+                "/create-loan",
+                json={"customer_id": registered.json()["customer_id"], "loan_amount": 50_000, "interest_rate": 14, "tenure": 12},
+            )
+            elapsed = time.monotonic() - started
+    finally:
+        served.redis.start()
+    assert registered.status_code == 201 and booked.status_code == 201
+    assert registered.headers["X-Read-Model"] == booked.headers["X-Read-Model"] == "behind"
+    loan_id = booked.json()["loan_id"]
+    # Nobody acts: the worker reconnects and beat's periodic catch-up projects the events.
+    deadline = time.monotonic() + 60
+    with served.client() as client:
+        while client.get(f"/view-loan/{loan_id}").status_code != 200:
+            assert time.monotonic() < deadline, served.log("worker")[-3000:]
+            time.sleep(0.5)
+        caught_up_after = time.monotonic() - started
+    figures.update(command_seconds=round(elapsed, 2), caught_up_after_s=round(caught_up_after, 1), **served.audit())
+
+
+ENDPOINTS = [
+    (
+        "POST",
+        "/register",
+        {"first_name": "Pg", "last_name": "Down", "age": 30, "monthly_income": 10_000, "phone_number": 9_330_000_001},
+    ),
+    ("POST", "/check-eligibility", {"customer_id": 1, "loan_amount": 1000, "interest_rate": 12, "tenure": 12}),
+    ("POST", "/create-loan", {"customer_id": 1, "loan_amount": 1000, "interest_rate": 12, "tenure": 12}),
+    ("GET", "/view-loan/1", None),
+    ("GET", "/view-loans/1", None),
+    ("POST", "/imports", None),
+    ("GET", "/imports/00000000-0000-0000-0000-000000000001", None),
+]
+
+
+READS = [endpoint for endpoint in ENDPOINTS if endpoint[0] == "GET" or endpoint[1] == "/check-eligibility"]
+
+
+def test_with_postgres_down_every_endpoint_answers_503_quickly_and_recovers(served: Served, figures: dict[str, Any]) -> None:
+    served.pg.stop()
+    try:
+        with served.client(timeout=30) as client, ThreadPoolExecutor(len(ENDPOINTS)) as pool:
+
+            def call(endpoint: tuple[str, str, Any]) -> tuple[httpx.Response, float]:
+                started = time.monotonic()
+                response = client.request(endpoint[0], endpoint[1], json=endpoint[2])
+                return response, time.monotonic() - started
+
+            results = list(pool.map(call, ENDPOINTS))
+    finally:
+        served.pg.start()
+    slowest = max(seconds for _, seconds in results)
+    for (method, path, _), (response, _) in zip(ENDPOINTS, results, strict=True):
+        assert response.status_code == 503, (method, path, response.status_code, response.text)
+        assert response.json()["error"]["code"] == "database_unavailable"
+    assert slowest < 12
+    # Recovery by itself: poll until every endpoint answers normally on both server processes.
+    started = time.monotonic()
+    with served.client() as client:
+        while True:
+            answers = [client.request(method, path, json=body).status_code for method, path, body in READS * 4]
+            if 503 not in answers:
+                break
+            assert time.monotonic() - started < 60, answers
+            time.sleep(0.5)
+        recovered_after = time.monotonic() - started
+        registered = client.post("/register", json=ENDPOINTS[0][2])
+        assert registered.status_code == 201, registered.text
+    figures.update(
+        endpoints=len(ENDPOINTS), slowest_503_s=round(slowest, 2), recovered_after_s=round(recovered_after, 1), **served.audit()
+    )
