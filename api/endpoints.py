@@ -238,8 +238,12 @@ async def view_loans(request: Request) -> Response:
 
 
 def _inside(directory: Path, name: str) -> Path:
-    path = (directory / name).resolve()
-    if path.parent != directory.resolve() or not path.is_file():
+    try:
+        path = (directory / name).resolve()
+        found = path.parent == directory.resolve() and path.is_file()
+    except (OSError, ValueError):
+        found = False
+    if not found:
         raise ApiError(
             400,
             "validation_error",

@@ -17,8 +17,8 @@ Number = Decimal  # documented and encoded as a JSON number (see api.openapi)
 PositiveAmount = Annotated[
     Decimal,
     Meta(
-        description="A number above 0",
-        extra_json_schema={"exclusiveMinimum": 0, "maximum": 1_000_000_000_000},
+        description="A number above 0, in rupees and paise (at most 2 decimals)",
+        extra_json_schema={"exclusiveMinimum": 0, "maximum": 1_000_000_000_000, "multipleOf": 0.01},
     ),
 ]
 Rate = Annotated[
@@ -39,8 +39,8 @@ class RegisterRequest(Struct):
     monthly_income: Annotated[
         Decimal,
         Meta(
-            description="Monthly income; `monthly_salary` is accepted as an alias",
-            extra_json_schema={"exclusiveMinimum": 0, "maximum": 1_000_000_000_000},
+            description="Monthly income (at most 2 decimals); `monthly_salary` is accepted as an alias",
+            extra_json_schema={"exclusiveMinimum": 0, "maximum": 1_000_000_000_000, "multipleOf": 0.01},
         ),
     ]
     phone_number: Phone
@@ -129,9 +129,17 @@ class CustomerLoan(Struct):
     repayments_left: int
 
 
+FileName = Annotated[
+    str,
+    Meta(
+        min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$", description="A file name in the import directory"
+    ),
+]
+
+
 class ImportRequest(Struct):
-    customers_file: Annotated[str, Meta(min_length=1, max_length=255)] = "customer_data.xlsx"
-    loans_file: Annotated[str, Meta(min_length=1, max_length=255)] = "loan_data.xlsx"
+    customers_file: FileName = "customer_data.xlsx"
+    loans_file: FileName = "loan_data.xlsx"
 
 
 class RowIssueView(Struct):

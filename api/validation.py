@@ -36,6 +36,8 @@ def _check_decimal(value: Decimal, bounds: dict[str, Any]) -> str | None:
         return f"Expected a number >= {bounds['minimum']}"
     if "maximum" in bounds and not value <= bounds["maximum"]:
         return f"Expected a number <= {bounds['maximum']}"
+    if "multipleOf" in bounds and value % Decimal(str(bounds["multipleOf"])) != 0:
+        return f"Expected a multiple of {bounds['multipleOf']} (at most 2 decimals)"
     return None
 
 

@@ -38,6 +38,8 @@ def monthly_installment(principal: Decimal, annual_rate: Decimal, tenure: int) -
             return to_money(principal / tenure)
         r = annual_rate / Decimal(1200)
         growth = (1 + r) ** tenure
+        if growth == 1:  # a rate too small to register at this precision: the 0% limit
+            return to_money(principal / tenure)
         return to_money(principal * r * growth / (growth - 1))
 
 

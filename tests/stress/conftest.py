@@ -198,13 +198,23 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         pg.remove()
 
 
+FIGURES: list[str] = []
+
+
 @pytest.fixture
-def figures(capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
-    """Figures a test reports; printed after it, visible in CI's output."""
+def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """Figures a test reports (requests sent, loans booked, events counted), printed at the end of the run."""
     found: dict[str, Any] = {}
     yield found
-    with capsys.disabled():
-        print(f"\n  [{request.node.name}] " + ", ".join(f"{k}={v}" for k, v in found.items()))
+    if found:
+        FIGURES.append(f"{request.node.name}: " + ", ".join(f"{k}={v}" for k, v in found.items()))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("stress figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
 
 
 def import_reference(served: Served, client: httpx.Client, timeout: float = 120) -> dict[str, Any]:

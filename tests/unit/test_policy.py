@@ -156,3 +156,7 @@ def test_emi_repays_at_least_the_principal(principal: D, rate: D, tenure: int) -
     emi = monthly_installment(principal, rate, tenure)
     assert emi * tenure >= principal - D("0.01") * tenure
     assert emi == emi.quantize(D("0.01"))
+
+
+def test_a_rate_too_small_to_register_is_the_zero_rate_limit() -> None:
+    assert monthly_installment(D(100_000), D("5E-324"), 12) == D("8333.33")

@@ -36,3 +36,9 @@ def test_anything_but_a_json_object_is_malformed(raw: bytes) -> None:
     with pytest.raises(ApiError) as raised:
         decode(raw, LoanRequestBody)
     assert raised.value.code == "malformed_json"
+
+
+def test_money_has_at_most_two_decimals() -> None:
+    with pytest.raises(ApiError) as raised:
+        decode(b'{"customer_id": 1, "loan_amount": 100.001, "interest_rate": 8.25, "tenure": 12}', LoanRequestBody)
+    assert raised.value.details == [{"field": "loan_amount", "message": "Expected a multiple of 0.01 (at most 2 decimals)"}]
