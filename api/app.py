@@ -24,9 +24,11 @@ from api import openapi
 from api.endpoints import Services
 from api.errors import ApiError, error_response
 from api.limits import BodySizeLimit
+from api.observability import RequestObserver
 from api.readyourwrites import PositionWatcher
 from api.routes import starlette_routes
 from infra.config import Settings
+from infra.logs import configure_logging
 from infra.postgres import build_ledger
 from ledger.ports import Clock
 
@@ -104,7 +106,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 
         watcher = PositionWatcher(settings.database_url, on_reconnect=refresh_pools)
         await watcher.start()
-        app.state.services = Services(settings, ledger, pool, watcher)
+        app.state.services = Services(settings, ledger, pool, sync_pool, watcher)
         try:
             yield
         finally:
@@ -122,7 +124,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(BodySizeLimit)],
+        middleware=[Middleware(RequestObserver), Middleware(BodySizeLimit)],
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,
@@ -136,5 +138,6 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 
 
 def app_from_env() -> Starlette:
-    """For uvicorn: `uvicorn api.app:app_from_env --factory`."""
+    """For uvicorn: `uvicorn api.app:app_from_env --factory` (what `ledger api` runs)."""
+    configure_logging()
     return create_app()

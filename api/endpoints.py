@@ -4,24 +4,38 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
 from api import schemas
 from api.errors import ApiError
+from api.observability import BOOKINGS, EVENTS_APPENDED, exposition
 from api.readyourwrites import PositionWatcher
 from api.validation import decode
 from infra.config import Settings
 from ledger.application import Ledger, Saved
-from ledger.domain import Contention, CustomerNotFound, IdempotencyKeyReused, PhoneNumberTaken
+from ledger.domain import (
+    Contention,
+    CustomerNotFound,
+    IdempotencyKeyReused,
+    InvalidRepayment,
+    LoanClosed,
+    LoanNotFound,
+    PhoneNumberTaken,
+    customer_uuid,
+    loan_uuid,
+)
 from ledger.money import to_money
-from ledger.policy import LoanRequest, credit_history, decide
+from ledger.policy import CreditHistory, CreditScore, LoanRequest, credit_history, credit_score, decide
+from ledger.schedule import amortization
 from projections import views
 from workers import tasks
 
@@ -33,6 +47,7 @@ class Services:
     settings: Settings
     ledger: Ledger
     pool: AsyncConnectionPool
+    sync_pool: ConnectionPool
     watcher: PositionWatcher
 
 
@@ -64,6 +79,7 @@ async def after_command(svc: Services, saved: Saved) -> dict[str, str]:
     """Trigger the projection and wait (bounded) until it shows the command's events."""
     if saved.last_position is None:
         return {}
+    EVENTS_APPENDED.inc(saved.events)
     if not await run_in_threadpool(tasks.trigger_catch_up):
         return {PROJECTION_HEADER: "behind"}
     caught_up = await svc.watcher.wait_for(saved.last_position, svc.settings.read_your_writes_timeout)
@@ -118,7 +134,6 @@ async def check_eligibility(request: Request) -> Response:
         loans = await views.loan_facts(conn, body.customer_id)
     history = credit_history(loans, svc.ledger.clock.today())
     decision = decide(history, profile.monthly_income, profile.approved_limit, _loan_request(body))
-    credit = decision.credit
     return json(
         schemas.EligibilityResponse(
             customer_id=body.customer_id,
@@ -127,37 +142,39 @@ async def check_eligibility(request: Request) -> Response:
             corrected_interest_rate=decision.corrected_interest_rate,
             tenure=body.tenure,
             monthly_installment=decision.monthly_installment,
-            credit_score=credit.score,
-            credit_score_breakdown=schemas.CreditScoreBreakdown(
-                base=credit.base,
-                payment_history=credit.payment_history,
-                completed_loans=credit.completed_loans,
-                current_year_activity=credit.current_year_activity,
-                credit_utilisation=credit.credit_utilisation,
-                over_limit=credit.over_limit,
-                inputs=schemas.CreditInputs(
-                    loans_taken=history.loans_taken,
-                    completed_loans=history.completed_loans,
-                    loans_this_year=history.loans_this_year,
-                    emis_due=history.emis_due,
-                    emis_paid_on_time=history.emis_paid_on_time,
-                    current_loans=history.current_loans,
-                    current_debt=to_money(history.current_debt),
-                    current_emis=to_money(history.current_emis),
-                    approved_limit=to_money(profile.approved_limit),
-                ),
-            ),
+            credit_score=decision.credit.score,
+            credit_score_breakdown=breakdown(history, decision.credit, profile.approved_limit),
             message=None if decision.approved else decision.message,
         )
+    )
+
+
+def breakdown(history: CreditHistory, credit: CreditScore, limit: Decimal) -> schemas.CreditScoreBreakdown:
+    return schemas.CreditScoreBreakdown(
+        base=credit.base,
+        payment_history=credit.payment_history,
+        completed_loans=credit.completed_loans,
+        current_year_activity=credit.current_year_activity,
+        credit_utilisation=credit.credit_utilisation,
+        over_limit=credit.over_limit,
+        inputs=schemas.CreditInputs(
+            loans_taken=history.loans_taken,
+            completed_loans=history.completed_loans,
+            loans_this_year=history.loans_this_year,
+            emis_due=history.emis_due,
+            emis_paid_on_time=history.emis_paid_on_time,
+            current_loans=history.current_loans,
+            current_debt=to_money(history.current_debt),
+            current_emis=to_money(history.current_emis),
+            approved_limit=to_money(limit),
+        ),
     )
 
 
 IDEMPOTENCY_KEY_MAX = 255
 
 
-async def create_loan(request: Request) -> Response:
-    svc = services(request)
-    body = decode(await request.body(), schemas.LoanRequestBody)
+def idempotency_key(request: Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key.strip()) <= IDEMPOTENCY_KEY_MAX:
         raise ApiError(
@@ -166,6 +183,13 @@ async def create_loan(request: Request) -> Response:
             f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters",
             [{"field": "Idempotency-Key", "message": "invalid length"}],
         )
+    return key
+
+
+async def create_loan(request: Request) -> Response:
+    svc = services(request)
+    body = decode(await request.body(), schemas.LoanRequestBody)
+    key = idempotency_key(request)
     try:
         booking = await run_in_threadpool(svc.ledger.book_loan, body.customer_id, _loan_request(body), key)
     except CustomerNotFound as missing:
@@ -178,6 +202,7 @@ async def create_loan(request: Request) -> Response:
     if booking.replayed:
         headers["Idempotent-Replayed"] = "true"
     response = booking.response
+    BOOKINGS.labels("replayed" if booking.replayed else "approved" if response["loan_approved"] else "refused").inc()
     return json(
         schemas.CreateLoanResponse(
             loan_id=response["loan_id"],
@@ -305,6 +330,196 @@ async def import_status(request: Request) -> Response:
 async def health(request: Request) -> Response:
     """The process is up and serving (no dependency is checked)."""
     return json(schemas.Health(status="ok"))
+
+
+async def record_repayment(request: Request) -> Response:
+    svc = services(request)
+    loan_id = path_int(request, "loan_id")
+    body = decode(await request.body(), schemas.RepaymentRequest, empty_ok=True)
+    key = idempotency_key(request)
+    try:
+        result = await run_in_threadpool(svc.ledger.record_repayment, loan_id, body.paid_on, key)
+    except LoanNotFound as missing:
+        raise ApiError(404, "loan_not_found", str(missing)) from None
+    except LoanClosed as closed:
+        raise ApiError(409, "loan_closed", str(closed)) from None
+    except InvalidRepayment as invalid:
+        raise ApiError(400, "invalid_repayment", str(invalid), [{"field": "paid_on", "message": str(invalid)}]) from None
+    except IdempotencyKeyReused as reused:
+        raise ApiError(422, "idempotency_key_reused", str(reused)) from None
+    except Contention as busy:
+        raise ApiError(503, "contention", str(busy)) from None
+    headers = await after_command(svc, result)
+    if result.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    r = result.response
+    return json(
+        schemas.RepaymentResponse(
+            loan_id=r["loan_id"],
+            installment=r["installment"],
+            paid_on=date.fromisoformat(r["paid_on"]),
+            due_date=date.fromisoformat(r["due_date"]),
+            on_time=r["on_time"],
+            amount=to_money(r["amount"]),
+            repayments_left=r["repayments_left"],
+            loan_closed=r["loan_closed"],
+        ),
+        201,
+        headers,
+    )
+
+
+async def loan_schedule(request: Request) -> Response:
+    svc = services(request)
+    loan_id = path_int(request, "loan_id")
+    async with svc.pool.connection() as conn:
+        loan = await views.loan_terms(conn, loan_id)
+        if loan is None:
+            raise ApiError(404, "loan_not_found", f"loan {loan_id} not found")
+        recorded = await views.repayments(conn, loan_id)
+    rows = []
+    for row in amortization(
+        loan["loan_amount"], loan["interest_rate"], loan["tenure"], loan["monthly_installment"], loan["start_date"]
+    ):
+        if row.number in recorded:
+            paid, (paid_on, on_time) = True, recorded[row.number]
+        elif row.number <= loan["emis_paid"]:  # counted by the imported file, without dates
+            paid, paid_on, on_time = True, None, row.number <= loan["emis_paid_on_time"]
+        else:
+            paid, paid_on, on_time = False, None, None
+        rows.append(
+            schemas.ScheduleRow(
+                number=row.number,
+                due_date=row.due_date,
+                payment=row.payment,
+                interest=row.interest,
+                principal=row.principal,
+                balance=row.balance,
+                paid=paid,
+                on_time=on_time,
+                paid_on=paid_on,
+            )
+        )
+    return json(
+        schemas.Schedule(
+            loan_id=loan_id,
+            loan_amount=to_money(loan["loan_amount"]),
+            interest_rate=loan["interest_rate"],
+            tenure=loan["tenure"],
+            monthly_installment=to_money(loan["monthly_installment"]),
+            start_date=loan["start_date"],
+            installments=rows,
+        )
+    )
+
+
+async def customer_profile(request: Request) -> Response:
+    svc = services(request)
+    customer_id = path_int(request, "customer_id")
+    async with svc.pool.connection() as conn:
+        profile = await views.customer(conn, customer_id)
+        if profile is None:
+            raise ApiError(404, "customer_not_found", f"customer {customer_id} not found")
+        loans = await views.loan_facts(conn, customer_id)
+    history = credit_history(loans, svc.ledger.clock.today())
+    credit = credit_score(history, profile.approved_limit)
+    return json(
+        schemas.CustomerProfile(
+            customer_id=customer_id,
+            first_name=profile.first_name,
+            last_name=profile.last_name,
+            age=profile.age,
+            phone_number=int(profile.phone_number),
+            monthly_income=to_money(profile.monthly_income),
+            approved_limit=to_money(profile.approved_limit),
+            current_debt=to_money(history.current_debt),
+            current_emis=to_money(history.current_emis),
+            current_loans=history.current_loans,
+            past_loans=history.loans_taken - history.current_loans,
+            credit_score=credit.score,
+            credit_score_breakdown=breakdown(history, credit, profile.approved_limit),
+        )
+    )
+
+
+_BASE_FIELDS = {"originator_id", "originator_version", "timestamp", "originator_topic"}
+
+
+async def _history(svc: Services, aggregate_id: Any) -> list[schemas.HistoryEvent]:
+    events = await run_in_threadpool(lambda: list(svc.ledger.events.get(aggregate_id)))
+    return [
+        schemas.HistoryEvent(
+            type=type(event).__qualname__,
+            recorded_at=event.timestamp,  # type: ignore[attr-defined]
+            version=event.originator_version,
+            data={k: v for k, v in vars(event).items() if k not in _BASE_FIELDS},
+        )
+        for event in events
+    ]
+
+
+async def customer_history(request: Request) -> Response:
+    svc = services(request)
+    customer_id = path_int(request, "customer_id")
+    events = await _history(svc, customer_uuid(customer_id))
+    if not events:
+        raise ApiError(404, "customer_not_found", f"customer {customer_id} not found")
+    return json(events)
+
+
+async def loan_history(request: Request) -> Response:
+    svc = services(request)
+    loan_id = path_int(request, "loan_id")
+    events = await _history(svc, loan_uuid(loan_id))
+    if not events:
+        raise ApiError(404, "loan_not_found", f"loan {loan_id} not found")
+    return json(events)
+
+
+async def ready(request: Request) -> Response:
+    """Ready when PostgreSQL, Redis and a worker answer and the projection lag is within bounds."""
+    svc: Services = request.app.state.services
+    checks: dict[str, schemas.Check] = {}
+    lag: int | None = None
+    try:
+        async with svc.pool.connection(timeout=2) as conn:
+            cur = await conn.execute(
+                "SELECT (SELECT coalesce(max(notification_id), 0) FROM ledger_events)"
+                " - coalesce((SELECT position FROM readmodel.tracking WHERE projection = 'ledger'), 0)"
+            )
+            row = await cur.fetchone()
+            lag = int(row[0]) if row else None
+        checks["postgres"] = schemas.Check(ok=True)
+    except Exception as error:
+        checks["postgres"] = schemas.Check(ok=False, detail=f"{type(error).__name__}: {error}")
+    try:
+        await run_in_threadpool(tasks.redis_client().ping)
+        checks["redis"] = schemas.Check(ok=True)
+    except Exception as error:
+        checks["redis"] = schemas.Check(ok=False, detail=f"{type(error).__name__}: {error}")
+    try:
+        replies = await run_in_threadpool(tasks.ping_workers)
+        checks["worker"] = schemas.Check(ok=bool(replies), detail=f"{replies} worker(s) answered")
+    except Exception as error:
+        checks["worker"] = schemas.Check(ok=False, detail=f"{type(error).__name__}: {error}")
+    bound = svc.settings.ready_max_lag
+    checks["projection"] = (
+        schemas.Check(ok=False, detail="unknown: PostgreSQL did not answer")
+        if lag is None
+        else schemas.Check(ok=lag <= bound, detail=f"{lag} events behind (at most {bound})")
+    )
+    ok = all(check.ok for check in checks.values())
+    return json(schemas.Readiness(status="ready" if ok else "not ready", checks=checks), 200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    svc: Services = request.app.state.services
+
+    def scrape() -> bytes:
+        with svc.sync_pool.connection(timeout=2) as conn:
+            return exposition(conn)
+
+    return Response(await run_in_threadpool(scrape), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 Handler = Callable[[Request], Awaitable[Response]]

@@ -24,6 +24,9 @@ def _decimals_as_numbers(node: Any) -> Any:
     return node
 
 
+OPTIONAL_BODIES = {"/imports", "/loans/{loan_id}/repayments"}
+
+
 def document() -> dict[str, Any]:
     types: list[Any] = []
     for endpoint in ENDPOINTS:
@@ -39,11 +42,11 @@ def document() -> dict[str, Any]:
             operation["parameters"] = list(endpoint.parameters)
         if endpoint.request is not None:
             operation["requestBody"] = {
-                "required": endpoint.path != "/imports",
+                "required": endpoint.path not in OPTIONAL_BODIES,
                 "content": {"application/json": {"schema": next(resolved)}},
             }
         operation["responses"] = {
-            str(status): {"description": description, "content": {"application/json": {"schema": next(resolved)}}}
+            str(status): {"description": description, "content": {endpoint.media_type: {"schema": next(resolved)}}}
             for status, (_, description) in endpoint.responses.items()
         }
         operation["responses"]["405"] = {"description": "Method not allowed"}

@@ -24,6 +24,7 @@ class Endpoint:
     request: type | None = None
     responses: dict[int, tuple[Any, str]] = field(default_factory=dict)
     parameters: tuple[dict[str, Any], ...] = ()
+    media_type: str = "application/json"
 
 
 def _path_param(name: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -32,6 +33,14 @@ def _path_param(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 ID = {"type": "integer", "minimum": 1}
 E = schemas.ErrorResponse
+LOAN_ID = (_path_param("loan_id", ID),)
+CUSTOMER_ID = (_path_param("customer_id", ID),)
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+}
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
@@ -63,14 +72,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             404: (E, "Unknown customer"),
             422: (E, "Idempotency-Key reused with a different request"),
         },
-        (
-            {
-                "name": "Idempotency-Key",
-                "in": "header",
-                "required": False,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-            },
-        ),
+        (IDEMPOTENCY_KEY,),
     ),
     Endpoint(
         "/view-loan/{loan_id}",
@@ -79,7 +81,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "One loan and its customer",
         None,
         {200: (schemas.LoanView, "The loan"), 400: (E, "Invalid loan ID"), 404: (E, "Unknown loan")},
-        (_path_param("loan_id", ID),),
+        LOAN_ID,
     ),
     Endpoint(
         "/view-loans/{customer_id}",
@@ -88,9 +90,78 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "A customer's current loans",
         None,
         {200: (list[schemas.CustomerLoan], "Current loans"), 400: (E, "Invalid customer ID"), 404: (E, "Unknown customer")},
-        (_path_param("customer_id", ID),),
+        CUSTOMER_ID,
+    ),
+    Endpoint(
+        "/loans/{loan_id}/repayments",
+        "POST",
+        endpoints.record_repayment,
+        "Record the loan's next installment as paid",
+        schemas.RepaymentRequest,
+        {
+            201: (schemas.RepaymentResponse, "Recorded"),
+            400: (E, "Invalid request, or a date before the loan started or in the future"),
+            404: (E, "Unknown loan"),
+            409: (E, "The loan is closed"),
+            422: (E, "Idempotency-Key reused with a different request"),
+            503: (E, "Too many concurrent changes; retry"),
+        },
+        (*LOAN_ID, IDEMPOTENCY_KEY),
+    ),
+    Endpoint(
+        "/loans/{loan_id}/schedule",
+        "GET",
+        endpoints.loan_schedule,
+        "The loan's amortization schedule, installment by installment",
+        None,
+        {200: (schemas.Schedule, "The schedule"), 400: (E, "Invalid loan ID"), 404: (E, "Unknown loan")},
+        LOAN_ID,
+    ),
+    Endpoint(
+        "/loans/{loan_id}/history",
+        "GET",
+        endpoints.loan_history,
+        "The loan's events, oldest first, straight from the event store",
+        None,
+        {200: (list[schemas.HistoryEvent], "The events"), 400: (E, "Invalid loan ID"), 404: (E, "Unknown loan")},
+        LOAN_ID,
+    ),
+    Endpoint(
+        "/customers/{customer_id}",
+        "GET",
+        endpoints.customer_profile,
+        "The customer's profile, current debt and credit score as of today",
+        None,
+        {200: (schemas.CustomerProfile, "The customer"), 400: (E, "Invalid customer ID"), 404: (E, "Unknown customer")},
+        CUSTOMER_ID,
+    ),
+    Endpoint(
+        "/customers/{customer_id}/history",
+        "GET",
+        endpoints.customer_history,
+        "The customer's events, oldest first, straight from the event store",
+        None,
+        {200: (list[schemas.HistoryEvent], "The events"), 400: (E, "Invalid customer ID"), 404: (E, "Unknown customer")},
+        CUSTOMER_ID,
     ),
     Endpoint("/health", "GET", endpoints.health, "The process is up", None, {200: (schemas.Health, "Up")}),
+    Endpoint(
+        "/ready",
+        "GET",
+        endpoints.ready,
+        "Ready to serve: PostgreSQL, Redis and a worker answer, and the projection lag is within READY_MAX_LAG",
+        None,
+        {200: (schemas.Readiness, "Ready"), 503: (schemas.Readiness, "Not ready: see which check failed")},
+    ),
+    Endpoint(
+        "/metrics",
+        "GET",
+        endpoints.metrics,
+        "Prometheus metrics (text exposition format)",
+        None,
+        {200: (str, "Metrics")},
+        media_type="text/plain",
+    ),
     Endpoint(
         "/imports",
         "POST",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -164,6 +165,76 @@ class ImportJobView(Struct):
 
 class Health(Struct):
     status: str
+
+
+class Check(Struct, omit_defaults=True):
+    ok: bool
+    detail: str | None = None
+
+
+class Readiness(Struct):
+    status: str
+    checks: dict[str, Check]
+
+
+class RepaymentRequest(Struct):
+    paid_on: Annotated[date, Meta(description="The day the installment was paid (default: today)")] | None = None
+
+
+class RepaymentResponse(Struct):
+    loan_id: int
+    installment: int
+    paid_on: date
+    due_date: date
+    on_time: bool
+    amount: Money
+    repayments_left: int
+    loan_closed: bool
+
+
+class ScheduleRow(Struct):
+    number: int
+    due_date: date
+    payment: Money
+    interest: Money
+    principal: Money
+    balance: Money
+    paid: bool
+    on_time: bool | None
+    paid_on: date | None
+
+
+class Schedule(Struct):
+    loan_id: int
+    loan_amount: Money
+    interest_rate: Number
+    tenure: int
+    monthly_installment: Money
+    start_date: date
+    installments: list[ScheduleRow]
+
+
+class CustomerProfile(Struct):
+    customer_id: int
+    first_name: str
+    last_name: str
+    age: int
+    phone_number: int
+    monthly_income: Money
+    approved_limit: Money
+    current_debt: Money
+    current_emis: Money
+    current_loans: int
+    past_loans: int
+    credit_score: int
+    credit_score_breakdown: CreditScoreBreakdown
+
+
+class HistoryEvent(Struct):
+    type: str
+    recorded_at: datetime
+    version: int
+    data: dict[str, Any]
 
 
 class ErrorBody(Struct, omit_defaults=True):

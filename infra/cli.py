@@ -111,6 +111,17 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_report(args: argparse.Namespace) -> int:
+    row = _job_row(Settings.from_env(), UUID(args.job_id))
+    if row is None:
+        print(f"no import job {args.job_id}", file=sys.stderr)
+        return 1
+    print(f"import {row['job_id']}: {row['state']}, {row['rows_done']}/{row['total_rows']} rows", file=sys.stderr)
+    if row["state"] in ("completed", "failed"):
+        print_report(row)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     ledger, pool = build_ledger(settings)
@@ -160,6 +171,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    # Metrics from every uvicorn process are summed through files in one directory.
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="ledger-metrics-"))
     os.execvp(
         sys.executable,
         [
@@ -271,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--customers", help="customer file (xlsx); default: IMPORT_DIR/customer_data.xlsx")
     imp.add_argument("--loans", help="loan file (xlsx); default: IMPORT_DIR/loan_data.xlsx")
     imp.set_defaults(func=cmd_import)
+
+    report = commands.add_parser("import-report", help="show an import job's state, progress and rejected rows")
+    report.add_argument("job_id", help="the job ID that `ledger import` or POST /imports gave")
+    report.set_defaults(func=cmd_import_report)
 
     commands.add_parser("rebuild", help="replay every event into fresh read-model tables and swap them in").set_defaults(
         func=cmd_rebuild

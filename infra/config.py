@@ -24,6 +24,7 @@ class Settings:
     import_dir: Path
     import_batch_size: int
     projection_page_size: int
+    ready_max_lag: int
     db_pool_size: int
 
     @classmethod
@@ -39,6 +40,7 @@ class Settings:
             import_dir=Path(env.get("IMPORT_DIR", str(REPO_ROOT / "data"))),
             import_batch_size=int(env.get("IMPORT_BATCH_SIZE", "500")),
             projection_page_size=int(env.get("PROJECTION_PAGE_SIZE", "1000")),
+            ready_max_lag=int(env.get("READY_MAX_LAG", "1000")),
             db_pool_size=int(env.get("DB_POOL_SIZE", "10")),
         )
 

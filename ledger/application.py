@@ -25,7 +25,10 @@ from ledger.domain import (
     IdempotencyKeyReused,
     IdempotencyRecord,
     ImportJob,
+    InvalidRepayment,
     Loan,
+    LoanClosed,
+    LoanNotFound,
     LoanTerms,
     PhoneNumber,
     PhoneNumberTaken,
@@ -38,6 +41,7 @@ from ledger.domain import (
 from ledger.history import CustomerRecord, LoanRecord
 from ledger.policy import Decision, LoanRequest, approved_limit, decide
 from ledger.ports import Clock, IdAllocator, InMemoryIds, SystemClock
+from ledger.schedule import amortization
 
 SAVE_ATTEMPTS = 200
 
@@ -69,19 +73,24 @@ class LoanTermsAsDict(Transcoding):
         return LoanTerms(**data)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Saved:
-    """What a command recorded: the position of its last event in the notification log."""
+    """What a command recorded: how many events, and the position of its last one in the notification log."""
 
-    last_position: int | None
+    last_position: int | None = None
+    events: int = 0
+
+    @classmethod
+    def of(cls, recordings: Sequence[Any]) -> dict[str, Any]:
+        return {"last_position": max((r.notification.id for r in recordings), default=None), "events": len(recordings)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Registration(Saved):
     customer: Customer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Booking(Saved):
     response: dict[str, Any]
     replayed: bool = False
@@ -105,10 +114,6 @@ class ImportReport:
             "rows_rejected": len(self.issues),
             "rekeyed_loans": self.rekeyed_loans,
         }
-
-
-def _last_position(recordings: Sequence[Any]) -> int | None:
-    return max((r.notification.id for r in recordings), default=None)
 
 
 def _file_label(path: str) -> str:
@@ -164,16 +169,13 @@ class Ledger(Application[UUID]):
             recordings = self.save(customer, claim)
         except RecordConflictError:
             raise PhoneNumberTaken(f"phone number {phone_number} already belongs to a customer") from None
-        return Registration(_last_position(recordings), customer)
+        return Registration(**Saved.of(recordings), customer=customer)
 
     def get_customer(self, customer_id: int) -> Customer:
         try:
             return self.repository.get(customer_uuid(customer_id))
         except AggregateNotFoundError:
             raise CustomerNotFound(f"customer {customer_id} not found") from None
-
-    def get_loan(self, loan_id: int) -> Loan:
-        return self.repository.get(loan_uuid(loan_id))
 
     # Loans
 
@@ -196,7 +198,7 @@ class Ledger(Application[UUID]):
             if idempotency_key is not None:
                 earlier = self._idempotent_response(idempotency_key, fingerprint)
                 if earlier is not None:
-                    return Booking(None, earlier, replayed=True)
+                    return Booking(response=earlier, replayed=True)
             customer = self.get_customer(customer_id)
             decision = self.decide_for(customer, request)
             to_save: list[Aggregate] = []
@@ -225,13 +227,13 @@ class Ledger(Application[UUID]):
             if idempotency_key is not None:
                 to_save.append(IdempotencyRecord.record(idempotency_key, fingerprint, response))
             if not to_save:
-                return Booking(None, response)
+                return Booking(response=response)
             try:
                 recordings = self.save(*to_save)
             except RecordConflictError:
                 _back_off(attempt)
                 continue
-            return Booking(_last_position(recordings), response)
+            return Booking(**Saved.of(recordings), response=response)
         raise Contention(f"customer {customer_id} is being changed by too many requests at once; try again")
 
     def _idempotent_response(self, key: str, fingerprint: str) -> dict[str, Any] | None:
@@ -243,11 +245,61 @@ class Ledger(Application[UUID]):
             raise IdempotencyKeyReused("this Idempotency-Key was already used with a different request; use a new key")
         return record.response
 
+    # Repayments
+
+    def record_repayment(self, loan_id: int, paid_on: date | None = None, idempotency_key: str | None = None) -> Booking:
+        """Record the loan's next installment as paid on `paid_on` (default today)."""
+        fingerprint = hashlib.sha256(f"repayment:{loan_id}:{paid_on}".encode()).hexdigest()
+        for attempt in range(SAVE_ATTEMPTS):
+            if idempotency_key is not None:
+                earlier = self._idempotent_response(idempotency_key, fingerprint)
+                if earlier is not None:
+                    return Booking(response=earlier, replayed=True)
+            try:
+                loan: Loan = self.repository.get(loan_uuid(loan_id))
+            except AggregateNotFoundError:
+                raise LoanNotFound(f"loan {loan_id} not found") from None
+            today = self.clock.today()
+            day = paid_on or today
+            if loan.repayments_left == 0:
+                raise LoanClosed(f"loan {loan_id} is closed: all {loan.tenure} installments are paid")
+            if day < loan.start_date:
+                raise InvalidRepayment(f"paid_on {day} is before the loan started on {loan.start_date}")
+            if day > today:
+                raise InvalidRepayment(f"paid_on {day} is in the future (today is {today})")
+            installment = amortization(loan.amount, loan.interest_rate, loan.tenure, loan.monthly_installment, loan.start_date)[
+                loan.emis_paid
+            ]
+            loan.record_repayment(day, installment.due_date, installment.payment)
+            customer = self.get_customer(loan.customer_id)
+            on_time = day <= installment.due_date
+            customer.record_repayment(loan_id, day, on_time)
+            response = {
+                "loan_id": loan_id,
+                "installment": installment.number,
+                "paid_on": day.isoformat(),
+                "due_date": installment.due_date.isoformat(),
+                "on_time": on_time,
+                "amount": installment.payment,
+                "repayments_left": loan.repayments_left,
+                "loan_closed": loan.repayments_left == 0,
+            }
+            to_save: list[Aggregate] = [loan, customer]
+            if idempotency_key is not None:
+                to_save.append(IdempotencyRecord.record(idempotency_key, fingerprint, response))
+            try:
+                recordings = self.save(*to_save)
+            except RecordConflictError:
+                _back_off(attempt)
+                continue
+            return Booking(**Saved.of(recordings), response=response)
+        raise Contention(f"loan {loan_id} is being changed by too many requests at once; try again")
+
     # Import
 
     def request_import(self, customers_file: str, loans_file: str, job_id: UUID | None = None) -> tuple[UUID, Saved]:
         job = ImportJob.request(job_id or uuid4(), customers_file, loans_file)
-        return job.id, Saved(_last_position(self.save(job)))
+        return job.id, Saved(**Saved.of(self.save(job)))
 
     def get_import_job(self, job_id: UUID) -> ImportJob:
         return self.repository.get(job_id)
@@ -255,7 +307,7 @@ class Ledger(Application[UUID]):
     def fail_import(self, job_id: UUID, reason: str) -> Saved:
         job = self.get_import_job(job_id)
         job.fail(reason)
-        return Saved(_last_position(self.save(job)))
+        return Saved(**Saved.of(self.save(job)))
 
     def import_history(
         self,

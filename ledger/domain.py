@@ -6,7 +6,7 @@ aggregate with the same integer ID fails on the event store's own constraint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -53,6 +53,14 @@ class PhoneNumberTaken(DomainError):
 
 class IdempotencyKeyReused(DomainError):
     pass
+
+
+class LoanClosed(DomainError):
+    """Every installment of the loan is paid."""
+
+
+class InvalidRepayment(DomainError):
+    """A repayment the calendar does not allow (before the loan started, or in the future)."""
 
 
 class Contention(DomainError):
@@ -201,6 +209,14 @@ class Customer(Aggregate):
     def import_loans(self, loans: list[LoanTerms]) -> None:
         self.loans.extend(loans)
 
+    @event("RepaymentRecorded")
+    def record_repayment(self, loan_id: int, paid_on: date, on_time: bool) -> None:
+        for index, terms in enumerate(self.loans):
+            if terms.loan_id == loan_id:
+                self.loans[index] = replace(
+                    terms, emis_paid=terms.emis_paid + 1, emis_paid_on_time=terms.emis_paid_on_time + on_time
+                )
+
     def credit_history(self, today: date) -> CreditHistory:
         return credit_history((loan.facts() for loan in self.loans), today)
 
@@ -296,6 +312,48 @@ class Loan(Aggregate):
             emis_paid_on_time=terms.emis_paid_on_time,
             source_loan_id=terms.source_loan_id,
         )
+
+    class RepaymentRecorded(Aggregate.Event):
+        loan_id: int
+        installment: int
+        paid_on: date
+        due_date: date
+        on_time: bool
+        amount: Decimal
+        emis_paid: int
+        emis_paid_on_time: int
+
+    @property
+    def repayments_left(self) -> int:
+        return max(0, self.tenure - self.emis_paid)
+
+    def record_repayment(self, paid_on: date, due_date: date, amount: Decimal) -> None:
+        on_time = paid_on <= due_date
+        self._record(
+            loan_id=self.loan_id,
+            installment=self.emis_paid + 1,
+            paid_on=paid_on,
+            due_date=due_date,
+            on_time=on_time,
+            amount=amount,
+            emis_paid=self.emis_paid + 1,
+            emis_paid_on_time=self.emis_paid_on_time + on_time,
+        )
+
+    @event(RepaymentRecorded)
+    def _record(
+        self,
+        loan_id: int,
+        installment: int,
+        paid_on: date,
+        due_date: date,
+        on_time: bool,
+        amount: Decimal,
+        emis_paid: int,
+        emis_paid_on_time: int,
+    ) -> None:
+        self.emis_paid = emis_paid
+        self.emis_paid_on_time = emis_paid_on_time
 
 
 class PhoneNumber(Aggregate):

@@ -65,10 +65,16 @@ def _customer_row(e: Any, origin: str) -> tuple[Any, ...]:
     )
 
 
+def _repayment_row(e: Any) -> tuple[Any, ...]:
+    """The repayments row, then the loan's new counts (the last 3 fields, for its UPDATE)."""
+    return (e.loan_id, e.installment, e.paid_on, e.due_date, e.on_time, e.amount, e.emis_paid, e.emis_paid_on_time, e.loan_id)
+
+
 @dataclass
 class _Page:
     customers: list[tuple[Any, ...]]
     loans: list[tuple[Any, ...]]
+    repayments: list[tuple[Any, ...]]
     jobs: list[DomainEventProtocol[Any]]
 
 
@@ -88,6 +94,10 @@ class Projector:
             " monthly_installment, start_date, end_date, emis_paid, emis_paid_on_time, origin)"
             " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
         ).format(s)
+        self._insert_repayment = sql.SQL(
+            "INSERT INTO {}.repayments (loan_id, installment, paid_on, due_date, on_time, amount) VALUES (%s,%s,%s,%s,%s,%s)"
+        ).format(s)
+        self._loan_payments = sql.SQL("UPDATE {}.loans SET emis_paid = %s, emis_paid_on_time = %s WHERE loan_id = %s").format(s)
         self._tracking = sql.Identifier(schema, "tracking")
         self._jobs = sql.Identifier(schema, "import_jobs")
 
@@ -160,7 +170,7 @@ class Projector:
 
     def apply_page(self, conn: psycopg.Connection, notifications: Sequence[Notification]) -> int:
         """Apply one page of notifications and move the tracking position, in one transaction."""
-        page = _Page([], [], [])
+        page = _Page([], [], [], [])
         for notification in notifications:
             self._collect(page, self.app.mapper.to_domain_event(notification))
         position = notifications[-1].id
@@ -169,6 +179,9 @@ class Projector:
                 cur.executemany(self._insert_customer, page.customers)
             if page.loans:
                 cur.executemany(self._insert_loan, page.loans)
+            if page.repayments:  # after the loans: a loan and its repayments may share a page
+                cur.executemany(self._insert_repayment, [r[:6] for r in page.repayments])
+                cur.executemany(self._loan_payments, [r[6:] for r in page.repayments])
             for job_event in page.jobs:
                 self._apply_job(cur, job_event)
             cur.execute(
@@ -193,6 +206,8 @@ class Projector:
             page.loans.append(_loan_row(event, "booked"))
         elif isinstance(event, Loan.Imported):
             page.loans.append(_loan_row(event, "imported"))
+        elif isinstance(event, Loan.RepaymentRecorded):
+            page.repayments.append(_repayment_row(event))
         elif isinstance(event, ImportJob.Event):
             page.jobs.append(event)
 

@@ -8,7 +8,7 @@ from psycopg import sql
 
 SCHEMA = "readmodel"
 REBUILD_SCHEMA = "readmodel_rebuild"
-TABLES = ("customers", "loans", "import_jobs", "tracking")
+TABLES = ("customers", "loans", "repayments", "import_jobs", "tracking")
 
 _DDL = """
 CREATE SCHEMA IF NOT EXISTS {s};
@@ -38,6 +38,15 @@ CREATE TABLE IF NOT EXISTS {s}.loans (
     origin              text NOT NULL
 );
 CREATE INDEX IF NOT EXISTS loans_customer_id_idx ON {s}.loans (customer_id);
+CREATE TABLE IF NOT EXISTS {s}.repayments (
+    loan_id         bigint NOT NULL,
+    installment     integer NOT NULL,
+    paid_on         date NOT NULL,
+    due_date        date NOT NULL,
+    on_time         boolean NOT NULL,
+    amount          numeric NOT NULL,
+    PRIMARY KEY (loan_id, installment)
+);
 CREATE TABLE IF NOT EXISTS {s}.import_jobs (
     job_id          uuid PRIMARY KEY,
     state           text NOT NULL,

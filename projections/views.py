@@ -38,6 +38,12 @@ WHERE customer_id = %s AND end_date >= %s AND emis_paid < tenure
 ORDER BY loan_id
 """
 _IMPORT_JOB = "SELECT * FROM readmodel.import_jobs WHERE job_id = %s"
+_LOAN_TERMS = """
+SELECT loan_id, customer_id, loan_amount, interest_rate, tenure, monthly_installment, start_date, end_date,
+       emis_paid, emis_paid_on_time, source_loan_id
+FROM readmodel.loans WHERE loan_id = %s
+"""
+_REPAYMENTS = "SELECT installment, paid_on, on_time FROM readmodel.repayments WHERE loan_id = %s ORDER BY installment"
 
 
 @dataclass(frozen=True)
@@ -84,3 +90,15 @@ async def projection_position(conn: AsyncConnection[Any]) -> int:
     cur = await conn.execute("SELECT position FROM readmodel.tracking WHERE projection = 'ledger'")
     row = await cur.fetchone()
     return int(row[0]) if row else 0
+
+
+async def loan_terms(conn: AsyncConnection[Any], loan_id: int) -> dict[str, Any] | None:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(_LOAN_TERMS, (loan_id,))
+    return await cur.fetchone()
+
+
+async def repayments(conn: AsyncConnection[Any], loan_id: int) -> dict[int, tuple[date, bool]]:
+    """Recorded repayments by installment number: (paid_on, on_time)."""
+    cur = await conn.execute(_REPAYMENTS, (loan_id,))
+    return {row[0]: (row[1], row[2]) for row in await cur.fetchall()}

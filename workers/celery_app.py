@@ -3,9 +3,13 @@ because every outcome that matters is an event in the store."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from celery.signals import setup_logging
 
 from infra.config import Settings
+from infra.logs import configure_logging
 
 settings = Settings.from_env()
 
@@ -27,3 +31,9 @@ app.conf.update(
         "resume-imports": {"task": "workers.tasks.resume_imports", "schedule": 60.0},
     },
 )
+
+
+@setup_logging.connect
+def _json_logs(**_: Any) -> None:
+    """Celery's own log setup is replaced by the JSON lines the API writes too."""
+    configure_logging()

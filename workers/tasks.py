@@ -30,8 +30,13 @@ def _ledger() -> Ledger:
 
 
 @cache
-def _redis() -> redis.Redis:
+def redis_client() -> redis.Redis:
     return redis.Redis.from_url(Settings.from_env().redis_url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def ping_workers(timeout: float = 1.0) -> int:
+    """How many Celery workers answer a ping within `timeout` seconds."""
+    return len(celery.control.ping(timeout=timeout))
 
 
 def projector() -> Projector:
@@ -42,7 +47,7 @@ def projector() -> Projector:
 def trigger_catch_up() -> bool:
     """Ask a worker to catch up, unless a request is already waiting. False when Redis is unreachable."""
     try:
-        if _redis().set(PENDING_KEY, 1, nx=True, ex=30):
+        if redis_client().set(PENDING_KEY, 1, nx=True, ex=30):
             catch_up.apply_async()
     except Exception:  # Redis down: the events are safe in PostgreSQL and beat catches up later.
         log.warning("could not reach Redis to trigger the projection", exc_info=True)
@@ -53,7 +58,7 @@ def trigger_catch_up() -> bool:
 @celery.task
 def catch_up() -> int | None:
     # Clear the flag before reading, so an event committed from now on triggers a new run.
-    _redis().delete(PENDING_KEY)
+    redis_client().delete(PENDING_KEY)
     return projector().catch_up()
 
 

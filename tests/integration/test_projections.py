@@ -20,6 +20,7 @@ from tests.integration.test_import import follow, start
 TABLES = {
     "customers": "customer_id",
     "loans": "loan_id",
+    "repayments": "loan_id, installment",
     "import_jobs": "job_id",
     "tracking": "projection",
 }
@@ -49,10 +50,12 @@ def history(stack: Stack, client: TestClient) -> None:
         json={"first_name": "Kai", "last_name": "Sen", "age": 33, "monthly_income": 90_000, "phone_number": 9600000001},
     ).json()
     for amount in (50_000, 60_000):
-        client.post(
+        booked = client.post(
             "/create-loan",
             json={"customer_id": customer["customer_id"], "loan_amount": amount, "interest_rate": 15, "tenure": 10},
-        )
+        ).json()
+        assert client.post(f"/loans/{booked['loan_id']}/repayments").status_code == 201
+    client.post("/loans/5930/repayments")  # an imported loan's next installment
     wait_until_caught_up(stack)
 
 
@@ -68,7 +71,7 @@ def test_a_rebuild_gives_exactly_the_tables_incremental_projection_gave(stack: S
     with stack.connect() as conn:
         rebuilt = snapshot(conn)
     assert applied == incremental["tracking"][0][1]
-    assert len(rebuilt["customers"]) == 301 and len(rebuilt["loans"]) == 784
+    assert len(rebuilt["customers"]) == 301 and len(rebuilt["loans"]) == 784 and len(rebuilt["repayments"]) == 3
     assert rebuilt == incremental
 
 

@@ -26,7 +26,13 @@ from infra.postgres import build_ledger, setup_schema
 from infra.stack import PostgresServer, RedisServer, free_port
 from projections.projector import rebuild
 
-READ_MODEL = {"customers": "customer_id", "loans": "loan_id", "import_jobs": "job_id", "tracking": "projection"}
+READ_MODEL = {
+    "customers": "customer_id",
+    "loans": "loan_id",
+    "repayments": "loan_id, installment",
+    "import_jobs": "job_id",
+    "tracking": "projection",
+}
 
 
 @dataclass

@@ -9,7 +9,16 @@ from uuid import uuid4
 import pytest
 
 from ledger.application import Ledger
-from ledger.domain import Customer, CustomerNotFound, IdempotencyKeyReused, Loan, PhoneNumberTaken, loan_uuid
+from ledger.domain import (
+    Customer,
+    CustomerNotFound,
+    IdempotencyKeyReused,
+    InvalidRepayment,
+    Loan,
+    LoanClosed,
+    PhoneNumberTaken,
+    loan_uuid,
+)
 from ledger.history import CustomerRecord, LoanRecord
 from ledger.policy import Decision, LoanRequest
 from ledger.ports import FixedClock
@@ -136,3 +145,32 @@ def test_import_reports_a_phone_already_taken_and_a_loan_without_customer(ledger
         },
         {"file": "loans.xlsx", "row": 3, "reason": "Customer ID 99 is in neither the customer file nor the ledger"},
     ]
+
+
+def test_repayments_count_on_time_or_late_and_the_last_one_closes_the_loan() -> None:
+    clock = FixedClock(date(2026, 1, 10))
+    ledger = Ledger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, clock=clock)
+    customer_id = ledger.register_customer("Ann", "Lee", 30, "9876543210", D(100_000)).customer.customer_id
+    loan_id = ledger.book_loan(customer_id, LoanRequest(D(30_000), D(12), 3)).response["loan_id"]
+    with pytest.raises(InvalidRepayment, match="before the loan started"):
+        ledger.record_repayment(loan_id, date(2026, 1, 9))
+    with pytest.raises(InvalidRepayment, match="in the future"):
+        ledger.record_repayment(loan_id, date(2026, 1, 11))
+    first = ledger.record_repayment(loan_id, date(2026, 1, 10)).response  # due 2026-02-10: early is on time
+    clock._today = date(2026, 6, 1)
+    late = ledger.record_repayment(loan_id).response  # due 2026-03-10, paid 2026-06-01
+    last = ledger.record_repayment(loan_id, date(2026, 4, 10), "pay-3").response  # due 2026-04-10: on the day
+    assert [(r["installment"], r["on_time"], r["repayments_left"]) for r in (first, late, last)] == [
+        (1, True, 2),
+        (2, False, 1),
+        (3, True, 0),
+    ]
+    assert last["loan_closed"] is True
+    assert ledger.record_repayment(loan_id, date(2026, 4, 10), "pay-3").response == last  # the same key replays
+    with pytest.raises(LoanClosed):
+        ledger.record_repayment(loan_id)
+    terms = ledger.get_customer(customer_id).loans[0]
+    assert (terms.emis_paid, terms.emis_paid_on_time) == (3, 2)
+    history = ledger.get_customer(customer_id).credit_history(date(2026, 6, 1))
+    assert (history.current_loans, history.completed_loans, history.emis_due, history.emis_paid_on_time) == (0, 1, 3, 2)
+    assert sum(r["amount"] for r in (first, late, last)) > D(30_000)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from ledger.calendar import add_months, installments_due
 from ledger.policy import CreditHistory, LoanRequest, approved_limit, credit_score, decide, minimum_rate, monthly_installment
+from ledger.schedule import amortization
 
 
 @pytest.mark.parametrize(
@@ -160,3 +161,35 @@ def test_emi_repays_at_least_the_principal(principal: D, rate: D, tenure: int) -
 
 def test_a_rate_too_small_to_register_is_the_zero_rate_limit() -> None:
     assert monthly_installment(D(100_000), D("5E-324"), 12) == D("8333.33")
+
+
+@given(
+    st.decimals(min_value=1, max_value=10_000_000, places=2),
+    st.decimals(min_value=0, max_value=40, places=2),
+    st.integers(min_value=1, max_value=360),
+    st.decimals(min_value=D("0.8"), max_value=D("1.5"), places=2),
+)
+def test_the_schedule_repays_exactly_the_amount_whatever_the_payment(
+    principal: D, rate: D, tenure: int, payment_factor: D
+) -> None:
+    payment = (monthly_installment(principal, rate, tenure) * payment_factor).quantize(D("0.01"))
+    rows = amortization(principal, rate, tenure, payment, date(2024, 1, 31))
+    assert len(rows) == tenure
+    assert sum(r.principal for r in rows) == principal
+    assert rows[-1].balance == 0
+    assert all(r.payment == r.interest + r.principal for r in rows)
+    assert [r.number for r in rows] == list(range(1, tenure + 1))
+
+
+def test_a_schedule_at_the_computed_emi() -> None:
+    rows = amortization(D(100_000), D(12), 12, D("8884.88"), date(2026, 1, 15))
+    assert (rows[0].due_date, rows[0].interest, rows[0].principal, rows[0].balance) == (
+        date(2026, 2, 15),
+        D("1000.00"),
+        D("7884.88"),
+        D("92115.12"),
+    )
+    assert rows[-1].due_date == date(2027, 1, 15)
+    assert rows[-1].payment != D("8884.88")  # the last installment absorbs the rounding...
+    assert abs(rows[-1].payment - D("8884.88")) < D("0.10")  # ...which is a few paise
+    assert rows[-1].balance == 0

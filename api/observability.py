@@ -1,0 +1,112 @@
+"""Request IDs, one structured log line per request, and Prometheus metrics.
+
+With several uvicorn processes, counters live in PROMETHEUS_MULTIPROC_DIR (set by
+`ledger api`) and every scrape sums them; figures that belong to the database (the
+notification log, projection lag, import rows) are read from it at scrape time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from psycopg import Connection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("ledger.access")
+
+REQUESTS = Counter("ledger_http_requests_total", "HTTP requests", ["method", "route", "status"])
+LATENCY = Histogram(
+    "ledger_http_request_duration_seconds",
+    "HTTP request duration",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+BOOKINGS = Counter("ledger_booking_decisions_total", "create-loan decisions", ["outcome"])
+EVENTS_APPENDED = Counter("ledger_events_appended_total", "Events appended by this API's commands")
+
+REQUEST_ID = "x-request-id"
+
+
+class RequestObserver:
+    """Pure ASGI middleware: request ID in and out, a log line and metrics per request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(REQUEST_ID.encode(), b"").decode("latin-1")
+        request_id = given if given and len(given) <= 200 else uuid.uuid4().hex
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID.encode(), request_id.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            duration = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = route.removeprefix("/api").rstrip("/") or "/"
+            REQUESTS.labels(scope["method"], route, str(status)).inc()
+            LATENCY.labels(scope["method"], route).observe(duration)
+            log.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(duration * 1000, 2),
+                    "request_id": request_id,
+                },
+            )
+
+
+class DatabaseCollector:
+    """Figures from PostgreSQL, read at scrape time."""
+
+    def __init__(self, conn: Connection[Any]) -> None:
+        self.conn = conn
+
+    def collect(self) -> Any:
+        last = self.conn.execute("SELECT coalesce(max(notification_id), 0) FROM ledger_events").fetchone()
+        rows = self.conn.execute("SELECT projection, position FROM readmodel.tracking").fetchall()
+        jobs = self.conn.execute(
+            "SELECT coalesce(sum(rows_done), 0), coalesce(sum(jsonb_array_length(issues)), 0) FROM readmodel.import_jobs"
+        ).fetchone()
+        assert last is not None and jobs is not None
+        yield GaugeMetricFamily("ledger_notification_log_position", "Highest notification ID in the event store", value=last[0])
+        position = GaugeMetricFamily("ledger_projection_position", "Last event applied by each projection", labels=["projection"])
+        lag = GaugeMetricFamily("ledger_projection_lag_events", "Events recorded but not yet projected", labels=["projection"])
+        for name, at in rows or [("ledger", 0)]:
+            position.add_metric([name], at)
+            lag.add_metric([name], max(0, last[0] - at))
+        yield position
+        yield lag
+        yield GaugeMetricFamily("ledger_import_rows_processed", "Rows processed by every import job", value=jobs[0])
+        yield GaugeMetricFamily("ledger_import_rows_rejected", "Rows rejected by every import job", value=jobs[1])
+
+
+def exposition(conn: Connection[Any]) -> bytes:
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)
+    else:
+        for collector in (REQUESTS, LATENCY, BOOKINGS, EVENTS_APPENDED):
+            registry.register(collector)
+    registry.register(DatabaseCollector(conn))
+    return generate_latest(registry)

@@ -1,0 +1,284 @@
+"""Repayments, schedules, profiles, audit trails, health, metrics, logs and the CLI,
+through HTTP (and the `ledger` command) against real PostgreSQL, Redis and a worker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from infra.config import REPO_ROOT
+from infra.logs import JsonFormatter
+from tests.integration.conftest import TODAY, Stack
+from tests.integration.test_import import follow, start
+
+_phones = iter(range(9_600_100_000, 9_600_200_000))
+
+
+def new_customer(client: TestClient, income: int = 200_000) -> int:
+    response = client.post(
+        "/register",
+        json={"first_name": "Ria", "last_name": "Pal", "age": 36, "monthly_income": income, "phone_number": next(_phones)},
+    )
+    assert response.status_code == 201, response.text
+    return int(response.json()["customer_id"])
+
+
+def book(client: TestClient, customer_id: int, amount: int = 60_000, rate: int = 12, tenure: int = 3) -> dict[str, Any]:
+    response = client.post(
+        "/create-loan", json={"customer_id": customer_id, "loan_amount": amount, "interest_rate": rate, "tenure": tenure}
+    )
+    assert response.status_code == 201, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def imported(client: TestClient) -> dict[str, Any]:
+    """The reference history, imported before anyone registers (so the file's IDs are free)."""
+    return follow(client, start(client))
+
+
+# Repayments
+
+
+def test_repayments_follow_through_to_views_profile_and_schedule(client: TestClient) -> None:
+    customer_id = new_customer(client)
+    loan = book(client, customer_id)  # starts TODAY (2026-11-22); due 2026-12-22, 2027-01-22, 2027-02-22
+    paid = client.post(f"/loans/{loan['loan_id']}/repayments", json={})
+    assert paid.status_code == 201, paid.text
+    assert paid.headers["X-Read-Model"] == "current"
+    body = paid.json()
+    assert (body["installment"], body["paid_on"], body["due_date"], body["on_time"]) == (1, TODAY.isoformat(), "2026-12-22", True)
+    assert body["amount"] == loan["monthly_installment"]
+    assert body["repayments_left"] == 2 and body["loan_closed"] is False
+    assert client.get(f"/view-loans/{customer_id}").json()[0]["repayments_left"] == 2
+    schedule = client.get(f"/loans/{loan['loan_id']}/schedule").json()
+    assert [(row["paid"], row["on_time"], row["paid_on"]) for row in schedule["installments"]] == [
+        (True, True, TODAY.isoformat()),
+        (False, None, None),
+        (False, None, None),
+    ]
+    profile = client.get(f"/customers/{customer_id}").json()
+    assert profile["current_loans"] == 1 and profile["current_debt"] == 60_000
+
+
+def test_the_last_repayment_closes_the_loan_and_another_is_refused(client: TestClient) -> None:
+    customer_id = new_customer(client)
+    loan_id = book(client, customer_id, tenure=2)["loan_id"]
+    client.post(f"/loans/{loan_id}/repayments")
+    last = client.post(f"/loans/{loan_id}/repayments").json()
+    assert last["loan_closed"] is True and last["repayments_left"] == 0
+    assert client.get(f"/view-loans/{customer_id}").json() == []
+    profile = client.get(f"/customers/{customer_id}").json()
+    assert (profile["current_loans"], profile["past_loans"], profile["current_debt"]) == (0, 1, 0)
+    assert profile["credit_score_breakdown"]["inputs"]["completed_loans"] == 1
+    closed = client.post(f"/loans/{loan_id}/repayments")
+    assert closed.status_code == 409
+    assert closed.json()["error"]["code"] == "loan_closed"
+
+
+@pytest.mark.parametrize(("paid_on", "message"), [("2026-11-21", "before the loan started"), ("2026-11-23", "in the future")])
+def test_a_repayment_dated_outside_the_loan_is_a_400_and_records_nothing(client: TestClient, paid_on: str, message: str) -> None:
+    loan_id = book(client, new_customer(client))["loan_id"]
+    response = client.post(f"/loans/{loan_id}/repayments", json={"paid_on": paid_on})
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+    assert client.get(f"/loans/{loan_id}/history").json()[-1]["type"] == "Loan.Booked"
+
+
+def test_repayment_errors(client: TestClient) -> None:
+    assert client.post("/loans/987654321/repayments").status_code == 404
+    assert client.post("/loans/abc/repayments").status_code == 400
+    loan_id = book(client, new_customer(client))["loan_id"]
+    assert client.post(f"/loans/{loan_id}/repayments", json={"paid_on": "yesterday"}).status_code == 400
+
+
+def test_a_repayment_with_an_idempotency_key_is_recorded_once(client: TestClient) -> None:
+    loan_id = book(client, new_customer(client))["loan_id"]
+    headers = {"Idempotency-Key": f"repay-{loan_id}"}
+    first = client.post(f"/loans/{loan_id}/repayments", json={"paid_on": TODAY.isoformat()}, headers=headers)
+    again = client.post(f"/loans/{loan_id}/repayments", json={"paid_on": TODAY.isoformat()}, headers=headers)
+    assert first.status_code == again.status_code == 201
+    assert first.json() == again.json()
+    assert client.get(f"/view-loan/{loan_id}").status_code == 200
+    assert [e["type"] for e in client.get(f"/loans/{loan_id}/history").json()].count("Loan.RepaymentRecorded") == 1
+    other = client.post(f"/loans/{loan_id}/repayments", json={"paid_on": "2026-11-22"}, headers={"Idempotency-Key": "x"})
+    reused = client.post(f"/loans/{loan_id}/repayments", json={}, headers=headers)
+    assert other.status_code == 201
+    assert reused.status_code == 422
+
+
+# Schedules
+
+
+def test_a_booked_loans_schedule_is_exact_to_the_cent(client: TestClient) -> None:
+    loan = book(client, new_customer(client, income=500_000), amount=1_000_000, rate=13, tenure=36)
+    schedule = client.get(f"/loans/{loan['loan_id']}/schedule").json()
+    rows = schedule["installments"]
+    assert len(rows) == 36
+    assert sum(Decimal(str(r["principal"])) for r in rows) == Decimal(1_000_000)
+    assert rows[-1]["balance"] == 0
+    assert all(r["payment"] == loan["monthly_installment"] for r in rows[:-1])
+    assert rows[0]["due_date"] == "2026-12-22" and rows[-1]["due_date"] == "2029-11-22"
+
+
+def test_an_imported_loans_schedule_follows_the_files_payment(client: TestClient, imported: dict[str, Any]) -> None:
+    schedule = client.get("/loans/5930/schedule").json()  # 900,000 at 8.2% over 129 months, paying 15,344; 114 paid
+    rows = schedule["installments"]
+    assert schedule["monthly_installment"] == 15344
+    paying = [r["payment"] for r in rows if r["payment"]]
+    # The file's payment is above the 8.2% EMI: the loan is repaid early, by a smaller last payment.
+    assert len(paying) < 129 and all(p == 15344 for p in paying[:-1]) and 0 < paying[-1] <= 15344
+    assert sum(Decimal(str(r["principal"])) for r in rows) == Decimal(900_000)
+    assert [r["paid"] for r in rows].count(True) == 114
+    assert rows[113]["paid"] and rows[113]["on_time"] and rows[113]["paid_on"] is None
+    assert not rows[114]["paid"]
+
+
+# Profiles and history
+
+
+def test_the_customer_profile_agrees_with_check_eligibility(client: TestClient, imported: dict[str, Any]) -> None:
+    profile = client.get("/customers/14").json()
+    decision = client.post(
+        "/check-eligibility", json={"customer_id": 14, "loan_amount": 1000, "interest_rate": 20, "tenure": 12}
+    ).json()
+    assert profile["credit_score"] == decision["credit_score"]
+    assert profile["credit_score_breakdown"] == decision["credit_score_breakdown"]
+    assert profile["approved_limit"] == decision["credit_score_breakdown"]["inputs"]["approved_limit"] == 3_900_000
+    assert profile["current_debt"] == decision["credit_score_breakdown"]["inputs"]["current_debt"]
+    assert profile["current_loans"] + profile["past_loans"] == decision["credit_score_breakdown"]["inputs"]["loans_taken"]
+    assert client.get("/customers/987654321").status_code == 404
+
+
+def test_the_audit_trail_comes_straight_from_the_event_store_oldest_first(client: TestClient) -> None:
+    customer_id = new_customer(client)
+    loan_id = book(client, customer_id)["loan_id"]
+    client.post(f"/loans/{loan_id}/repayments")
+    customer_events = client.get(f"/customers/{customer_id}/history").json()
+    assert [e["type"] for e in customer_events] == ["Customer.Registered", "Customer.LoanBooked", "Customer.RepaymentRecorded"]
+    assert [e["version"] for e in customer_events] == [1, 2, 3]
+    assert customer_events[0]["data"]["phone_number"] and customer_events[1]["data"]["terms"]["loan_id"] == loan_id
+    assert customer_events[0]["recorded_at"] <= customer_events[2]["recorded_at"]
+    loan_events = client.get(f"/api/loans/{loan_id}/history/").json()
+    assert [e["type"] for e in loan_events] == ["Loan.Booked", "Loan.RepaymentRecorded"]
+    assert loan_events[1]["data"]["installment"] == 1 and loan_events[1]["data"]["on_time"] is True
+    assert client.get("/customers/987654321/history").status_code == 404
+    assert client.get("/loans/987654321/history").status_code == 404
+
+
+# Operations
+
+
+def test_health_and_readiness_say_which_check_failed(stack: Stack, client: TestClient) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")
+    assert ready.status_code == 200, ready.text
+    assert {name: check["ok"] for name, check in ready.json()["checks"].items()} == {
+        "postgres": True,
+        "redis": True,
+        "worker": True,
+        "projection": True,
+    }
+    stack.stop_worker()
+    try:
+        not_ready = client.get("/ready")
+    finally:
+        stack.start_worker()
+    assert not_ready.status_code == 503
+    assert not_ready.json()["status"] == "not ready"
+    assert not_ready.json()["checks"]["worker"] == {"ok": False, "detail": "0 worker(s) answered"}
+    assert not_ready.json()["checks"]["postgres"]["ok"] is True
+
+
+def test_metrics_are_in_the_prometheus_text_format(client: TestClient, imported: dict[str, Any]) -> None:
+    client.get("/view-loan/5930")
+    book(client, new_customer(client))
+    text = client.get("/metrics").text
+    assert 'ledger_http_requests_total{method="GET",route="/view-loan/{loan_id}",status="200"}' in text
+    assert 'ledger_http_request_duration_seconds_bucket{le="0.005",method="GET",route="/view-loan/{loan_id}"}' in text
+    assert 'ledger_booking_decisions_total{outcome="approved"}' in text
+    assert "ledger_events_appended_total " in text
+    assert 'ledger_projection_lag_events{projection="ledger"}' in text
+    rows = next(line for line in text.splitlines() if line.startswith("ledger_import_rows_processed "))
+    assert float(rows.split()[1]) >= 1082
+
+
+def test_every_request_gets_a_request_id_and_one_json_log_line(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="ledger.access"):
+        given = client.get("/health", headers={"X-Request-ID": "trace-123"})
+        generated = client.get("/view-loan/987654321")
+    assert given.headers["X-Request-ID"] == "trace-123"
+    assert len(generated.headers["X-Request-ID"]) == 32
+    records = [r for r in caplog.records if r.name == "ledger.access"]
+    assert [(r.path, r.status, r.request_id) for r in records[-2:]] == [  # type: ignore[attr-defined]
+        ("/health", 200, "trace-123"),
+        ("/view-loan/987654321", 404, generated.headers["X-Request-ID"]),
+    ]
+    line = json.loads(JsonFormatter().format(records[-1]))
+    assert {"time", "level", "message", "method", "path", "status", "duration_ms", "request_id"} <= set(line)
+
+
+def test_the_new_endpoints_are_in_the_openapi_document(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in (
+        "/loans/{loan_id}/repayments",
+        "/loans/{loan_id}/schedule",
+        "/customers/{customer_id}",
+        "/customers/{customer_id}/history",
+        "/loans/{loan_id}/history",
+        "/health",
+        "/ready",
+        "/metrics",
+    ):
+        assert path in paths, path
+
+
+# The command line
+
+
+def ledger_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "infra.cli", *args],
+        env={**stack.env, **os.environ},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_cli_imports_with_progress_reports_rebuilds_and_shows_lag(stack: Stack, imported: dict[str, Any]) -> None:
+    imported_again = ledger_cli(
+        stack,
+        "import",
+        "--customers",
+        str(stack.settings.import_dir / "customer_data.xlsx"),
+        "--loans",
+        str(stack.settings.import_dir / "loan_data.xlsx"),
+    )
+    assert imported_again.returncode == 0, imported_again.stderr
+    assert "1082/1082" in imported_again.stderr and "300 customers and 782 loans already present" in imported_again.stderr
+    job_id = imported_again.stderr.split("import job ")[1].split()[0]
+    report = ledger_cli(stack, "import-report", job_id)
+    assert report.returncode == 0 and "completed, 1082/1082 rows" in report.stderr
+    rebuilt = ledger_cli(stack, "rebuild")
+    assert rebuilt.returncode == 0 and "read model rebuilt from" in rebuilt.stderr and "rebuild [" in rebuilt.stderr
+    deadline = time.monotonic() + 30
+    while True:
+        status = ledger_cli(stack, "status")
+        if "lag: 0 events" in status.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert status.returncode == 0 and "lag: 0 events" in status.stdout, status.stdout
+    for command in ("setup", "import", "import-report", "rebuild", "status", "init", "api", "worker", "beat", "run"):
+        helped = ledger_cli(stack, command, "--help")
+        assert helped.returncode == 0 and "usage: ledger " + command in helped.stdout, command
