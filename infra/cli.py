@@ -228,6 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # SIGTERM (docker stop, timeout, kill) cleans up like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     processes: list[subprocess.Popen[bytes]] = []
     with services() as (database_url, redis_url):
         os.environ.update({"DATABASE_URL": database_url, "REDIS_URL": redis_url})
