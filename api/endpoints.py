@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date
@@ -65,7 +66,7 @@ def json(body: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 
 def path_int(request: Request, name: str) -> int:
     raw = request.path_params[name]
-    if not raw.isdigit() or not 1 <= int(raw) <= schemas.BIGINT:
+    if not re.fullmatch(r"[0-9]{1,19}", raw) or not 1 <= int(raw) <= schemas.BIGINT:
         raise ApiError(
             400,
             "validation_error",

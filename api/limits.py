@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
@@ -23,7 +25,11 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and not re.fullmatch(rb"[0-9]{1,20}", declared):
+            response = error_response(400, "bad_request", "The Content-Length header is not a number")
+            await response(scope, receive, send)
+            return
+        if declared is not None and int(declared) > self.max_bytes:
             await self._refuse(scope, receive, send)
             return
         received = 0

@@ -11,7 +11,15 @@ from msgspec import Meta, Struct
 
 BIGINT = 2**63 - 1
 
-Name = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"\S", description="Non-blank, at most 100 characters")]
+Name = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=100,
+        pattern=r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$",
+        description="Non-blank, at most 100 characters, no control characters",
+    ),
+]
 Id = Annotated[int, Meta(ge=1, le=BIGINT)]
 Money = Annotated[Decimal, Meta(description="Amount in rupees, at most 2 decimals")]
 Number = Decimal  # documented and encoded as a JSON number (see api.openapi)
@@ -24,7 +32,10 @@ PositiveAmount = Annotated[
 ]
 Rate = Annotated[
     Decimal,
-    Meta(description="Annual interest rate, percent", extra_json_schema={"minimum": 0, "maximum": 100}),
+    Meta(
+        description="Annual interest rate, percent (at most 6 decimals)",
+        extra_json_schema={"minimum": 0, "maximum": 100, "multipleOf": 0.000001},
+    ),
 ]
 Tenure = Annotated[int, Meta(ge=1, le=600, description="Months")]
 Phone = (
@@ -237,7 +248,7 @@ class HistoryEvent(Struct):
     data: dict[str, Any]
 
 
-class ErrorBody(Struct, omit_defaults=True):
+class ErrorBody(Struct):
     code: str
     message: str
     details: Any = None

@@ -36,8 +36,11 @@ def _check_decimal(value: Decimal, bounds: dict[str, Any]) -> str | None:
         return f"Expected a number >= {bounds['minimum']}"
     if "maximum" in bounds and not value <= bounds["maximum"]:
         return f"Expected a number <= {bounds['maximum']}"
-    if "multipleOf" in bounds and value % Decimal(str(bounds["multipleOf"])) != 0:
-        return f"Expected a multiple of {bounds['multipleOf']} (at most 2 decimals)"
+    if "multipleOf" in bounds:
+        step = Decimal(str(bounds["multipleOf"]))
+        if value != value.quantize(step):
+            places = -step.as_tuple().exponent  # type: ignore[operator]
+            return f"Expected a multiple of {step} (at most {places} decimals)"
     return None
 
 

@@ -22,6 +22,7 @@ from ledger.domain import (
     Contention,
     Customer,
     CustomerNotFound,
+    FileCustomer,
     IdempotencyKeyReused,
     IdempotencyRecord,
     ImportJob,
@@ -34,6 +35,7 @@ from ledger.domain import (
     PhoneNumberTaken,
     RowIssue,
     customer_uuid,
+    file_customer_uuid,
     idempotency_uuid,
     loan_uuid,
     phone_uuid,
@@ -103,6 +105,7 @@ class ImportReport:
     loans_imported: int = 0
     loans_already_present: int = 0
     rekeyed_loans: list[dict[str, int]] = field(default_factory=list)
+    rekeyed_customers: list[dict[str, int]] = field(default_factory=list)
     issues: list[RowIssue] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -113,6 +116,7 @@ class ImportReport:
             "loans_already_present": self.loans_already_present,
             "rows_rejected": len(self.issues),
             "rekeyed_loans": self.rekeyed_loans,
+            "rekeyed_customers": self.rekeyed_customers,
         }
 
 
@@ -331,12 +335,17 @@ class Ledger(Application[UUID]):
         for loan in loans:
             loans_by_customer.setdefault(loan.customer_id, []).append(loan)
         file_customers: dict[int, CustomerRecord] = {}
+        phones: dict[str, int] = {}
         for record in customers:
             if record.customer_id in file_customers:
                 first = file_customers[record.customer_id]
                 report.issues.append(RowIssue(labels[0], record.row, f"Customer ID {record.customer_id} repeats row {first.row}"))
+            elif record.phone_number in phones:
+                repeated = f"Phone Number {record.phone_number} repeats row {phones[record.phone_number]}"
+                report.issues.append(RowIssue(labels[0], record.row, repeated))
             else:
                 file_customers[record.customer_id] = record
+                phones[record.phone_number] = record.row
         # Which loan rows keep the file's Loan ID: the first row to use an ID keeps it.
         first_use: dict[int, int] = {}
         for loan in loans:
@@ -383,6 +392,7 @@ class Ledger(Application[UUID]):
             report.loans_imported += batch_report.loans_imported
             report.loans_already_present += batch_report.loans_already_present
             report.rekeyed_loans += batch_report.rekeyed_loans
+            report.rekeyed_customers += batch_report.rekeyed_customers
             report.issues += batch_report.issues
             if on_batch is not None:
                 on_batch(rows_done, total_rows)
@@ -394,45 +404,42 @@ class Ledger(Application[UUID]):
     def _import_unit(
         self,
         record: CustomerRecord | None,
-        customer_id: int,
+        file_id: int,
         rows: list[LoanRecord],
         first_use: dict[int, int],
         labels: tuple[str, str],
         report: ImportReport,
     ) -> list[Aggregate]:
-        """The events for one customer row and its loan rows."""
-        try:
-            existing: Customer | None = self.repository.get(customer_uuid(customer_id))
-        except AggregateNotFoundError:
-            existing = None
-
-        if existing is None and record is None:
+        """The events for one customer row (file Customer ID `file_id`) and its loan rows."""
+        aggregates: list[Aggregate] = []
+        existing = self._customer_for_file_id(file_id)
+        customer_id = file_id
+        if existing is not None:
+            customer_id = existing.customer_id
+            if record is not None and not existing.same_person(record.first_name, record.last_name, record.phone_number):
+                # The ID went to someone else (registered before the import): the file's
+                # customer gets a new ID, with the file's ID on record, like a repeated Loan ID.
+                existing, customer_id = None, self.ids.next_customer_id()
+                aggregates.append(FileCustomer.link(file_id, customer_id))
+                report.rekeyed_customers.append({"row": record.row, "file_customer_id": file_id, "customer_id": customer_id})
+            elif record is not None:
+                report.customers_already_present += 1
+        elif record is None:
             report.issues += [
-                RowIssue(labels[1], r.row, f"Customer ID {customer_id} is in neither the customer file nor the ledger")
-                for r in rows
+                RowIssue(labels[1], r.row, f"Customer ID {file_id} is in neither the customer file nor the ledger") for r in rows
             ]
             return []
-        if existing is not None and record is not None:
-            if not existing.same_person(record.first_name, record.last_name, record.phone_number):
-                reason = f"Customer ID {customer_id} already belongs to another customer in the ledger"
-                report.issues.append(RowIssue(labels[0], record.row, reason))
-                report.issues += [
-                    RowIssue(labels[1], r.row, f"its customer row {record.row} was rejected: {reason}") for r in rows
-                ]
-                return []
-            report.customers_already_present += 1
 
-        aggregates: list[Aggregate] = []
-        if existing is None and record is not None:
-            claim = self._claim_phone(record)
-            if claim is None:
+        if existing is None:
+            assert record is not None
+            if phone_uuid(record.phone_number) in self.repository:
                 reason = f"Phone Number {record.phone_number} already belongs to another customer"
                 report.issues.append(RowIssue(labels[0], record.row, reason))
                 report.issues += [
                     RowIssue(labels[1], r.row, f"its customer row {record.row} was rejected: {reason}") for r in rows
                 ]
                 return []
-            aggregates.append(claim)
+            aggregates.append(PhoneNumber.claim(record.phone_number, customer_id))
 
         already = existing.imported_source_ids() if existing is not None else set()
         terms_list: list[LoanTerms] = []
@@ -461,6 +468,7 @@ class Ledger(Application[UUID]):
                     monthly_income=record.monthly_income,
                     approved_limit=record.approved_limit,
                     loans=terms_list,
+                    source_customer_id=file_id if customer_id != file_id else None,
                 )
             )
             report.customers_imported += 1
@@ -469,11 +477,17 @@ class Ledger(Application[UUID]):
             aggregates.append(existing)
         return aggregates
 
-    def _claim_phone(self, record: CustomerRecord) -> PhoneNumber | None:
-        """A claim on the row's phone number, or None when another customer holds it."""
-        if phone_uuid(record.phone_number) in self.repository:
+    def _customer_for_file_id(self, file_id: int) -> Customer | None:
+        """The ledger's customer for a file's Customer ID: the one it was re-keyed to, or the one holding the ID."""
+        try:
+            link: FileCustomer = self.repository.get(file_customer_uuid(file_id))
+            return self.get_customer(link.customer_id)
+        except AggregateNotFoundError:
+            pass
+        try:
+            return self.get_customer(file_id)
+        except CustomerNotFound:
             return None
-        return PhoneNumber.claim(record.phone_number, record.customer_id)
 
     def _imported_terms(self, row: LoanRecord, first_use: dict[int, int]) -> LoanTerms:
         loan_id = row.loan_id

@@ -31,6 +31,10 @@ def phone_uuid(phone_number: str) -> UUID:
     return uuid5(NAMESPACE, f"phone:{phone_number}")
 
 
+def file_customer_uuid(file_customer_id: int) -> UUID:
+    return uuid5(NAMESPACE, f"file-customer:{file_customer_id}")
+
+
 def idempotency_uuid(key: str) -> UUID:
     return uuid5(NAMESPACE, f"idempotency:{key}")
 
@@ -132,6 +136,7 @@ class Customer(Aggregate):
         monthly_income: Decimal
         approved_limit: Decimal
         loans: list[LoanTerms]
+        source_customer_id: int | None
 
     def __init__(
         self,
@@ -143,8 +148,10 @@ class Customer(Aggregate):
         monthly_income: Decimal,
         approved_limit: Decimal,
         loans: list[LoanTerms] | None = None,
+        source_customer_id: int | None = None,
     ) -> None:
         self.customer_id = customer_id
+        self.source_customer_id = source_customer_id
         self.first_name = first_name
         self.last_name = last_name
         self.age = age
@@ -187,6 +194,7 @@ class Customer(Aggregate):
         monthly_income: Decimal,
         approved_limit: Decimal,
         loans: list[LoanTerms],
+        source_customer_id: int | None = None,
     ) -> Customer:
         return cls._create(
             cls.Imported,
@@ -199,6 +207,7 @@ class Customer(Aggregate):
             monthly_income=monthly_income,
             approved_limit=approved_limit,
             loans=loans,
+            source_customer_id=source_customer_id,
         )
 
     @event("LoanBooked")
@@ -370,6 +379,24 @@ class PhoneNumber(Aggregate):
     @classmethod
     def claim(cls, phone_number: str, customer_id: int) -> PhoneNumber:
         return cls._create(cls.Claimed, id=phone_uuid(phone_number), phone_number=phone_number, customer_id=customer_id)
+
+
+class FileCustomer(Aggregate):
+    """Links a file's Customer ID to the ledger customer it was imported as, when the ID was taken."""
+
+    class Linked(Aggregate.Created):
+        file_customer_id: int
+        customer_id: int
+
+    def __init__(self, file_customer_id: int, customer_id: int) -> None:
+        self.file_customer_id = file_customer_id
+        self.customer_id = customer_id
+
+    @classmethod
+    def link(cls, file_customer_id: int, customer_id: int) -> FileCustomer:
+        return cls._create(
+            cls.Linked, id=file_customer_uuid(file_customer_id), file_customer_id=file_customer_id, customer_id=customer_id
+        )
 
 
 class IdempotencyRecord(Aggregate):

@@ -7,6 +7,7 @@ column name to the cell's value (str, int, float, date, datetime or None).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -34,6 +35,11 @@ LOAN_COLUMNS = (
     "Date of Approval",
     "End Date",
 )
+
+
+LARGEST = Decimal(10) ** 15
+SMALLEST = Decimal("0.000001")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class UnreadableFile(Exception):
@@ -107,6 +113,8 @@ def _decimal(value: Cell, column: str) -> Decimal:
         raise _BadCell(f"{column} is not a number: {value!r}") from None
     if not number.is_finite():
         raise _BadCell(f"{column} is not a number: {value!r}")
+    if abs(number) >= LARGEST or number != number.quantize(SMALLEST):
+        raise _BadCell(f"{column} must be below {LARGEST:,} with at most 6 decimals, got {value!r}")
     return number
 
 
@@ -114,6 +122,8 @@ def _text(value: Cell, column: str) -> str:
     text = "" if value is None else str(value).strip()
     if not text:
         raise _BadCell(f"{column} is empty")
+    if CONTROL.search(text):
+        raise _BadCell(f"{column} contains control characters")
     if len(text) > 100:
         raise _BadCell(f"{column} is longer than 100 characters")
     return text

@@ -53,6 +53,7 @@ def _loan_row(e: Any, origin: str) -> tuple[Any, ...]:
 
 def _customer_row(e: Any, origin: str) -> tuple[Any, ...]:
     return (
+        getattr(e, "source_customer_id", None),
         e.customer_id,
         e.first_name,
         e.last_name,
@@ -86,8 +87,8 @@ class Projector:
         self.page_size = page_size
         s = sql.Identifier(schema)
         self._insert_customer = sql.SQL(
-            "INSERT INTO {}.customers (customer_id, first_name, last_name, age, phone_number,"
-            " monthly_income, approved_limit, origin, recorded_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+            "INSERT INTO {}.customers (source_customer_id, customer_id, first_name, last_name, age, phone_number,"
+            " monthly_income, approved_limit, origin, recorded_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
         ).format(s)
         self._insert_loan = sql.SQL(
             "INSERT INTO {}.loans (loan_id, customer_id, source_loan_id, loan_amount, interest_rate, tenure,"
@@ -272,6 +273,8 @@ def rebuild(app: Ledger, conninfo: str, progress: Progress | None = None) -> int
                 )
                 conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(position)))
             log.info("rebuilt the read model from %d events", applied)
-            return applied
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+    # Catch-ups triggered during the rebuild found the lock taken and left their events to us.
+    Projector(app, conninfo).catch_up()
+    return applied

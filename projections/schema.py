@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS {s}.customers (
     origin          text NOT NULL,
     recorded_at     timestamptz NOT NULL
 );
+ALTER TABLE {s}.customers ADD COLUMN IF NOT EXISTS source_customer_id bigint;
 CREATE TABLE IF NOT EXISTS {s}.loans (
     loan_id             bigint PRIMARY KEY,
     customer_id         bigint NOT NULL,

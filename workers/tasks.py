@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import psycopg
 import redis
 from celery.signals import worker_ready
+from eventsourcing import persistence
 
 from infra.config import Settings
 from infra.importer import run_import
@@ -79,6 +81,12 @@ def import_history(job_id: str, customers_path: str, loans_path: str) -> dict[st
             return run_import(
                 _ledger(), UUID(job_id), Path(customers_path), Path(loans_path), settings.import_batch_size, batch_done
             )
+        except (psycopg.OperationalError, persistence.OperationalError, persistence.InterfaceError):
+            raise  # the database is away: the job stays running and resumes later
+        except Exception as error:  # a bug or bad data that no retry can mend: say so on the job
+            log.exception("import %s failed", job_id)
+            _ledger().fail_import(UUID(job_id), f"the import stopped: {type(error).__name__}: {error}")
+            raise
         finally:
             trigger_catch_up()
 

@@ -82,3 +82,17 @@ def test_a_header_without_the_expected_columns_refuses_the_file() -> None:
     with pytest.raises(UnreadableFile, match="missing column\\(s\\) Age, Approved Limit"):
         check_header("c.xlsx", ["Customer ID", "First Name", "Last Name", "Phone Number", "Monthly Salary"], CUSTOMER_COLUMNS)
     assert check_header("c.xlsx", [" Customer ID ", *CUSTOMER_COLUMNS[1:]], CUSTOMER_COLUMNS)["Customer ID"] == 0
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [
+        ("Monthly Salary", "1E-99999999", "Monthly Salary must be below"),
+        ("Approved Limit", 1e300, "Approved Limit must be below"),
+        ("Last Name", "Nul\x00Byte", "Last Name contains control characters"),
+    ],
+)
+def test_values_the_ledger_could_not_store_are_refused(column: str, value: object, reason: str) -> None:
+    issue = parse_customer("c.xlsx", 5, CUSTOMER | {column: value})
+    assert isinstance(issue, RowIssue)
+    assert issue.reason.startswith(reason)

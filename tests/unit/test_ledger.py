@@ -174,3 +174,28 @@ def test_repayments_count_on_time_or_late_and_the_last_one_closes_the_loan() -> 
     history = ledger.get_customer(customer_id).credit_history(date(2026, 6, 1))
     assert (history.current_loans, history.completed_loans, history.emis_due, history.emis_paid_on_time) == (0, 1, 3, 2)
     assert sum(r["amount"] for r in (first, late, last)) > D(30_000)
+
+
+def test_a_file_customer_whose_id_was_taken_is_rekeyed_with_its_loans_and_reimport_adds_nothing(ledger: Ledger) -> None:
+    registered = ledger.register_customer("Early", "Bird", 30, "9111111111", D(10_000)).customer  # takes customer ID 1
+    customers, loans = [customer_row(2, 1, "9000000001")], [loan_row(2, 1, 50)]
+    summary = run_import(ledger, customers, loans)
+    assert summary["issues"] == []
+    [rekeyed] = summary["rekeyed_customers"]  # type: ignore[misc]
+    assert rekeyed["file_customer_id"] == 1 and rekeyed["customer_id"] > 1
+    moved = ledger.get_customer(rekeyed["customer_id"])
+    assert (moved.phone_number, moved.source_customer_id, [t.loan_id for t in moved.loans]) == ("9000000001", 1, [50])
+    assert ledger.get_customer(1).first_name == registered.first_name
+    again = run_import(ledger, customers, loans)
+    assert (again["customers_imported"], again["loans_imported"], again["rekeyed_customers"]) == (0, 0, [])
+    assert (again["customers_already_present"], again["loans_already_present"]) == (1, 1)
+
+
+def test_two_file_rows_with_one_phone_number_keep_the_first_and_report_the_second(ledger: Ledger) -> None:
+    summary = run_import(
+        ledger,
+        [customer_row(2, 7, "9000000007"), customer_row(3, 8, "9000000007"), customer_row(4, 9, "9000000009")],
+        [loan_row(2, 9, 60)],
+    )
+    assert summary["issues"] == [{"file": "customers.xlsx", "row": 3, "reason": "Phone Number 9000000007 repeats row 2"}]
+    assert summary["customers_imported"] == 2 and summary["loans_imported"] == 1

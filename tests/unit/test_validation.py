@@ -42,3 +42,13 @@ def test_money_has_at_most_two_decimals() -> None:
     with pytest.raises(ApiError) as raised:
         decode(b'{"customer_id": 1, "loan_amount": 100.001, "interest_rate": 8.25, "tenure": 12}', LoanRequestBody)
     assert raised.value.details == [{"field": "loan_amount", "message": "Expected a multiple of 0.01 (at most 2 decimals)"}]
+
+
+def test_values_the_ledger_could_not_store_are_refused() -> None:
+    body = b'{"first_name": "A\\u0000", "last_name": "B", "age": 30, "monthly_income": 1e-999999999, "phone_number": 9000000000}'
+    with pytest.raises(ApiError) as raised:
+        decode(body, RegisterRequest)
+    assert [d["field"] for d in raised.value.details] == ["first_name", "monthly_income"]
+    with pytest.raises(ApiError) as raised:
+        decode(b'{"customer_id": 1, "loan_amount": 100, "interest_rate": 1e-99999, "tenure": 12}', LoanRequestBody)
+    assert raised.value.details == [{"field": "interest_rate", "message": "Expected a multiple of 0.000001 (at most 6 decimals)"}]
