@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from uuid import UUID
 
 import psycopg
@@ -52,6 +52,20 @@ class PostgresIds:
         self._reserve("loan_id_seq", highest)
 
 
+class PostgresIndex:
+    """Which aggregates exist, for thousands of IDs in one query on the event store's primary key."""
+
+    def __init__(self, pool: ConnectionPool, table: str = "ledger_events") -> None:
+        self._pool = pool
+        self._query = f"SELECT originator_id FROM {table} WHERE originator_id = ANY(%s) AND originator_version = 1"
+
+    def existing(self, ids: Collection[UUID]) -> set[UUID]:
+        if not ids:
+            return set()
+        with self._pool.connection() as conn:
+            return {row[0] for row in conn.execute(self._query, (list(ids),))}
+
+
 def connect(settings: Settings, **kwargs: object) -> psycopg.Connection:
     return psycopg.connect(settings.database_url, connect_timeout=5, **kwargs)  # type: ignore[arg-type]
 
@@ -71,7 +85,7 @@ def build_ledger(settings: Settings, pool_size: int = 4) -> tuple[Ledger, Connec
     pool = ConnectionPool(
         settings.database_url, min_size=1, max_size=pool_size, open=True, timeout=5, kwargs={"connect_timeout": 5}
     )
-    app = Ledger(settings.eventsourcing_env(), ids=PostgresIds(pool), clock=settings.clock())
+    app = Ledger(settings.eventsourcing_env(), ids=PostgresIds(pool), clock=settings.clock(), index=PostgresIndex(pool))
     return app, pool
 
 

@@ -6,7 +6,7 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
@@ -42,7 +42,7 @@ from ledger.domain import (
 )
 from ledger.history import CustomerRecord, LoanRecord
 from ledger.policy import Decision, LoanRequest, approved_limit, decide
-from ledger.ports import Clock, IdAllocator, InMemoryIds, SystemClock
+from ledger.ports import AggregateIndex, Clock, IdAllocator, InMemoryIds, SystemClock
 from ledger.schedule import amortization
 
 SAVE_ATTEMPTS = 200
@@ -120,6 +120,16 @@ class ImportReport:
         }
 
 
+class _RepositoryIndex:
+    """Asks the repository one aggregate at a time (fine in memory; PostgreSQL has a bulk index)."""
+
+    def __init__(self, app: Application[UUID]) -> None:
+        self.app = app
+
+    def existing(self, ids: Collection[UUID]) -> set[UUID]:
+        return {i for i in ids if i in self.app.repository}
+
+
 def _file_label(path: str) -> str:
     return path.replace("\\", "/").rsplit("/", 1)[-1]
 
@@ -144,10 +154,12 @@ class Ledger(Application[UUID]):
         *,
         ids: IdAllocator | None = None,
         clock: Clock | None = None,
+        index: AggregateIndex | None = None,
     ) -> None:
         super().__init__(env)
         self.ids: IdAllocator = ids or InMemoryIds()
         self.clock: Clock = clock or SystemClock()
+        self.index: AggregateIndex = index or _RepositoryIndex(self)
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)
@@ -371,9 +383,10 @@ class Ledger(Application[UUID]):
             batch_rows = sum((unit_customer is not None) + len(unit_loans) for unit_customer, _, unit_loans in batch)
             for attempt in range(SAVE_ATTEMPTS):
                 batch_report = ImportReport()
+                known = self.index.existing(_candidate_ids(batch))
                 aggregates: list[Aggregate] = []
                 for unit_customer, cid, unit_loans in batch:
-                    aggregates += self._import_unit(unit_customer, cid, unit_loans, first_use, labels, batch_report)
+                    aggregates += self._import_unit(unit_customer, cid, unit_loans, first_use, labels, known, batch_report)
                 rows_done_after = rows_done + batch_rows
                 job.progress(rows_done_after, [i.as_dict() for i in batch_report.issues])
                 try:
@@ -408,11 +421,14 @@ class Ledger(Application[UUID]):
         rows: list[LoanRecord],
         first_use: dict[int, int],
         labels: tuple[str, str],
+        known: set[UUID],
         report: ImportReport,
     ) -> list[Aggregate]:
-        """The events for one customer row (file Customer ID `file_id`) and its loan rows."""
+        """The events for one customer row (file Customer ID `file_id`) and its loan rows.
+
+        `known` holds which of the batch's candidate aggregates already exist."""
         aggregates: list[Aggregate] = []
-        existing = self._customer_for_file_id(file_id)
+        existing = self._customer_for_file_id(file_id, known)
         customer_id = file_id
         if existing is not None:
             customer_id = existing.customer_id
@@ -432,7 +448,7 @@ class Ledger(Application[UUID]):
 
         if existing is None:
             assert record is not None
-            if phone_uuid(record.phone_number) in self.repository:
+            if phone_uuid(record.phone_number) in known:
                 reason = f"Phone Number {record.phone_number} already belongs to another customer"
                 report.issues.append(RowIssue(labels[0], record.row, reason))
                 report.issues += [
@@ -447,7 +463,7 @@ class Ledger(Application[UUID]):
             if row.loan_id in already:
                 report.loans_already_present += 1
                 continue
-            terms = self._imported_terms(row, first_use)
+            terms = self._imported_terms(row, first_use, known)
             if terms.loan_id != row.loan_id:
                 report.rekeyed_loans.append(
                     {"row": row.row, "customer_id": customer_id, "file_loan_id": row.loan_id, "loan_id": terms.loan_id}
@@ -477,21 +493,18 @@ class Ledger(Application[UUID]):
             aggregates.append(existing)
         return aggregates
 
-    def _customer_for_file_id(self, file_id: int) -> Customer | None:
+    def _customer_for_file_id(self, file_id: int, known: set[UUID]) -> Customer | None:
         """The ledger's customer for a file's Customer ID: the one it was re-keyed to, or the one holding the ID."""
-        try:
+        if file_customer_uuid(file_id) in known:
             link: FileCustomer = self.repository.get(file_customer_uuid(file_id))
             return self.get_customer(link.customer_id)
-        except AggregateNotFoundError:
-            pass
-        try:
+        if customer_uuid(file_id) in known:
             return self.get_customer(file_id)
-        except CustomerNotFound:
-            return None
+        return None
 
-    def _imported_terms(self, row: LoanRecord, first_use: dict[int, int]) -> LoanTerms:
+    def _imported_terms(self, row: LoanRecord, first_use: dict[int, int], known: set[UUID]) -> LoanTerms:
         loan_id = row.loan_id
-        if first_use[loan_id] != row.row or loan_uuid(loan_id) in self.repository:
+        if first_use[loan_id] != row.row or loan_uuid(loan_id) in known:
             loan_id = self.ids.next_loan_id()
         return LoanTerms(
             loan_id=loan_id,
@@ -505,3 +518,14 @@ class Ledger(Application[UUID]):
             emis_paid_on_time=row.emis_paid_on_time,
             source_loan_id=row.loan_id,
         )
+
+
+def _candidate_ids(batch: Sequence[tuple[CustomerRecord | None, int, list[LoanRecord]]]) -> set[UUID]:
+    """Every aggregate a batch of the import might find already recorded."""
+    ids: set[UUID] = set()
+    for record, file_id, rows in batch:
+        ids |= {customer_uuid(file_id), file_customer_uuid(file_id)}
+        if record is not None:
+            ids.add(phone_uuid(record.phone_number))
+        ids |= {loan_uuid(row.loan_id) for row in rows}
+    return ids

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection
 from datetime import date
 from typing import Protocol
+from uuid import UUID
 
 
 class Clock(Protocol):
@@ -61,3 +63,9 @@ class InMemoryIds:
     def reserve_loan_ids_through(self, highest: int) -> None:
         with self._lock:
             self._loan = max(self._loan, highest)
+
+
+class AggregateIndex(Protocol):
+    """Which of many aggregates exist, in one question (the import asks for thousands at a time)."""
+
+    def existing(self, ids: Collection[UUID]) -> set[UUID]: ...

@@ -71,6 +71,13 @@ def _repayment_row(e: Any) -> tuple[Any, ...]:
     return (e.loan_id, e.installment, e.paid_on, e.due_date, e.on_time, e.amount, e.emis_paid, e.emis_paid_on_time, e.loan_id)
 
 
+def _copy(cur: psycopg.Cursor[Any], statement: sql.Composed, rows: list[tuple[Any, ...]]) -> None:
+    if rows:
+        with cur.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
+
+
 @dataclass
 class _Page:
     customers: list[tuple[Any, ...]]
@@ -86,17 +93,17 @@ class Projector:
         self.schema = schema
         self.page_size = page_size
         s = sql.Identifier(schema)
-        self._insert_customer = sql.SQL(
-            "INSERT INTO {}.customers (source_customer_id, customer_id, first_name, last_name, age, phone_number,"
-            " monthly_income, approved_limit, origin, recorded_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+        # Rows go in by COPY: many times faster than INSERTs for the pages of an import or a rebuild.
+        self._copy_customers = sql.SQL(
+            "COPY {}.customers (source_customer_id, customer_id, first_name, last_name, age, phone_number,"
+            " monthly_income, approved_limit, origin, recorded_at) FROM STDIN"
         ).format(s)
-        self._insert_loan = sql.SQL(
-            "INSERT INTO {}.loans (loan_id, customer_id, source_loan_id, loan_amount, interest_rate, tenure,"
-            " monthly_installment, start_date, end_date, emis_paid, emis_paid_on_time, origin)"
-            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+        self._copy_loans = sql.SQL(
+            "COPY {}.loans (loan_id, customer_id, source_loan_id, loan_amount, interest_rate, tenure,"
+            " monthly_installment, start_date, end_date, emis_paid, emis_paid_on_time, origin) FROM STDIN"
         ).format(s)
-        self._insert_repayment = sql.SQL(
-            "INSERT INTO {}.repayments (loan_id, installment, paid_on, due_date, on_time, amount) VALUES (%s,%s,%s,%s,%s,%s)"
+        self._copy_repayments = sql.SQL(
+            "COPY {}.repayments (loan_id, installment, paid_on, due_date, on_time, amount) FROM STDIN"
         ).format(s)
         self._loan_payments = sql.SQL("UPDATE {}.loans SET emis_paid = %s, emis_paid_on_time = %s WHERE loan_id = %s").format(s)
         self._tracking = sql.Identifier(schema, "tracking")
@@ -176,12 +183,10 @@ class Projector:
             self._collect(page, self.app.mapper.to_domain_event(notification))
         position = notifications[-1].id
         with conn.transaction(), conn.cursor() as cur:
-            if page.customers:
-                cur.executemany(self._insert_customer, page.customers)
-            if page.loans:
-                cur.executemany(self._insert_loan, page.loans)
+            _copy(cur, self._copy_customers, page.customers)
+            _copy(cur, self._copy_loans, page.loans)
             if page.repayments:  # after the loans: a loan and its repayments may share a page
-                cur.executemany(self._insert_repayment, [r[:6] for r in page.repayments])
+                _copy(cur, self._copy_repayments, [r[:6] for r in page.repayments])
                 cur.executemany(self._loan_payments, [r[6:] for r in page.repayments])
             for job_event in page.jobs:
                 self._apply_job(cur, job_event)
