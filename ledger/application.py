@@ -46,6 +46,9 @@ from ledger.ports import AggregateIndex, Clock, IdAllocator, InMemoryIds, System
 from ledger.schedule import amortization
 
 SAVE_ATTEMPTS = 200
+# One save is one psycopg pipeline carrying every event as a single array parameter; saves of
+# several MiB were seen to hang (bench/pipeline_hang.py), so a batch also stops at this many rows.
+MAX_ROWS_PER_SAVE = 2000
 
 
 def _back_off(attempt: int) -> None:
@@ -378,8 +381,7 @@ class Ledger(Application[UUID]):
         ]
         units += [(None, cid, rows) for cid, rows in loans_by_customer.items()]
 
-        for start in range(0, len(units), batch_size):
-            batch = units[start : start + batch_size]
+        for batch in _batches(units, batch_size, MAX_ROWS_PER_SAVE):
             batch_rows = sum((unit_customer is not None) + len(unit_loans) for unit_customer, _, unit_loans in batch)
             for attempt in range(SAVE_ATTEMPTS):
                 batch_report = ImportReport()
@@ -529,3 +531,23 @@ def _candidate_ids(batch: Sequence[tuple[CustomerRecord | None, int, list[LoanRe
             ids.add(phone_uuid(record.phone_number))
         ids |= {loan_uuid(row.loan_id) for row in rows}
     return ids
+
+
+Unit = tuple[CustomerRecord | None, int, list[LoanRecord]]
+
+
+def _batches(units: Sequence[Unit], customers: int, rows: int) -> list[list[Unit]]:
+    """Consecutive units, at most `customers` of them and about `rows` rows (a customer's loans stay together)."""
+    batches: list[list[Unit]] = []
+    current: list[Unit] = []
+    size = 0
+    for unit in units:
+        weight = 1 + len(unit[2])
+        if current and (len(current) >= customers or size + weight > rows):
+            batches.append(current)
+            current, size = [], 0
+        current.append(unit)
+        size += weight
+    if current:
+        batches.append(current)
+    return batches

@@ -199,3 +199,11 @@ def test_two_file_rows_with_one_phone_number_keep_the_first_and_report_the_secon
     )
     assert summary["issues"] == [{"file": "customers.xlsx", "row": 3, "reason": "Phone Number 9000000007 repeats row 2"}]
     assert summary["customers_imported"] == 2 and summary["loans_imported"] == 1
+
+
+def test_import_batches_stop_at_a_customer_count_or_a_row_budget_keeping_loans_with_their_customer() -> None:
+    from ledger.application import _batches
+
+    units = [(None, n, [loan_row(n, n, 100 + i) for i in range(loans)]) for n, loans in enumerate([3, 0, 5, 1, 1])]
+    assert [[u[1] for u in b] for b in _batches(units, customers=2, rows=100)] == [[0, 1], [2, 3], [4]]
+    assert [[u[1] for u in b] for b in _batches(units, customers=100, rows=6)] == [[0, 1], [2], [3, 4]]
