@@ -172,7 +172,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_api(args: argparse.Namespace) -> int:
     # Metrics from every uvicorn process are summed through files in one directory.
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="ledger-metrics-"))
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ledger-metrics-")
     os.execvp(
         sys.executable,
         [
