@@ -15,7 +15,7 @@ from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import JSONTranscoder, RecordConflictError, Transcoding
+from eventsourcing.persistence import JSONTranscoder, Mapper, RecordConflictError, Transcoding
 
 from ledger.calendar import add_months
 from ledger.domain import (
@@ -41,6 +41,7 @@ from ledger.domain import (
     phone_uuid,
 )
 from ledger.history import CustomerRecord, LoanRecord
+from ledger.mapper import TypedMapper
 from ledger.policy import Decision, LoanRequest, approved_limit, decide
 from ledger.ports import AggregateIndex, Clock, IdAllocator, InMemoryIds, SystemClock
 from ledger.schedule import amortization
@@ -163,6 +164,9 @@ class Ledger(Application[UUID]):
         self.ids: IdAllocator = ids or InMemoryIds()
         self.clock: Clock = clock or SystemClock()
         self.index: AggregateIndex = index or _RepositoryIndex(self)
+
+    def construct_mapper(self) -> Mapper[Any]:
+        return self.factory.mapper(transcoder=self.construct_transcoder(), mapper_class=TypedMapper)
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)

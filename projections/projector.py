@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -140,16 +141,33 @@ class Projector:
         self._check_event_store(conn)
         position = self.position(conn)
         last = self.app.recorder.max_notification_id() or 0
+        if last - position <= self.page_size:  # the usual case after a command: one page, no reader thread
+            notifications = self._read_page(position, last)
+            if notifications:
+                self.apply_page(conn, notifications)
+                if progress is not None:
+                    progress(notifications[-1].id, last)
+            return len(notifications)
         applied = 0
-        while position < last:
-            notifications = self.app.recorder.select_notifications(start=position, limit=self.page_size, inclusive_of_start=False)
-            if not notifications:
-                break
-            position = self.apply_page(conn, notifications)
-            applied += len(notifications)
-            if progress is not None:
-                progress(position, last)
+        # The next page is read while this one is applied: the database and this process overlap.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="projection-read") as reader:
+            next_page = reader.submit(self._read_page, position, last)
+            while True:
+                notifications = next_page.result()
+                if not notifications:
+                    break
+                position = notifications[-1].id
+                next_page = reader.submit(self._read_page, position, last)
+                self.apply_page(conn, notifications)
+                applied += len(notifications)
+                if progress is not None:
+                    progress(position, last)
         return applied
+
+    def _read_page(self, after: int, last: int) -> Sequence[Notification]:
+        if after >= last:
+            return []
+        return self.app.recorder.select_notifications(start=after, limit=self.page_size, inclusive_of_start=False)
 
     def position(self, conn: psycopg.Connection) -> int:
         row = conn.execute(

@@ -1,0 +1,102 @@
+"""Events survive the round trip through the typed mapper with their exact types and values."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from decimal import Decimal
+from uuid import uuid4
+
+from eventsourcing.persistence import Mapper
+
+from ledger.application import Ledger
+from ledger.domain import Customer, IdempotencyRecord, ImportJob, Loan, LoanTerms
+from ledger.mapper import TypedMapper
+
+
+def _ledger() -> Ledger:
+    return Ledger({"PERSISTENCE_MODULE": "eventsourcing.popo"})
+
+
+def _round_trip(mapper: Mapper, event: object) -> object:
+    return mapper.to_domain_event(mapper.to_stored_event(event))  # type: ignore[arg-type]
+
+
+def test_the_ledger_stores_its_events_with_the_typed_mapper() -> None:
+    assert isinstance(_ledger().mapper, TypedMapper)
+
+
+def test_typed_events_come_back_with_decimals_dates_and_nested_terms() -> None:
+    mapper = _ledger().mapper
+    terms = LoanTerms(
+        loan_id=7,
+        amount=Decimal("100000.005"),
+        interest_rate=Decimal("12.5"),
+        tenure=12,
+        monthly_installment=Decimal("8908.33"),
+        start_date=date(2024, 1, 31),
+        end_date=date(2025, 1, 31),
+        emis_paid=3,
+        emis_paid_on_time=2,
+    )
+    customer = Customer.import_history(
+        customer_id=1,
+        first_name="Aarav",
+        last_name="Shah",
+        age=30,
+        phone_number="9876543210",
+        monthly_income=Decimal("50000"),
+        approved_limit=Decimal("1800000"),
+        loans=[terms],
+        source_customer_id=None,
+    )
+    customer.book_loan(terms)
+    customer.record_repayment(7, date(2024, 2, 29), True)
+    loan = Loan.book(customer_id=1, terms=terms)
+    loan.record_repayment(date(2024, 3, 1), date(2024, 2, 29), Decimal("8908.33"))
+    events = [*customer.collect_events(), *loan.collect_events()]
+    assert len(events) == 5
+    for event in events:
+        stored = mapper.to_stored_event(event)
+        assert b"_type_" not in stored.state
+        back = mapper.to_domain_event(stored)
+        assert type(back) is type(event)
+        assert vars(back) == vars(event)
+        for name, value in vars(event).items():
+            assert type(getattr(back, name)) is type(value), name
+    imported = mapper.to_domain_event(mapper.to_stored_event(events[0]))
+    assert imported.loans == [terms] and isinstance(imported.loans[0].amount, Decimal)  # type: ignore[attr-defined]
+
+
+def test_state_is_plain_json_not_the_librarys_tagged_objects() -> None:
+    mapper = _ledger().mapper
+    job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
+    job.start(total_rows=10)
+    _requested, started = job.collect_events()
+    state = json.loads(mapper.to_stored_event(started).state)
+    assert state["total_rows"] == 10
+    assert isinstance(state["timestamp"], str)  # the library's transcoder writes {"_type_": ..., "_data_": ...}
+
+
+def test_events_stored_by_the_librarys_transcoder_still_load() -> None:
+    ledger = _ledger()
+    legacy = Mapper(transcoder=ledger.construct_transcoder())
+    job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
+    job.start(total_rows=10)
+    for event in job.collect_events():
+        stored = legacy.to_stored_event(event)
+        assert b"_type_" in stored.state
+        back = ledger.mapper.to_domain_event(stored)
+        assert vars(back) == vars(event)
+
+
+def test_free_form_state_keeps_the_librarys_transcoding() -> None:
+    """An idempotent response holds Decimals under `Any`: typed decoding would turn them into strings."""
+    mapper = _ledger().mapper
+    record = IdempotencyRecord.record("key", "fingerprint", {"monthly_installment": Decimal("8908.33"), "approved": True})
+    (recorded,) = record.collect_events()
+    stored = mapper.to_stored_event(recorded)
+    assert b"_type_" in stored.state
+    back = mapper.to_domain_event(stored)
+    assert back.response == {"monthly_installment": Decimal("8908.33"), "approved": True}  # type: ignore[attr-defined]
+    assert isinstance(back.response["monthly_installment"], Decimal)  # type: ignore[attr-defined]
