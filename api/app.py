@@ -95,7 +95,8 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             min_size=1,
             max_size=settings.db_pool_size,
             open=False,
-            kwargs={"connect_timeout": 5},
+            # Queries only read: no transaction to begin and commit around each one.
+            kwargs={"connect_timeout": 5, "autocommit": True},
             timeout=5,
         )
         await pool.open(wait=False)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -19,6 +20,7 @@ from starlette.responses import Response
 from api import schemas
 from api.errors import ApiError
 from api.observability import BOOKINGS, EVENTS_APPENDED, exposition
+from api.querycache import VersionedCache
 from api.readyourwrites import PositionWatcher
 from api.validation import decode
 from infra.config import Settings
@@ -50,6 +52,8 @@ class Services:
     pool: AsyncConnectionPool
     sync_pool: ConnectionPool
     watcher: PositionWatcher
+    histories: VersionedCache[CreditHistory] = field(default_factory=VersionedCache)
+    loan_lists: VersionedCache[bytes] = field(default_factory=VersionedCache)
 
 
 def services(request: Request) -> Services:
@@ -132,8 +136,7 @@ async def check_eligibility(request: Request) -> Response:
         profile = await views.customer(conn, body.customer_id)
         if profile is None:
             raise ApiError(404, "customer_not_found", f"customer {body.customer_id} not found")
-        loans = await views.loan_facts(conn, body.customer_id)
-    history = credit_history(loans, svc.ledger.clock.today())
+        history = await _credit_history(svc, conn, profile)
     decision = decide(history, profile.monthly_income, profile.approved_limit, _loan_request(body))
     return json(
         schemas.EligibilityResponse(
@@ -148,6 +151,16 @@ async def check_eligibility(request: Request) -> Response:
             message=None if decision.approved else decision.message,
         )
     )
+
+
+async def _credit_history(svc: Services, conn: AsyncConnection[Any], profile: views.CustomerProfile) -> CreditHistory:
+    """The customer's history as of today, scored again only when their loans or the date changed."""
+    stamp = (profile.version, svc.ledger.clock.today())
+    history = svc.histories.get(profile.customer_id, stamp)
+    if history is None:
+        history = credit_history(await views.loan_facts(conn, profile.customer_id), stamp[1])
+        svc.histories.put(profile.customer_id, stamp, history)
+    return history
 
 
 def breakdown(history: CreditHistory, credit: CreditScore, limit: Decimal) -> schemas.CreditScoreBreakdown:
@@ -245,22 +258,28 @@ async def view_loan(request: Request) -> Response:
 async def view_loans(request: Request) -> Response:
     svc = services(request)
     customer_id = path_int(request, "customer_id")
+    today = svc.ledger.clock.today()
     async with svc.pool.connection() as conn:
-        if await views.customer(conn, customer_id) is None:
+        version = await views.customer_version(conn, customer_id)
+        if version is None:
             raise ApiError(404, "customer_not_found", f"customer {customer_id} not found")
-        rows = await views.current_loans(conn, customer_id, svc.ledger.clock.today())
-    return json(
-        [
-            schemas.CustomerLoan(
-                loan_id=r["loan_id"],
-                loan_amount=to_money(r["loan_amount"]),
-                interest_rate=r["interest_rate"],
-                monthly_installment=to_money(r["monthly_installment"]),
-                repayments_left=r["repayments_left"],
+        body = svc.loan_lists.get(customer_id, (version, today))
+        if body is None:
+            rows = await views.current_loans(conn, customer_id, today)
+            body = schemas.encoder.encode(
+                [
+                    schemas.CustomerLoan(
+                        loan_id=r["loan_id"],
+                        loan_amount=to_money(r["loan_amount"]),
+                        interest_rate=r["interest_rate"],
+                        monthly_installment=to_money(r["monthly_installment"]),
+                        repayments_left=r["repayments_left"],
+                    )
+                    for r in rows
+                ]
             )
-            for r in rows
-        ]
-    )
+            svc.loan_lists.put(customer_id, (version, today), body)
+    return Response(body, media_type="application/json")
 
 
 def _inside(directory: Path, name: str) -> Path:
@@ -421,8 +440,7 @@ async def customer_profile(request: Request) -> Response:
         profile = await views.customer(conn, customer_id)
         if profile is None:
             raise ApiError(404, "customer_not_found", f"customer {customer_id} not found")
-        loans = await views.loan_facts(conn, customer_id)
-    history = credit_history(loans, svc.ledger.clock.today())
+        history = await _credit_history(svc, conn, profile)
     credit = credit_score(history, profile.approved_limit)
     return json(
         schemas.CustomerProfile(

@@ -8,7 +8,9 @@ the check cannot drift apart.
 from __future__ import annotations
 
 import typing
+from dataclasses import dataclass
 from decimal import Decimal
+from functools import cache
 from typing import Any, TypeVar
 
 import msgspec
@@ -74,6 +76,32 @@ def parse_json(body: bytes) -> Any:
         raise ApiError(400, "malformed_json", f"The request body is not valid JSON: {error}") from None
 
 
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    encode_name: str
+    required: bool
+    type: Any
+    is_decimal: bool
+    bounds: dict[str, Any]
+
+
+@cache
+def _fields(struct: type[msgspec.Struct]) -> tuple[_Field, ...]:
+    """What decode needs to know of each field, worked out once per struct (it evaluates annotations)."""
+    return tuple(
+        _Field(
+            f.name,
+            f.encode_name,
+            f.required,
+            f.type,
+            _base_type(f.type) is Decimal,
+            _decimal_bounds(f.type),
+        )
+        for f in msgspec.structs.fields(struct)
+    )
+
+
 def decode(body: bytes, struct: type[S], aliases: dict[str, str] | None = None, *, empty_ok: bool = False) -> S:
     raw = {} if empty_ok and not body.strip() else parse_json(body)
     if not isinstance(raw, dict):
@@ -83,14 +111,13 @@ def decode(body: bytes, struct: type[S], aliases: dict[str, str] | None = None, 
             raw[name] = raw.pop(alias)
     errors: list[dict[str, str]] = []
     values: dict[str, Any] = {}
-    for field in msgspec.structs.fields(struct):
+    for field in _fields(struct):
         if field.encode_name not in raw:
             if field.required:
                 errors.append({"field": field.encode_name, "message": "This field is required"})
             continue
         value = raw[field.encode_name]
-        is_decimal = _base_type(field.type) is Decimal
-        if is_decimal and (isinstance(value, (str, bool)) or value is None):
+        if field.is_decimal and (isinstance(value, (str, bool)) or value is None):
             errors.append(
                 {
                     "field": field.encode_name,
@@ -103,8 +130,8 @@ def decode(body: bytes, struct: type[S], aliases: dict[str, str] | None = None, 
         except msgspec.ValidationError as error:
             errors.append({"field": field.encode_name, "message": _message(error, field.type)})
             continue
-        if is_decimal:
-            problem = _check_decimal(converted, _decimal_bounds(field.type))
+        if field.is_decimal:
+            problem = _check_decimal(converted, field.bounds)
             if problem:
                 errors.append({"field": field.encode_name, "message": problem})
                 continue

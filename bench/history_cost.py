@@ -52,7 +52,8 @@ def book_history(stack: Stack, loans: int) -> tuple[int, int, list[float]]:
                 raise RuntimeError(f"booking {n + 1} for customer {b} was refused: {booked.response['message']}")
             if (n + 1) % 200 == 0:
                 say(f"booked {n + 1}/{loans} loans for customer {b} (last booking {timings[-1] * 1000:.1f} ms)")
-        Projector(app, stack.database_url).catch_up()
+        with Projector(app, stack.database_url) as projector:
+            projector.catch_up()
     finally:
         pool.close()
         app.close()

@@ -162,7 +162,8 @@ def cmd_init(args: argparse.Namespace) -> int:
                 f"{result['customers_already_present']} and {result['loans_already_present']} already present",
                 file=sys.stderr,
             )
-        Projector(ledger, settings.database_url).catch_up(lambda d, t: bar(d, t, "projection"))
+        with Projector(ledger, settings.database_url) as projector:
+            projector.catch_up(lambda d, t: bar(d, t, "projection"))
         print("\nready", file=sys.stderr)
     finally:
         pool.close()

@@ -8,10 +8,11 @@ which is how the API learns, without polling, that a command's events are visibl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -52,8 +53,8 @@ def _loan_row(e: Any, origin: str) -> tuple[Any, ...]:
     )
 
 
-def _customer_row(e: Any, origin: str) -> tuple[Any, ...]:
-    return (
+def _customer_row(e: Any, origin: str, position: int) -> list[Any]:
+    return [
         getattr(e, "source_customer_id", None),
         e.customer_id,
         e.first_name,
@@ -64,7 +65,8 @@ def _customer_row(e: Any, origin: str) -> tuple[Any, ...]:
         e.approved_limit,
         origin,
         e.timestamp,
-    )
+        position,
+    ]
 
 
 def _repayment_row(e: Any) -> tuple[Any, ...]:
@@ -72,19 +74,44 @@ def _repayment_row(e: Any) -> tuple[Any, ...]:
     return (e.loan_id, e.installment, e.paid_on, e.due_date, e.on_time, e.amount, e.emis_paid, e.emis_paid_on_time, e.loan_id)
 
 
-def _copy(cur: psycopg.Cursor[Any], statement: sql.Composed, rows: list[tuple[Any, ...]]) -> None:
-    if rows:
-        with cur.copy(statement) as copy:
+SMALL_PAGE = 50  # pages up to this many events are written in one pipeline, without COPY
+
+
+class _Rows:
+    """How rows go into one read-model table: COPY for many, INSERTs for a few."""
+
+    def __init__(self, schema: str, table: str, columns: str) -> None:
+        target = sql.SQL("{} ({})").format(sql.Identifier(schema, table), sql.SQL(columns))
+        self.copy = sql.SQL("COPY {} FROM STDIN").format(target)
+        placeholders = sql.SQL(", ").join(sql.Placeholder() * len(columns.split(",")))
+        self.insert = sql.SQL("INSERT INTO {} VALUES ({})").format(target, placeholders)
+
+    def write(self, cur: psycopg.Cursor[Any], rows: Sequence[Sequence[Any]], small: bool) -> None:
+        if not rows:
+            return
+        if small:
+            cur.executemany(self.insert, rows)
+            return
+        with cur.copy(self.copy) as copy:
             for row in rows:
                 copy.write_row(row)
 
 
 @dataclass
 class _Page:
-    customers: list[tuple[Any, ...]]
-    loans: list[tuple[Any, ...]]
-    repayments: list[tuple[Any, ...]]
-    jobs: list[DomainEventProtocol[Any]]
+    customers: list[list[Any]] = field(default_factory=list)
+    loans: list[tuple[Any, ...]] = field(default_factory=list)
+    repayments: list[tuple[Any, ...]] = field(default_factory=list)
+    jobs: list[DomainEventProtocol[Any]] = field(default_factory=list)
+    # customer_id -> position of the page's last loan event for them; loan_id -> of its last repayment
+    loan_changes: dict[int, int] = field(default_factory=dict)
+    repayment_changes: dict[int, int] = field(default_factory=dict)
+
+    def customer_versions(self) -> tuple[list[int], list[int]]:
+        """Stamp the page's new customers with their loans' positions; the rest need an UPDATE."""
+        for row in self.customers:
+            row[-1] = max(row[-1], self.loan_changes.pop(row[1], 0))
+        return list(self.loan_changes), list(self.loan_changes.values())
 
 
 class Projector:
@@ -95,78 +122,119 @@ class Projector:
         self.page_size = page_size
         s = sql.Identifier(schema)
         # Rows go in by COPY: many times faster than INSERTs for the pages of an import or a rebuild.
-        self._copy_customers = sql.SQL(
-            "COPY {}.customers (source_customer_id, customer_id, first_name, last_name, age, phone_number,"
-            " monthly_income, approved_limit, origin, recorded_at) FROM STDIN"
-        ).format(s)
-        self._copy_loans = sql.SQL(
-            "COPY {}.loans (loan_id, customer_id, source_loan_id, loan_amount, interest_rate, tenure,"
-            " monthly_installment, start_date, end_date, emis_paid, emis_paid_on_time, origin) FROM STDIN"
-        ).format(s)
-        self._copy_repayments = sql.SQL(
-            "COPY {}.repayments (loan_id, installment, paid_on, due_date, on_time, amount) FROM STDIN"
-        ).format(s)
+        # A page of a few events (after a command) goes in by INSERTs sent in one pipeline instead:
+        # COPY costs round trips of its own, and a pipeline sends the whole transaction at once.
+        self._customers = _Rows(
+            schema,
+            "customers",
+            "source_customer_id, customer_id, first_name, last_name, age, phone_number,"
+            " monthly_income, approved_limit, origin, recorded_at, version",
+        )
+        self._loans = _Rows(
+            schema,
+            "loans",
+            "loan_id, customer_id, source_loan_id, loan_amount, interest_rate, tenure,"
+            " monthly_installment, start_date, end_date, emis_paid, emis_paid_on_time, origin",
+        )
+        self._repayments = _Rows(schema, "repayments", "loan_id, installment, paid_on, due_date, on_time, amount")
         self._loan_payments = sql.SQL("UPDATE {}.loans SET emis_paid = %s, emis_paid_on_time = %s WHERE loan_id = %s").format(s)
+        self._customer_versions = sql.SQL(
+            "UPDATE {0}.customers c SET version = v.position"
+            " FROM unnest(%s::bigint[], %s::bigint[]) AS v (customer_id, position)"
+            " WHERE c.customer_id = v.customer_id AND c.version < v.position"
+        ).format(s)
+        self._versions_by_loan = sql.SQL(
+            "UPDATE {0}.customers c SET version = v.position"
+            " FROM (SELECT l.customer_id, max(r.position) AS position"
+            "       FROM unnest(%s::bigint[], %s::bigint[]) AS r (loan_id, position)"
+            "       JOIN {0}.loans l USING (loan_id) GROUP BY l.customer_id) v"
+            " WHERE c.customer_id = v.customer_id AND c.version < v.position"
+        ).format(s)
         self._tracking = sql.Identifier(schema, "tracking")
         self._jobs = sql.Identifier(schema, "import_jobs")
+        self._events_table = f"{app.name.lower()}_events"
+        self._state = sql.SQL(
+            "SELECT t.position, t.events_table, %s::regclass::oid FROM (SELECT 1) one LEFT JOIN {} t ON t.projection = %s"
+        ).format(self._tracking)
+        self._unlock = sql.SQL("SELECT pg_advisory_unlock(%s), (SELECT max(notification_id) FROM {})").format(
+            sql.Identifier(self._events_table)
+        )
+        self._conn: psycopg.Connection | None = None
+        self._position = 0
+        self._events_oid = 0
 
     # Running
 
     def connect(self) -> psycopg.Connection:
-        return psycopg.connect(self.conninfo, connect_timeout=5)
+        return psycopg.connect(self.conninfo, connect_timeout=5, autocommit=True)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Projector:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def catch_up(self, progress: Progress | None = None) -> int | None:
-        """Apply every event not yet applied. None when another runner holds the lock."""
+        """Apply every event not yet applied. None when another runner holds the lock.
+
+        The connection stays open between calls (a new one costs more than a small page);
+        after any error it is closed, which also frees the lock, and the next call reconnects.
+        """
+        if self._conn is None or self._conn.closed:
+            self._conn = self.connect()
+        try:
+            return self._catch_up(self._conn, progress)
+        except BaseException:
+            self.close()
+            raise
+
+    def _catch_up(self, conn: psycopg.Connection, progress: Progress | None) -> int | None:
         applied = 0
-        with self.connect() as conn:
-            conn.autocommit = True
-            while True:
-                locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
-                if not (locked and locked[0]):
-                    return None if applied == 0 else applied
-                try:
-                    applied += self._run_locked(conn, progress)
-                finally:
-                    conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
-                # A trigger that arrived while we held the lock found it busy and left
-                # its events to us: look once more now that the lock is free.
-                if self.position(conn) >= (self.app.recorder.max_notification_id() or 0):
-                    return applied
+        while True:
+            locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
+            if not (locked and locked[0]):
+                return None if applied == 0 else applied
+            try:
+                applied += self._run_locked(conn, progress)
+            finally:
+                row = conn.execute(self._unlock, (LOCK_KEY,)).fetchone()
+            # A trigger that arrived while we held the lock found it busy and left
+            # its events to us: look once more now that the lock is free.
+            if row is None or row[1] is None or self._position >= row[1]:
+                return applied
 
     def run_holding_lock(self, conn: psycopg.Connection, progress: Progress | None = None) -> int:
         """Catch up on a connection that already holds the lock (the rebuild does)."""
         return self._run_locked(conn, progress)
 
     def _run_locked(self, conn: psycopg.Connection, progress: Progress | None) -> int:
-        self._check_event_store(conn)
-        position = self.position(conn)
-        last = self.app.recorder.max_notification_id() or 0
-        if last - position <= self.page_size:  # the usual case after a command: one page, no reader thread
-            notifications = self._read_page(position, last)
+        position = self._prepare(conn)
+        notifications = self._read_page(position)
+        if len(notifications) < self.page_size:  # the usual case after a command: one page, no reader thread
             if notifications:
                 self.apply_page(conn, notifications)
                 if progress is not None:
-                    progress(notifications[-1].id, last)
+                    progress(self._position, self._position)
             return len(notifications)
+        last = self.app.recorder.max_notification_id() or 0
         applied = 0
         # The next page is read while this one is applied: the database and this process overlap.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="projection-read") as reader:
-            next_page = reader.submit(self._read_page, position, last)
-            while True:
-                notifications = next_page.result()
-                if not notifications:
-                    break
-                position = notifications[-1].id
-                next_page = reader.submit(self._read_page, position, last)
+            while notifications:
+                next_page = reader.submit(self._read_page, notifications[-1].id)
                 self.apply_page(conn, notifications)
                 applied += len(notifications)
                 if progress is not None:
-                    progress(position, last)
+                    progress(self._position, max(last, self._position))
+                notifications = next_page.result()
         return applied
 
-    def _read_page(self, after: int, last: int) -> Sequence[Notification]:
-        if after >= last:
-            return []
+    def _read_page(self, after: int) -> Sequence[Notification]:
         return self.app.recorder.select_notifications(start=after, limit=self.page_size, inclusive_of_start=False)
 
     def position(self, conn: psycopg.Connection) -> int:
@@ -175,37 +243,41 @@ class Projector:
         ).fetchone()
         return int(row[0]) if row else 0
 
-    def _events_table_oid(self, conn: psycopg.Connection) -> int:
-        table = f"{self.app.name.lower()}_events"
-        row = conn.execute("SELECT %s::regclass::oid", (table,)).fetchone()
+    def _prepare(self, conn: psycopg.Connection) -> int:
+        """Read the position, and check that tracking belongs to this event store: if the store
+        was recreated, empty the read model and start again from zero."""
+        row = conn.execute(self._state, (self._events_table, PROJECTION)).fetchone()
         assert row is not None
-        return int(row[0])
-
-    def _check_event_store(self, conn: psycopg.Connection) -> None:
-        """Tracking belongs to one event store: if the store was recreated, start again from zero."""
-        row = conn.execute(
-            sql.SQL("SELECT events_table FROM {} WHERE projection = %s").format(self._tracking), (PROJECTION,)
-        ).fetchone()
-        if row is not None and int(row[0]) != self._events_table_oid(conn):
+        position, tracked_oid, self._events_oid = row
+        if tracked_oid is not None and tracked_oid != self._events_oid:
             log.warning("event store was recreated: emptying read model %s to replay it", self.schema)
             with conn.transaction():
                 for table in read_model.TABLES:
                     conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(self.schema, table)))
+            position = None
+        self._position = int(position or 0)
+        return self._position
 
     # Applying
 
     def apply_page(self, conn: psycopg.Connection, notifications: Sequence[Notification]) -> int:
-        """Apply one page of notifications and move the tracking position, in one transaction."""
-        page = _Page([], [], [], [])
+        """Apply one page of notifications and move the tracking position, in one transaction
+        (on a connection that holds the lock and has been through `_prepare`)."""
+        page = _Page()
         for notification in notifications:
-            self._collect(page, self.app.mapper.to_domain_event(notification))
+            self._collect(page, self.app.mapper.to_domain_event(notification), notification.id)
         position = notifications[-1].id
-        with conn.transaction(), conn.cursor() as cur:
-            _copy(cur, self._copy_customers, page.customers)
-            _copy(cur, self._copy_loans, page.loans)
+        changed_customers, changed_at = page.customer_versions()
+        small = len(notifications) <= SMALL_PAGE
+        with conn.pipeline() if small else contextlib.nullcontext(), conn.transaction(), conn.cursor() as cur:
+            self._customers.write(cur, page.customers, small)
+            self._loans.write(cur, page.loans, small)
             if page.repayments:  # after the loans: a loan and its repayments may share a page
-                _copy(cur, self._copy_repayments, [r[:6] for r in page.repayments])
+                self._repayments.write(cur, [r[:6] for r in page.repayments], small)
                 cur.executemany(self._loan_payments, [r[6:] for r in page.repayments])
+                cur.execute(self._versions_by_loan, (list(page.repayment_changes), list(page.repayment_changes.values())))
+            if changed_customers:
+                cur.execute(self._customer_versions, (changed_customers, changed_at))
             for job_event in page.jobs:
                 self._apply_job(cur, job_event)
             cur.execute(
@@ -214,24 +286,28 @@ class Projector:
                     " ON CONFLICT (projection) DO UPDATE SET position = EXCLUDED.position,"
                     " events_table = EXCLUDED.events_table"
                 ).format(self._tracking),
-                (PROJECTION, position, self._events_table_oid(conn)),
+                (PROJECTION, position, self._events_oid),
             )
             if self.schema == read_model.SCHEMA:
                 cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(position)))
+        self._position = position
         return position
 
     @staticmethod
-    def _collect(page: _Page, event: DomainEventProtocol[Any]) -> None:
+    def _collect(page: _Page, event: DomainEventProtocol[Any], position: int) -> None:
         if isinstance(event, Customer.Registered):
-            page.customers.append(_customer_row(event, "registered"))
+            page.customers.append(_customer_row(event, "registered", position))
         elif isinstance(event, Customer.Imported):
-            page.customers.append(_customer_row(event, "imported"))
+            page.customers.append(_customer_row(event, "imported", position))
         elif isinstance(event, Loan.Booked):
             page.loans.append(_loan_row(event, "booked"))
+            page.loan_changes[event.customer_id] = position
         elif isinstance(event, Loan.Imported):
             page.loans.append(_loan_row(event, "imported"))
+            page.loan_changes[event.customer_id] = position
         elif isinstance(event, Loan.RepaymentRecorded):
             page.repayments.append(_repayment_row(event))
+            page.repayment_changes[event.loan_id] = position
         elif isinstance(event, ImportJob.Event):
             page.jobs.append(event)
 
@@ -299,5 +375,6 @@ def rebuild(app: Ledger, conninfo: str, progress: Progress | None = None) -> int
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
     # Catch-ups triggered during the rebuild found the lock taken and left their events to us.
-    Projector(app, conninfo).catch_up()
+    with Projector(app, conninfo) as live:
+        live.catch_up()
     return applied

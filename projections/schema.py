@@ -24,6 +24,8 @@ CREATE TABLE IF NOT EXISTS {s}.customers (
     recorded_at     timestamptz NOT NULL
 );
 ALTER TABLE {s}.customers ADD COLUMN IF NOT EXISTS source_customer_id bigint;
+-- The position of the last event that changed the customer or their loans: what query caches key on.
+ALTER TABLE {s}.customers ADD COLUMN IF NOT EXISTS version bigint NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS {s}.loans (
     loan_id             bigint PRIMARY KEY,
     customer_id         bigint NOT NULL,

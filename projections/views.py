@@ -18,7 +18,7 @@ from psycopg.rows import dict_row
 from ledger.policy import LoanFacts
 
 _CUSTOMER = """
-SELECT customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit
+SELECT customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit, version
 FROM readmodel.customers WHERE customer_id = %s
 """
 _LOAN_FACTS = """
@@ -55,12 +55,19 @@ class CustomerProfile:
     phone_number: str
     monthly_income: Decimal
     approved_limit: Decimal
+    version: int  # the position of the last event that changed the customer or their loans
 
 
 async def customer(conn: AsyncConnection[Any], customer_id: int) -> CustomerProfile | None:
     cur = await conn.execute(_CUSTOMER, (customer_id,))
     row = await cur.fetchone()
     return CustomerProfile(*row) if row else None
+
+
+async def customer_version(conn: AsyncConnection[Any], customer_id: int) -> int | None:
+    cur = await conn.execute("SELECT version FROM readmodel.customers WHERE customer_id = %s", (customer_id,))
+    row = await cur.fetchone()
+    return int(row[0]) if row else None
 
 
 async def loan_facts(conn: AsyncConnection[Any], customer_id: int) -> list[LoanFacts]:

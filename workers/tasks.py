@@ -41,7 +41,9 @@ def ping_workers(timeout: float = 1.0) -> int:
     return len(celery.control.ping(timeout=timeout))
 
 
+@cache
 def projector() -> Projector:
+    """This process's projector: it keeps its connection between catch-ups."""
     settings = Settings.from_env()
     return Projector(_ledger(), settings.database_url, page_size=settings.projection_page_size)
 

@@ -90,14 +90,15 @@ def test_a_failed_page_leaves_nothing_half_applied_and_the_next_run_completes_it
                 "INSERT INTO readmodel.loans VALUES (%s, 1, NULL, 1, 1, 1, 1, '2020-01-01', '2020-02-01', 0, 0, 'blocker')",
                 (loan_id,),
             )
-        with pytest.raises(psycopg.errors.UniqueViolation):
-            Projector(app, settings.database_url).catch_up()
+        with pytest.raises(psycopg.errors.UniqueViolation), Projector(app, settings.database_url) as projector:
+            projector.catch_up()
         with stack.connect() as conn:
             after_failure = snapshot(conn)
             conn.execute("DELETE FROM readmodel.loans WHERE origin = 'blocker'")
         after_failure["loans"] = [row for row in after_failure["loans"] if row[-1] != "blocker"]
         assert after_failure == before  # the customer row of the same page was rolled back too
-        Projector(app, settings.database_url).catch_up()
+        with Projector(app, settings.database_url) as projector:
+            projector.catch_up()
         with stack.connect() as conn:
             final = snapshot(conn)
         assert len(final["customers"]) == len(before["customers"]) + 1
@@ -138,7 +139,8 @@ def test_a_recreated_event_store_empties_the_read_model_instead_of_skipping(stac
             ).fetchone()
         app, pool = build_ledger(stack.settings)
         try:
-            Projector(app, stack.settings.database_url).catch_up()
+            with Projector(app, stack.settings.database_url) as projector:
+                projector.catch_up()
         finally:
             pool.close()
             app.close()
