@@ -104,6 +104,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         async def refresh_pools() -> None:
             await pool.check()
             await run_in_threadpool(sync_pool.check)
+            await run_in_threadpool(ledger.recorder.datastore.pool.check)  # type: ignore[attr-defined]
 
         watcher = PositionWatcher(settings.database_url, on_reconnect=refresh_pools)
         await watcher.start()

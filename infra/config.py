@@ -59,6 +59,9 @@ class Settings:
             "POSTGRES_PASSWORD": str(parts.get("password", "")),
             "POSTGRES_POOL_SIZE": str(self.db_pool_size),
             "POSTGRES_CONNECT_TIMEOUT": "2",
-            "POSTGRES_PRE_PING": "y",
+            # No ping before each use (a round trip per command): a connection broken by a server
+            # restart fails once and the recorder retries on a fresh one, and the API re-checks
+            # every pooled connection when its LISTEN connection comes back (api/app.py).
+            "POSTGRES_PRE_PING": "n",
             "CREATE_TABLE": "y" if create_table else "n",
         }

@@ -82,8 +82,13 @@ def setup_schema(settings: Settings) -> None:
 
 def build_ledger(settings: Settings, pool_size: int = 4) -> tuple[Ledger, ConnectionPool]:
     """The application on PostgreSQL, with sequence IDs and the configured clock."""
-    pool = ConnectionPool(
-        settings.database_url, min_size=1, max_size=pool_size, open=True, timeout=5, kwargs={"connect_timeout": 5}
+    pool = ConnectionPool(  # sequences and existence checks: single statements, no transaction needed
+        settings.database_url,
+        min_size=1,
+        max_size=pool_size,
+        open=True,
+        timeout=5,
+        kwargs={"connect_timeout": 5, "autocommit": True},
     )
     app = Ledger(settings.eventsourcing_env(), ids=PostgresIds(pool), clock=settings.clock(), index=PostgresIndex(pool))
     return app, pool
