@@ -8,6 +8,7 @@ from collections.abc import Collection, Iterator
 from uuid import UUID
 
 import psycopg
+from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from infra.config import Settings
@@ -91,7 +92,26 @@ def build_ledger(settings: Settings, pool_size: int = 4) -> tuple[Ledger, Connec
         kwargs={"connect_timeout": 5, "autocommit": True},
     )
     app = Ledger(settings.eventsourcing_env(), ids=PostgresIds(pool), clock=settings.clock(), index=PostgresIndex(pool))
+    _append_in_binary(app.recorder)
     return app, pool
+
+
+def _append_in_binary(recorder: object) -> None:
+    """Send the array of new events in psycopg's binary format instead of its text format.
+
+    The library's INSERT passes the events as one array of its composite type with a `%s`
+    placeholder, which psycopg dumps as text: every byte of every event's state escaped as hex
+    through a regular expression, in Python (a fifth of an import's time). The composite type is
+    registered on the library's connections, so psycopg can dump the same array in binary (`%b`).
+    """
+    statement = getattr(recorder, "insert_events_statement", None)
+    if not isinstance(statement, sql.Composed):
+        return
+    parts = [
+        sql.SQL(part.as_string().replace("unnest(%s::", "unnest(%b::")) if isinstance(part, sql.SQL) else part
+        for part in statement
+    ]
+    recorder.insert_events_statement = sql.Composed(parts)  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

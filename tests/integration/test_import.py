@@ -229,3 +229,14 @@ def test_check_eligibility_on_the_read_model_decides_as_the_customer_aggregate_d
                 assert Decimal(str(read_side["monthly_installment"])) == write_side.monthly_installment
     finally:
         ledger.close()
+
+
+def test_events_are_appended_in_binary_and_read_back_intact(stack: Stack, imported: dict[str, Any]) -> None:
+    """build_ledger switches the library's INSERT to psycopg's binary format; a library upgrade
+    that changes the statement would silently undo it, so the statement itself is checked."""
+    app = stack.ledger()
+    statement = app.recorder.insert_events_statement.as_string()  # type: ignore[attr-defined]
+    assert "unnest(%b::" in statement
+    with stack.connect() as conn:
+        row = conn.execute("SELECT state FROM ledger_events WHERE topic LIKE '%%Customer.Imported' LIMIT 1").fetchone()
+    assert row is not None and bytes(row[0]).startswith(b"{") and b'"loans":[' in bytes(row[0])
