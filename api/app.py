@@ -25,6 +25,7 @@ from api.endpoints import Services
 from api.errors import ApiError, error_response
 from api.limits import BodySizeLimit
 from api.observability import RequestObserver
+from api.querycache import VersionedCache
 from api.readyourwrites import PositionWatcher
 from api.routes import starlette_routes
 from infra.config import Settings
@@ -108,7 +109,15 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 
         watcher = PositionWatcher(settings.database_url, on_reconnect=refresh_pools)
         await watcher.start()
-        app.state.services = Services(settings, ledger, pool, sync_pool, watcher)
+        app.state.services = Services(
+            settings,
+            ledger,
+            pool,
+            sync_pool,
+            watcher,
+            histories=VersionedCache(settings.query_cache_size),
+            loan_lists=VersionedCache(settings.query_cache_size),
+        )
         try:
             yield
         finally:

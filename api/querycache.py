@@ -29,6 +29,8 @@ class VersionedCache(Generic[Value]):
         return entry[1]
 
     def put(self, customer_id: int, stamp: Hashable, value: Value) -> None:
+        if self.size <= 0:
+            return
         if customer_id not in self._entries and len(self._entries) >= self.size:
             del self._entries[next(iter(self._entries))]  # the oldest entry
         self._entries[customer_id] = (stamp, value)

@@ -227,14 +227,14 @@ class Stack:
         wait_until(lambda: "ready." in self.log("worker"), timeout, "the worker to be ready", lambda: self.log("worker")[-3000:])
         return process
 
-    def start_api(self, workers: int = 2, timeout: float = 60) -> str:
+    def start_api(self, workers: int = 2, timeout: float = 60, env: dict[str, str] | None = None) -> str:
         import httpx2
 
         self.api_port = free_port()
         metrics = self.workdir / "metrics"  # PROMETHEUS_MULTIPROC_DIR inside the workdir, so it is removed with it
         metrics.mkdir(exist_ok=True)
         args = ("--host", "127.0.0.1", "--port", str(self.api_port), "--workers", str(workers))
-        self.spawn("api", *args, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics)})
+        self.spawn("api", *args, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics), **(env or {})})
         base = f"http://127.0.0.1:{self.api_port}"
 
         def healthy() -> bool:

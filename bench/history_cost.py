@@ -12,9 +12,15 @@ which gives the write-side cost of a long history too. The read model is caught 
 (Projector.catch_up), then `ledger api --workers 2` is started (--api-workers) and each endpoint is called
 --requests times in a row (after 20 warm-up calls) with one httpx2 client, one request at a time:
 
-- POST /check-eligibility  (reads the customer and ALL their loans, scores them in Python)
-- GET  /view-loans/{id}     (the customer's current loans: all 1,000 of B's)
-- GET  /customers/{id}      (profile and score: all loans again)
+- POST /check-eligibility  (the customer's row; their credit history: ALL their loans, scored in Python)
+- GET  /view-loans/{id}     (the customer's version; their current loans: all 1,000 of B's)
+- GET  /customers/{id}      (profile and score: the credit history again)
+
+Each API process keeps a customer's credit history and loan list between requests, keyed by the
+customer's read-model version and the day (api/querycache.py), so after the warm-up the loans are
+not read again until they change: that is the repeated-query cost. `--query-cache-size 0`
+(QUERY_CACHE_SIZE=0 for the API) turns the cache off and measures every request reading and
+scoring all the loans: the cost of the first query after a change.
 
 Reported: p50 and p99 in milliseconds, the response size, and the ratio B / A.
 """
@@ -85,13 +91,18 @@ def main() -> int:
         default=2,
         help="uvicorn processes (`ledger api --workers`); before 1f339f0, 2 or more added ~40 ms to every answer",
     )
+    parser.add_argument(
+        "--query-cache-size", type=int, help="QUERY_CACHE_SIZE for the API (default: its own, 20000; 0 turns the cache off)"
+    )
     args = parser.parse_args()
     import httpx2
+
+    api_env = {} if args.query_cache_size is None else {"QUERY_CACHE_SIZE": str(args.query_cache_size)}
 
     with Stack() as stack:
         say(f"booking 1 loan for customer A and {args.loans} for customer B, in-process")
         a, b, bookings = book_history(stack, args.loans)
-        base = stack.start_api(workers=args.api_workers)
+        base = stack.start_api(workers=args.api_workers, env=api_env)
         endpoints: list[tuple[str, str, Callable[[int], str], Callable[[int], dict[str, Any] | None]]] = [
             (
                 "POST /check-eligibility",
@@ -118,7 +129,8 @@ def main() -> int:
     print(f"command: python bench/history_cost.py {' '.join(sys.argv[1:])}")
     print(
         f"customer A ({a}): 1 loan; customer B ({b}): {args.loans} loans; {args.requests} sequential requests each, httpx2, "
-        f"ledger api --workers {args.api_workers}, PostgreSQL fsync=off"
+        f"ledger api --workers {args.api_workers}, QUERY_CACHE_SIZE={api_env.get('QUERY_CACHE_SIZE', 'default (20000)')}, "
+        "PostgreSQL fsync=off"
     )
     print(
         f"{'endpoint':<26} {'A p50':>8} {'A p99':>8} {'B p50':>8} {'B p99':>8} {'p50 B/A':>8} {'p99 B/A':>8} {'A bytes':>8} {'B bytes':>8}"

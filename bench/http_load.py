@@ -149,7 +149,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--create-connections", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    parser.add_argument("--fresh-customers", type=int, default=3000, help="customers registered for create-loan")
+    parser.add_argument(
+        "--fresh-customers", type=int, default=6000, help="customers registered for create-loan (more than it books in the run)"
+    )
     parser.add_argument("--api-workers", type=int, default=2, help="uvicorn processes (`ledger api --workers`)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()

@@ -26,6 +26,7 @@ class Settings:
     projection_page_size: int
     ready_max_lag: int
     db_pool_size: int
+    query_cache_size: int = 20_000  # customers whose answers each API process keeps; 0 keeps none
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -42,6 +43,7 @@ class Settings:
             projection_page_size=int(env.get("PROJECTION_PAGE_SIZE", "1000")),
             ready_max_lag=int(env.get("READY_MAX_LAG", "1000")),
             db_pool_size=int(env.get("DB_POOL_SIZE", "10")),
+            query_cache_size=int(env.get("QUERY_CACHE_SIZE", "20000")),
         )
 
     def clock(self) -> Clock:
