@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from python_calamine import CalamineWorkbook
 
@@ -23,22 +23,24 @@ from ledger.history import (
 Record = TypeVar("Record", CustomerRecord, LoanRecord)
 
 
-def _rows(path: Path) -> tuple[int, Iterator[list[object]]]:
-    """The first sheet's rows and the Excel row number of its first row."""
+def _rows(path: Path) -> Iterator[list[Any]]:
+    """The first sheet's rows from row 1, as Python values."""
     if not path.is_file():
         raise UnreadableFile(f"{path.name}: no such file")
     try:
         workbook = CalamineWorkbook.from_path(str(path))
         if not workbook.sheet_names:
             raise UnreadableFile(f"{path.name}: the workbook has no sheets")
-        sheet = workbook.get_sheet_by_index(0)
-        first_row = (sheet.start or (0, 0))[0] + 1
-        rows: list[list[object]] = [list(row) for row in sheet.to_python(skip_empty_area=False)]
-        return first_row, iter(rows)
+        # Row by row: the cells become Python objects one row at a time, not all at once.
+        return workbook.get_sheet_by_index(0).iter_rows()
     except UnreadableFile:
         raise
     except Exception as error:  # calamine raises its own error types for every malformed file
         raise UnreadableFile(f"{path.name}: not a readable Excel workbook ({error})") from None
+
+
+def _blank(row: list[Any]) -> bool:
+    return all(cell is None or cell == "" for cell in row)
 
 
 def _read(
@@ -47,19 +49,19 @@ def _read(
     columns: tuple[str, ...],
     parse: Callable[[str, int, dict[str, object]], Record | RowIssue],
 ) -> tuple[list[Record], list[RowIssue]]:
-    first_row, rows = _rows(path)
-    header = next(rows, None)
+    rows = _rows(path)
+    header_row, header = next(((number, row) for number, row in enumerate(rows, start=1) if not _blank(row)), (0, None))
     if header is None:
         raise UnreadableFile(f"{path.name}: the first sheet is empty")
     positions = check_header(path.name, list(header), columns)
     records: list[Record] = []
     issues: list[RowIssue] = []
-    for offset, row in enumerate(rows, start=1):
-        if all(cell is None or cell == "" for cell in row):
+    for number, row in enumerate(rows, start=header_row + 1):
+        if _blank(row):
             continue
         cells = {col: (row[i] if i < len(row) else None) for col, i in positions.items()}
         cells = {col: (None if value == "" else value) for col, value in cells.items()}
-        parsed = parse(label, first_row + offset, cells)
+        parsed = parse(label, number, cells)
         if isinstance(parsed, RowIssue):
             issues.append(parsed)
         else:

@@ -46,7 +46,7 @@ class UnreadableFile(Exception):
     """The whole file cannot be imported; nothing is changed."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: an import holds a million of these at once
 class CustomerRecord:
     row: int
     customer_id: int
@@ -58,7 +58,7 @@ class CustomerRecord:
     approved_limit: Decimal
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LoanRecord:
     row: int
     customer_id: int
