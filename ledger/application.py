@@ -13,9 +13,9 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID, uuid4
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import JSONTranscoder, Mapper, RecordConflictError, Transcoding
+from eventsourcing.persistence import JSONTranscoder, Mapper, RecordConflictError, Recording, Transcoding
 
 from ledger.calendar import add_months
 from ledger.domain import (
@@ -148,6 +148,22 @@ def request_fingerprint(customer_id: int, request: LoanRequest) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+class _ProcessingEvent(ProcessingEvent[UUID]):
+    """Collects events from this ledger's aggregates by their class. The library's own collection
+    asks two runtime-checkable Protocols of every object, about 14 µs each on Python 3.11: a fifth
+    of an import's time. Anything else still goes through the library's checks."""
+
+    def collect_events(self, *objs: Any, **kwargs: Any) -> None:
+        others = []
+        for obj in objs:
+            if isinstance(obj, Aggregate):
+                self.events.extend(obj.collect_events())
+                self.aggregates[obj.id] = obj
+            elif obj is not None:
+                others.append(obj)
+        super().collect_events(*others, **kwargs)
+
+
 class Ledger(Application[UUID]):
     name = "Ledger"
     snapshotting_intervals = {Customer: 50}  # noqa: RUF012 (the library's own class attribute)
@@ -164,6 +180,16 @@ class Ledger(Application[UUID]):
         self.ids: IdAllocator = ids or InMemoryIds()
         self.clock: Clock = clock or SystemClock()
         self.index: AggregateIndex = index or _RepositoryIndex(self)
+
+    def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
+        """The library's `save`, with a `ProcessingEvent` that knows this ledger's aggregates by class."""
+        processing_event = _ProcessingEvent()
+        processing_event.collect_events(*objs, **kwargs)
+        recordings = self._record(processing_event)
+        self._take_snapshots(processing_event)
+        self._notify(recordings)
+        self.notify(processing_event.events)  # as the library's save does (its deprecated hook)
+        return recordings
 
     def construct_mapper(self) -> Mapper[Any]:
         return self.factory.mapper(transcoder=self.construct_transcoder(), mapper_class=TypedMapper)

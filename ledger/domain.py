@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import date
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -19,14 +20,19 @@ from ledger.policy import CreditHistory, LoanFacts, credit_history
 NAMESPACE = uuid5(NAMESPACE_URL, "https://credit-approval-ledger/ids")
 
 
+# An import asks for the same IDs several times a row (existence check, creation, re-keying):
+# uuid5 hashes each time, so recent answers are kept.
+@lru_cache(maxsize=65_536)
 def customer_uuid(customer_id: int) -> UUID:
     return uuid5(NAMESPACE, f"customer:{customer_id}")
 
 
+@lru_cache(maxsize=65_536)
 def loan_uuid(loan_id: int) -> UUID:
     return uuid5(NAMESPACE, f"loan:{loan_id}")
 
 
+@lru_cache(maxsize=65_536)
 def phone_uuid(phone_number: str) -> UUID:
     return uuid5(NAMESPACE, f"phone:{phone_number}")
 

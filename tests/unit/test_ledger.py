@@ -17,6 +17,7 @@ from ledger.domain import (
     Loan,
     LoanClosed,
     PhoneNumberTaken,
+    customer_uuid,
     loan_uuid,
 )
 from ledger.history import CustomerRecord, LoanRecord
@@ -207,3 +208,14 @@ def test_import_batches_stop_at_a_customer_count_or_a_row_budget_keeping_loans_w
     units = [(None, n, [loan_row(n, n, 100 + i) for i in range(loans)]) for n, loans in enumerate([3, 0, 5, 1, 1])]
     assert [[u[1] for u in b] for b in _batches(units, customers=2, rows=100)] == [[0, 1], [2, 3], [4]]
     assert [[u[1] for u in b] for b in _batches(units, customers=100, rows=6)] == [[0, 1], [2], [3, 4]]
+
+
+def test_a_long_history_is_snapshotted_every_50_events_and_loads_whole(ledger: Ledger) -> None:
+    customer_id = ledger.register_customer("Raj", "Kumar", 40, "9876500001", D(10_000_000)).customer.customer_id
+    for _ in range(60):
+        booked = ledger.book_loan(customer_id, LoanRequest(D(10_000), D(16), 12), None)
+        assert booked.response["loan_approved"] is True
+    assert ledger.snapshots is not None
+    (snapshot,) = ledger.snapshots.get(customer_uuid(customer_id))
+    assert snapshot.originator_version == 50
+    assert len(ledger.get_customer(customer_id).loans) == 60
