@@ -22,7 +22,7 @@ from starlette.staticfiles import StaticFiles
 
 from api import openapi
 from api.endpoints import Services
-from api.errors import ApiError, error_response
+from api.errors import ApiError, domain_error_response, error_response
 from api.limits import BodySizeLimit
 from api.observability import RequestObserver
 from api.querycache import VersionedCache
@@ -31,6 +31,7 @@ from api.routes import starlette_routes
 from infra.config import Settings
 from infra.logs import configure_logging
 from infra.postgres import build_ledger
+from ledger.domain import DomainError
 from ledger.ports import Clock
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,12 @@ DOCS_PAGE = """<!doctype html>
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return error_response(exc.status, exc.code, exc.message, exc.details)
+
+
+async def domain_error(request: Request, exc: Exception) -> Response:
+    """A command the domain refused (unknown customer, closed loan, ...): see api.errors.DOMAIN_ERRORS."""
+    assert isinstance(exc, DomainError)
+    return domain_error_response(exc)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -138,6 +145,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         middleware=[Middleware(RequestObserver), Middleware(BodySizeLimit)],
         exception_handlers={
             ApiError: api_error,
+            DomainError: domain_error,
             HTTPException: http_error,
             psycopg.OperationalError: database_unavailable,
             PoolTimeout: database_unavailable,

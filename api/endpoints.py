@@ -26,13 +26,6 @@ from api.validation import decode
 from infra.config import Settings
 from ledger.application import Ledger, Saved
 from ledger.domain import (
-    Contention,
-    CustomerNotFound,
-    IdempotencyKeyReused,
-    InvalidRepayment,
-    LoanClosed,
-    LoanNotFound,
-    PhoneNumberTaken,
     customer_uuid,
     loan_uuid,
 )
@@ -98,17 +91,14 @@ def _phone(value: int | str) -> str:
 async def register(request: Request) -> Response:
     svc = services(request)
     body = decode(await request.body(), schemas.RegisterRequest, aliases={"monthly_salary": "monthly_income"})
-    try:
-        registration = await run_in_threadpool(
-            svc.ledger.register_customer,
-            body.first_name.strip(),
-            body.last_name.strip(),
-            body.age,
-            _phone(body.phone_number),
-            body.monthly_income,
-        )
-    except PhoneNumberTaken as taken:
-        raise ApiError(409, "phone_number_taken", str(taken), {"field": "phone_number"}) from None
+    registration = await run_in_threadpool(
+        svc.ledger.register_customer,
+        body.first_name.strip(),
+        body.last_name.strip(),
+        body.age,
+        _phone(body.phone_number),
+        body.monthly_income,
+    )
     headers = await after_command(svc, registration)
     customer = registration.customer
     return json(
@@ -204,14 +194,7 @@ async def create_loan(request: Request) -> Response:
     svc = services(request)
     body = decode(await request.body(), schemas.LoanRequestBody)
     key = idempotency_key(request)
-    try:
-        booking = await run_in_threadpool(svc.ledger.book_loan, body.customer_id, _loan_request(body), key)
-    except CustomerNotFound as missing:
-        raise ApiError(404, "customer_not_found", str(missing)) from None
-    except IdempotencyKeyReused as reused:
-        raise ApiError(422, "idempotency_key_reused", str(reused)) from None
-    except Contention as busy:
-        raise ApiError(503, "contention", str(busy)) from None
+    booking = await run_in_threadpool(svc.ledger.book_loan, body.customer_id, _loan_request(body), key)
     headers = await after_command(svc, booking)
     if booking.replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -357,18 +340,7 @@ async def record_repayment(request: Request) -> Response:
     loan_id = path_int(request, "loan_id")
     body = decode(await request.body(), schemas.RepaymentRequest, empty_ok=True)
     key = idempotency_key(request)
-    try:
-        result = await run_in_threadpool(svc.ledger.record_repayment, loan_id, body.paid_on, key)
-    except LoanNotFound as missing:
-        raise ApiError(404, "loan_not_found", str(missing)) from None
-    except LoanClosed as closed:
-        raise ApiError(409, "loan_closed", str(closed)) from None
-    except InvalidRepayment as invalid:
-        raise ApiError(400, "invalid_repayment", str(invalid), [{"field": "paid_on", "message": str(invalid)}]) from None
-    except IdempotencyKeyReused as reused:
-        raise ApiError(422, "idempotency_key_reused", str(reused)) from None
-    except Contention as busy:
-        raise ApiError(503, "contention", str(busy)) from None
+    result = await run_in_threadpool(svc.ledger.record_repayment, loan_id, body.paid_on, key)
     headers = await after_command(svc, result)
     if result.replayed:
         headers["Idempotent-Replayed"] = "true"
