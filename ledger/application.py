@@ -242,12 +242,8 @@ class Ledger(Application[UUID]):
         Two bookings for one customer conflict on the customer's version; the loser
         reloads and decides again, so nothing booked can break the rules.
         """
-        fingerprint = request_fingerprint(customer_id, request)
-        for attempt in range(SAVE_ATTEMPTS):
-            if idempotency_key is not None:
-                earlier = self._idempotent_response(idempotency_key, fingerprint)
-                if earlier is not None:
-                    return Booking(response=earlier, replayed=True)
+
+        def attempt() -> tuple[list[Aggregate], dict[str, Any]]:
             customer = self.get_customer(customer_id)
             decision = self.decide_for(customer, request)
             to_save: list[Aggregate] = []
@@ -273,6 +269,31 @@ class Ledger(Application[UUID]):
                 "message": decision.message,
                 "monthly_installment": decision.monthly_installment,
             }
+            return to_save, response
+
+        return self._command(
+            attempt,
+            idempotency_key,
+            request_fingerprint(customer_id, request),
+            busy=f"customer {customer_id} is being changed by too many requests at once; try again",
+        )
+
+    def _command(
+        self,
+        attempt: Callable[[], tuple[list[Aggregate], dict[str, Any]]],
+        idempotency_key: str | None,
+        fingerprint: str,
+        busy: str,
+    ) -> Booking:
+        """Run `attempt` (it loads aggregates, decides, and returns what to save and the answer)
+        until its save meets no concurrent change, reloading and deciding again after a conflict.
+        With an Idempotency-Key the answer is saved under the key, and a repeat gets it back."""
+        for n in range(SAVE_ATTEMPTS):
+            if idempotency_key is not None:
+                earlier = self._idempotent_response(idempotency_key, fingerprint)
+                if earlier is not None:
+                    return Booking(response=earlier, replayed=True)
+            to_save, response = attempt()
             if idempotency_key is not None:
                 to_save.append(IdempotencyRecord.record(idempotency_key, fingerprint, response))
             if not to_save:
@@ -280,10 +301,10 @@ class Ledger(Application[UUID]):
             try:
                 recordings = self.save(*to_save)
             except RecordConflictError:
-                _back_off(attempt)
+                _back_off(n)
                 continue
             return Booking(**Saved.of(recordings), response=response)
-        raise Contention(f"customer {customer_id} is being changed by too many requests at once; try again")
+        raise Contention(busy)
 
     def _idempotent_response(self, key: str, fingerprint: str) -> dict[str, Any] | None:
         try:
@@ -298,12 +319,8 @@ class Ledger(Application[UUID]):
 
     def record_repayment(self, loan_id: int, paid_on: date | None = None, idempotency_key: str | None = None) -> Booking:
         """Record the loan's next installment as paid on `paid_on` (default today)."""
-        fingerprint = hashlib.sha256(f"repayment:{loan_id}:{paid_on}".encode()).hexdigest()
-        for attempt in range(SAVE_ATTEMPTS):
-            if idempotency_key is not None:
-                earlier = self._idempotent_response(idempotency_key, fingerprint)
-                if earlier is not None:
-                    return Booking(response=earlier, replayed=True)
+
+        def attempt() -> tuple[list[Aggregate], dict[str, Any]]:
             try:
                 loan: Loan = self.repository.get(loan_uuid(loan_id))
             except AggregateNotFoundError:
@@ -333,16 +350,14 @@ class Ledger(Application[UUID]):
                 "repayments_left": loan.repayments_left,
                 "loan_closed": loan.repayments_left == 0,
             }
-            to_save: list[Aggregate] = [loan, customer]
-            if idempotency_key is not None:
-                to_save.append(IdempotencyRecord.record(idempotency_key, fingerprint, response))
-            try:
-                recordings = self.save(*to_save)
-            except RecordConflictError:
-                _back_off(attempt)
-                continue
-            return Booking(**Saved.of(recordings), response=response)
-        raise Contention(f"loan {loan_id} is being changed by too many requests at once; try again")
+            return [loan, customer], response
+
+        return self._command(
+            attempt,
+            idempotency_key,
+            hashlib.sha256(f"repayment:{loan_id}:{paid_on}".encode()).hexdigest(),
+            busy=f"loan {loan_id} is being changed by too many requests at once; try again",
+        )
 
     # Import
 
