@@ -24,5 +24,6 @@ run import_scale "$PYTHON" bench/import_scale.py --data "$DATA" --max-seconds 90
 run rebuild "$PYTHON" bench/rebuild.py --data "$DATA" --repeat 2
 run http_load "$PYTHON" bench/http_load.py --duration 10
 run history_cost "$PYTHON" bench/history_cost.py --requests 500 --loans 1000
+run history_cost_uncached "$PYTHON" bench/history_cost.py --requests 500 --loans 1000 --query-cache-size 0
 
 echo "bench: done; every result block is in $OUT" >&2
