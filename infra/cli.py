@@ -220,10 +220,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
-    schedule = Path(tempfile.gettempdir()) / f"ledger-beat-{os.getpid()}"
+    # The in-memory scheduler: the schedules are intervals, so there is nothing worth keeping
+    # between runs, and the default one leaves a shelve file behind at every start.
     os.execvp(
         sys.executable,
-        [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat", "--loglevel=INFO", "--schedule", str(schedule)],
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app",
+            "beat",
+            "--loglevel=INFO",
+            "--scheduler",
+            "celery.beat:Scheduler",
+        ],
     )
 
 
