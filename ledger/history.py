@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
+from typing import Any
 
 from ledger.domain import RowIssue
 
@@ -103,12 +105,24 @@ def _integer(value: Cell, column: str) -> int:
     raise _BadCell(f"{column} is not a whole number: {value!r}")
 
 
+# A file repeats the same rates, dates and customer IDs on many rows: each distinct value is made
+# once and shared (they are immutable), which keeps a million parsed loans hundreds of MB smaller.
+@lru_cache(maxsize=65_536, typed=True)
+def _shared(value: Any) -> Any:
+    return value
+
+
+@lru_cache(maxsize=65_536, typed=True)
+def _number(value: float | int | str) -> Decimal:
+    # repr gives the shortest decimal that reads back as the same float: what the sheet shows.
+    return Decimal(repr(value)) if isinstance(value, float) else Decimal(str(value).strip())
+
+
 def _decimal(value: Cell, column: str) -> Decimal:
-    if isinstance(value, bool) or value is None:
+    if isinstance(value, bool) or value is None or not isinstance(value, (float, int, str)):
         raise _BadCell(f"{column} is not a number: {value!r}")
     try:
-        # repr gives the shortest decimal that reads back as the same float: what the sheet shows.
-        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(str(value).strip())
+        number = _number(value)
     except InvalidOperation:
         raise _BadCell(f"{column} is not a number: {value!r}") from None
     if not number.is_finite():
@@ -131,12 +145,12 @@ def _text(value: Cell, column: str) -> str:
 
 def _date(value: Cell, column: str) -> date:
     if isinstance(value, datetime):
-        return value.date()
+        return _shared(value.date())  # type: ignore[no-any-return]
     if isinstance(value, date):
-        return value
+        return _shared(value)  # type: ignore[no-any-return]
     if isinstance(value, str):
         try:
-            return date.fromisoformat(value.strip()[:10])
+            return _shared(date.fromisoformat(value.strip()[:10]))  # type: ignore[no-any-return]
         except ValueError:
             pass
     raise _BadCell(f"{column} is not a date: {value!r}")
@@ -177,7 +191,7 @@ def parse_customer(file: str, row: int, cells: Mapping[str, Cell]) -> CustomerRe
 
 def parse_loan(file: str, row: int, cells: Mapping[str, Cell]) -> LoanRecord | RowIssue:
     try:
-        customer_id = _integer(cells["Customer ID"], "Customer ID")
+        customer_id = _shared(_integer(cells["Customer ID"], "Customer ID"))
         _at_least(customer_id, 1, "Customer ID")
         loan_id = _integer(cells["Loan ID"], "Loan ID")
         _at_least(loan_id, 1, "Loan ID")
