@@ -145,11 +145,13 @@ async def check_eligibility(request: Request) -> Response:
 
 async def _credit_history(svc: Services, conn: AsyncConnection[Any], profile: views.CustomerProfile) -> CreditHistory:
     """The customer's history as of today, scored again only when their loans or the date changed."""
-    stamp = (profile.version, svc.ledger.clock.today())
+    today = svc.ledger.clock.today()
+    stamp = (profile.version, today)
     history = svc.histories.get(profile.customer_id, stamp)
     if history is None:
-        history = credit_history(await views.loan_facts(conn, profile.customer_id), stamp[1])
-        svc.histories.put(profile.customer_id, stamp, history)
+        history = credit_history(await views.loan_facts(conn, profile.customer_id), today)
+        if profile.version[0] > 0:  # 0: a projection that does not keep versions wrote the row
+            svc.histories.put(profile.customer_id, stamp, history)
     return history
 
 
@@ -261,7 +263,8 @@ async def view_loans(request: Request) -> Response:
                     for r in rows
                 ]
             )
-            svc.loan_lists.put(customer_id, (version, today), body)
+            if version[0] > 0:
+                svc.loan_lists.put(customer_id, (version, today), body)
     return Response(body, media_type="application/json")
 
 

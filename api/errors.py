@@ -51,5 +51,6 @@ DOMAIN_ERRORS: dict[type[DomainError], tuple[int, str, Callable[[DomainError], A
 
 
 def domain_error_response(error: DomainError) -> Response:
-    status, code, details = DOMAIN_ERRORS[type(error)]
+    mapped = next(kind for kind in type(error).__mro__ if kind in DOMAIN_ERRORS)  # a new subclass maps as its parent
+    status, code, details = DOMAIN_ERRORS[mapped]
     return error_response(status, code, str(error), details(error))

@@ -32,10 +32,18 @@ def _rows(path: Path) -> Iterator[list[Any]]:
         if not workbook.sheet_names:
             raise UnreadableFile(f"{path.name}: the workbook has no sheets")
         # Row by row: the cells become Python objects one row at a time, not all at once.
-        return workbook.get_sheet_by_index(0).iter_rows()
+        return _converted(path, workbook.get_sheet_by_index(0).iter_rows())
     except UnreadableFile:
         raise
     except Exception as error:  # calamine raises its own error types for every malformed file
+        raise UnreadableFile(f"{path.name}: not a readable Excel workbook ({error})") from None
+
+
+def _converted(path: Path, rows: Iterator[list[Any]]) -> Iterator[list[Any]]:
+    """The rows, with a cell calamine cannot convert reported as an unreadable file."""
+    try:
+        yield from rows
+    except Exception as error:
         raise UnreadableFile(f"{path.name}: not a readable Excel workbook ({error})") from None
 
 

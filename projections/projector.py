@@ -186,13 +186,20 @@ class Projector:
         The connection stays open between calls (a new one costs more than a small page);
         after any error it is closed, which also frees the lock, and the next call reconnects.
         """
-        if self._conn is None or self._conn.closed:
-            self._conn = self.connect()
-        try:
-            return self._catch_up(self._conn, progress)
-        except BaseException:
-            self.close()
-            raise
+        for attempt in (1, 2):
+            if self._conn is None or self._conn.closed:
+                self._conn = self.connect()
+            try:
+                return self._catch_up(self._conn, progress)
+            except psycopg.OperationalError:
+                self.close()
+                if attempt == 2:  # a fresh connection failed too: the database is away
+                    raise
+                # The kept connection may have died with a server restart: once more, on a new one.
+            except BaseException:
+                self.close()
+                raise
+        raise AssertionError("unreachable")
 
     def _catch_up(self, conn: psycopg.Connection, progress: Progress | None) -> int | None:
         applied = 0

@@ -17,9 +17,15 @@ from psycopg.rows import dict_row
 
 from ledger.policy import LoanFacts
 
-_CUSTOMER = """
-SELECT customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit, version
-FROM readmodel.customers WHERE customer_id = %s
+# A customer's version, with what a rebuild or a recreated event store changes (the schema's oid,
+# the event store the tracking belongs to): replayed events give the same versions again.
+_VERSION = """
+c.version, 'readmodel'::regnamespace::oid::bigint,
+coalesce((SELECT events_table FROM readmodel.tracking WHERE projection = 'ledger'), 0)::bigint
+"""
+_CUSTOMER = f"""
+SELECT customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit, {_VERSION}
+FROM readmodel.customers c WHERE customer_id = %s
 """
 _LOAN_FACTS = """
 SELECT loan_id, loan_amount, tenure, monthly_installment, start_date, end_date, emis_paid, emis_paid_on_time
@@ -55,19 +61,26 @@ class CustomerProfile:
     phone_number: str
     monthly_income: Decimal
     approved_limit: Decimal
-    version: int  # the position of the last event that changed the customer or their loans
+    # (the position of the last event that changed the customer or their loans, the read model's
+    # schema, the event store): equal stamps mean equal loans; a version of 0 was not kept up
+    version: tuple[int, int, int]
 
 
 async def customer(conn: AsyncConnection[Any], customer_id: int) -> CustomerProfile | None:
     cur = await conn.execute(_CUSTOMER, (customer_id,))
     row = await cur.fetchone()
-    return CustomerProfile(*row) if row else None
+    if row is None:
+        return None
+    customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit, version, schema, store = row
+    return CustomerProfile(
+        customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit, (version, schema, store)
+    )
 
 
-async def customer_version(conn: AsyncConnection[Any], customer_id: int) -> int | None:
-    cur = await conn.execute("SELECT version FROM readmodel.customers WHERE customer_id = %s", (customer_id,))
+async def customer_version(conn: AsyncConnection[Any], customer_id: int) -> tuple[int, int, int] | None:
+    cur = await conn.execute(f"SELECT {_VERSION} FROM readmodel.customers c WHERE customer_id = %s", (customer_id,))
     row = await cur.fetchone()
-    return int(row[0]) if row else None
+    return (row[0], row[1], row[2]) if row else None
 
 
 async def loan_facts(conn: AsyncConnection[Any], customer_id: int) -> list[LoanFacts]:

@@ -14,6 +14,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from api.app import create_app
+from projections.projector import rebuild
 from tests.integration.conftest import TODAY, Stack
 
 _phones = iter(range(9_500_100_000, 9_500_200_000))
@@ -116,4 +117,23 @@ def test_answers_follow_the_calendar_with_no_event_in_between(client: TestClient
     clock.now = TODAY + timedelta(days=120)  # past the end date: no longer a current loan
     assert client.get(f"/view-loans/{customer_id}").json() == []
     assert inputs(client, customer_id)["current_loans"] == 0
+    assert inputs(client, customer_id)["loans_taken"] == 1
+
+
+def test_a_rebuild_replaces_every_kept_answer(stack: Stack, client: TestClient) -> None:
+    """A rebuild replays the same events, so versions come back the same: the kept answers must
+    still be dropped, or a rebuild could not repair a damaged read model."""
+    customer_id = new_customer(client)
+    loan_id = book(client, customer_id)
+    with stack.connect() as conn:  # damage the read model, then let the API keep the wrong answer
+        conn.execute("DELETE FROM readmodel.loans WHERE loan_id = %s", (loan_id,))
+    assert client.get(f"/view-loans/{customer_id}").json() == []
+    assert inputs(client, customer_id)["loans_taken"] == 0
+
+    app = stack.ledger()
+    try:
+        rebuild(app, stack.settings.database_url)
+    finally:
+        app.close()
+    assert [loan["loan_id"] for loan in client.get(f"/view-loans/{customer_id}").json()] == [loan_id]
     assert inputs(client, customer_id)["loans_taken"] == 1

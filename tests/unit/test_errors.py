@@ -26,3 +26,10 @@ def test_a_domain_error_becomes_the_error_shape(error: type[domain.DomainError])
     body = json.loads(bytes(response.body))["error"]
     assert response.status_code == status and 400 <= status < 600 and status != 500
     assert body["code"] == code and body["message"] == "because"
+
+
+def test_a_new_kind_of_a_mapped_refusal_answers_as_its_parent() -> None:
+    class LoanWrittenOff(domain.LoanNotFound):
+        pass
+
+    assert domain_error_response(LoanWrittenOff("gone")).status_code == 404

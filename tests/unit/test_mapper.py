@@ -7,7 +7,8 @@ from datetime import date
 from decimal import Decimal
 from uuid import uuid4
 
-from eventsourcing.persistence import Mapper
+import pytest
+from eventsourcing.persistence import Mapper, MapperDeserialisationError, StoredEvent
 
 from ledger.application import Ledger
 from ledger.domain import Customer, IdempotencyRecord, ImportJob, Loan, LoanTerms
@@ -100,3 +101,16 @@ def test_free_form_state_keeps_the_librarys_transcoding() -> None:
     back = mapper.to_domain_event(stored)
     assert back.response == {"monthly_installment": Decimal("8908.33"), "approved": True}  # type: ignore[attr-defined]
     assert isinstance(back.response["monthly_installment"], Decimal)  # type: ignore[attr-defined]
+
+
+def test_a_plain_state_that_does_not_match_its_class_is_an_error_not_a_state_of_strings() -> None:
+    mapper = _ledger().mapper
+    job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
+    job.start(total_rows=10)
+    _requested, started = job.collect_events()
+    stored = mapper.to_stored_event(started)
+    state = json.loads(stored.state)
+    state["total_rows"] = "ten"
+    broken = StoredEvent(stored.originator_id, stored.originator_version, stored.topic, json.dumps(state).encode())
+    with pytest.raises(MapperDeserialisationError, match="total_rows"):
+        mapper.to_domain_event(broken)
