@@ -1,10 +1,11 @@
 """Per-customer answers kept between requests, valid for one customer version and one day.
 
-A customer's read-model `version` moves whenever an event changes them or their loans, and the
-date-dependent figures (current loans, EMIs due) are keyed by the day they were computed for,
-so an entry is used only while both match: a query reads the version (one indexed row) and
-skips re-reading and re-scoring the loans when nothing changed. The version is read before the
-loans, so an entry can only be newer than its version, never older.
+A customer's read-model `version` moves whenever an event changes them or their loans; the
+row's table OID changes when a rebuild (or a recreated event store) replaces the tables, which
+replays the same versions; and the date-dependent figures (current loans, EMIs due) are keyed by
+the day they were computed for. An entry is used only while all three match: a query reads the
+version (one indexed row) and skips re-reading and re-scoring the loans when nothing changed. The
+version is read before the loans, so an entry can only be newer than its version, never older.
 """
 
 from __future__ import annotations

@@ -259,9 +259,9 @@ class Projector:
         position, tracked_oid, self._events_oid = row
         if tracked_oid is not None and tracked_oid != self._events_oid:
             log.warning("event store was recreated: emptying read model %s to replay it", self.schema)
-            with conn.transaction():
-                for table in read_model.TABLES:
-                    conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(self.schema, table)))
+            with conn.transaction():  # new tables, as a rebuild makes: the API's kept answers go with the old
+                read_model.drop(conn, self.schema)
+                read_model.create(conn, self.schema)
             position = None
         self._position = int(position or 0)
         return self._position

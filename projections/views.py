@@ -17,12 +17,9 @@ from psycopg.rows import dict_row
 
 from ledger.policy import LoanFacts
 
-# A customer's version, with what a rebuild or a recreated event store changes (the schema's oid,
-# the event store the tracking belongs to): replayed events give the same versions again.
-_VERSION = """
-c.version, 'readmodel'::regnamespace::oid::bigint,
-coalesce((SELECT events_table FROM readmodel.tracking WHERE projection = 'ledger'), 0)::bigint
-"""
+# A customer's version, and the table the row lives in: a rebuild (or a recreated event store)
+# replays the same events into new tables, so it gives the same versions but a new table OID.
+_VERSION = "c.version, c.tableoid::bigint"
 _CUSTOMER = f"""
 SELECT customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit, {_VERSION}
 FROM readmodel.customers c WHERE customer_id = %s
@@ -61,9 +58,9 @@ class CustomerProfile:
     phone_number: str
     monthly_income: Decimal
     approved_limit: Decimal
-    # (the position of the last event that changed the customer or their loans, the read model's
-    # schema, the event store): equal stamps mean equal loans; a version of 0 was not kept up
-    version: tuple[int, int, int]
+    # (the position of the last event that changed the customer or their loans, the table's OID):
+    # equal stamps mean equal loans; a version of 0 was not kept up by the projection
+    version: tuple[int, int]
 
 
 async def customer(conn: AsyncConnection[Any], customer_id: int) -> CustomerProfile | None:
@@ -71,16 +68,16 @@ async def customer(conn: AsyncConnection[Any], customer_id: int) -> CustomerProf
     row = await cur.fetchone()
     if row is None:
         return None
-    customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit, version, schema, store = row
+    customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit, version, table = row
     return CustomerProfile(
-        customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit, (version, schema, store)
+        customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit, (version, table)
     )
 
 
-async def customer_version(conn: AsyncConnection[Any], customer_id: int) -> tuple[int, int, int] | None:
+async def customer_version(conn: AsyncConnection[Any], customer_id: int) -> tuple[int, int] | None:
     cur = await conn.execute(f"SELECT {_VERSION} FROM readmodel.customers c WHERE customer_id = %s", (customer_id,))
     row = await cur.fetchone()
-    return (row[0], row[1], row[2]) if row else None
+    return (row[0], row[1]) if row else None
 
 
 async def loan_facts(conn: AsyncConnection[Any], customer_id: int) -> list[LoanFacts]:
