@@ -146,13 +146,11 @@ async def check_eligibility(request: Request) -> Response:
 async def _credit_history(svc: Services, conn: AsyncConnection[Any], profile: views.CustomerProfile) -> CreditHistory:
     """The customer's history as of today, scored again only when their loans or the date changed."""
     today = svc.ledger.clock.today()
-    stamp = (profile.version, today)
-    history = svc.histories.get(profile.customer_id, stamp)
-    if history is None:
-        history = credit_history(await views.loan_facts(conn, profile.customer_id), today)
-        if profile.version[0] > 0:  # 0: a projection that does not keep versions wrote the row
-            svc.histories.put(profile.customer_id, stamp, history)
-    return history
+
+    async def score() -> CreditHistory:
+        return credit_history(await views.loan_facts(conn, profile.customer_id), today)
+
+    return await svc.histories.answer(profile.customer_id, profile.version, today, score)
 
 
 def breakdown(history: CreditHistory, credit: CreditScore, limit: Decimal) -> schemas.CreditScoreBreakdown:
@@ -248,10 +246,10 @@ async def view_loans(request: Request) -> Response:
         version = await views.customer_version(conn, customer_id)
         if version is None:
             raise ApiError(404, "customer_not_found", f"customer {customer_id} not found")
-        body = svc.loan_lists.get(customer_id, (version, today))
-        if body is None:
+
+        async def encoded() -> bytes:
             rows = await views.current_loans(conn, customer_id, today)
-            body = schemas.encoder.encode(
+            return schemas.encoder.encode(
                 [
                     schemas.CustomerLoan(
                         loan_id=r["loan_id"],
@@ -263,8 +261,8 @@ async def view_loans(request: Request) -> Response:
                     for r in rows
                 ]
             )
-            if version[0] > 0:
-                svc.loan_lists.put(customer_id, (version, today), body)
+
+        body = await svc.loan_lists.answer(customer_id, version, today, encoded)
     return Response(body, media_type="application/json")
 
 

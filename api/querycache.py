@@ -10,7 +10,8 @@ version is read before the loans, so an entry can only be newer than its version
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
+from datetime import date
 from typing import Generic, TypeVar
 
 Value = TypeVar("Value")
@@ -35,6 +36,19 @@ class VersionedCache(Generic[Value]):
         if customer_id not in self._entries and len(self._entries) >= self.size:
             del self._entries[next(iter(self._entries))]  # the oldest entry
         self._entries[customer_id] = (stamp, value)
+
+    async def answer(
+        self, customer_id: int, version: tuple[int, int], today: date, compute: Callable[[], Awaitable[Value]]
+    ) -> Value:
+        """The kept answer for this version and day, or `compute()`'s, kept for next time. A version
+        of 0 was written by a projection that does not keep versions, so its answers are not kept."""
+        stamp = (version, today)
+        value = self.get(customer_id, stamp)
+        if value is None:
+            value = await compute()
+            if version[0] > 0:
+                self.put(customer_id, stamp, value)
+        return value
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -27,20 +27,11 @@ from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
+from common import REPO_ROOT  # noqa: F401 (importing common puts the repository on sys.path)
 from openpyxl import Workbook
 
-CUSTOMER_COLUMNS = ("Customer ID", "First Name", "Last Name", "Age", "Phone Number", "Monthly Salary", "Approved Limit")
-LOAN_COLUMNS = (
-    "Customer ID",
-    "Loan ID",
-    "Loan Amount",
-    "Tenure",
-    "Interest Rate",
-    "Monthly payment",
-    "EMIs paid on Time",
-    "Date of Approval",
-    "End Date",
-)
+from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS  # the reference columns, as the import reads them
+
 DUPLICATE_SHARE = 29 / 782  # about 3.7%, as in the reference file
 TODAY = date(2026, 11, 22)  # the LEDGER_TODAY the benchmarks run with
 FIRST_LOAN_ID = 1000

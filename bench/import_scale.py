@@ -56,6 +56,14 @@ class RssSampler(threading.Thread):
         self.join(5)
 
 
+def add_data_arguments(parser: argparse.ArgumentParser, customers: int, loans: int) -> None:
+    """The options data_files reads: what to generate (by default `customers` and `loans`) or reuse."""
+    parser.add_argument("--customers", type=int, default=customers)
+    parser.add_argument("--loans", type=int, default=loans)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--data", type=Path, help="a folder with customer_data.xlsx and loan_data.xlsx (generated when missing)")
+
+
 def data_files(args: argparse.Namespace) -> tuple[Path, Path, float | None]:
     """The two files, generated here unless --data already has them; with the generation time."""
     folder: Path = args.data or Path(f"/tmp/ledger-bench-data-{args.customers}-{args.loans}-{args.seed}")
@@ -148,10 +156,7 @@ def rebuild_rows(stack: Stack) -> list[tuple[str, object]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--customers", type=int, default=100_000)
-    parser.add_argument("--loans", type=int, default=1_000_000)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--data", type=Path, help="a folder with customer_data.xlsx and loan_data.xlsx (generated when missing)")
+    add_data_arguments(parser, customers=100_000, loans=1_000_000)
     parser.add_argument("--batch-size", type=int, default=500, help="IMPORT_BATCH_SIZE (customers per transaction)")
     parser.add_argument("--page-size", type=int, default=1000, help="PROJECTION_PAGE_SIZE (events per projection transaction)")
     parser.add_argument("--max-seconds", type=float, default=3600, help="stop and report PARTIAL figures after this long")

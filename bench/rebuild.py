@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from common import REPO_ROOT, Stack, machine, result_block, revision, say, stamp
-from import_scale import data_files, rebuild_rows
+from import_scale import add_data_arguments, data_files, rebuild_rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--customers", type=int, default=10_000)
-    parser.add_argument("--loans", type=int, default=100_000)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--data", type=Path, help="a folder with customer_data.xlsx and loan_data.xlsx (generated when missing)")
+    add_data_arguments(parser, customers=10_000, loans=100_000)
     parser.add_argument("--reference", action="store_true", help="use data/ (300 customers, 782 loans)")
     parser.add_argument("--repeat", type=int, default=3, help="rebuilds to time, one after the other")
     args = parser.parse_args()

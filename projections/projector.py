@@ -157,6 +157,10 @@ class Projector:
         self._state = sql.SQL(
             "SELECT t.position, t.events_table, %s::regclass::oid FROM (SELECT 1) one LEFT JOIN {} t ON t.projection = %s"
         ).format(self._tracking)
+        self._track = sql.SQL(
+            "INSERT INTO {} (projection, position, events_table) VALUES (%s, %s, %s)"
+            " ON CONFLICT (projection) DO UPDATE SET position = EXCLUDED.position, events_table = EXCLUDED.events_table"
+        ).format(self._tracking)
         self._unlock = sql.SQL("SELECT pg_advisory_unlock(%s), (SELECT max(notification_id) FROM {})").format(
             sql.Identifier(self._events_table)
         )
@@ -288,14 +292,7 @@ class Projector:
                 cur.execute(self._customer_versions, (changed_customers, changed_at))
             for job_event in page.jobs:
                 self._apply_job(cur, job_event)
-            cur.execute(
-                sql.SQL(
-                    "INSERT INTO {} (projection, position, events_table) VALUES (%s, %s, %s)"
-                    " ON CONFLICT (projection) DO UPDATE SET position = EXCLUDED.position,"
-                    " events_table = EXCLUDED.events_table"
-                ).format(self._tracking),
-                (PROJECTION, position, self._events_oid),
-            )
+            cur.execute(self._track, (PROJECTION, position, self._events_oid))
             if self.schema == read_model.SCHEMA:
                 cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(position)))
         self._position = position

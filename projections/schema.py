@@ -8,7 +8,6 @@ from psycopg import sql
 
 SCHEMA = "readmodel"
 REBUILD_SCHEMA = "readmodel_rebuild"
-TABLES = ("customers", "loans", "repayments", "import_jobs", "tracking")
 
 _DDL = """
 CREATE SCHEMA IF NOT EXISTS {s};
