@@ -112,17 +112,17 @@ def _shared(value: Any) -> Any:
     return value
 
 
-@lru_cache(maxsize=65_536, typed=True)
-def _number(value: float | int | str) -> Decimal:
-    # repr gives the shortest decimal that reads back as the same float: what the sheet shows.
-    return Decimal(repr(value)) if isinstance(value, float) else Decimal(str(value).strip())
-
-
 def _decimal(value: Cell, column: str) -> Decimal:
     if isinstance(value, bool) or value is None or not isinstance(value, (float, int, str)):
         raise _BadCell(f"{column} is not a number: {value!r}")
+    return _checked_decimal(value, column)
+
+
+@lru_cache(maxsize=65_536, typed=True)
+def _checked_decimal(value: float | int | str, column: str) -> Decimal:
     try:
-        number = _number(value)
+        # repr gives the shortest decimal that reads back as the same float: what the sheet shows.
+        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(str(value).strip())
     except InvalidOperation:
         raise _BadCell(f"{column} is not a number: {value!r}") from None
     if not number.is_finite():
