@@ -27,7 +27,6 @@ from infra.config import Settings
 from ledger.application import Ledger, Saved
 from ledger.domain import (
     customer_uuid,
-    loan_uuid,
 )
 from ledger.money import to_money
 from ledger.policy import CreditHistory, CreditScore, LoanRequest, credit_history, credit_score, decide
@@ -438,7 +437,10 @@ _BASE_FIELDS = {"originator_id", "originator_version", "timestamp", "originator_
 
 
 async def _history(svc: Services, aggregate_id: Any) -> list[schemas.HistoryEvent]:
-    events = await run_in_threadpool(lambda: list(svc.ledger.events.get(aggregate_id)))
+    return _as_history(await run_in_threadpool(lambda: list(svc.ledger.events.get(aggregate_id))))
+
+
+def _as_history(events: list[Any]) -> list[schemas.HistoryEvent]:
     return [
         schemas.HistoryEvent(
             type=type(event).__qualname__,
@@ -462,7 +464,7 @@ async def customer_history(request: Request) -> Response:
 async def loan_history(request: Request) -> Response:
     svc = services(request)
     loan_id = path_int(request, "loan_id")
-    events = await _history(svc, loan_uuid(loan_id))
+    events = _as_history(await run_in_threadpool(svc.ledger.loan_events, loan_id))
     if not events:
         raise ApiError(404, "loan_not_found", f"loan {loan_id} not found")
     return json(events)

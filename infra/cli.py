@@ -17,7 +17,7 @@ from uuid import UUID
 from psycopg.rows import dict_row
 
 from infra.config import REPO_ROOT, Settings
-from infra.postgres import build_ledger, connect, setup_schema
+from infra.postgres import build_ledger, connect, exclusive, setup_schema
 
 
 def bar(done: int, total: int, label: str, width: int = 30) -> None:
@@ -152,7 +152,16 @@ def cmd_init(args: argparse.Namespace) -> int:
         if not args.no_import:
             customers, loans = settings.import_dir / "customer_data.xlsx", settings.import_dir / "loan_data.xlsx"
             job_id, _ = ledger.request_import(str(customers), str(loans))
-            result = run_import(ledger, job_id, customers, loans, settings.import_batch_size, lambda d, t: bar(d, t, "import"))
+            with exclusive(settings, wait=True), Projector(ledger, settings.database_url) as projector:
+                result = run_import(
+                    ledger,
+                    job_id,
+                    customers,
+                    loans,
+                    settings.import_batch_size,
+                    lambda d, t: bar(d, t, "import"),
+                    settle=lambda: projector.catch_up(wait=True),
+                )
             print(file=sys.stderr)
             if result["state"] != "completed":
                 print(f"import failed: {result.get('error')}", file=sys.stderr)

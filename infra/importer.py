@@ -1,7 +1,7 @@
 """One import job, start to finish: read both files, then replay them through the ledger.
 
 The Celery task runs this in a worker; `ledger init` runs it in-process (a container's
-one-shot init has no worker yet).
+one-shot init has no worker yet). Both hold the import lock (`infra.postgres.exclusive`) around it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ def run_import(
     loans_path: Path,
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
+    *,
+    settle: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
+    """`settle` brings the read model up to date before the import checks its loan IDs against it
+    (an earlier import's last loans may still be on their way there)."""
     job = app.get_import_job(job_id)
     if job.finished:  # delivered again after it finished: nothing to do
         return {"state": job.state}
@@ -32,5 +36,7 @@ def run_import(
     except UnreadableFile as unreadable:
         app.fail_import(job_id, str(unreadable))
         return {"state": "failed", "error": str(unreadable)}
+    if settle is not None:
+        settle()
     report = app.import_history(job_id, customers, loans, issues, batch_size=batch_size, on_batch=on_batch)
     return {"state": "completed", **report.summary()}

@@ -18,6 +18,10 @@ from projections import schema as read_model
 log = logging.getLogger(__name__)
 
 SEQUENCES = ("customer_id_seq", "loan_id_seq")
+# Held (shared) by every draw of a new loan ID and (exclusive) while an import moves the sequence,
+# so the import knows exactly which IDs were handed out before it (PostgresIds.reserve_loan_ids_through).
+LOAN_IDS_LOCK = 7_301_121
+IMPORT_LOCK = 7_301_122  # one import at a time: each checks the loan IDs the ones before it recorded
 
 
 class PostgresIds:
@@ -36,21 +40,26 @@ class PostgresIds:
         return self._scalar("SELECT nextval('customer_id_seq')")
 
     def next_loan_id(self) -> int:
-        return self._scalar("SELECT nextval('loan_id_seq')")
+        # The lock is released as the statement's transaction ends: it only orders this draw
+        # before or after an import's reservation, never in the middle of it.
+        return self._scalar(f"SELECT nextval('loan_id_seq') FROM pg_advisory_xact_lock_shared({LOAN_IDS_LOCK})")
 
-    def _reserve(self, sequence: str, highest: int) -> None:
-        if highest < 1:
-            return
-        self._scalar(
-            f"SELECT setval('{sequence}', GREATEST(%s, (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {sequence})))",
-            highest,
-        )
+    def _reserve(self, sequence: str, highest: int) -> int:
+        """Move `sequence` to at least `highest`; the value it had before."""
+        with self._pool.connection() as conn, conn.transaction():
+            if sequence == "loan_id_seq":
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOAN_IDS_LOCK,))
+            row = conn.execute(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {sequence}").fetchone()
+            before = int(row[0]) if row else 0
+            if highest > before:
+                conn.execute("SELECT setval(%s::regclass, %s)", (sequence, highest))
+            return before
 
     def reserve_customer_ids_through(self, highest: int) -> None:
         self._reserve("customer_id_seq", highest)
 
-    def reserve_loan_ids_through(self, highest: int) -> None:
-        self._reserve("loan_id_seq", highest)
+    def reserve_loan_ids_through(self, highest: int) -> int:
+        return self._reserve("loan_id_seq", highest)
 
 
 class PostgresIndex:
@@ -65,6 +74,30 @@ class PostgresIndex:
             return set()
         with self._pool.connection() as conn:
             return {row[0] for row in conn.execute(self._query, (list(ids),))}
+
+
+class PostgresLoans:
+    """Imported loans without an aggregate of their own, found through the read model's loans table.
+
+    The import catches the projection up before it asks (infra.importer), and imports run one at a
+    time, so every loan recorded before an import is in the table when the import checks its IDs."""
+
+    def __init__(self, pool: ConnectionPool, schema: str = read_model.SCHEMA) -> None:
+        self._pool = pool
+        table = sql.Identifier(schema, "loans")
+        self._owner = sql.SQL("SELECT customer_id FROM {} WHERE loan_id = %s").format(table)
+        self._taken = sql.SQL("SELECT loan_id FROM {} WHERE loan_id = ANY(%s)").format(table)
+
+    def owner(self, loan_id: int) -> int | None:
+        with self._pool.connection() as conn:
+            row = conn.execute(self._owner, (loan_id,)).fetchone()
+        return int(row[0]) if row else None
+
+    def taken(self, loan_ids: Collection[int]) -> set[int]:
+        if not loan_ids:
+            return set()
+        with self._pool.connection() as conn:
+            return {row[0] for row in conn.execute(self._taken, (list(loan_ids),))}
 
 
 def connect(settings: Settings, **kwargs: object) -> psycopg.Connection:
@@ -91,7 +124,13 @@ def build_ledger(settings: Settings, pool_size: int = 4) -> tuple[Ledger, Connec
         timeout=5,
         kwargs={"connect_timeout": 5, "autocommit": True},
     )
-    app = Ledger(settings.eventsourcing_env(), ids=PostgresIds(pool), clock=settings.clock(), index=PostgresIndex(pool))
+    app = Ledger(
+        settings.eventsourcing_env(),
+        ids=PostgresIds(pool),
+        clock=settings.clock(),
+        index=PostgresIndex(pool),
+        loans=PostgresLoans(pool),
+    )
     _append_in_binary(app.recorder)
     return app, pool
 
@@ -115,13 +154,17 @@ def _append_in_binary(recorder: object) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(settings: Settings, job_id: UUID) -> Iterator[bool]:
-    """Hold a session advisory lock named by `job_id` while the block runs; yields False if
-    someone else holds it. The lock dies with its connection, so a killed worker frees it."""
-    key = int.from_bytes(job_id.bytes[:8], "big", signed=True)
+def exclusive(settings: Settings, key: int = IMPORT_LOCK, *, wait: bool = False) -> Iterator[bool]:
+    """Hold a session advisory lock (by default: the one import at a time) while the block runs;
+    yields False if someone else holds it (with `wait`, waits for it). The lock dies with its
+    connection, so a killed worker frees it."""
     with connect(settings, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
-        acquired = bool(row and row[0])
+        if wait:
+            conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+            acquired = True
+        else:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+            acquired = bool(row and row[0])
         try:
             yield acquired
         finally:

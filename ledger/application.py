@@ -43,7 +43,7 @@ from ledger.domain import (
 from ledger.history import CustomerRecord, LoanRecord
 from ledger.mapper import TypedMapper
 from ledger.policy import Decision, LoanRequest, approved_limit, decide
-from ledger.ports import AggregateIndex, Clock, IdAllocator, InMemoryIds, SystemClock
+from ledger.ports import AggregateIndex, Clock, IdAllocator, InMemoryIds, LoanDirectory, SystemClock
 from ledger.schedule import amortization
 
 SAVE_ATTEMPTS = 200
@@ -134,6 +134,34 @@ class _RepositoryIndex:
         return {i for i in ids if i in self.app.repository}
 
 
+class _RecordedLoans:
+    """Every loan the log records, read from the log itself as it grows (fine in memory; on
+    PostgreSQL the read model's loans table answers instead)."""
+
+    def __init__(self, app: Application[UUID]) -> None:
+        self.app = app
+        self._position = 0
+        self._owners: dict[int, int] = {}
+
+    def _read_on(self) -> None:
+        while page := self.app.recorder.select_notifications(self._position, 500, inclusive_of_start=False):
+            for notification in page:
+                event: Any = self.app.mapper.to_domain_event(notification)
+                if isinstance(event, (Customer.HistoryImported, Customer.HistoryExtended)):
+                    self._owners.update((terms.loan_id, event.customer_id) for terms in event.loans)
+                elif isinstance(event, (Loan.Booked, Loan.Imported)):
+                    self._owners[event.loan_id] = event.customer_id
+            self._position = page[-1].id
+
+    def owner(self, loan_id: int) -> int | None:
+        self._read_on()
+        return self._owners.get(loan_id)
+
+    def taken(self, loan_ids: Collection[int]) -> set[int]:
+        self._read_on()
+        return {i for i in loan_ids if i in self._owners}
+
+
 def _file_label(path: str) -> str:
     return path.replace("\\", "/").rsplit("/", 1)[-1]
 
@@ -175,11 +203,13 @@ class Ledger(Application[UUID]):
         ids: IdAllocator | None = None,
         clock: Clock | None = None,
         index: AggregateIndex | None = None,
+        loans: LoanDirectory | None = None,
     ) -> None:
         super().__init__(env)
         self.ids: IdAllocator = ids or InMemoryIds()
         self.clock: Clock = clock or SystemClock()
         self.index: AggregateIndex = index or _RepositoryIndex(self)
+        self.loans: LoanDirectory = loans or _RecordedLoans(self)
 
     def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
         """The library's `save`, with a `ProcessingEvent` that knows this ledger's aggregates by class."""
@@ -321,10 +351,7 @@ class Ledger(Application[UUID]):
         """Record the loan's next installment as paid on `paid_on` (default today)."""
 
         def attempt() -> tuple[list[Aggregate], dict[str, Any]]:
-            try:
-                loan: Loan = self.repository.get(loan_uuid(loan_id))
-            except AggregateNotFoundError:
-                raise LoanNotFound(f"loan {loan_id} not found") from None
+            loan, customer = self._loan_and_customer(loan_id)
             today = self.clock.today()
             day = paid_on or today
             if loan.repayments_left == 0:
@@ -337,7 +364,6 @@ class Ledger(Application[UUID]):
                 loan.emis_paid
             ]
             loan.record_repayment(day, installment.due_date, installment.payment)
-            customer = self.get_customer(loan.customer_id)
             on_time = day <= installment.due_date
             customer.record_repayment(loan_id, day, on_time)
             response = {
@@ -358,6 +384,34 @@ class Ledger(Application[UUID]):
             hashlib.sha256(f"repayment:{loan_id}:{paid_on}".encode()).hexdigest(),
             busy=f"loan {loan_id} is being changed by too many requests at once; try again",
         )
+
+    def _loan_and_customer(self, loan_id: int) -> tuple[Loan, Customer]:
+        """The loan's aggregate and its customer. An imported loan that has no aggregate yet gets
+        one, opened from the terms its customer's history holds (saved with the first change)."""
+        try:
+            loan: Loan = self.repository.get(loan_uuid(loan_id))
+        except AggregateNotFoundError:
+            owner = self.loans.owner(loan_id)
+            customer = self.get_customer(owner) if owner is not None else None
+            terms = next((t for t in customer.loans if t.loan_id == loan_id), None) if customer else None
+            if customer is None or terms is None:
+                raise LoanNotFound(f"loan {loan_id} not found") from None
+            return Loan.open(customer.customer_id, terms), customer
+        return loan, self.get_customer(loan.customer_id)
+
+    def loan_events(self, loan_id: int) -> list[Any]:
+        """The loan's events, oldest first. An imported loan's trail starts with its customer's
+        events that carry it (the import recorded it there), then its own once it was opened."""
+        own = list(self.events.get(loan_uuid(loan_id)))
+        if own and not isinstance(own[0], Loan.Opened):
+            return own
+        owner = own[0].customer_id if own else self.loans.owner(loan_id)
+        if owner is None:
+            return own
+        carried = [
+            e for e in self.events.get(customer_uuid(owner)) if any(t.loan_id == loan_id for t in getattr(e, "loans", ()))
+        ]
+        return carried + own
 
     # Import
 
@@ -418,8 +472,9 @@ class Ledger(Application[UUID]):
         self.save(job)
         if customers:
             self.ids.reserve_customer_ids_through(max(c.customer_id for c in customers))
-        if loans:
-            self.ids.reserve_loan_ids_through(max(ln.loan_id for ln in loans))
+        # A file's Loan ID above `contested` is held by no one: no booking, no earlier import. Only the
+        # IDs at or below it need checking, and claim an aggregate of their own (see _import_unit).
+        contested = self.ids.reserve_loan_ids_through(max(ln.loan_id for ln in loans)) if loans else 0
 
         units: list[tuple[CustomerRecord | None, int, list[LoanRecord]]] = [
             (row, cid, loans_by_customer.pop(cid, [])) for cid, row in file_customers.items()
@@ -430,10 +485,12 @@ class Ledger(Application[UUID]):
             batch_rows = sum((unit_customer is not None) + len(unit_loans) for unit_customer, _, unit_loans in batch)
             for attempt in range(SAVE_ATTEMPTS):
                 batch_report = ImportReport()
-                known = self.index.existing(_candidate_ids(batch))
+                known = self.index.existing(_candidate_ids(batch, contested))
+                taken = self.loans.taken({r.loan_id for _, _, rows in batch for r in rows if r.loan_id <= contested})
+                claims = _Claims(first_use, contested, known, taken)
                 aggregates: list[Aggregate] = []
                 for unit_customer, cid, unit_loans in batch:
-                    aggregates += self._import_unit(unit_customer, cid, unit_loans, first_use, labels, known, batch_report)
+                    aggregates += self._import_unit(unit_customer, cid, unit_loans, claims, labels, known, batch_report)
                 rows_done_after = rows_done + batch_rows
                 job.progress(rows_done_after, [i.as_dict() for i in batch_report.issues])
                 try:
@@ -466,7 +523,7 @@ class Ledger(Application[UUID]):
         record: CustomerRecord | None,
         file_id: int,
         rows: list[LoanRecord],
-        first_use: dict[int, int],
+        claims: _Claims,
         labels: tuple[str, str],
         known: set[UUID],
         report: ImportReport,
@@ -510,13 +567,16 @@ class Ledger(Application[UUID]):
             if row.loan_id in already:
                 report.loans_already_present += 1
                 continue
-            terms = self._imported_terms(row, first_use, known)
+            terms = self._imported_terms(row, claims)
             if terms.loan_id != row.loan_id:
                 report.rekeyed_loans.append(
                     {"row": row.row, "customer_id": customer_id, "file_loan_id": row.loan_id, "loan_id": terms.loan_id}
                 )
             terms_list.append(terms)
-            aggregates.append(Loan.import_history(customer_id, terms))
+            if terms.loan_id <= claims.contested:
+                # A booking that drew this ID before the import reserved past it may still be saving:
+                # the loan's own aggregate makes one of the two saves fail on the event store's key.
+                aggregates.append(Loan.open(customer_id, terms))
         report.loans_imported += len(terms_list)
 
         if existing is None:
@@ -536,7 +596,7 @@ class Ledger(Application[UUID]):
             )
             report.customers_imported += 1
         elif terms_list:
-            existing.import_loans(terms_list)
+            existing.import_loans(customer_id, terms_list)
             aggregates.append(existing)
         return aggregates
 
@@ -549,9 +609,9 @@ class Ledger(Application[UUID]):
             return self.get_customer(file_id)
         return None
 
-    def _imported_terms(self, row: LoanRecord, first_use: dict[int, int], known: set[UUID]) -> LoanTerms:
+    def _imported_terms(self, row: LoanRecord, claims: _Claims) -> LoanTerms:
         loan_id = row.loan_id
-        if first_use[loan_id] != row.row or loan_uuid(loan_id) in known:
+        if not claims.keeps(row):
             loan_id = self.ids.next_loan_id()
         return LoanTerms(
             loan_id=loan_id,
@@ -567,14 +627,30 @@ class Ledger(Application[UUID]):
         )
 
 
-def _candidate_ids(batch: Sequence[tuple[CustomerRecord | None, int, list[LoanRecord]]]) -> set[UUID]:
+@dataclass(frozen=True)
+class _Claims:
+    """Which loan rows of a batch keep the file's Loan ID."""
+
+    first_use: dict[int, int]  # Loan ID -> the first file row to use it
+    contested: int  # IDs at or below this may already be held (see Ledger.import_history)
+    known: set[UUID]
+    taken: set[int]
+
+    def keeps(self, row: LoanRecord) -> bool:
+        loan_id = row.loan_id
+        if self.first_use[loan_id] != row.row:
+            return False
+        return loan_id > self.contested or (loan_uuid(loan_id) not in self.known and loan_id not in self.taken)
+
+
+def _candidate_ids(batch: Sequence[tuple[CustomerRecord | None, int, list[LoanRecord]]], contested: int) -> set[UUID]:
     """Every aggregate a batch of the import might find already recorded."""
     ids: set[UUID] = set()
     for record, file_id, rows in batch:
         ids |= {customer_uuid(file_id), file_customer_uuid(file_id)}
         if record is not None:
             ids.add(phone_uuid(record.phone_number))
-        ids |= {loan_uuid(row.loan_id) for row in rows}
+        ids |= {loan_uuid(row.loan_id) for row in rows if row.loan_id <= contested}
     return ids
 
 

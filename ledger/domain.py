@@ -131,8 +131,24 @@ class Customer(Aggregate):
         monthly_income: Decimal
         approved_limit: Decimal
 
+    class HistoryImported(Aggregate.Created):
+        """A customer from the lender's history, with every loan the files gave them.
+
+        One event carries them all: an imported loan gets an aggregate of its own (`Loan.Opened`)
+        only when something happens to it, such as its first repayment."""
+
+        customer_id: int
+        first_name: str
+        last_name: str
+        age: int
+        phone_number: str
+        monthly_income: Decimal
+        approved_limit: Decimal
+        loans: list[LoanTerms]
+        source_customer_id: int | None
+
     class Imported(Aggregate.Created):
-        """A customer from the lender's history, with the loans the files gave them."""
+        """Imports before `HistoryImported` wrote this, plus a `Loan.Imported` event for each loan."""
 
         customer_id: int
         first_name: str
@@ -203,7 +219,7 @@ class Customer(Aggregate):
         source_customer_id: int | None = None,
     ) -> Customer:
         return cls._create(
-            cls.Imported,
+            cls.HistoryImported,
             id=customer_uuid(customer_id),
             customer_id=customer_id,
             first_name=first_name,
@@ -220,9 +236,23 @@ class Customer(Aggregate):
     def book_loan(self, terms: LoanTerms) -> None:
         self.loans.append(terms)
 
-    @event("LoansImported")
-    def import_loans(self, loans: list[LoanTerms]) -> None:
+    class HistoryExtended(Aggregate.Event):
+        """More of the customer's history, from a later import: loans carried as in `HistoryImported`."""
+
+        customer_id: int
+        loans: list[LoanTerms]
+
+    @event(HistoryExtended)
+    def import_loans(self, customer_id: int, loans: list[LoanTerms]) -> None:
         self.loans.extend(loans)
+
+    class LoansImported(Aggregate.Event):
+        """Imports before `HistoryExtended` wrote this, plus a `Loan.Imported` event for each loan."""
+
+        loans: list[LoanTerms]
+
+        def apply(self, aggregate: Customer) -> None:
+            aggregate.loans.extend(self.loans)
 
     @event("RepaymentRecorded")
     def record_repayment(self, loan_id: int, paid_on: date, on_time: bool) -> None:
@@ -255,7 +285,25 @@ class Loan(Aggregate):
         start_date: date
         end_date: date
 
+    class Opened(Aggregate.Created):
+        """An imported loan's own record, opened from its customer's history (`Customer.HistoryImported`)
+        when first needed: its first repayment, or an import that must claim its ID (see the import)."""
+
+        loan_id: int
+        customer_id: int
+        amount: Decimal
+        interest_rate: Decimal
+        tenure: int
+        monthly_installment: Decimal
+        start_date: date
+        end_date: date
+        emis_paid: int
+        emis_paid_on_time: int
+        source_loan_id: int
+
     class Imported(Aggregate.Created):
+        """Imports before `Loan.Opened` wrote this for every imported loan."""
+
         loan_id: int
         customer_id: int
         amount: Decimal
@@ -310,10 +358,11 @@ class Loan(Aggregate):
         )
 
     @classmethod
-    def import_history(cls, customer_id: int, terms: LoanTerms) -> Loan:
+    def open(cls, customer_id: int, terms: LoanTerms) -> Loan:
+        """The loan's own aggregate, from the terms its customer's imported history holds."""
         assert terms.source_loan_id is not None
         return cls._create(
-            cls.Imported,
+            cls.Opened,
             id=loan_uuid(terms.loan_id),
             loan_id=terms.loan_id,
             customer_id=customer_id,

@@ -37,7 +37,10 @@ class IdAllocator(Protocol):
 
     def reserve_customer_ids_through(self, highest: int) -> None: ...
 
-    def reserve_loan_ids_through(self, highest: int) -> None: ...
+    def reserve_loan_ids_through(self, highest: int) -> int:
+        """Move past `highest`; answer the highest loan ID that could have been handed out before
+        (no ID above it is held by anyone but the caller, even by a booking still in flight)."""
+        ...
 
 
 class InMemoryIds:
@@ -60,12 +63,25 @@ class InMemoryIds:
         with self._lock:
             self._customer = max(self._customer, highest)
 
-    def reserve_loan_ids_through(self, highest: int) -> None:
+    def reserve_loan_ids_through(self, highest: int) -> int:
         with self._lock:
-            self._loan = max(self._loan, highest)
+            before, self._loan = self._loan, max(self._loan, highest)
+            return before
 
 
 class AggregateIndex(Protocol):
     """Which of many aggregates exist, in one question (the import asks for thousands at a time)."""
 
     def existing(self, ids: Collection[UUID]) -> set[UUID]: ...
+
+
+class LoanDirectory(Protocol):
+    """Imported loans without an aggregate of their own: they live in their customer's history."""
+
+    def owner(self, loan_id: int) -> int | None:
+        """The customer whose history holds this loan, if any."""
+        ...
+
+    def taken(self, loan_ids: Collection[int]) -> set[int]:
+        """Which of these loan IDs some customer's history already holds."""
+        ...

@@ -23,7 +23,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from ledger.application import Ledger
-from ledger.domain import Customer, ImportJob, Loan
+from ledger.domain import Customer, ImportJob, Loan, LoanTerms
 from projections import schema as read_model
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ Progress = Callable[[int, int], None]
 
 
 def _loan_row(e: Any, origin: str) -> tuple[Any, ...]:
+    """A loan's row from `Loan.Booked` or (older imports) `Loan.Imported`. `Loan.Opened` adds no row:
+    the loan's row came with its customer's `HistoryImported` or `HistoryExtended`."""
     return (
         e.loan_id,
         e.customer_id,
@@ -52,6 +54,26 @@ def _loan_row(e: Any, origin: str) -> tuple[Any, ...]:
         getattr(e, "emis_paid_on_time", 0),
         origin,
     )
+
+
+def _imported_loan_rows(customer_id: int, loans: Sequence[LoanTerms]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            t.loan_id,
+            customer_id,
+            t.source_loan_id,
+            t.amount,
+            t.interest_rate,
+            t.tenure,
+            t.monthly_installment,
+            t.start_date,
+            t.end_date,
+            t.emis_paid,
+            t.emis_paid_on_time,
+            "imported",
+        )
+        for t in loans
+    ]
 
 
 def _customer_row(e: Any, origin: str, position: int) -> list[Any]:
@@ -184,8 +206,9 @@ class Projector:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def catch_up(self, progress: Progress | None = None) -> int | None:
-        """Apply every event not yet applied. None when another runner holds the lock.
+    def catch_up(self, progress: Progress | None = None, *, wait: bool = False) -> int | None:
+        """Apply every event not yet applied. None when another runner holds the lock; with `wait`,
+        wait for the lock instead, so every event recorded before the call is applied on return.
 
         The connection stays open between calls (a new one costs more than a small page);
         after any error it is closed, which also frees the lock, and the next call reconnects.
@@ -194,7 +217,7 @@ class Projector:
             if self._conn is None or self._conn.closed:
                 self._conn = self.connect()
             try:
-                return self._catch_up(self._conn, progress)
+                return self._catch_up(self._conn, progress, wait)
             except psycopg.OperationalError:
                 self.close()
                 if attempt == 2:  # a fresh connection failed too: the database is away
@@ -205,12 +228,16 @@ class Projector:
                 raise
         raise AssertionError("unreachable")
 
-    def _catch_up(self, conn: psycopg.Connection, progress: Progress | None) -> int | None:
+    def _catch_up(self, conn: psycopg.Connection, progress: Progress | None, wait: bool = False) -> int | None:
         applied = 0
         while True:
-            locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
-            if not (locked and locked[0]):
-                return None if applied == 0 else applied
+            if wait:
+                conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+                wait = False
+            else:
+                locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
+                if not (locked and locked[0]):
+                    return None if applied == 0 else applied
             try:
                 applied += self._run_locked(conn, progress)
             finally:
@@ -302,7 +329,13 @@ class Projector:
     def _collect(page: _Page, event: DomainEventProtocol[Any], position: int) -> None:
         if isinstance(event, Customer.Registered):
             page.customers.append(_customer_row(event, "registered", position))
-        elif isinstance(event, Customer.Imported):
+        elif isinstance(event, Customer.HistoryImported):
+            page.customers.append(_customer_row(event, "imported", position))
+            page.loans += _imported_loan_rows(event.customer_id, event.loans)
+        elif isinstance(event, Customer.HistoryExtended):
+            page.loans += _imported_loan_rows(event.customer_id, event.loans)
+            page.loan_changes[event.customer_id] = position
+        elif isinstance(event, Customer.Imported):  # older imports: the loans come as Loan.Imported
             page.customers.append(_customer_row(event, "imported", position))
         elif isinstance(event, Loan.Booked):
             page.loans.append(_loan_row(event, "booked"))

@@ -10,6 +10,7 @@ from uuid import UUID
 
 import psycopg
 import redis
+from celery import Task
 from celery.signals import worker_ready
 from eventsourcing import persistence
 
@@ -66,22 +67,32 @@ def catch_up() -> int | None:
     return projector().catch_up()
 
 
-@celery.task
-def import_history(job_id: str, customers_path: str, loans_path: str) -> dict[str, Any]:
+IMPORT_RETRY_SECONDS = 2
+
+
+@celery.task(bind=True, max_retries=None)
+def import_history(self: Task, job_id: str, customers_path: str, loans_path: str) -> dict[str, Any]:
     """Run one import job. Delivered twice, or resumed after a worker died, it is safe:
-    one runner at a time (advisory lock), and the import skips what is already recorded."""
+    one import at a time (advisory lock; another waits its turn), and the import skips what is
+    already recorded."""
     settings = Settings.from_env()
 
     def batch_done(done: int, total: int) -> None:
         log.info("import %s: %d/%d rows", job_id, done, total)
         trigger_catch_up()
 
-    with exclusive(settings, UUID(job_id)) as mine:
-        if not mine:
-            return {"state": "running elsewhere"}
+    with exclusive(settings) as mine:
+        if not mine:  # another import runs (or this one, delivered twice): try again shortly
+            raise self.retry(countdown=IMPORT_RETRY_SECONDS)
         try:
             return run_import(
-                _ledger(), UUID(job_id), Path(customers_path), Path(loans_path), settings.import_batch_size, batch_done
+                _ledger(),
+                UUID(job_id),
+                Path(customers_path),
+                Path(loans_path),
+                settings.import_batch_size,
+                batch_done,
+                settle=lambda: projector().catch_up(wait=True),
             )
         except (psycopg.OperationalError, persistence.OperationalError, persistence.InterfaceError):
             raise  # the database is away: the job stays running and resumes later

@@ -181,6 +181,41 @@ def test_bad_rows_are_reported_by_file_and_row_and_good_rows_are_kept(
     assert client.get("/view-loan/95001").json()["customer"]["id"] == 901
 
 
+def test_two_imports_at_once_run_one_after_the_other_and_one_loan_id_goes_to_one_customer(
+    stack: Stack, client: TestClient, imported: dict[str, Any]
+) -> None:
+    """Both files give Loan ID 96001 to a different new customer. The worker runs two tasks at
+    once; the second import waits for the first, sees its loan and re-keys its own."""
+    files = []
+    for n, (customer_id, phone) in enumerate([(911, 9100000911), (912, 9100000912)]):
+        files.append(
+            write_xlsx(
+                stack.settings.import_dir / f"test_at_once_c{n}.xlsx",
+                CUSTOMER_COLUMNS,
+                [[customer_id, "At", "Once", 40, phone, 60000, 2200000]],
+            )
+        )
+        files.append(
+            write_xlsx(
+                stack.settings.import_dir / f"test_at_once_l{n}.xlsx",
+                LOAN_COLUMNS,
+                [[customer_id, 96001, 100000, 12, 10.5, 8800, 3, date(2026, 1, 5), date(2027, 1, 5)]],
+            )
+        )
+    try:
+        jobs = [start(client, files[0].name, files[1].name), start(client, files[2].name, files[3].name)]
+        reports = [follow(client, job) for job in jobs]
+    finally:
+        for path in files:
+            path.unlink()
+    assert [r["state"] for r in reports] == ["completed", "completed"]
+    assert [r["summary"]["loans_imported"] for r in reports] == [1, 1]
+    rekeyed = [e for r in reports for e in r["summary"]["rekeyed_loans"]]
+    assert len(rekeyed) == 1 and rekeyed[0]["file_loan_id"] == 96001 and rekeyed[0]["loan_id"] != 96001
+    owners = {loan_id: client.get(f"/view-loan/{loan_id}").json()["customer"]["id"] for loan_id in (96001, rekeyed[0]["loan_id"])}
+    assert sorted(owners.values()) == [911, 912] and owners[rekeyed[0]["loan_id"]] == rekeyed[0]["customer_id"]
+
+
 def test_an_unreadable_file_fails_clearly_and_changes_nothing(stack: Stack, client: TestClient, imported: dict[str, Any]) -> None:
     not_excel = stack.settings.import_dir / "test_not_excel.xlsx"
     not_excel.write_text("Customer ID,First Name\n1,Ann\n")
@@ -238,5 +273,5 @@ def test_events_are_appended_in_binary_and_read_back_intact(stack: Stack, import
     statement = app.recorder.insert_events_statement.as_string()  # type: ignore[attr-defined]
     assert "unnest(%b::" in statement
     with stack.connect() as conn:
-        row = conn.execute("SELECT state FROM ledger_events WHERE topic LIKE '%%Customer.Imported' LIMIT 1").fetchone()
+        row = conn.execute("SELECT state FROM ledger_events WHERE topic LIKE '%%Customer.HistoryImported' LIMIT 1").fetchone()
     assert row is not None and bytes(row[0]).startswith(b"{") and b'"loans":[' in bytes(row[0])

@@ -116,6 +116,31 @@ def test_a_repayment_with_an_idempotency_key_is_recorded_once(client: TestClient
     assert reused.status_code == 422
 
 
+def test_an_imported_loan_takes_repayments_and_its_trail_starts_in_its_customers_history(
+    client: TestClient, imported: dict[str, Any]
+) -> None:
+    """Loan 5152 (customer 28: 147 months, 126 paid) was imported inside its customer's history event."""
+    before = client.get("/loans/5152/history").json()
+    assert [e["type"] for e in before] == ["Customer.HistoryImported"]
+    assert 5152 in [terms["loan_id"] for terms in before[0]["data"]["loans"]]
+    assert {ln["loan_id"]: ln["repayments_left"] for ln in client.get("/view-loans/28").json()}[5152] == 21
+    due = client.get("/loans/5152/schedule").json()["installments"][126]
+
+    paid = client.post("/loans/5152/repayments", json={})
+
+    assert paid.status_code == 201, paid.text
+    body = paid.json()
+    assert (body["installment"], body["repayments_left"]) == (127, 20)
+    assert (body["due_date"], body["amount"]) == (due["due_date"], due["payment"])
+    assert paid.headers["X-Read-Model"] == "current"
+    assert {ln["loan_id"]: ln["repayments_left"] for ln in client.get("/view-loans/28").json()}[5152] == 20
+    assert client.get("/view-loan/5152").json()["customer"]["id"] == 28
+    after = client.get("/loans/5152/history").json()
+    assert [e["type"] for e in after] == ["Customer.HistoryImported", "Loan.Opened", "Loan.RepaymentRecorded"]
+    assert after[1]["data"]["emis_paid"] == 126 and after[2]["data"]["installment"] == 127
+    assert client.get("/customers/28/history").json()[-1]["type"] == "Customer.RepaymentRecorded"
+
+
 # Schedules
 
 

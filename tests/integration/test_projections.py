@@ -135,7 +135,7 @@ def test_a_recreated_event_store_empties_the_read_model_instead_of_skipping(stac
             # The new store holds only its first 100 events: fewer than the read model has seen.
             conn.execute("INSERT INTO ledger_events SELECT * FROM ledger_events_old WHERE notification_id <= 100")
             expected = conn.execute(
-                "SELECT count(*) FROM ledger_events WHERE topic LIKE '%Customer.Imported' OR topic LIKE '%Customer.Registered'"
+                "SELECT count(*) FROM ledger_events WHERE topic LIKE '%Customer.HistoryImported' OR topic LIKE '%Customer.Registered'"
             ).fetchone()
         app, pool = build_ledger(stack.settings)
         try:

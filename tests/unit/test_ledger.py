@@ -16,6 +16,7 @@ from ledger.domain import (
     InvalidRepayment,
     Loan,
     LoanClosed,
+    LoanNotFound,
     PhoneNumberTaken,
     customer_uuid,
     loan_uuid,
@@ -219,3 +220,89 @@ def test_a_long_history_is_snapshotted_every_50_events_and_loads_whole(ledger: L
     (snapshot,) = ledger.snapshots.get(customer_uuid(customer_id))
     assert snapshot.originator_version == 50
     assert len(ledger.get_customer(customer_id).loans) == 60
+
+
+def topics_after(ledger: Ledger, position: int) -> list[str]:
+    notifications = ledger.recorder.select_notifications(position, 1_000, inclusive_of_start=False)
+    return [n.topic.rsplit(":", 1)[-1] for n in notifications if "ImportJob" not in n.topic]
+
+
+def test_import_records_one_history_event_per_customer_carrying_its_loans_and_no_loan_aggregates(ledger: Ledger) -> None:
+    summary = run_import(
+        ledger,
+        [customer_row(2, 7, "9000000007"), customer_row(3, 8, "9000000008")],
+        [loan_row(2, 7, 50), loan_row(3, 7, 51), loan_row(4, 8, 52)],
+    )
+    assert (summary["customers_imported"], summary["loans_imported"]) == (2, 3)
+    # a customer's history and the claim on its phone number: nothing per loan
+    assert sorted(topics_after(ledger, 0)) == ["Customer.HistoryImported"] * 2 + ["PhoneNumber.Claimed"] * 2
+    assert loan_uuid(50) not in ledger.repository
+    assert [t.loan_id for t in ledger.get_customer(7).loans] == [50, 51]
+
+
+def test_the_first_repayment_of_an_imported_loan_opens_its_aggregate_from_the_customers_terms() -> None:
+    clock = FixedClock(date(2020, 6, 1))
+    ledger = Ledger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, clock=clock)
+    row = LoanRecord(2, 7, 50, D(10_000), 12, D(10), D(880), 3, date(2020, 1, 1), date(2021, 1, 1))
+    run_import(ledger, [customer_row(2, 7, "9000000007")], [row])
+    assert [type(e).__name__ for e in ledger.loan_events(50)] == ["HistoryImported"]  # before: its customer's record
+    position = ledger.recorder.max_notification_id() or 0
+
+    paid = ledger.record_repayment(50, date(2020, 5, 1)).response
+
+    assert (paid["installment"], paid["on_time"], paid["repayments_left"]) == (4, True, 8)
+    assert sorted(topics_after(ledger, position)) == ["Customer.RepaymentRecorded", "Loan.Opened", "Loan.RepaymentRecorded"]
+    loan: Loan = ledger.repository.get(loan_uuid(50))
+    assert (loan.customer_id, loan.emis_paid, loan.source_loan_id) == (7, 4, 50)
+    assert ledger.get_customer(7).loans[0].emis_paid == 4
+    assert [type(e).__name__ for e in ledger.loan_events(50)] == ["HistoryImported", "Opened", "RepaymentRecorded"]
+    assert ledger.record_repayment(50, date(2020, 5, 2)).response["installment"] == 5  # the aggregate is used now
+
+
+def test_a_repayment_for_a_loan_no_history_holds_is_refused(ledger: Ledger) -> None:
+    run_import(ledger, [customer_row(2, 7, "9000000007")], [loan_row(2, 7, 50)])
+    with pytest.raises(LoanNotFound):
+        ledger.record_repayment(49)
+
+
+def test_a_file_loan_id_that_a_booking_already_holds_is_rekeyed(ledger: Ledger) -> None:
+    customer_id = ledger.register_customer("Ann", "Lee", 30, "9876543210", D(100_000)).customer.customer_id
+    booked = ledger.book_loan(customer_id, LoanRequest(D(10_000), D(14), 6)).response["loan_id"]
+    summary = run_import(ledger, [customer_row(2, 7, "9000000007")], [loan_row(2, 7, booked), loan_row(3, 7, 90)])
+    [rekeyed] = summary["rekeyed_loans"]  # type: ignore[misc]
+    assert (rekeyed["file_loan_id"], rekeyed["loan_id"] > 90) == (booked, True)
+    assert [t.loan_id for t in ledger.get_customer(customer_id).loans] == [booked]
+
+
+def test_a_later_import_reusing_an_earlier_imports_loan_id_for_another_customer_is_rekeyed(ledger: Ledger) -> None:
+    run_import(ledger, [customer_row(2, 7, "9000000007")], [loan_row(2, 7, 50)])
+    summary = run_import(ledger, [customer_row(2, 8, "9000000008")], [loan_row(2, 8, 50)])
+    [rekeyed] = summary["rekeyed_loans"]  # type: ignore[misc]
+    assert (rekeyed["customer_id"], rekeyed["file_loan_id"], rekeyed["loan_id"] > 50) == (8, 50, True)
+    assert [t.loan_id for t in ledger.get_customer(7).loans] == [50]
+    assert ledger.loans.owner(50) == 7 and ledger.loans.owner(rekeyed["loan_id"]) == 8
+
+
+def test_an_import_claims_a_loan_id_a_booking_drew_but_has_not_saved_and_the_booking_takes_another(
+    ledger: Ledger,
+) -> None:
+    """A booking draws loan ID 1; before it saves, an import whose file uses ID 1 runs. The
+    import opens loan 1's aggregate, so the booking's save conflicts and it books under a new ID."""
+    customer_id = ledger.register_customer("Ann", "Lee", 30, "9876543210", D(100_000)).customer.customer_id
+    draw = ledger.ids.next_loan_id
+    drawn: list[int] = []
+
+    def draw_then_import() -> int:
+        loan_id = draw()
+        drawn.append(loan_id)
+        if len(drawn) == 1:
+            run_import(ledger, [customer_row(2, 7, "9000000007")], [loan_row(2, 7, loan_id)])
+        return loan_id
+
+    ledger.ids.next_loan_id = draw_then_import  # type: ignore[method-assign]
+    booked = ledger.book_loan(customer_id, LoanRequest(D(10_000), D(14), 6)).response["loan_id"]
+
+    assert drawn[0] == 1 and booked == drawn[-1] != 1
+    assert [t.loan_id for t in ledger.get_customer(7).loans] == [1]  # the file's ID was kept
+    assert ledger.repository.get(loan_uuid(1)).customer_id == 7
+    assert ledger.repository.get(loan_uuid(booked)).customer_id == customer_id
