@@ -402,15 +402,13 @@ class Ledger(Application[UUID]):
     def loan_events(self, loan_id: int) -> list[Any]:
         """The loan's events, oldest first. An imported loan's trail starts with its customer's
         events that carry it (the import recorded it there), then its own once it was opened."""
-        own = list(self.events.get(loan_uuid(loan_id)))
+        own: list[Any] = list(self.events.get(loan_uuid(loan_id)))
         if own and not isinstance(own[0], Loan.Opened):
             return own
         owner = own[0].customer_id if own else self.loans.owner(loan_id)
         if owner is None:
             return own
-        carried = [
-            e for e in self.events.get(customer_uuid(owner)) if any(t.loan_id == loan_id for t in getattr(e, "loans", ()))
-        ]
+        carried = [e for e in self.events.get(customer_uuid(owner)) if any(t.loan_id == loan_id for t in getattr(e, "loans", ()))]
         return carried + own
 
     # Import
