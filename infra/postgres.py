@@ -44,6 +44,14 @@ class PostgresIds:
         # before or after an import's reservation, never in the middle of it.
         return self._scalar(f"SELECT nextval('loan_id_seq') FROM pg_advisory_xact_lock_shared({LOAN_IDS_LOCK})")
 
+    def next_loan_ids(self, count: int) -> list[int]:
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT nextval('loan_id_seq') FROM pg_advisory_xact_lock_shared(%s), generate_series(1, %s)",
+                (LOAN_IDS_LOCK, count),
+            ).fetchall()
+        return sorted(int(row[0]) for row in rows)
+
     def _reserve(self, sequence: str, highest: int) -> int:
         """Move `sequence` to at least `highest`; the value it had before."""
         with self._pool.connection() as conn, conn.transaction():

@@ -35,6 +35,10 @@ class IdAllocator(Protocol):
 
     def next_loan_id(self) -> int: ...
 
+    def next_loan_ids(self, count: int) -> list[int]:
+        """`count` new loan IDs at once (an import re-keys thousands of rows)."""
+        ...
+
     def reserve_customer_ids_through(self, highest: int) -> None: ...
 
     def reserve_loan_ids_through(self, highest: int) -> int:
@@ -58,6 +62,11 @@ class InMemoryIds:
         with self._lock:
             self._loan += 1
             return self._loan
+
+    def next_loan_ids(self, count: int) -> list[int]:
+        with self._lock:
+            first, self._loan = self._loan + 1, self._loan + count
+            return list(range(first, self._loan + 1))
 
     def reserve_customer_ids_through(self, highest: int) -> None:
         with self._lock:
