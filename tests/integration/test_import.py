@@ -216,6 +216,35 @@ def test_two_imports_at_once_run_one_after_the_other_and_one_loan_id_goes_to_one
     assert sorted(owners.values()) == [911, 912] and owners[rekeyed[0]["loan_id"]] == rekeyed[0]["customer_id"]
 
 
+def test_a_later_import_adds_a_loan_to_a_customer_already_in_the_ledger(
+    stack: Stack, client: TestClient, imported: dict[str, Any]
+) -> None:
+    customers = write_xlsx(
+        stack.settings.import_dir / "test_more_customers.xlsx",
+        CUSTOMER_COLUMNS,
+        [[913, "More", "Later", 40, 9100000913, 60000, 2200000]],
+    )
+    loans = write_xlsx(
+        stack.settings.import_dir / "test_more_loans.xlsx",
+        LOAN_COLUMNS,
+        [
+            [1, 96101, 100000, 12, 10.5, 8800, 3, date(2026, 1, 5), date(2027, 1, 5)],
+            [913, 96102, 100000, 12, 10.5, 8800, 3, date(2026, 1, 5), date(2027, 1, 5)],
+        ],
+    )
+    before = len(client.get("/view-loans/1").json())
+    try:
+        report = follow(client, start(client, customers.name, loans.name))
+    finally:
+        customers.unlink()
+        loans.unlink()
+    assert (report["state"], report["summary"]["loans_imported"], report["issues"]) == ("completed", 2, [])
+    assert 96101 in [loan["loan_id"] for loan in client.get("/view-loans/1").json()]
+    assert len(client.get("/view-loans/1").json()) == before + 1
+    assert client.get("/view-loan/96101").json()["customer"]["id"] == 1
+    assert [e["type"] for e in client.get("/loans/96101/history").json()] == ["Customer.HistoryExtended"]
+
+
 def test_an_unreadable_file_fails_clearly_and_changes_nothing(stack: Stack, client: TestClient, imported: dict[str, Any]) -> None:
     not_excel = stack.settings.import_dir / "test_not_excel.xlsx"
     not_excel.write_text("Customer ID,First Name\n1,Ann\n")

@@ -306,3 +306,14 @@ def test_an_import_claims_a_loan_id_a_booking_drew_but_has_not_saved_and_the_boo
     assert [t.loan_id for t in ledger.get_customer(7).loans] == [1]  # the file's ID was kept
     assert ledger.repository.get(loan_uuid(1)).customer_id == 7
     assert ledger.repository.get(loan_uuid(booked)).customer_id == customer_id
+
+
+def test_a_later_import_adds_loans_to_a_customer_already_in_the_ledger_in_one_event(ledger: Ledger) -> None:
+    run_import(ledger, [customer_row(2, 7, "9000000007")], [loan_row(2, 7, 50)])
+    position = ledger.recorder.max_notification_id() or 0
+    summary = run_import(ledger, [customer_row(2, 7, "9000000007")], [loan_row(2, 7, 50), loan_row(3, 7, 60), loan_row(4, 7, 61)])
+    assert (summary["customers_already_present"], summary["loans_already_present"], summary["loans_imported"]) == (1, 1, 2)
+    assert topics_after(ledger, position) == ["Customer.HistoryExtended"]
+    assert [t.loan_id for t in ledger.get_customer(7).loans] == [50, 60, 61]
+    assert [type(e).__name__ for e in ledger.loan_events(61)] == ["HistoryExtended"]
+    assert ledger.loans.owner(61) == 7
