@@ -40,11 +40,11 @@ class PostgresIds:
         return self._scalar("SELECT nextval('customer_id_seq')")
 
     def next_loan_id(self) -> int:
-        # The lock is released as the statement's transaction ends: it only orders this draw
-        # before or after an import's reservation, never in the middle of it.
-        return self._scalar(f"SELECT nextval('loan_id_seq') FROM pg_advisory_xact_lock_shared({LOAN_IDS_LOCK})")
+        return self.next_loan_ids(1)[0]
 
     def next_loan_ids(self, count: int) -> list[int]:
+        # The lock is released as the statement's transaction ends: it only orders this draw
+        # before or after an import's reservation, never in the middle of it.
         with self._pool.connection() as conn:
             rows = conn.execute(
                 "SELECT nextval('loan_id_seq') FROM pg_advisory_xact_lock_shared(%s), generate_series(1, %s)",

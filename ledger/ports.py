@@ -59,9 +59,7 @@ class InMemoryIds:
             return self._customer
 
     def next_loan_id(self) -> int:
-        with self._lock:
-            self._loan += 1
-            return self._loan
+        return self.next_loan_ids(1)[0]
 
     def next_loan_ids(self, count: int) -> list[int]:
         with self._lock:

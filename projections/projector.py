@@ -23,7 +23,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from ledger.application import Ledger
-from ledger.domain import Customer, ImportJob, Loan, LoanTerms
+from ledger.domain import Customer, ImportJob, Loan
 from projections import schema as read_model
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,13 @@ REBUILD_PAGE_SIZE = 5000  # a rebuild has no reader waiting on each page: fewer,
 Progress = Callable[[int, int], None]
 
 
-def _loan_row(e: Any, origin: str) -> tuple[Any, ...]:
-    """A loan's row from `Loan.Booked` or (older imports) `Loan.Imported`. `Loan.Opened` adds no row:
-    the loan's row came with its customer's `HistoryImported` or `HistoryExtended`."""
+def _loan_row(e: Any, customer_id: int, origin: str) -> tuple[Any, ...]:
+    """A loan's row from `Loan.Booked`, (older imports) `Loan.Imported`, or the `LoanTerms` a
+    customer's `HistoryImported` / `HistoryExtended` carries. `Loan.Opened` adds no row: the
+    loan's row came with its customer's history."""
     return (
         e.loan_id,
-        e.customer_id,
+        customer_id,
         getattr(e, "source_loan_id", None),
         e.amount,
         e.interest_rate,
@@ -54,26 +55,6 @@ def _loan_row(e: Any, origin: str) -> tuple[Any, ...]:
         getattr(e, "emis_paid_on_time", 0),
         origin,
     )
-
-
-def _imported_loan_rows(customer_id: int, loans: Sequence[LoanTerms]) -> list[tuple[Any, ...]]:
-    return [
-        (
-            t.loan_id,
-            customer_id,
-            t.source_loan_id,
-            t.amount,
-            t.interest_rate,
-            t.tenure,
-            t.monthly_installment,
-            t.start_date,
-            t.end_date,
-            t.emis_paid,
-            t.emis_paid_on_time,
-            "imported",
-        )
-        for t in loans
-    ]
 
 
 def _customer_row(e: Any, origin: str, position: int) -> list[Any]:
@@ -331,17 +312,17 @@ class Projector:
             page.customers.append(_customer_row(event, "registered", position))
         elif isinstance(event, Customer.HistoryImported):
             page.customers.append(_customer_row(event, "imported", position))
-            page.loans += _imported_loan_rows(event.customer_id, event.loans)
+            page.loans += [_loan_row(terms, event.customer_id, "imported") for terms in event.loans]
         elif isinstance(event, Customer.HistoryExtended):
-            page.loans += _imported_loan_rows(event.customer_id, event.loans)
+            page.loans += [_loan_row(terms, event.customer_id, "imported") for terms in event.loans]
             page.loan_changes[event.customer_id] = position
         elif isinstance(event, Customer.Imported):  # older imports: the loans come as Loan.Imported
             page.customers.append(_customer_row(event, "imported", position))
         elif isinstance(event, Loan.Booked):
-            page.loans.append(_loan_row(event, "booked"))
+            page.loans.append(_loan_row(event, event.customer_id, "booked"))
             page.loan_changes[event.customer_id] = position
         elif isinstance(event, Loan.Imported):
-            page.loans.append(_loan_row(event, "imported"))
+            page.loans.append(_loan_row(event, event.customer_id, "imported"))
             page.loan_changes[event.customer_id] = position
         elif isinstance(event, Loan.RepaymentRecorded):
             page.repayments.append(_repayment_row(event))
