@@ -1,4 +1,4 @@
-"""Reads the lender's Excel files with python-calamine (about 8x openpyxl's speed)."""
+"""Reads the lender's Excel files: .xlsx streamed by infra.xlsx_stream, other formats by python-calamine."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from python_calamine import CalamineWorkbook
 
+from infra.xlsx_stream import NotXlsx, first_sheet_rows, forget_cached_dates
 from ledger.domain import RowIssue
 from ledger.history import (
     CUSTOMER_COLUMNS,
@@ -17,6 +18,7 @@ from ledger.history import (
     LoanRecord,
     UnreadableFile,
     check_header,
+    forget_shared_values,
     parse_customer,
     parse_loan,
 )
@@ -25,9 +27,16 @@ Record = TypeVar("Record", CustomerRecord, LoanRecord)
 
 
 def _rows(path: Path) -> Iterator[list[Any]]:
-    """The first sheet's rows from row 1, as Python values."""
+    """The first sheet's rows from row 1, as Python values: streamed for .xlsx, read whole by
+    calamine for the other formats it knows (.xls, .xlsb, .ods)."""
     if not path.is_file():
         raise UnreadableFile(f"{path.name}: no such file")
+    try:
+        return _converted(path, first_sheet_rows(str(path)))
+    except NotXlsx:
+        pass
+    except Exception as error:
+        raise UnreadableFile(f"{path.name}: not a readable Excel workbook ({error})") from None
     try:
         workbook = CalamineWorkbook.from_path(str(path))
         if not workbook.sheet_names:
@@ -85,6 +94,10 @@ def _read(
 
 def read_history(customers_path: Path, loans_path: Path) -> tuple[list[CustomerRecord], list[LoanRecord], list[RowIssue]]:
     """Both files, fully read and checked before anything is written; unreadable files raise."""
-    customers, customer_issues = _read(customers_path, customers_path.name, CUSTOMER_COLUMNS, parse_customer)
-    loans, loan_issues = _read(loans_path, loans_path.name, LOAN_COLUMNS, parse_loan)
+    try:
+        customers, customer_issues = _read(customers_path, customers_path.name, CUSTOMER_COLUMNS, parse_customer)
+        loans, loan_issues = _read(loans_path, loans_path.name, LOAN_COLUMNS, parse_loan)
+    finally:
+        forget_shared_values()
+        forget_cached_dates()
     return customers, loans, customer_issues + loan_issues

@@ -1,0 +1,413 @@
+"""Streams the first sheet of an .xlsx workbook row by row, in constant memory.
+
+python-calamine reads a whole sheet into memory before the first row comes out: about 620 MB at
+its peak for a million-loan file (a sparse list of cells, then the dense grid, both at once). This reader decompresses the sheet's XML in
+chunks and picks the cells out with regular expressions (the C engine does the scanning), so
+only the rows being read are in memory. It yields what calamine yields, the same Python types
+for the same cells: a number is a float, a date-formatted number a date (a datetime when it has
+a time of day), a shared or inline string a str, a boolean a bool, an error its text ("#N/A").
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from datetime import date, datetime, time, timedelta
+from functools import lru_cache
+from html import unescape
+from typing import IO, Any
+from xml.etree import ElementTree
+
+CHUNK = 1 << 20  # decompressed characters read at a time
+LONGEST_ROW = 32 << 20  # characters: a sheet with a longer row is refused, not held whole
+
+_NS = r"(?:[\w.-]+:)?"  # SpreadsheetML written with a namespace prefix (<x:row>) reads the same
+# The general patterns below never backtrack across an element's end: a row's (or a cell's)
+# content is taken possessively up to the next row (cell) tag, so a crafted sheet full of unclosed
+# rows or cells is read in linear time instead of scanning to the end again from each one.
+_ROW = re.compile(rf"<{_NS}row\b([^>]*?)(?:/>|>((?:[^<]++|<(?!/?{_NS}row\b))*+)</{_NS}row>)")
+_ROW_NUMBER = re.compile(r'\sr="(\d+)"')
+# A cell: its reference when it comes first (as every writer seen puts it), its other attributes
+# (few distinct strings in a sheet, so what they say is worked out once each), its content.
+_CELL = re.compile(rf'<{_NS}c(?: r="([A-Z]+)\d+")?([^>]*?)(?:/>|>((?:[^<]++|<(?!/?{_NS}c\b))*+)</{_NS}c>)')
+_ATTRIBUTE = re.compile(r'\s([rst])="([^"]*)"')
+_VALUE = re.compile(rf"<{_NS}v>([^<]*)</{_NS}v>")  # text only: XML escapes its "<"
+_TEXT = re.compile(rf"<{_NS}t\b[^>]*>([^<]*)</{_NS}t>")
+_ROW_END = re.compile(rf"</{_NS}row>")
+_SHEET_DATA_END = re.compile(rf"</{_NS}sheetData>")
+
+_MAIN = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
+_REL = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}"
+_PKG_REL = "{http://schemas.openxmlformats.org/package/2006/relationships}"
+# Built-in number formats that show a date or time (ECMA-376 part 1, 18.8.30).
+_DATE_FORMAT_IDS = {*range(14, 23), *range(27, 37), *range(45, 48), *range(50, 59)}
+_ELAPSED_FORMAT_ID = 46  # [h]:mm:ss
+_DATE_CODE = re.compile(r"[dmyhs]", re.I)
+_ELAPSED = re.compile(r"\[(?:h+|m+|s+)\]", re.I)  # [h]:mm shows a duration, as calamine reads it
+_NOT_A_DATE_PART = re.compile(r'"[^"]*"|\[[^\]]*\]|\\.|_.|\*.')  # quoted text, [colours], escapes
+
+
+DateStyles = dict[str, bool]  # style index -> shows elapsed time (a duration)
+
+
+class NotXlsx(Exception):
+    """The file is not an .xlsx package (it may still be another format calamine reads)."""
+
+
+def first_sheet_rows(path: str) -> Iterator[list[Any]]:
+    """The first sheet's rows from row 1; a row missing from the file comes out as [].
+
+    Raises NotXlsx at once when the file is not an .xlsx package; a package that turns out
+    unreadable raises while it is read (zipfile's, ElementTree's or a conversion's error)."""
+    if not zipfile.is_zipfile(path):
+        raise NotXlsx(path)
+    package = zipfile.ZipFile(path)
+    if "xl/workbook.xml" not in package.namelist():
+        package.close()
+        raise NotXlsx(path)
+    return _sheet_rows(package)
+
+
+def _sheet_rows(package: zipfile.ZipFile) -> Iterator[list[Any]]:
+    with package:
+        names = set(package.namelist())
+        sheet, date1904 = _first_sheet(package)
+        if sheet is None or sheet not in names:
+            return
+        strings = _shared_strings(package, names)
+        dates = _date_styles(package, names)
+        epoch = datetime(1904, 1, 1) if date1904 else datetime(1899, 12, 30)
+        with package.open(sheet) as stream:
+            yield from _rows(_chunks(stream), strings, dates, epoch)
+
+
+def _first_sheet(package: zipfile.ZipFile) -> tuple[str | None, bool]:
+    workbook = ElementTree.fromstring(package.read("xl/workbook.xml"))
+    properties = workbook.find(f"{_MAIN}workbookPr")
+    date1904 = properties is not None and properties.get("date1904") in ("1", "true")
+    first = workbook.find(f"{_MAIN}sheets/{_MAIN}sheet")
+    if first is None:
+        return None, date1904
+    target = None
+    rel_id = first.get(f"{_REL}id")
+    rels = ElementTree.fromstring(package.read("xl/_rels/workbook.xml.rels"))
+    for rel in rels.iter(f"{_PKG_REL}Relationship"):
+        if rel.get("Id") == rel_id:
+            target = rel.get("Target", "")
+    if target is None:
+        return None, date1904
+    path = target.lstrip("/") if target.startswith("/") else posixpath.normpath(posixpath.join("xl", target))
+    return path, date1904
+
+
+def _shared_strings(package: zipfile.ZipFile, names: set[str]) -> list[str]:
+    if "xl/sharedStrings.xml" not in names:
+        return []
+    strings = []
+    with package.open("xl/sharedStrings.xml") as stream:
+        for _, element in ElementTree.iterparse(stream):
+            if element.tag == f"{_MAIN}si":
+                # Rich text has several runs; phonetic hints (rPh) are not part of the text.
+                strings.append("".join(t.text or "" for t in element.iter(f"{_MAIN}t") if t not in _phonetic(element)))
+                element.clear()
+    return strings
+
+
+def _phonetic(si: ElementTree.Element) -> set[ElementTree.Element]:
+    return {t for rph in si.iter(f"{_MAIN}rPh") for t in rph.iter(f"{_MAIN}t")}
+
+
+def _date_styles(package: zipfile.ZipFile, names: set[str]) -> DateStyles:
+    """The cell style indexes (a cell's s="…") whose number format shows a date or a time, each
+    with whether it shows elapsed time ([h]:mm, a duration) rather than a moment."""
+    if "xl/styles.xml" not in names:
+        return {}
+    styles = ElementTree.fromstring(package.read("xl/styles.xml"))
+    custom = {int(fmt.get("numFmtId", "-1")): fmt.get("formatCode", "") for fmt in styles.iter(f"{_MAIN}numFmt")}
+    xfs = styles.find(f"{_MAIN}cellXfs")
+    if xfs is None:
+        return {}
+    dated: DateStyles = {}
+    for index, xf in enumerate(xfs.findall(f"{_MAIN}xf")):
+        fmt = int(xf.get("numFmtId", "0"))
+        if fmt in custom:
+            if _is_date_code(custom[fmt]):
+                dated[str(index)] = bool(_ELAPSED.search(custom[fmt]))
+        elif fmt in _DATE_FORMAT_IDS:
+            dated[str(index)] = fmt == _ELAPSED_FORMAT_ID
+    return dated
+
+
+def _is_date_code(code: str) -> bool:
+    return bool(_DATE_CODE.search(_NOT_A_DATE_PART.sub("", code)))
+
+
+def _chunks(stream: IO[bytes]) -> Iterator[str]:
+    pending = b""
+    while block := stream.read(CHUNK):
+        block = pending + block
+        try:
+            text = block.decode("utf-8")
+            pending = b""
+        except UnicodeDecodeError as error:  # a character split across two reads
+            if error.start < len(block) - 3:
+                raise
+            text, pending = block[: error.start].decode("utf-8"), block[error.start :]
+        yield text
+    if pending:
+        yield pending.decode("utf-8")
+
+
+def _rows(chunks: Iterator[str], strings: list[str], dates: DateStyles, epoch: datetime) -> Iterator[list[Any]]:
+    buffer = ""
+    expected = 1  # the next row number, so that rows the file leaves out come out empty
+    done = False
+    for chunk in _then_none(chunks):
+        if chunk is None:
+            end, done = len(buffer), True
+        else:
+            buffer += chunk
+            end = _last_row_end(buffer)
+            if end == 0:
+                if len(buffer) > LONGEST_ROW:
+                    raise ValueError(f"a row longer than {LONGEST_ROW:,} characters, or rows that never end")
+                continue
+        text = buffer[:end]
+        parsed: Iterable[tuple[int, list[Any]]] | None = None
+        if _plain(text):
+            parsed = _parse_table(text, strings, dates, epoch) or _parse_plain(text, strings, dates, epoch)
+        if parsed is None:
+            parsed = _parse(text, expected - 1, strings, dates, epoch)
+        for number, cells in parsed:
+            while expected < number:
+                yield []
+                expected += 1
+            yield cells
+            expected = number + 1
+        buffer = buffer[end:]
+        if done or _SHEET_DATA_END.search(buffer):
+            return
+
+
+def _then_none(chunks: Iterator[str]) -> Iterator[str | None]:
+    yield from chunks
+    yield None
+
+
+def _last_row_end(buffer: str) -> int:
+    """Where the last closed row in the buffer ends (0: none closed yet)."""
+    ends = list(_ROW_END.finditer(buffer, max(0, buffer.rfind("row>") - 40)))
+    return ends[-1].end() if ends else 0
+
+
+# The cells most writers write (Excel, openpyxl, xlsxwriter): reference first, then the style and
+# type, and a value or an inline string that is plain text. A chunk made only of these is read
+# with one pattern; any other chunk goes through `_parse`, which reads every form.
+_PLAIN_CELL = re.compile(
+    r'<c r="([A-Z]+)(\d+)"(?: s="(\d+)")?(?: t="(\w+)")?(?:/>|>(?:<v>([^<]*)</v>|<is><t>([^<]*)</t></is>)?</c>)'
+)
+
+
+# A table's rows, as generators write them: every row of the chunk has the same cells, each with a
+# value. Such a chunk is read a column at a time (`map` and `zip` run the loops in C); the cell by
+# cell readers below take any other chunk.
+_VALUE_CELL = re.compile(r'<c r="([A-Z]++)(\d++)"([^>]*+)>(?:<v>([^<]*+)</v>|<is><t>([^<]*+)</t></is>)</c>')
+
+
+def _parse_table(text: str, strings: list[str], dates: DateStyles, epoch: datetime) -> list[tuple[int, list[Any]]] | None:
+    parts = _VALUE_CELL.split(text)  # one flat list: what comes before a cell, then its 5 groups
+    cells = len(parts) // 6
+    if not cells or cells != text.count("<c "):
+        return None  # some cell has another form (no value, rich text, a formula)
+    letters, numbers, attributes, values, texts = parts[1::6], parts[2::6], parts[3::6], parts[4::6], parts[5::6]
+    del parts
+    width = numbers.count(numbers[0])  # the first row's cells (a row number appears in one row only)
+    count = cells // width
+    if count * width != cells or letters != letters[:width] * count:
+        return None
+    firsts = numbers[::width]
+    if any(numbers[k::width] != firsts for k in range(1, width)):
+        return None
+    places = [_column_index(column) for column in letters[:width]]
+    if places != sorted(set(places)):
+        return None
+    blank = (None,) * count
+    table: list[Any] = [blank] * (places[-1] + 1)  # columns the rows leave out read as empty
+    try:
+        for k, place in enumerate(places):
+            table[place] = _column(attributes[k::width], values[k::width], texts[k::width], strings, dates, epoch)
+    except (ValueError, IndexError, TypeError):
+        return None  # let the cell by cell reader say what is wrong
+    if any(column is None for column in table):
+        return None
+    return list(zip(map(int, firsts), map(list, zip(*table, strict=True)), strict=True))
+
+
+def _column(
+    attributes: list[str],
+    values: list[Any],  # a <v>'s text, None where the cell is an inline string
+    texts: list[Any],  # an inline string's text, None where the cell has a <v>
+    strings: list[str],
+    dates: DateStyles,
+    epoch: datetime,
+) -> list[Any] | None:
+    """A column's values when its cells are all numbers, all dates or all strings of one kind."""
+    kinds = {_attributes(a)[2] + _date_kind(_attributes(a)[1], dates) for a in set(attributes)}
+    if kinds == {"n"}:
+        return list(map(float, values))
+    if kinds == {"n/date"} or kinds == {"n/duration"}:
+        return list(map(_date_reader(epoch, kinds == {"n/duration"}), values))
+    if kinds == {"s"}:
+        return list(map(strings.__getitem__, map(int, values)))
+    if kinds == {"inlineStr"}:
+        return list(map(unescape, texts))
+    return None
+
+
+def forget_cached_dates() -> None:
+    """Empty the caches of converted dates once a file is read."""
+    _date_reader.cache_clear()
+    _serial_date.cache_clear()
+
+
+def _date_kind(style: str, dates: DateStyles) -> str:
+    if style not in dates:
+        return ""
+    return "/duration" if dates[style] else "/date"
+
+
+@lru_cache(maxsize=4)
+def _date_reader(epoch: datetime, duration: bool) -> Callable[[str], date | datetime | time | timedelta]:
+    @lru_cache(maxsize=65_536)  # a sheet repeats its dates: most cells are a cache hit, in C
+    def read(value: str) -> date | datetime | time | timedelta:
+        return _serial_date(float(value), epoch, duration)
+
+    return read
+
+
+def _plain(text: str) -> bool:
+    return ":c " not in text and "<c>" not in text and "<c/>" not in text
+
+
+def _parse_plain(text: str, strings: list[str], dates: DateStyles, epoch: datetime) -> list[tuple[int, list[Any]]] | None:
+    found = _PLAIN_CELL.findall(text)
+    if len(found) != text.count("<c "):
+        return None  # some cell has another form
+    rows: list[tuple[int, list[Any]]] = []
+    current = ""
+    cells: list[Any] = []
+    for column, number, style, kind, value, inline in found:
+        if number != current:
+            cells = []
+            rows.append((int(number), cells))
+            current = number
+        index = _COLUMNS.get(column)
+        if index is None:
+            index = _column_index(column)
+        if index != len(cells):
+            if index < len(cells):
+                return None  # cells out of order: let the careful reader place them
+            cells.extend([None] * (index - len(cells)))
+        if kind == "" or kind == "n":
+            if not value:
+                cells.append(None)
+            elif style and style in dates:
+                cells.append(_serial_date(float(value), epoch, dates[style]))
+            else:
+                cells.append(float(value))
+        elif kind == "s":
+            cells.append(strings[int(value)])
+        elif kind == "inlineStr":
+            cells.append(unescape(inline) if "&" in inline else inline)
+        else:
+            return None
+    return rows
+
+
+def _parse(text: str, last: int, strings: list[str], dates: DateStyles, epoch: datetime) -> Iterator[tuple[int, list[Any]]]:
+    """The rows in `text`, numbered; a row without its number follows the one before (`last`)."""
+    for attributes, content in _ROW.findall(text):
+        numbered = _ROW_NUMBER.search(attributes)
+        number = int(numbered.group(1)) if numbered else last + 1
+        last = number
+        cells: list[Any] = []
+        for column, attributes, inner in _CELL.findall(content):
+            reference, style, kind = _attributes(attributes)
+            index = _column_index(column or reference) if (column or reference) else len(cells)
+            if index > len(cells):
+                cells.extend([None] * (index - len(cells)))
+            if kind == "n" and style not in dates and inner.startswith("<v>") and inner.endswith("</v>"):
+                cells.append(float(inner[3:-4]))  # most cells: a plain number
+            else:
+                cells.append(_value(kind, style, inner, strings, dates, epoch))
+        yield number, cells
+
+
+@lru_cache(maxsize=4096)
+def _attributes(attributes: str) -> tuple[str, str, str]:
+    """A cell's column letters (when its reference did not come first), style and type."""
+    found = dict(_ATTRIBUTE.findall(attributes))
+    return found.get("r", "").rstrip("0123456789"), found.get("s", ""), found.get("t", "n")
+
+
+_COLUMNS = {chr(65 + i): i for i in range(26)}
+
+
+@lru_cache(maxsize=1024)
+def _column_index(letters: str) -> int:
+    index = 0
+    for letter in letters:
+        index = index * 26 + ord(letter) - 64
+    return index - 1
+
+
+def _value(kind: str, style: str, inner: str, strings: list[str], dates: DateStyles, epoch: datetime) -> Any:
+    if kind == "inlineStr":
+        if inner.startswith("<is><t>") and inner.endswith("</t></is>") and "<" not in inner[7:-9]:
+            text = inner[7:-9]
+        else:
+            text = "".join(_TEXT.findall(inner))
+        return unescape(text) if "&" in text else text
+    raw = inner[3:-4] if inner.startswith("<v>") and inner.endswith("</v>") else _first_value(inner)
+    if raw is None:
+        return None
+    if kind == "n":
+        number = float(raw)
+        return _serial_date(number, epoch, dates[style]) if style in dates else number
+    if kind == "s":
+        return strings[int(raw)]
+    if kind == "b":
+        return raw.strip() == "1"
+    if kind == "d":
+        return _iso_date(raw)
+    return unescape(raw)  # "str" (a formula's text) and "e" (an error such as #N/A)
+
+
+def _first_value(inner: str) -> str | None:
+    found = _VALUE.search(inner)
+    return found.group(1) if found else None
+
+
+@lru_cache(maxsize=65_536)
+def _serial_date(serial: float, epoch: datetime, duration: bool = False) -> date | datetime | time | timedelta:
+    """An Excel serial number as calamine reads it: a duration for an elapsed-time format, a time
+    of day below 1, a date when it falls on midnight, otherwise a datetime (to the millisecond)."""
+    elapsed = timedelta(milliseconds=round(serial * 86_400_000))
+    if duration:
+        return elapsed
+    if serial < 1:
+        return (datetime.min + elapsed % timedelta(days=1)).time()
+    if epoch.year == 1899 and serial < 60:
+        elapsed += timedelta(days=1)  # 1900 system: Excel counts a 29 February 1900 as day 60
+    moment = epoch + elapsed
+    return moment.date() if moment.time() == time() else moment
+
+
+def _iso_date(text: str) -> date | datetime | str:
+    try:
+        moment = datetime.fromisoformat(text.strip().rstrip("Z"))
+    except ValueError:
+        return text
+    return moment.date() if moment.time() == datetime.min.time() else moment

@@ -1,0 +1,226 @@
+"""The streaming .xlsx reader gives what python-calamine gives, row for row and type for type.
+
+python-calamine stays the reference (and the reader of the other formats): every test here reads
+the same file both ways and compares.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+from time import monotonic
+from typing import Any
+
+import openpyxl
+import pytest
+from python_calamine import CalamineWorkbook
+
+from infra import xlsx_stream
+from infra.xlsx import read_history
+from infra.xlsx_stream import NotXlsx, first_sheet_rows
+from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS, UnreadableFile
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _trimmed(row: list[Any]) -> list[Any]:
+    """calamine pads every row to the sheet's width with "": the same row without the padding."""
+    row = [None if value == "" else value for value in row]
+    while row and row[-1] is None:
+        row.pop()
+    return row
+
+
+def _calamine(path: Path) -> list[list[Any]]:
+    rows = [_trimmed(r) for r in CalamineWorkbook.from_path(str(path)).get_sheet_by_index(0).iter_rows()]
+    while rows and not rows[-1]:
+        rows.pop()
+    return rows
+
+
+def _streamed(path: Path) -> list[list[Any]]:
+    rows = [_trimmed(r) for r in first_sheet_rows(str(path))]
+    while rows and not rows[-1]:
+        rows.pop()
+    return rows
+
+
+def _typed(rows: list[list[Any]]) -> list[list[tuple[type, Any]]]:
+    return [[(type(value), value) for value in row] for row in rows]
+
+
+@pytest.mark.parametrize("name", ["customer_data.xlsx", "loan_data.xlsx"])
+def test_the_reference_files_read_as_calamine_reads_them(name: str) -> None:
+    path = REPO / "data" / name
+    streamed = _streamed(path)
+    assert len(streamed) == {"customer_data.xlsx": 301, "loan_data.xlsx": 783}[name]
+    assert _typed(streamed) == _typed(_calamine(path))
+
+
+def _mixed_workbook(path: Path) -> Path:
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["Text", "Whole", "Fraction", "Day", "Moment", "Flag", "Empty"])
+    sheet.append(["a & b <c>", 7, 0.1, date(2024, 2, 29), datetime(2024, 1, 2, 3, 4, 5), True, None])
+    sheet.append(["Ünïcode ✓", -12, 1e-7, date(1900, 3, 1), datetime(2024, 1, 2), False, None])
+    sheet.cell(row=3, column=9, value="after a gap")
+    sheet.cell(row=6, column=3, value=123456789012)  # rows 4 and 5 left out of the file
+    sheet.cell(row=7, column=1, value=time(12, 30))
+    sheet.cell(row=7, column=2, value=timedelta(hours=30))
+    # Serial numbers under a date or time format: a time of day below 1, the 1900 system's early
+    # days (before its phantom 29 February), an elapsed-time format's duration.
+    for column, (serial, shown) in enumerate(
+        [(0.5, "yyyy-mm-dd"), (0, "hh:mm:ss"), (1.5, "hh:mm"), (59, "yyyy-mm-dd"), (61, "yyyy-mm-dd"), (2.25, "[h]:mm")],
+        start=3,
+    ):
+        sheet.cell(row=7, column=column, value=serial).number_format = shown
+    book.save(path)
+    return path
+
+
+def test_every_kind_of_cell_reads_as_calamine_reads_it(tmp_path: Path) -> None:
+    path = _mixed_workbook(tmp_path / "mixed.xlsx")
+    streamed = _streamed(path)
+    assert streamed[1][:6] == ["a & b <c>", 7.0, 0.1, date(2024, 2, 29), datetime(2024, 1, 2, 3, 4, 5), True]
+    assert streamed[3] == streamed[4] == []  # rows the file leaves out come out empty, in place
+    assert streamed[6] == [
+        time(12, 30),
+        timedelta(days=1, hours=6),
+        time(12),
+        time(0),
+        datetime(1900, 1, 1, 12),
+        date(1900, 2, 28),
+        date(1900, 3, 1),
+        timedelta(days=2, hours=6),
+    ]
+    assert _typed(streamed) == _typed(_calamine(path))
+
+
+def _table(path: Path, rows: int, *, write_only: bool, gap_row: int | None = None) -> Path:
+    """A generator's kind of file: a header, then rows of numbers and dates in every column."""
+    book = openpyxl.Workbook(write_only=write_only)
+    sheet = book.create_sheet() if write_only else book.active
+    assert sheet is not None
+    sheet.append(["ID", "Amount", "Rate", "Start", "Name"])
+    for n in range(1, rows + 1):
+        name = f"n{n % 7}"
+        row: list[Any] = [n, n * 1000, n % 17 + 0.25, date(2020, 1, 1 + n % 28), name]
+        if n == gap_row:
+            row[2] = None  # one row with a cell missing: its chunk is read cell by cell
+        sheet.append(row)
+    book.save(path)
+    return path
+
+
+@pytest.mark.parametrize("write_only", [True, False])
+@pytest.mark.parametrize("gap_row", [None, 700])
+def test_a_table_read_a_column_at_a_time_matches_calamine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_only: bool, gap_row: int | None
+) -> None:
+    path = _table(tmp_path / "table.xlsx", 2_000, write_only=write_only, gap_row=gap_row)
+    monkeypatch.setattr(xlsx_stream, "CHUNK", 4096)  # many chunks: most of them rows only
+    tables = []
+    real = xlsx_stream._parse_table
+
+    def counted(*args: Any) -> Any:
+        result = real(*args)
+        tables.append(result is not None)
+        return result
+
+    monkeypatch.setattr(xlsx_stream, "_parse_table", counted)
+    streamed = _streamed(path)
+    assert len(streamed) == 2_001
+    assert _typed(streamed) == _typed(_calamine(path))
+    assert sum(tables) > len(tables) // 2  # the fast path read most chunks...
+    assert not all(tables)  # ...and handed the header's chunk (and the gap's) to the cell reader
+
+
+def test_the_1904_date_system_is_honoured(tmp_path: Path) -> None:
+    book = openpyxl.Workbook()
+    book.epoch = openpyxl.utils.datetime.CALENDAR_MAC_1904
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["Day"])
+    sheet.append([date(2024, 5, 17)])
+    path = tmp_path / "mac.xlsx"
+    book.save(path)
+    assert _streamed(path) == [["Day"], [date(2024, 5, 17)]] == _calamine(path)
+
+
+def test_a_file_that_is_not_an_xlsx_package_is_left_to_calamine(tmp_path: Path) -> None:
+    text = tmp_path / "notes.xlsx"
+    text.write_text("Customer ID,Loan ID\n1,2\n")
+    other_zip = tmp_path / "other.xlsx"
+    with zipfile.ZipFile(other_zip, "w") as package:
+        package.writestr("content.xml", "<office:document/>")
+    for path in (text, other_zip):
+        with pytest.raises(NotXlsx):
+            first_sheet_rows(str(path))
+        with pytest.raises(UnreadableFile, match="not a readable Excel workbook"):
+            read_history(path, path)
+
+
+def test_a_damaged_sheet_is_an_unreadable_file_not_a_crash(tmp_path: Path) -> None:
+    good = _table(tmp_path / "good.xlsx", 50, write_only=True)
+    damaged = tmp_path / "damaged.xlsx"
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(damaged, "w", zipfile.ZIP_DEFLATED) as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "xl/workbook.xml":
+                data = data[: len(data) // 2]  # cut off mid-element
+            target.writestr(item, data)
+    with pytest.raises(UnreadableFile, match=r"damaged\.xlsx: not a readable Excel workbook"):
+        read_history(damaged, damaged)
+
+
+def test_history_files_read_through_the_stream_give_the_same_records_as_through_calamine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    customers = REPO / "data" / "customer_data.xlsx"
+    loans = REPO / "data" / "loan_data.xlsx"
+    streamed = read_history(customers, loans)
+
+    def not_xlsx(path: str) -> None:
+        raise NotXlsx(path)
+
+    monkeypatch.setattr("infra.xlsx.first_sheet_rows", not_xlsx)
+    assert streamed == read_history(customers, loans)
+    assert (len(streamed[0]), len(streamed[1]), streamed[2]) == (300, 782, [])
+    assert CUSTOMER_COLUMNS and LOAN_COLUMNS
+
+
+def _with_sheet_xml(source: Path, target: Path, sheet_data: str) -> Path:
+    """`source` with its first sheet's <sheetData> replaced by `sheet_data`."""
+    with zipfile.ZipFile(source) as package, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out:
+        for item in package.infolist():
+            data = package.read(item.filename)
+            if item.filename == "xl/worksheets/sheet1.xml":
+                text = data.decode()
+                start, end = text.index("<sheetData"), text.index("</sheetData>") + len("</sheetData>")
+                data = (text[:start] + f"<sheetData>{sheet_data}</sheetData>" + text[end:]).encode()
+            out.writestr(item, data)
+    return target
+
+
+def test_a_sheet_of_unclosed_rows_and_cells_is_read_in_one_pass_not_rescanned_from_each(tmp_path: Path) -> None:
+    # 40,000 cells that never close, then 40,000 rows that never close: a pattern that searched for
+    # each one's end would rescan the rest of the text from every one of them (billions of steps).
+    source = _table(tmp_path / "source.xlsx", 1, write_only=True)
+    crafted = '<row r="1"><c r="A1" t="inlineStr"><is><t>Customer ID</t></is></c></row>'
+    crafted += '<row r="2">' + '<c r="A2"><v>1</v>' * 40_000 + "</row>" + '<row r="3">' * 40_000
+    path = _with_sheet_xml(source, tmp_path / "crafted.xlsx", crafted)
+    began = monotonic()
+    rows = _streamed(path)
+    assert monotonic() - began < 30  # linear: well under a second; quadratic: hours
+    assert rows[0] == ["Customer ID"]
+
+
+def test_a_row_that_never_ends_is_refused_once_it_outgrows_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(xlsx_stream, "LONGEST_ROW", 100_000)
+    monkeypatch.setattr(xlsx_stream, "CHUNK", 10_000)
+    source = _table(tmp_path / "source.xlsx", 1, write_only=True)
+    path = _with_sheet_xml(source, tmp_path / "endless.xlsx", '<row r="1">' + '<c r="A1"><v>1</v></c>' * 20_000)
+    with pytest.raises(UnreadableFile, match=r"endless\.xlsx: not a readable Excel workbook \(a row longer than 100,000"):
+        read_history(path, path)
