@@ -107,7 +107,7 @@ def loan_row(row: int, customer_id: int, loan_id: int) -> LoanRecord:
 
 def run_import(ledger: Ledger, customers: list[CustomerRecord], loans: list[LoanRecord]) -> dict[str, object]:
     job_id, _ = ledger.request_import("/x/customers.xlsx", "/x/loans.xlsx", uuid4())
-    report = ledger.import_history(job_id, customers, loans, [], batch_size=2)
+    report = ledger.import_history(job_id, list(customers), list(loans), [], batch_size=2)  # it empties the lists
     return report.summary() | {"issues": [i.as_dict() for i in report.issues]}
 
 
