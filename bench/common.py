@@ -120,8 +120,14 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def tree_rss_bytes(pid: int) -> int:
-    return sum(rss_bytes(p) for p in process_tree(pid))
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: the process's private pages plus its share of the pages it shares
+    (a forked pool child shares most of its parent's; RSS counts those once per process)."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def stop_on_signals() -> None:

@@ -28,26 +28,34 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import Stack, machine, result_block, revision, say, stamp, tree_rss_bytes
+from common import Stack, machine, process_tree, pss_bytes, result_block, revision, rss_bytes, say, stamp
 from generate import generate
 
 MB = 1024 * 1024
 
 
 class RssSampler(threading.Thread):
-    """Samples the RSS of a process tree every `interval` seconds; keeps the peak."""
+    """Samples the memory of a process tree every `interval` seconds; keeps the peaks: of the RSS
+    summed over the tree (the headline figure), of the PSS summed over it (shared pages counted
+    once), and of the largest single process's RSS (the pool child that runs the import)."""
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.pid = pid
         self.interval = interval
         self.peak = 0
+        self.pss_peak = 0
+        self.process_peak = 0
         self.samples = 0
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.is_set():
-            self.peak = max(self.peak, tree_rss_bytes(self.pid))
+            tree = process_tree(self.pid)
+            sizes = [rss_bytes(p) for p in tree]
+            self.peak = max(self.peak, sum(sizes))
+            self.process_peak = max(self.process_peak, *sizes)
+            self.pss_peak = max(self.pss_peak, sum(pss_bytes(p) for p in tree))
             self.samples += 1
             self._halt.wait(self.interval)
 
@@ -233,6 +241,8 @@ def main() -> int:
                 ),
             ]
         rows.append(("worker peak RSS (process tree)", f"{sampler.peak / MB:,.0f} MB ({sampler.samples} samples, every 0.2 s)"))
+        rows.append(("worker peak PSS (process tree)", f"{sampler.pss_peak / MB:,.0f} MB (shared pages counted once)"))
+        rows.append(("largest worker process, peak RSS", f"{sampler.process_peak / MB:,.0f} MB (the pool child importing)"))
         if args.rebuild and finished:
             rows += rebuild_rows(stack)
         print(result_block("import_scale", rows), flush=True)
