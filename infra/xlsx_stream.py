@@ -61,9 +61,10 @@ def first_sheet_rows(path: str) -> Iterator[list[Any]]:
 
     Raises NotXlsx at once when the file is not an .xlsx package; a package that turns out
     unreadable raises while it is read (zipfile's, ElementTree's or a conversion's error)."""
-    if not zipfile.is_zipfile(path):
-        raise NotXlsx(path)
-    package = zipfile.ZipFile(path)
+    try:
+        package = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise NotXlsx(path) from None
     if "xl/workbook.xml" not in package.namelist():
         package.close()
         raise NotXlsx(path)
@@ -254,7 +255,7 @@ def _column(
     epoch: datetime,
 ) -> list[Any] | None:
     """A column's values when its cells are all numbers, all dates or all strings of one kind."""
-    kinds = {_attributes(a)[2] + _date_kind(_attributes(a)[1], dates) for a in set(attributes)}
+    kinds = {kind + _date_kind(style, dates) for _, style, kind in map(_attributes, set(attributes))}
     if kinds == {"n"}:
         return list(map(float, values))
     if kinds == {"n/date"} or kinds == {"n/duration"}:
