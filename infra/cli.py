@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,34 +182,34 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    # Metrics from every uvicorn process are summed through files in one directory.
+    import uvicorn
+
+    # Metrics from every uvicorn process are summed through files in one directory; one made
+    # here is removed when the server stops (uvicorn runs in this process for that reason).
+    made = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ledger-metrics-")
-    os.execvp(
-        sys.executable,
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
+        made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ledger-metrics-")
+    # uvicorn stops gracefully on SIGTERM, then raises it again: leave through the `finally`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        uvicorn.run(
             "api.app:app_from_env",
-            "--factory",
-            "--host",
-            args.host,
-            "--port",
-            str(args.port),
-            "--workers",
-            str(args.workers),
-            "--timeout-graceful-shutdown",
-            "20",
-            "--no-access-log",
+            factory=True,
+            app_dir=str(REPO_ROOT),
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            timeout_graceful_shutdown=20,
+            access_log=False,
             # uvloop sets TCP_NODELAY on every connection; asyncio's default loop does not on the
             # socket uvicorn binds for several workers, and each keep-alive answer then waits ~40 ms.
-            "--loop",
-            "uvloop",
-            "--http",
-            "httptools",
-        ],
-    )
+            loop="uvloop",
+            http="httptools",
+        )
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -6,17 +6,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
 import pytest
 from starlette.testclient import TestClient
 
 from infra.config import REPO_ROOT
 from infra.logs import JsonFormatter
+from infra.stack import free_port
 from tests.integration.conftest import TODAY, Stack
 from tests.integration.test_import import follow, start
 
@@ -307,3 +311,34 @@ def test_the_cli_imports_with_progress_reports_rebuilds_and_shows_lag(stack: Sta
     for command in ("setup", "import", "import-report", "rebuild", "status", "init", "api", "worker", "beat", "run"):
         helped = ledger_cli(stack, command, "--help")
         assert helped.returncode == 0 and "usage: ledger " + command in helped.stdout, command
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_api_removes_the_metrics_directory_it_made_when_it_stops(stack: Stack, tmp_path: Path, workers: int) -> None:
+    port = free_port()
+    env = {**os.environ, **stack.env, "TMPDIR": str(tmp_path)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    api = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "api", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert api.poll() is None and time.monotonic() < deadline, "the API did not start"
+            time.sleep(0.2)
+        made = list(tmp_path.glob("ledger-metrics-*"))
+        assert len(made) == 1 and any(made[0].glob("*.db")), made  # the processes' metrics live there
+    finally:
+        api.send_signal(signal.SIGTERM)
+        _, stderr = api.communicate(timeout=30)
+    assert api.returncode in (0, 143), stderr.decode()
+    assert not list(tmp_path.glob("ledger-metrics-*"))
