@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from python_calamine import CalamineWorkbook
 
-from infra.xlsx_stream import NotXlsx, first_sheet_rows, forget_cached_dates
+from infra.xlsx_stream import Block, NotXlsx, Table, first_sheet_blocks, forget_cached_dates
 from ledger.domain import RowIssue
 from ledger.history import (
     CUSTOMER_COLUMNS,
@@ -20,19 +20,23 @@ from ledger.history import (
     check_header,
     forget_shared_values,
     parse_customer,
+    parse_customer_columns,
     parse_loan,
+    parse_loan_columns,
 )
 
 Record = TypeVar("Record", CustomerRecord, LoanRecord)
+Rows = Iterator[Block]
 
 
-def _rows(path: Path) -> Iterator[list[Any]]:
-    """The first sheet's rows from row 1, as Python values: streamed for .xlsx, read whole by
-    calamine for the other formats it knows (.xls, .xlsb, .ods)."""
+def _rows(path: Path) -> Rows:
+    """The first sheet's rows from row 1, as Python values: streamed for .xlsx (with runs of
+    rows as Tables, read a column at a time), read whole by calamine for the other formats it
+    knows (.xls, .xlsb, .ods)."""
     if not path.is_file():
         raise UnreadableFile(f"{path.name}: no such file")
     try:
-        return _converted(path, first_sheet_rows(str(path)))
+        return _converted(path, first_sheet_blocks(str(path)))
     except NotXlsx:
         pass
     except Exception as error:
@@ -49,8 +53,8 @@ def _rows(path: Path) -> Iterator[list[Any]]:
         raise UnreadableFile(f"{path.name}: not a readable Excel workbook ({error})") from None
 
 
-def _converted(path: Path, rows: Iterator[list[Any]]) -> Iterator[list[Any]]:
-    """The rows, with a cell calamine cannot convert reported as an unreadable file."""
+def _converted(path: Path, rows: Rows) -> Rows:
+    """The rows, with a cell that cannot be converted reported as an unreadable file."""
     try:
         yield from rows
     except Exception as error:
@@ -66,37 +70,59 @@ def _read(
     label: str,
     columns: tuple[str, ...],
     parse: Callable[[str, int, dict[str, object]], Record | RowIssue],
+    parse_columns: Callable[[list[int], dict[str, Sequence[object]]], list[Record] | None],
 ) -> tuple[list[Record], list[RowIssue]]:
-    rows = _rows(path)
-    header_row, header = next(((number, row) for number, row in enumerate(rows, start=1) if not _blank(row)), (0, None))
-    if header is None:
-        raise UnreadableFile(f"{path.name}: the first sheet is empty")
-    positions = check_header(path.name, list(header), columns)
-    pick = operator.itemgetter(*positions.values())  # the columns' cells, in one C call a row
-    width = max(positions.values()) + 1
     records: list[Record] = []
     issues: list[RowIssue] = []
-    for number, row in enumerate(rows, start=header_row + 1):
-        if _blank(row):
-            continue
-        if len(row) < width:
-            row = row + [None] * (width - len(row))
-        values = pick(row)
-        if "" in values:  # calamine gives "" for an empty cell
-            values = tuple(None if value == "" else value for value in values)
-        parsed = parse(label, number, dict(zip(columns, values, strict=True)))
-        if isinstance(parsed, RowIssue):
-            issues.append(parsed)
+    pick: Callable[[list[Any]], tuple[Any, ...]] | None = None
+    positions: list[int] = []
+    width = 0
+    number = 0
+    for block in _rows(path):
+        if type(block) is Table:
+            if pick is not None:
+                blank = (None,) * len(block.numbers)
+                named = {
+                    c: block.columns[p] if p < len(block.columns) else blank for c, p in zip(columns, positions, strict=True)
+                }
+                parsed = parse_columns(block.numbers, named)
+                if parsed is not None:
+                    records.extend(parsed)
+                    number = block.numbers[-1]
+                    continue
+            numbered: Iterable[tuple[int, list[Any]]] = block.rows()
         else:
-            records.append(parsed)
+            numbered = ((number + 1, cast(list[Any], block)),)
+        for number, row in numbered:
+            if _blank(row):
+                continue
+            if pick is None:  # the header: the first row that is not blank
+                positions = list(check_header(path.name, list(row), columns).values())
+                pick = operator.itemgetter(*positions)  # the columns' cells, in one C call a row
+                width = max(positions) + 1
+                continue
+            if len(row) < width:
+                row = row + [None] * (width - len(row))
+            values = pick(row)
+            if "" in values:  # calamine gives "" for an empty cell
+                values = tuple(None if value == "" else value for value in values)
+            parsed_row = parse(label, number, dict(zip(columns, values, strict=True)))
+            if isinstance(parsed_row, RowIssue):
+                issues.append(parsed_row)
+            else:
+                records.append(parsed_row)
+    if pick is None:
+        raise UnreadableFile(f"{path.name}: the first sheet is empty")
     return records, issues
 
 
 def read_history(customers_path: Path, loans_path: Path) -> tuple[list[CustomerRecord], list[LoanRecord], list[RowIssue]]:
     """Both files, fully read and checked before anything is written; unreadable files raise."""
     try:
-        customers, customer_issues = _read(customers_path, customers_path.name, CUSTOMER_COLUMNS, parse_customer)
-        loans, loan_issues = _read(loans_path, loans_path.name, LOAN_COLUMNS, parse_loan)
+        customers, customer_issues = _read(
+            customers_path, customers_path.name, CUSTOMER_COLUMNS, parse_customer, parse_customer_columns
+        )
+        loans, loan_issues = _read(loans_path, loans_path.name, LOAN_COLUMNS, parse_loan, parse_loan_columns)
     finally:
         forget_shared_values()
         forget_cached_dates()

@@ -13,11 +13,11 @@ from __future__ import annotations
 import posixpath
 import re
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import date, datetime, time, timedelta
 from functools import lru_cache
 from html import unescape
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 from xml.etree import ElementTree
 
 CHUNK = 1 << 20  # decompressed characters read at a time
@@ -56,11 +56,33 @@ class NotXlsx(Exception):
     """The file is not an .xlsx package (it may still be another format calamine reads)."""
 
 
+class Table(NamedTuple):
+    """Consecutive rows of a sheet read a column at a time: every row has the same cells, each
+    with a value. `numbers` are the rows' numbers (increasing; rows the file leaves out between
+    them are empty); `columns[i]` holds column i's values, row by row (all None for a column
+    the rows leave out)."""
+
+    numbers: list[int]
+    columns: list[Sequence[Any]]
+
+    def rows(self) -> Iterator[tuple[int, list[Any]]]:
+        return zip(self.numbers, map(list, zip(*self.columns, strict=True)), strict=True)
+
+
+Block = Table | list[Any]  # a Table, or one row (the row after the previous block's last)
+
+
 def first_sheet_rows(path: str) -> Iterator[list[Any]]:
     """The first sheet's rows from row 1; a row missing from the file comes out as [].
 
     Raises NotXlsx at once when the file is not an .xlsx package; a package that turns out
     unreadable raises while it is read (zipfile's, ElementTree's or a conversion's error)."""
+    return _flat(first_sheet_blocks(path))
+
+
+def first_sheet_blocks(path: str) -> Iterator[Block]:
+    """The first sheet's rows from row 1 as `first_sheet_rows` gives them, except that runs of
+    rows read a column at a time come as one Table (rows left out before it come as [])."""
     try:
         package = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
@@ -68,10 +90,26 @@ def first_sheet_rows(path: str) -> Iterator[list[Any]]:
     if "xl/workbook.xml" not in package.namelist():
         package.close()
         raise NotXlsx(path)
-    return _sheet_rows(package)
+    return _sheet_blocks(package)
 
 
-def _sheet_rows(package: zipfile.ZipFile) -> Iterator[list[Any]]:
+def _flat(blocks: Iterator[Block]) -> Iterator[list[Any]]:
+    """The blocks' rows one by one, with a Table's left-out rows as []."""
+    expected = 1
+    for block in blocks:
+        if type(block) is Table:
+            for number, cells in block.rows():
+                while expected < number:
+                    yield []
+                    expected += 1
+                yield cells
+                expected = number + 1
+        else:
+            yield block  # type: ignore[misc]
+            expected += 1
+
+
+def _sheet_blocks(package: zipfile.ZipFile) -> Iterator[Block]:
     with package:
         names = set(package.namelist())
         sheet, date1904 = _first_sheet(package)
@@ -161,7 +199,7 @@ def _chunks(stream: IO[bytes]) -> Iterator[str]:
         yield pending.decode("utf-8")
 
 
-def _rows(chunks: Iterator[str], strings: list[str], dates: DateStyles, epoch: datetime) -> Iterator[list[Any]]:
+def _rows(chunks: Iterator[str], strings: list[str], dates: DateStyles, epoch: datetime) -> Iterator[Block]:
     buffer = ""
     expected = 1  # the next row number, so that rows the file leaves out come out empty
     done = False
@@ -176,17 +214,24 @@ def _rows(chunks: Iterator[str], strings: list[str], dates: DateStyles, epoch: d
                     raise ValueError(f"a row longer than {LONGEST_ROW:,} characters, or rows that never end")
                 continue
         text = buffer[:end]
-        parsed: Iterable[tuple[int, list[Any]]] | None = None
-        if _plain(text):
-            parsed = _parse_table(text, strings, dates, epoch) or _parse_plain(text, strings, dates, epoch)
-        if parsed is None:
-            parsed = _parse(text, expected - 1, strings, dates, epoch)
-        for number, cells in parsed:
-            while expected < number:
+        plain = _plain(text)
+        table = _parse_table(text, strings, dates, epoch) if plain else None
+        if table is not None and table.numbers[0] >= expected:
+            while expected < table.numbers[0]:
                 yield []
                 expected += 1
-            yield cells
-            expected = number + 1
+            yield table
+            expected = table.numbers[-1] + 1
+        else:
+            parsed: Iterable[tuple[int, list[Any]]] | None = _parse_plain(text, strings, dates, epoch) if plain else None
+            if parsed is None:
+                parsed = _parse(text, expected - 1, strings, dates, epoch)
+            for number, cells in parsed:
+                while expected < number:
+                    yield []
+                    expected += 1
+                yield cells
+                expected = number + 1
         buffer = buffer[end:]
         if done or _SHEET_DATA_END.search(buffer):
             return
@@ -217,7 +262,7 @@ _PLAIN_CELL = re.compile(
 _VALUE_CELL = re.compile(r'<c r="([A-Z]++)(\d++)"([^>]*+)>(?:<v>([^<]*+)</v>|<is><t>([^<]*+)</t></is>)</c>')
 
 
-def _parse_table(text: str, strings: list[str], dates: DateStyles, epoch: datetime) -> list[tuple[int, list[Any]]] | None:
+def _parse_table(text: str, strings: list[str], dates: DateStyles, epoch: datetime) -> Table | None:
     parts = _VALUE_CELL.split(text)  # one flat list: what comes before a cell, then its 5 groups
     cells = len(parts) // 6
     if not cells or cells != text.count("<c "):
@@ -243,7 +288,10 @@ def _parse_table(text: str, strings: list[str], dates: DateStyles, epoch: dateti
         return None  # let the cell by cell reader say what is wrong
     if any(column is None for column in table):
         return None
-    return list(zip(map(int, firsts), map(list, zip(*table, strict=True)), strict=True))
+    row_numbers = list(map(int, firsts))
+    if row_numbers != sorted(set(row_numbers)):
+        return None
+    return Table(row_numbers, table)
 
 
 def _column(

@@ -1,18 +1,21 @@
 """The lender's history files, row by row: column names, and what a readable row is.
 
 Reading the spreadsheet itself is the caller's business; here a row is a mapping from
-column name to the cell's value (str, int, float, date, datetime or None).
+column name to the cell's value (str, int, float, date, datetime or None). A run of rows can
+also be checked a column at a time (`parse_loan_columns`), with the same outcome.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
-from typing import Any
+from itertools import repeat
+from typing import Any, cast
 
 import msgspec
 
@@ -242,3 +245,87 @@ def parse_loan(file: str, row: int, cells: Mapping[str, Cell]) -> LoanRecord | R
         )
     except _BadCell as bad:
         return RowIssue(file, row, str(bad))
+
+
+# The same checks a column at a time, for runs of rows whose cells all have the common types
+# (`map` runs each check's loop in C: about a quarter of the row-by-row cost for a million loans).
+# They give exactly what the row-by-row parsers give for such rows, or None when any cell is of
+# another type or breaks a rule: the caller then parses those rows one by one, which says which
+# row is wrong and why.
+
+Column = Sequence[Cell]
+
+
+def _whole_numbers(column: Column) -> list[int] | None:
+    if set(map(type, column)) != {float}:
+        return None
+    floats = cast(Sequence[float], column)
+    return list(map(int, floats)) if all(map(float.is_integer, floats)) else None
+
+
+def _numbers(column: Column, name: str) -> list[Decimal] | None:
+    if set(map(type, column)) != {float}:
+        return None
+    return list(map(_checked_decimal, column, repeat(name)))
+
+
+def _dates(column: Column) -> list[date] | None:
+    return list(map(_shared, column)) if set(map(type, column)) == {date} else None
+
+
+def parse_customer_columns(numbers: list[int], columns: Mapping[str, Column]) -> list[CustomerRecord] | None:
+    """`parse_customer` for a run of rows, or None (see above)."""
+    try:
+        ids = _whole_numbers(columns["Customer ID"])
+        ages = _whole_numbers(columns["Age"])
+        phones = _whole_numbers(columns["Phone Number"])
+        incomes = _numbers(columns["Monthly Salary"], "Monthly Salary")
+        limits = _numbers(columns["Approved Limit"], "Approved Limit")
+        if ids is None or ages is None or phones is None or incomes is None or limits is None:
+            return None
+        if min(ids) < 1 or min(ages) < 0 or min(incomes) <= 0 or min(limits) < 0:
+            return None
+        phone_texts = list(map(str, phones))
+        if min(map(len, phone_texts)) < 10 or max(map(len, phone_texts)) > 15:
+            return None
+        first_names = list(map(_text, columns["First Name"], repeat("First Name")))
+        last_names = list(map(_text, columns["Last Name"], repeat("Last Name")))
+    except _BadCell:
+        return None
+    return list(map(CustomerRecord, numbers, ids, first_names, last_names, ages, phone_texts, incomes, limits))
+
+
+def parse_loan_columns(numbers: list[int], columns: Mapping[str, Column]) -> list[LoanRecord] | None:
+    """`parse_loan` for a run of rows, or None (see above)."""
+    try:
+        customer_ids = _whole_numbers(columns["Customer ID"])
+        loan_ids = _whole_numbers(columns["Loan ID"])
+        tenures = _whole_numbers(columns["Tenure"])
+        paid = _whole_numbers(columns["EMIs paid on Time"])
+        amounts = _numbers(columns["Loan Amount"], "Loan Amount")
+        rates = _numbers(columns["Interest Rate"], "Interest Rate")
+        payments = _numbers(columns["Monthly payment"], "Monthly payment")
+        starts = _dates(columns["Date of Approval"])
+        ends = _dates(columns["End Date"])
+    except _BadCell:
+        return None
+    if (
+        customer_ids is None
+        or loan_ids is None
+        or tenures is None
+        or paid is None
+        or amounts is None
+        or rates is None
+        or payments is None
+        or starts is None
+        or ends is None
+    ):
+        return None
+    if min(customer_ids) < 1 or min(loan_ids) < 1 or min(tenures) < 1 or min(paid) < 0:
+        return None
+    if min(amounts) <= 0 or min(rates) < 0 or max(rates) > 100 or min(payments) < 0:
+        return None
+    if any(map(operator.gt, paid, tenures)) or any(map(operator.lt, ends, starts)):
+        return None
+    customer_ids = list(map(_shared, customer_ids))
+    return list(map(LoanRecord, numbers, customer_ids, loan_ids, amounts, tenures, rates, payments, paid, starts, ends))

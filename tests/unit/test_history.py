@@ -8,7 +8,16 @@ from decimal import Decimal
 import pytest
 
 from ledger.domain import RowIssue
-from ledger.history import CUSTOMER_COLUMNS, UnreadableFile, check_header, parse_customer, parse_loan
+from ledger.history import (
+    CUSTOMER_COLUMNS,
+    LOAN_COLUMNS,
+    UnreadableFile,
+    check_header,
+    parse_customer,
+    parse_customer_columns,
+    parse_loan,
+    parse_loan_columns,
+)
 
 CUSTOMER = dict(zip(CUSTOMER_COLUMNS, [1.0, "Aaron", "Garcia", 63.0, 9629317944.0, 50000.0, 4500000.0], strict=True))
 LOAN = {
@@ -96,3 +105,78 @@ def test_values_the_ledger_could_not_store_are_refused(column: str, value: objec
     issue = parse_customer("c.xlsx", 5, CUSTOMER | {column: value})
     assert isinstance(issue, RowIssue)
     assert issue.reason.startswith(reason)
+
+
+# A run of rows checked a column at a time gives what the row-by-row checks give, or nothing.
+
+
+def _run(rows: list[dict[str, object]], columns: tuple[str, ...]) -> dict[str, list[object]]:
+    return {column: [row[column] for row in rows] for column in columns}
+
+
+LOAN_DAY = LOAN | {"End Date": date(2027, 12, 9)}  # a date cell, as the column path takes it
+LOANS = [
+    LOAN_DAY,
+    LOAN_DAY | {"Loan ID": 5931.0, "Interest Rate": 12.5, "EMIs paid on Time": 129.0, "Monthly payment": 0.0},
+    LOAN_DAY | {"Customer ID": 15.0, "Tenure": 1.0, "EMIs paid on Time": 0.0, "End Date": date(2017, 3, 9)},
+]
+CUSTOMERS = [CUSTOMER, CUSTOMER | {"Customer ID": 2.0, "First Name": " Ana ", "Age": 0.0, "Approved Limit": 0.0}]
+
+
+def test_a_run_of_good_rows_reads_the_same_a_column_at_a_time() -> None:
+    loans = parse_loan_columns([2, 3, 5], _run(LOANS, LOAN_COLUMNS))
+    assert loans == [parse_loan("l.xlsx", row, cells) for row, cells in zip([2, 3, 5], LOANS, strict=True)]
+    assert loans is not None and [loan.row for loan in loans] == [2, 3, 5]
+    customers = parse_customer_columns([8, 9], _run(CUSTOMERS, CUSTOMER_COLUMNS))
+    assert customers == [parse_customer("c.xlsx", row, cells) for row, cells in zip([8, 9], CUSTOMERS, strict=True)]
+    assert customers is not None and customers[1].first_name == "Ana"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"Loan Amount": 0.0},
+        {"Tenure": 0.0},
+        {"Interest Rate": 101.0},
+        {"Interest Rate": -0.5},
+        {"EMIs paid on Time": 130.0},
+        {"End Date": date(2017, 3, 8)},
+        {"Date of Approval": "yesterday"},
+        {"End Date": datetime(2027, 12, 9, 0, 0)},  # readable, but not by the column path
+        {"Monthly payment": float("nan")},
+        {"Monthly payment": -1.0},
+        {"Loan Amount": 1e15},
+        {"Interest Rate": 8.0000001},
+        {"Customer ID": 0.0},
+        {"Loan ID": 1.5},
+        {"Tenure": True},
+        {"Loan ID": 7},
+        {"Customer ID": None},
+    ],
+)
+def test_a_run_with_any_cell_the_column_checks_do_not_take_is_left_to_the_row_checks(change: dict[str, object]) -> None:
+    rows = [LOANS[0], LOAN_DAY | change, LOANS[1]]
+    assert parse_loan_columns([2, 3, 4], _run(rows, LOAN_COLUMNS)) is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"Customer ID": 0.0},
+        {"Customer ID": "1"},
+        {"First Name": ""},
+        {"Last Name": None},
+        {"Last Name": "a\tb"},
+        {"First Name": "x" * 101},
+        {"Age": -1.0},
+        {"Age": 30.5},
+        {"Phone Number": 12345.0},
+        {"Phone Number": 1e16},
+        {"Monthly Salary": 0.0},
+        {"Approved Limit": -1.0},
+        {"Approved Limit": "n/a"},
+    ],
+)
+def test_a_customer_run_with_any_bad_cell_is_left_to_the_row_checks(change: dict[str, object]) -> None:
+    rows = [CUSTOMERS[0], CUSTOMER | change]
+    assert parse_customer_columns([2, 3], _run(rows, CUSTOMER_COLUMNS)) is None

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import date
 from pathlib import Path
+from typing import Any
 
 import openpyxl
+import pytest
 
+from infra import xlsx, xlsx_stream
 from infra.xlsx import read_history
 from ledger.domain import RowIssue
 from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS
@@ -35,3 +40,68 @@ def test_a_table_that_starts_lower_and_further_right_is_read_with_excel_row_numb
     assert [(ln.row, ln.loan_id) for ln in read_loans] == [(2, 10)]
     assert [(i.file, i.row) for i in issues] == [("c.xlsx", 5), ("l.xlsx", 4)]  # the blank row 3 is skipped, not reported
     assert all(isinstance(i, RowIssue) for i in issues)
+
+
+def _generated(path: Path, columns: tuple[str, ...], rows: int, make: Callable[[int], list[object]]) -> Path:
+    """A generator's kind of file (openpyxl write-only): a header, then rows of numbers and dates."""
+    book = openpyxl.Workbook(write_only=True)
+    sheet = book.create_sheet()
+    sheet.append(list(columns))
+    for n in range(1, rows + 1):
+        sheet.append(make(n))
+    book.save(path)
+    return path
+
+
+def _loan(n: int) -> list[object]:
+    start = date(2020, 1 + n % 12, 1 + n % 28)
+    row: list[object] = [
+        n % 300 + 1,
+        1000 + n,
+        100_000 + n,
+        12 + n % 5,
+        8 + n % 7 / 4,
+        8_000 + n % 9,
+        n % 12,
+        start,
+        date(start.year + 2, start.month, start.day),
+    ]
+    if n % 500 == 250:  # now and then a row the checks refuse, each time for another reason
+        row[(n // 500) % 9] = [-5, 0, -1, 0, 101, -3, 99, "soon", date(2000, 1, 1)][(n // 500) % 9]
+    return row
+
+
+def _customer(n: int) -> list[object]:
+    row: list[object] = [n, f"First{n % 13}", f"Last{n % 11}", 20 + n % 50, 9_000_000_000 + n, 40_000 + n, 1_400_000 + 100 * n]
+    if n % 400 == 200:
+        row[(n // 400) % 7] = [0, "", "x" * 101, -1, 12345, 0, -2][(n // 400) % 7]
+    return row
+
+
+def test_rows_checked_a_column_at_a_time_give_the_records_and_issues_of_the_row_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    customers = _generated(tmp_path / "c.xlsx", CUSTOMER_COLUMNS, 2_000, _customer)
+    loans = _generated(tmp_path / "l.xlsx", LOAN_COLUMNS, 5_000, _loan)
+    monkeypatch.setattr(xlsx_stream, "CHUNK", 4096)  # many chunks, most of them rows of numbers only
+    by_columns: list[int] = []
+
+    def counted(real: Callable[..., list[Any] | None]) -> Callable[..., list[Any] | None]:
+        def run(*args: Any) -> list[Any] | None:
+            records = real(*args)
+            by_columns.append(len(records or ()))
+            return records
+
+        return run
+
+    monkeypatch.setattr(xlsx, "parse_loan_columns", counted(xlsx.parse_loan_columns))
+    monkeypatch.setattr(xlsx, "parse_customer_columns", counted(xlsx.parse_customer_columns))
+    fast = read_history(customers, loans)
+    assert sum(by_columns) > 6_000 and 0 in by_columns  # most rows went a column at a time, some runs did not
+
+    monkeypatch.setattr(xlsx, "parse_loan_columns", lambda *_: None)
+    monkeypatch.setattr(xlsx, "parse_customer_columns", lambda *_: None)
+    assert read_history(customers, loans) == fast  # the row checks alone: the same records, issues and rows
+    read_customers, read_loans, issues = fast
+    assert (len(read_customers), len(read_loans), len(issues)) == (2_000 - 5, 5_000 - 10, 15)
+    assert [i.row for i in issues if i.file == "l.xlsx"] == [n + 1 for n in range(250, 5_001, 500)]

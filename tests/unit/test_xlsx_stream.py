@@ -183,7 +183,7 @@ def test_history_files_read_through_the_stream_give_the_same_records_as_through_
     def not_xlsx(path: str) -> None:
         raise NotXlsx(path)
 
-    monkeypatch.setattr("infra.xlsx.first_sheet_rows", not_xlsx)
+    monkeypatch.setattr("infra.xlsx.first_sheet_blocks", not_xlsx)
     assert streamed == read_history(customers, loans)
     assert (len(streamed[0]), len(streamed[1]), streamed[2]) == (300, 782, [])
 
