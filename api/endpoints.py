@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from psycopg import AsyncConnection
@@ -33,6 +33,8 @@ from ledger.policy import CreditHistory, CreditScore, LoanRequest, credit_histor
 from ledger.schedule import amortization
 from projections import views
 from workers import tasks
+
+SavedT = TypeVar("SavedT", bound=Saved)
 
 PROJECTION_HEADER = "X-Read-Model"
 
@@ -72,12 +74,26 @@ def path_int(request: Request, name: str) -> int:
     return int(raw)
 
 
-async def after_command(svc: Services, saved: Saved) -> dict[str, str]:
-    """Trigger the projection and wait (bounded) until it shows the command's events."""
+def _recorded_then_triggered(action: Callable[..., SavedT], *args: Any) -> tuple[SavedT, bool]:
+    """Run a command, then ask a worker to project what it recorded: one trip to a worker thread
+    for both. False when the trigger could not reach Redis."""
+    saved = action(*args)
+    return saved, saved.last_position is None or tasks.trigger_catch_up()
+
+
+async def run_command(svc: Services, action: Callable[..., SavedT], *args: Any) -> tuple[SavedT, dict[str, str]]:
+    """Run a command in a worker thread, trigger the projection, and wait (bounded) until the
+    read model shows the command's events: the response headers say whether it does."""
+    saved, triggered = await run_in_threadpool(_recorded_then_triggered, action, *args)
+    return saved, await after_command(svc, saved, triggered)
+
+
+async def after_command(svc: Services, saved: Saved, triggered: bool) -> dict[str, str]:
+    """Wait (bounded) until the projection, once triggered, shows the command's events."""
     if saved.last_position is None:
         return {}
     EVENTS_APPENDED.inc(saved.events)
-    if not await run_in_threadpool(tasks.trigger_catch_up):
+    if not triggered:
         return {PROJECTION_HEADER: "behind"}
     caught_up = await svc.watcher.wait_for(saved.last_position, svc.settings.read_your_writes_timeout)
     return {PROJECTION_HEADER: "current" if caught_up else "behind"}
@@ -90,7 +106,8 @@ def _phone(value: int | str) -> str:
 async def register(request: Request) -> Response:
     svc = services(request)
     body = decode(await request.body(), schemas.RegisterRequest, aliases={"monthly_salary": "monthly_income"})
-    registration = await run_in_threadpool(
+    registration, headers = await run_command(
+        svc,
         svc.ledger.register_customer,
         body.first_name.strip(),
         body.last_name.strip(),
@@ -98,7 +115,6 @@ async def register(request: Request) -> Response:
         _phone(body.phone_number),
         body.monthly_income,
     )
-    headers = await after_command(svc, registration)
     customer = registration.customer
     return json(
         schemas.RegisterResponse(
@@ -193,8 +209,7 @@ async def create_loan(request: Request) -> Response:
     svc = services(request)
     body = decode(await request.body(), schemas.LoanRequestBody)
     key = idempotency_key(request)
-    booking = await run_in_threadpool(svc.ledger.book_loan, body.customer_id, _loan_request(body), key)
-    headers = await after_command(svc, booking)
+    booking, headers = await run_command(svc, svc.ledger.book_loan, body.customer_id, _loan_request(body), key)
     if booking.replayed:
         headers["Idempotent-Replayed"] = "true"
     response = booking.response
@@ -293,7 +308,7 @@ async def start_import(request: Request) -> Response:
     except Exception:
         await run_in_threadpool(svc.ledger.fail_import, job_id, "the job could not be queued: Redis is unreachable")
         raise ApiError(503, "queue_unavailable", "The import could not be queued: Redis is unreachable") from None
-    headers = await after_command(svc, saved)
+    headers = await after_command(svc, saved, await run_in_threadpool(tasks.trigger_catch_up))
     headers["Location"] = f"/imports/{job_id}"
     return json({"job_id": str(job_id), "state": "queued", "status_url": f"/imports/{job_id}"}, 202, headers)
 
@@ -340,8 +355,7 @@ async def record_repayment(request: Request) -> Response:
     loan_id = path_int(request, "loan_id")
     body = decode(await request.body(), schemas.RepaymentRequest, empty_ok=True)
     key = idempotency_key(request)
-    result = await run_in_threadpool(svc.ledger.record_repayment, loan_id, body.paid_on, key)
-    headers = await after_command(svc, result)
+    result, headers = await run_command(svc, svc.ledger.record_repayment, loan_id, body.paid_on, key)
     if result.replayed:
         headers["Idempotent-Replayed"] = "true"
     r = result.response
