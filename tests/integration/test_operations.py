@@ -314,7 +314,9 @@ def test_the_cli_imports_with_progress_reports_rebuilds_and_shows_lag(stack: Sta
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_the_api_removes_the_metrics_directory_it_made_when_it_stops(stack: Stack, tmp_path: Path, workers: int) -> None:
+def test_ledger_api_logs_each_request_once_and_removes_its_metrics_directory_when_it_stops(
+    stack: Stack, tmp_path: Path, workers: int
+) -> None:
     port = free_port()
     env = {**os.environ, **stack.env, "TMPDIR": str(tmp_path)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -329,16 +331,24 @@ def test_the_api_removes_the_metrics_directory_it_made_when_it_stops(stack: Stac
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert api.poll() is None and time.monotonic() < deadline, "the API did not start"
             time.sleep(0.2)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:  # one connection, as a client keeps it
+            served = [client.get("/view-loans/1", headers={"X-Request-ID": f"once-{n}"}) for n in range(3)]
+        assert [r.status_code for r in served] == [200, 200, 200]
         made = list(tmp_path.glob("ledger-metrics-*"))
         assert len(made) == 1 and any(made[0].glob("*.db")), made  # the processes' metrics live there
     finally:
         api.send_signal(signal.SIGTERM)
-        _, stderr = api.communicate(timeout=30)
-    assert api.returncode in (0, 143), stderr.decode()
+        _, err = api.communicate(timeout=30)
+    stderr = err.decode()
+    assert api.returncode in (0, 143), stderr
     assert not list(tmp_path.glob("ledger-metrics-*"))
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    for n in range(3):  # each request: one line, the API's own, with its request ID
+        assert [line["logger"] for line in lines if line.get("request_id") == f"once-{n}"] == ["ledger.access"]
+    assert not [line for line in lines if line["logger"] == "uvicorn.access"], stderr  # no second line from uvicorn
