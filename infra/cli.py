@@ -195,7 +195,6 @@ def cmd_api(args: argparse.Namespace) -> int:
         uvicorn.run(
             "api.app:app_from_env",
             factory=True,
-            app_dir=str(REPO_ROOT),
             host=args.host,
             port=args.port,
             workers=args.workers,

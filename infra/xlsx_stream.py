@@ -202,6 +202,7 @@ def _chunks(stream: IO[bytes]) -> Iterator[str]:
 def _rows(chunks: Iterator[str], strings: list[str], dates: DateStyles, epoch: datetime) -> Iterator[Block]:
     buffer = ""
     expected = 1  # the next row number, so that rows the file leaves out come out empty
+    in_order = True  # every row so far came after the one before it
     done = False
     for chunk in _then_none(chunks):
         if chunk is None:
@@ -216,7 +217,9 @@ def _rows(chunks: Iterator[str], strings: list[str], dates: DateStyles, epoch: d
         text = buffer[:end]
         plain = _plain(text)
         table = _parse_table(text, strings, dates, epoch) if plain else None
-        if table is not None and table.numbers[0] >= expected:
+        # A Table's rows carry the file's numbers; the rows before it must have too (none went
+        # back or repeated a number), so that a row's number is its position either way.
+        if table is not None and in_order and table.numbers[0] >= expected:
             while expected < table.numbers[0]:
                 yield []
                 expected += 1
@@ -227,6 +230,7 @@ def _rows(chunks: Iterator[str], strings: list[str], dates: DateStyles, epoch: d
             if parsed is None:
                 parsed = _parse(text, expected - 1, strings, dates, epoch)
             for number, cells in parsed:
+                in_order = in_order and number >= expected
                 while expected < number:
                     yield []
                     expected += 1

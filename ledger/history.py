@@ -138,7 +138,8 @@ def _checked_decimal(value: float | int | str, column: str) -> Decimal:
         raise _BadCell(f"{column} is not a number: {value!r}")
     if abs(number) >= LARGEST or number != number.quantize(SMALLEST):
         raise _BadCell(f"{column} must be below {LARGEST:,} with at most 6 decimals, got {value!r}")
-    return number
+    # -0.0 is 0.0 (and the cache, whose keys compare equal, would give whichever came first)
+    return number.copy_abs() if number.is_zero() else number
 
 
 def forget_shared_values() -> None:

@@ -13,6 +13,7 @@ from ledger.history import (
     LOAN_COLUMNS,
     UnreadableFile,
     check_header,
+    forget_shared_values,
     parse_customer,
     parse_customer_columns,
     parse_loan,
@@ -180,3 +181,10 @@ def test_a_run_with_any_cell_the_column_checks_do_not_take_is_left_to_the_row_ch
 def test_a_customer_run_with_any_bad_cell_is_left_to_the_row_checks(change: dict[str, object]) -> None:
     rows = [CUSTOMERS[0], CUSTOMER | change]
     assert parse_customer_columns([2, 3], _run(rows, CUSTOMER_COLUMNS)) is None
+
+
+def test_a_negative_zero_reads_as_zero_whichever_comes_first() -> None:
+    for first, second in ((-0.0, 0.0), (0.0, -0.0)):
+        forget_shared_values()  # the shared values start empty, as at the start of a file
+        payments = [parse_loan("l.xlsx", 2 + n, LOAN | {"Monthly payment": value}) for n, value in enumerate((first, second))]
+        assert [str(p.monthly_payment) for p in payments if not isinstance(p, RowIssue)] == ["0.0", "0.0"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import zipfile
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from infra import xlsx, xlsx_stream
 from infra.xlsx import read_history
 from ledger.domain import RowIssue
-from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS
+from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS, parse_loan, parse_loan_columns
 
 CUSTOMER = [1, "Asha", "Iyer", 30, 9876543210, 50000, 1800000]
 LOAN = [1, 10, 100000, 12, 12, 8885, 6, "2024-01-01", "2025-01-01"]
@@ -105,3 +107,26 @@ def test_rows_checked_a_column_at_a_time_give_the_records_and_issues_of_the_row_
     read_customers, read_loans, issues = fast
     assert (len(read_customers), len(read_loans), len(issues)) == (2_000 - 5, 5_000 - 10, 15)
     assert [i.row for i in issues if i.file == "l.xlsx"] == [n + 1 for n in range(250, 5_001, 500)]
+
+
+def test_rows_numbered_out_of_order_keep_unique_positions_in_every_reading_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written = _generated(tmp_path / "in_order.xlsx", LOAN_COLUMNS, 3_000, _loan)
+    swapped = tmp_path / "swapped.xlsx"
+    with zipfile.ZipFile(written) as source, zipfile.ZipFile(swapped, "w", zipfile.ZIP_DEFLATED) as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename.startswith("xl/worksheets/"):
+                text = data.decode()
+                for old, new in (("2", "#"), ("3", "2"), ("#", "3")):  # rows 2 and 3 trade numbers
+                    text = re.sub(rf'(<row r="|<c r="[A-Z]+){old}"', rf'\g<1>{new}"', text)
+                data = text.encode()
+            target.writestr(item, data)
+    monkeypatch.setattr(xlsx_stream, "CHUNK", 4096)  # the rows after the swap come in many chunks
+    positions = [n for n, row in enumerate(xlsx_stream.first_sheet_rows(str(swapped)), start=1) if row and n > 1]
+    loans, issues = xlsx._read(swapped, "l.xlsx", LOAN_COLUMNS, parse_loan, parse_loan_columns)
+    numbers = sorted([loan.row for loan in loans] + [issue.row for issue in issues])
+    assert numbers == positions and len(set(numbers)) == 3_000  # one number per row, as the rows come
+    in_order, _ = xlsx._read(written, "l.xlsx", LOAN_COLUMNS, parse_loan, parse_loan_columns)
+    assert {(ln.loan_id, ln.amount) for ln in loans} == {(ln.loan_id, ln.amount) for ln in in_order}
