@@ -14,11 +14,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
+import httpx2 as httpx
 import psycopg
 import pytest
 import redis
@@ -31,6 +32,21 @@ from ledger.application import Ledger
 from ledger.ports import FixedClock
 
 TODAY = date(2026, 11, 22)
+
+
+def wait_healthy(
+    base: str, detail: Callable[[], str], process: subprocess.Popen[bytes] | None = None, timeout: float = 60
+) -> None:
+    """Poll `base`/health until it answers 200; fail with `detail()` after `timeout` s or once `process` has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert (process is None or process.poll() is None) and time.monotonic() < deadline, detail()
+        time.sleep(0.2)
 
 
 def _require(name: str) -> str:

@@ -25,7 +25,7 @@ import yaml
 
 from infra.config import REPO_ROOT
 from infra.stack import free_port
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, wait_healthy
 
 APP_SERVICES = ("init", "api", "worker", "beat")
 ENTRYPOINT = REPO_ROOT / "docker" / "entrypoint.sh"
@@ -166,15 +166,7 @@ def containers(stack: Stack) -> Iterator[dict[str, Any]]:
             processes[name] = subprocess.Popen(["sh", str(ENTRYPOINT), name], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, (logs / "api.log").read_text()
-            time.sleep(0.2)
+        wait_healthy(base, (logs / "api.log").read_text)
         yield {"init": (first, second), "base": base, "logs": logs, "processes": processes}
     finally:
         for process in processes.values():

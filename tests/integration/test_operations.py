@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from infra.config import REPO_ROOT
 from infra.logs import JsonFormatter
 from infra.stack import free_port
-from tests.integration.conftest import TODAY, Stack
+from tests.integration.conftest import TODAY, Stack, wait_healthy
 from tests.integration.test_import import follow, start
 
 _phones = iter(range(9_600_100_000, 9_600_200_000))
@@ -329,15 +329,7 @@ def test_ledger_api_logs_each_request_once_and_removes_its_metrics_directory_whe
             stderr=log,
         )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert api.poll() is None and time.monotonic() < deadline, "the API did not start"
-            time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}", (tmp_path / "api.log").read_text, api)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:  # one connection, as a client keeps it
             served = [client.get("/view-loans/1", headers={"X-Request-ID": f"once-{n}"}) for n in range(3)]
         assert [r.status_code for r in served] == [200, 200, 200]

@@ -25,6 +25,7 @@ from infra.config import REPO_ROOT, Settings
 from infra.postgres import build_ledger, setup_schema
 from infra.stack import PostgresServer, RedisServer, free_port
 from projections.projector import rebuild
+from tests.integration.conftest import wait_healthy
 
 READ_MODEL = {
     "customers": "customer_id",
@@ -94,15 +95,7 @@ class Served:
         self.wait_healthy()
 
     def wait_healthy(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, self.log("api")
-            time.sleep(0.2)
+        wait_healthy(self.base, lambda: self.log("api"), timeout=timeout)
 
     def client(self, **kwargs: Any) -> httpx.Client:
         limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
