@@ -99,9 +99,8 @@ def _flat(blocks: Iterator[Block]) -> Iterator[list[Any]]:
     for block in blocks:
         if type(block) is Table:
             for number, cells in block.rows():
-                while expected < number:
-                    yield []
-                    expected += 1
+                if expected < number:  # most rows follow the one before: no generator for them
+                    yield from _left_out(expected, number)
                 yield cells
                 expected = number + 1
         else:
@@ -220,9 +219,7 @@ def _rows(chunks: Iterator[str], strings: list[str], dates: DateStyles, epoch: d
         # A Table's rows carry the file's numbers; the rows before it must have too (none went
         # back or repeated a number), so that a row's number is its position either way.
         if table is not None and in_order and table.numbers[0] >= expected:
-            while expected < table.numbers[0]:
-                yield []
-                expected += 1
+            yield from _left_out(expected, table.numbers[0])
             yield table
             expected = table.numbers[-1] + 1
         else:
@@ -231,14 +228,18 @@ def _rows(chunks: Iterator[str], strings: list[str], dates: DateStyles, epoch: d
                 parsed = _parse(text, expected - 1, strings, dates, epoch)
             for number, cells in parsed:
                 in_order = in_order and number >= expected
-                while expected < number:
-                    yield []
-                    expected += 1
+                if expected < number:  # most rows follow the one before: no generator for them
+                    yield from _left_out(expected, number)
                 yield cells
                 expected = number + 1
         buffer = buffer[end:]
         if done or _SHEET_DATA_END.search(buffer):
             return
+
+
+def _left_out(expected: int, number: int) -> Iterator[list[Any]]:
+    """An empty row for each row the file leaves out between `expected` and row `number`."""
+    return ([] for _ in range(number - expected))
 
 
 def _then_none(chunks: Iterator[str]) -> Iterator[str | None]:
