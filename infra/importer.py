@@ -6,7 +6,9 @@ one-shot init has no worker yet). Both hold the import lock (`infra.postgres.exc
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -31,12 +33,27 @@ def run_import(
     job = app.get_import_job(job_id)
     if job.finished:  # delivered again after it finished: nothing to do
         return {"state": job.state}
-    try:
-        customers, loans, issues = read_history(customers_path, loans_path)
-    except UnreadableFile as unreadable:
-        app.fail_import(job_id, str(unreadable))
-        return {"state": "failed", "error": str(unreadable)}
-    if settle is not None:
-        settle()
-    report = app.import_history(job_id, customers, loans, issues, batch_size=batch_size, on_batch=on_batch)
+    with _no_full_collections():
+        try:
+            customers, loans, issues = read_history(customers_path, loans_path)
+        except UnreadableFile as unreadable:
+            app.fail_import(job_id, str(unreadable))
+            return {"state": "failed", "error": str(unreadable)}
+        if settle is not None:
+            settle()
+        report = app.import_history(job_id, customers, loans, issues, batch_size=batch_size, on_batch=on_batch)
     return {"state": "completed", **report.summary()}
+
+
+@contextmanager
+def _no_full_collections() -> Iterator[None]:
+    """Python's full garbage collection walks every object the import holds, a million loan rows
+    among them: 27 walks, about 7 s of a 100,000-customer import's writing. The young generations
+    still collect as usual; the full collection runs once, when the import ends."""
+    young, middle, full = gc.get_threshold()
+    gc.set_threshold(young, middle, 1_000_000_000)
+    try:
+        yield
+    finally:
+        gc.set_threshold(young, middle, full)
+        gc.collect()

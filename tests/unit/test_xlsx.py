@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import zipfile
 from collections.abc import Callable
@@ -13,7 +14,9 @@ import openpyxl
 import pytest
 
 from infra import xlsx, xlsx_stream
+from infra.importer import run_import
 from infra.xlsx import read_history
+from ledger.application import Ledger
 from ledger.domain import RowIssue
 from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS, parse_loan, parse_loan_columns
 
@@ -130,3 +133,19 @@ def test_rows_numbered_out_of_order_keep_unique_positions_in_every_reading_path(
     assert numbers == positions and len(set(numbers)) == 3_000  # one number per row, as the rows come
     in_order, _ = xlsx._read(written, "l.xlsx", LOAN_COLUMNS, parse_loan, parse_loan_columns)
     assert {(ln.loan_id, ln.amount) for ln in loans} == {(ln.loan_id, ln.amount) for ln in in_order}
+
+
+def test_an_import_defers_full_collections_and_gives_the_thresholds_back(tmp_path: Path) -> None:
+    customers = _write(tmp_path / "c.xlsx", CUSTOMER_COLUMNS, [CUSTOMER])
+    loans = _write(tmp_path / "l.xlsx", LOAN_COLUMNS, [LOAN])
+    ledger = Ledger({"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    before = gc.get_threshold()
+    during: list[tuple[int, ...]] = []
+    job_id, _ = ledger.request_import(str(customers), str(loans))
+    result = run_import(ledger, job_id, customers, loans, 10, settle=lambda: during.append(gc.get_threshold()))
+    assert result["state"] == "completed" and result["loans_imported"] == 1
+    assert during[0][:2] == before[:2] and during[0][2] > 1_000_000  # the young generations as before
+    assert gc.get_threshold() == before
+    job_id, _ = ledger.request_import(str(tmp_path / "missing.xlsx"), str(loans))
+    assert run_import(ledger, job_id, tmp_path / "missing.xlsx", loans, 10)["state"] == "failed"
+    assert gc.get_threshold() == before
