@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import date
 from decimal import Decimal as D
+from typing import Any
 from uuid import uuid4
 
 import pytest
@@ -13,6 +14,7 @@ from ledger.domain import (
     Customer,
     CustomerNotFound,
     IdempotencyKeyReused,
+    ImportJob,
     InvalidRepayment,
     Loan,
     LoanClosed,
@@ -317,3 +319,32 @@ def test_a_later_import_adds_loans_to_a_customer_already_in_the_ledger_in_one_ev
     assert [t.loan_id for t in ledger.get_customer(7).loans] == [50, 60, 61]
     assert [type(e).__name__ for e in ledger.loan_events(61)] == ["HistoryExtended"]
     assert ledger.loans.owner(61) == 7
+
+
+def test_a_batch_whose_save_conflicts_while_the_next_is_planned_is_planned_again(ledger: Ledger) -> None:
+    """Batches are stored by a second thread while the next is planned. A customer registered
+    while batch 1 is being stored takes a phone number of that batch: its save conflicts, it is
+    planned again (the row is refused), and the job's events stay one per batch, in order."""
+    store = ledger._store_encoded
+    registered: list[int] = []
+
+    def register_during_the_first_batch(processing_event: Any, stored_events: Any) -> None:
+        if not registered and any(getattr(e, "phone_number", None) == "9000000008" for e in processing_event.events):
+            registered.append(ledger.register_customer("Ann", "Lee", 30, "9000000008", D(10_000)).customer.customer_id)
+        store(processing_event, stored_events)
+
+    ledger._store_encoded = register_during_the_first_batch  # type: ignore[method-assign]
+    customers = [customer_row(n, n + 5, f"900000000{n + 5}") for n in range(2, 7)]  # customers 7..11, two a batch
+    job_id, _ = ledger.request_import("/x/customers.xlsx", "/x/loans.xlsx", uuid4())
+    report = ledger.import_history(job_id, customers, [loan_row(n, n + 5, 50 + n) for n in range(2, 7)], [], batch_size=2)
+
+    refused = "Phone Number 9000000008 already belongs to another customer"
+    assert [i.as_dict()["reason"] for i in report.issues] == [refused, f"its customer row 3 was rejected: {refused}"]
+    assert (report.customers_imported, report.loans_imported) == (4, 4)
+    assert [c for c in range(7, 12) if customer_uuid(c) in ledger.repository] == [7, 9, 10, 11]
+    assert registered == [12] and ledger.get_customer(12).phone_number == "9000000008"
+    job = ledger.get_import_job(job_id)  # replaying it checks that its versions run without a gap
+    assert (job.state, job.rows_done, job.total_rows) == ("completed", 10, 10)
+    progress = [e.rows_done for e in ledger.events.get(job_id) if isinstance(e, ImportJob.Progressed)]
+    assert progress == [0, 4, 8, 10]
+    assert [i["reason"] for i in job.issues] == [refused, f"its customer row 3 was rejected: {refused}"]
