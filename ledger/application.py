@@ -6,7 +6,7 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
@@ -540,7 +540,7 @@ class Ledger(Application[UUID]):
         known = self.index.existing(_candidate_ids(units, plan.contested))
         taken = self.loans.taken({r.loan_id for _, _, rows in units for r in rows if r.loan_id <= plan.contested})
         claims = _Claims(plan.first_use, plan.contested, known, taken, _FreshLoanIds(self.ids))
-        claims.fresh.expected = sum(not claims.keeps(r) for _, _, rows in units for r in rows)
+        claims.decide(r for _, _, rows in units for r in rows)
         aggregates: list[Aggregate] = []
         for record, cid, loans in units:
             aggregates += self._import_unit(record, cid, loans, claims, plan.labels, known, report)
@@ -672,11 +672,8 @@ class Ledger(Application[UUID]):
         return None
 
     def _imported_terms(self, row: LoanRecord, claims: _Claims) -> LoanTerms:
-        loan_id = row.loan_id
-        if not claims.keeps(row):
-            loan_id = claims.fresh()
         return LoanTerms(
-            loan_id=loan_id,
+            loan_id=claims.fresh() if row.row in claims.moved else row.loan_id,
             amount=row.amount,
             interest_rate=row.interest_rate,
             tenure=row.tenure,
@@ -732,6 +729,11 @@ class _Claims:
     known: set[UUID]
     taken: set[int]
     fresh: _FreshLoanIds  # new IDs for the rows that do not keep theirs
+    moved: set[int] = field(default_factory=set)  # the rows (numbers) that get a new ID
+
+    def decide(self, rows: Iterable[LoanRecord]) -> None:
+        self.moved.update(row.row for row in rows if not self.keeps(row))
+        self.fresh.expected = len(self.moved)
 
     def keeps(self, row: LoanRecord) -> bool:
         loan_id = row.loan_id
