@@ -69,6 +69,17 @@ def test_reference_import_keeps_all_300_customers_and_782_loans(stack: Stack, im
     assert counts(stack) == (300, 782)
 
 
+def test_event_states_are_compressed_with_lz4(stack: Stack, imported: dict[str, Any]) -> None:
+    """Every state PostgreSQL compresses (the large ones) uses lz4, not pglz (setup_schema)."""
+    with stack.connect() as conn:
+        [column] = conn.execute(
+            "SELECT attcompression FROM pg_attribute WHERE attrelid = 'ledger_events'::regclass AND attname = 'state'"
+        ).fetchone() or [None]
+        kinds = conn.execute("SELECT DISTINCT pg_column_compression(state) FROM ledger_events").fetchall()
+    assert column == "l"
+    assert ("pglz",) not in kinds
+
+
 def test_historical_figures_are_kept_as_in_the_file(stack: Stack, client: TestClient, imported: dict[str, Any]) -> None:
     # Customer 1 in the file: salary 50,000 with an approved limit of 4,500,000 (not 36 x salary rounded).
     with stack.connect() as conn:
