@@ -267,7 +267,56 @@ _PLAIN_CELL = re.compile(
 _VALUE_CELL = re.compile(r'<c r="([A-Z]++)(\d++)"([^>]*+)>(?:<v>([^<]*+)</v>|<is><t>([^<]*+)</t></is>)</c>')
 
 
+# The first row's cells, to build a pattern for a whole row of the same form (see _parse_alike).
+_ROW_START = re.compile(r'<row r="\d++"[^>]*+>')
+_FORM_CELL = re.compile(r'<c r="([A-Z]++)\d++"([^>]*+)>(<v>|<is><t>)[^<]*+(?:</v>|</t></is>)</c>')
+_VALUE_FORMS = {"<v>": "<v>([^<]*+)</v>", "<is><t>": "<is><t>([^<]*+)</t></is>"}
+
+
 def _parse_table(text: str, strings: list[str], dates: DateStyles, epoch: datetime) -> Table | None:
+    return _parse_alike(text, strings, dates, epoch) or _parse_cells(text, strings, dates, epoch)
+
+
+def _parse_alike(text: str, strings: list[str], dates: DateStyles, epoch: datetime) -> Table | None:
+    """Rows that repeat the first row's cells exactly (letters, style, type, form), each cell
+    in its row (a back reference to the row's number): one match a row, a group a value. About
+    twice as fast as splitting at every cell, which takes any other chunk."""
+    first = _ROW_START.search(text)
+    end = text.find("</row>", first.end()) if first else -1
+    if first is None or end < 0:
+        return None
+    cells = _FORM_CELL.findall(text, first.end(), end)
+    if not cells or len(cells) != text.count("<c ", first.end(), end):
+        return None
+    places = [_column_index(letters) for letters, _, _ in cells]
+    if places != sorted(set(places)):
+        return None
+    pattern = "".join(
+        f'<c r="{letters}\\1"{re.escape(attributes)}>{_VALUE_FORMS[form]}</c>' for letters, attributes, form in cells
+    )
+    rows = re.findall(f'<row r="(\\d++)"[^>]*+>{pattern}</row>', text)
+    count = len(rows)
+    if count != text.count("<row ") or count * len(cells) != text.count("<c "):
+        return None  # some row has other cells: every row must be one match
+    columns = list(zip(*rows, strict=True))
+    row_numbers = list(map(int, columns[0]))
+    if row_numbers != sorted(set(row_numbers)):
+        return None
+    blank = (None,) * count
+    table: list[Any] = [blank] * (places[-1] + 1)  # columns the rows leave out read as empty
+    try:
+        for (_, attributes, form), place, values in zip(cells, places, columns[1:], strict=True):
+            by_value = form == "<v>"
+            column = _column([attributes], values if by_value else blank, blank if by_value else values, strings, dates, epoch)
+            if column is None:
+                return None
+            table[place] = column
+    except (ValueError, IndexError, TypeError):
+        return None  # let the cell by cell reader say what is wrong
+    return Table(row_numbers, table)
+
+
+def _parse_cells(text: str, strings: list[str], dates: DateStyles, epoch: datetime) -> Table | None:
     parts = _VALUE_CELL.split(text)  # one flat list: what comes before a cell, then its 5 groups
     cells = len(parts) // 6
     if not cells or cells != text.count("<c "):
@@ -301,8 +350,8 @@ def _parse_table(text: str, strings: list[str], dates: DateStyles, epoch: dateti
 
 def _column(
     attributes: list[str],
-    values: list[Any],  # a <v>'s text, None where the cell is an inline string
-    texts: list[Any],  # an inline string's text, None where the cell has a <v>
+    values: Sequence[Any],  # a <v>'s text, None where the cell is an inline string
+    texts: Sequence[Any],  # an inline string's text, None where the cell has a <v>
     strings: list[str],
     dates: DateStyles,
     epoch: datetime,

@@ -122,19 +122,52 @@ def test_a_table_read_a_column_at_a_time_matches_calamine(
     path = _table(tmp_path / "table.xlsx", 2_000, write_only=write_only, gap_row=gap_row)
     monkeypatch.setattr(xlsx_stream, "CHUNK", 4096)  # many chunks: most of them rows only
     tables = []
-    real = xlsx_stream._parse_table
+    alike = []
+    real, real_alike = xlsx_stream._parse_table, xlsx_stream._parse_alike
 
     def counted(*args: Any) -> Any:
         result = real(*args)
         tables.append(result is not None)
         return result
 
+    def counted_alike(*args: Any) -> Any:
+        result = real_alike(*args)
+        alike.append(result is not None)
+        return result
+
     monkeypatch.setattr(xlsx_stream, "_parse_table", counted)
+    monkeypatch.setattr(xlsx_stream, "_parse_alike", counted_alike)
     streamed = _streamed(path)
     assert len(streamed) == 2_001
     assert _typed(streamed) == _typed(_calamine(path))
     assert sum(tables) > len(tables) // 2  # the fast path read most chunks...
     assert not all(tables)  # ...and handed the header's chunk (and the gap's) to the cell reader
+    assert sum(alike) > len(alike) // 2  # most of them with the one-pattern-a-row reader
+
+
+def test_rows_alike_are_read_with_one_pattern_and_a_row_that_differs_sends_the_chunk_on() -> None:
+    row = (
+        '<row r="{n}" spans="1:4"><c r="A{n}"><v>{n}</v></c><c r="B{n}" t="s"><v>0</v></c>'
+        '<c r="D{n}" t="inlineStr"><is><t>x&amp;{n}</t></is></c></row>'
+    )
+    text = "".join(row.format(n=n) for n in range(2, 6))
+    args = (["shared"], {}, datetime(1899, 12, 30))
+    table = xlsx_stream._parse_alike(text, *args)
+    assert table is not None and table == xlsx_stream._parse_cells(text, *args)
+    assert table.numbers == [2, 3, 4, 5]
+    assert [list(column) for column in table.columns] == [
+        [2.0, 3.0, 4.0, 5.0],
+        ["shared"] * 4,
+        [None] * 4,  # the column the rows leave out
+        ["x&2", "x&3", "x&4", "x&5"],
+    ]
+    for differs in (
+        text.replace('<c r="A4">', '<c r="A9">'),  # a cell outside its row
+        text.replace('<c r="A4">', '<c r="A4" s="3">'),  # another style
+        text.replace('<c r="B4" t="s"><v>0</v></c>', ""),  # a cell fewer
+        text.replace('<row r="4" spans="1:4">', '<row r="4"/><row r="4" spans="1:4">'),  # an empty row
+    ):
+        assert xlsx_stream._parse_alike(differs, *args) is None
 
 
 def test_the_1904_date_system_is_honoured(tmp_path: Path) -> None:
