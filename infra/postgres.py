@@ -130,7 +130,7 @@ def _compress_events_with_lz4(conn: psycopg.Connection) -> None:
     try:
         with conn.transaction():
             conn.execute("ALTER TABLE ledger_events ALTER COLUMN state SET COMPRESSION lz4")
-    except psycopg.errors.FeatureNotSupported as error:  # a server built without lz4
+    except (psycopg.errors.FeatureNotSupported, psycopg.errors.SyntaxError) as error:  # no lz4, or before PostgreSQL 14
         log.warning("events stay compressed with pglz: %s", error)
 
 
