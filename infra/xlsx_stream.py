@@ -27,14 +27,14 @@ _NS = r"(?:[\w.-]+:)?"  # SpreadsheetML written with a namespace prefix (<x:row>
 # The general patterns below never backtrack across an element's end: a row's (or a cell's)
 # content is taken possessively up to the next row (cell) tag, so a crafted sheet full of unclosed
 # rows or cells is read in linear time instead of scanning to the end again from each one.
-_ROW = re.compile(rf"<{_NS}row\b([^>]*?)(?:/>|>((?:[^<]++|<(?!/?{_NS}row\b))*+)</{_NS}row>)")
+_ROW = re.compile(rf"<{_NS}row\b([^<>]*?)(?:/>|>((?:[^<]++|<(?!/?{_NS}row\b))*+)</{_NS}row>)")
 _ROW_NUMBER = re.compile(r'\sr="(\d+)"')
 # A cell: its reference when it comes first (as every writer seen puts it), its other attributes
 # (few distinct strings in a sheet, so what they say is worked out once each), its content.
-_CELL = re.compile(rf'<{_NS}c(?: r="([A-Z]+)\d+")?([^>]*?)(?:/>|>((?:[^<]++|<(?!/?{_NS}c\b))*+)</{_NS}c>)')
+_CELL = re.compile(rf'<{_NS}c(?: r="([A-Z]+)\d+")?([^<>]*?)(?:/>|>((?:[^<]++|<(?!/?{_NS}c\b))*+)</{_NS}c>)')
 _ATTRIBUTE = re.compile(r'\s([rst])="([^"]*)"')
 _VALUE = re.compile(rf"<{_NS}v>([^<]*)</{_NS}v>")  # text only: XML escapes its "<"
-_TEXT = re.compile(rf"<{_NS}t\b[^>]*>([^<]*)</{_NS}t>")
+_TEXT = re.compile(rf"<{_NS}t\b[^<>]*>([^<]*)</{_NS}t>")
 _ROW_END = re.compile(rf"</{_NS}row>")
 _SHEET_DATA_END = re.compile(rf"</{_NS}sheetData>")
 
@@ -264,12 +264,13 @@ _PLAIN_CELL = re.compile(
 # A table's rows, as generators write them: every row of the chunk has the same cells, each with a
 # value. Such a chunk is read a column at a time (`map` and `zip` run the loops in C); the cell by
 # cell readers below take any other chunk.
-_VALUE_CELL = re.compile(r'<c r="([A-Z]++)(\d++)"([^>]*+)>(?:<v>([^<]*+)</v>|<is><t>([^<]*+)</t></is>)</c>')
+_VALUE_CELL = re.compile(r'<c r="([A-Z]++)(\d++)"([^<>]*+)>(?:<v>([^<]*+)</v>|<is><t>([^<]*+)</t></is>)</c>')
 
 
 # The first row's cells, to build a pattern for a whole row of the same form (see _parse_alike).
-_ROW_START = re.compile(r'<row r="\d++"[^>]*+>')
-_FORM_CELL = re.compile(r'<c r="([A-Z]++)\d++"([^>]*+)>(<v>|<is><t>)[^<]*+(?:</v>|</t></is>)</c>')
+ALIKE_CELLS = 64  # rows wider than this go to the split reader (see _parse_alike)
+_ROW_START = re.compile(r'<row r="\d++"[^<>]*+>')
+_FORM_CELL = re.compile(r'<c r="([A-Z]++)\d++"([^<>]*+)>(<v>|<is><t>)[^<]*+(?:</v>|</t></is>)</c>')
 _VALUE_FORMS = {"<v>": "<v>([^<]*+)</v>", "<is><t>": "<is><t>([^<]*+)</t></is>"}
 
 
@@ -286,15 +287,15 @@ def _parse_alike(text: str, strings: list[str], dates: DateStyles, epoch: dateti
     if first is None or end < 0:
         return None
     cells = _FORM_CELL.findall(text, first.end(), end)
-    if not cells or len(cells) != text.count("<c ", first.end(), end):
-        return None
+    if not cells or len(cells) > ALIKE_CELLS or len(cells) != text.count("<c ", first.end(), end):
+        return None  # a pattern costs about 90 µs a cell to build, and Python's `re` keeps 512
     places = [_column_index(letters) for letters, _, _ in cells]
     if places != sorted(set(places)):
         return None
     pattern = "".join(
         f'<c r="{letters}\\1"{re.escape(attributes)}>{_VALUE_FORMS[form]}</c>' for letters, attributes, form in cells
     )
-    rows = re.findall(f'<row r="(\\d++)"[^>]*+>{pattern}</row>', text)
+    rows = re.findall(f'<row r="(\\d++)"[^<>]*+>{pattern}</row>', text)
     count = len(rows)
     if count != text.count("<row ") or count * len(cells) != text.count("<c "):
         return None  # some row has other cells: every row must be one match

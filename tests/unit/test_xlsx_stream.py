@@ -247,6 +247,29 @@ def test_a_sheet_of_unclosed_rows_and_cells_is_read_in_one_pass_not_rescanned_fr
     assert rows[0] == ["Customer ID"]
 
 
+def test_start_tags_that_never_close_are_read_in_one_pass_by_every_reader() -> None:
+    # 40,000 row or cell start tags without their '>': a pattern whose attributes ran to the next
+    # '>' anywhere rescanned the rest of the chunk from each one (minutes; now milliseconds).
+    one_row = '<row r="1"><c r="A1"><v>1</v></c></row>'
+    epoch = datetime(1899, 12, 30)
+    for text in (one_row + '<row r="2"' * 40_000 + "</row>", '<row r="1">' + '<c r="A1"' * 40_000 + "</row>"):
+        began = monotonic()
+        xlsx_stream._parse_alike(text, [], {}, epoch)
+        xlsx_stream._parse_cells(text, [], {}, epoch)
+        list(xlsx_stream._parse(text, 0, [], {}, epoch))
+        assert monotonic() - began < 10  # linear: well under a second; quadratic: minutes
+
+
+def test_a_row_wider_than_the_pattern_reader_takes_goes_to_the_split_reader() -> None:
+    width = xlsx_stream.ALIKE_CELLS + 1
+    letters = [chr(65 + i // 26) + chr(65 + i % 26) for i in range(width)]  # AA, AB, ...
+    text = "".join(f'<row r="{n}">' + "".join(f'<c r="{c}{n}"><v>{n}</v></c>' for c in letters) + "</row>" for n in (2, 3))
+    args = ([], {}, datetime(1899, 12, 30))
+    assert xlsx_stream._parse_alike(text, *args) is None
+    table = xlsx_stream._parse_table(text, *args)
+    assert table is not None and table.numbers == [2, 3] and list(table.columns[-1]) == [2.0, 3.0]
+
+
 def test_a_row_that_never_ends_is_refused_once_it_outgrows_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(xlsx_stream, "LONGEST_ROW", 100_000)
     monkeypatch.setattr(xlsx_stream, "CHUNK", 10_000)
