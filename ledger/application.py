@@ -239,9 +239,12 @@ class Ledger(Application[UUID]):
 
     def _store_encoded(self, processing_event: _ProcessingEvent, stored_events: list[StoredEvent]) -> None:
         """The second half: the insert (which mostly waits on the database, so another thread may
-        run it) and the snapshots. Nothing to cache or notify: this application keeps no
-        aggregate cache and has no followers."""
+        run it), then what the library's `_record` does with an aggregate cache, and the snapshots.
+        Nothing to notify: this application has no followers."""
         self.recorder.insert_events(stored_events)
+        if self.repository.cache and not self.repository.fastforward:
+            for aggregate_id, aggregate in processing_event.aggregates.items():
+                self.repository.cache.put(aggregate_id, aggregate)
         self._take_snapshots(processing_event)
 
     def construct_mapper(self) -> Mapper[Any]:
