@@ -289,9 +289,6 @@ def _parse_alike(text: str, strings: list[str], dates: DateStyles, epoch: dateti
     cells = _FORM_CELL.findall(text, first.end(), end)
     if not cells or len(cells) > ALIKE_CELLS or len(cells) != text.count("<c ", first.end(), end):
         return None  # a pattern costs about 90 µs a cell to build, and Python's `re` keeps 512
-    places = [_column_index(letters) for letters, _, _ in cells]
-    if places != sorted(set(places)):
-        return None
     pattern = "".join(
         f'<c r="{letters}\\1"{re.escape(attributes)}>{_VALUE_FORMS[form]}</c>' for letters, attributes, form in cells
     )
@@ -300,21 +297,18 @@ def _parse_alike(text: str, strings: list[str], dates: DateStyles, epoch: dateti
     if count != text.count("<row ") or count * len(cells) != text.count("<c "):
         return None  # some row has other cells: every row must be one match
     columns = list(zip(*rows, strict=True))
-    row_numbers = list(map(int, columns[0]))
-    if row_numbers != sorted(set(row_numbers)):
-        return None
     blank = (None,) * count
-    table: list[Any] = [blank] * (places[-1] + 1)  # columns the rows leave out read as empty
-    try:
-        for (_, attributes, form), place, values in zip(cells, places, columns[1:], strict=True):
-            by_value = form == "<v>"
-            column = _column([attributes], values if by_value else blank, blank if by_value else values, strings, dates, epoch)
-            if column is None:
-                return None
-            table[place] = column
-    except (ValueError, IndexError, TypeError):
-        return None  # let the cell by cell reader say what is wrong
-    return Table(row_numbers, table)
+    return _table(
+        columns[0],
+        [_column_index(letters) for letters, _, _ in cells],
+        [
+            ([attributes], values, blank) if form == "<v>" else ([attributes], blank, values)
+            for (_, attributes, form), values in zip(cells, columns[1:], strict=True)
+        ],
+        strings,
+        dates,
+        epoch,
+    )
 
 
 def _parse_cells(text: str, strings: list[str], dates: DateStyles, epoch: datetime) -> Table | None:
@@ -332,25 +326,40 @@ def _parse_cells(text: str, strings: list[str], dates: DateStyles, epoch: dateti
     if any(numbers[k::width] != firsts for k in range(1, width)):
         return None
     places = [_column_index(column) for column in letters[:width]]
+    by_column = [(attributes[k::width], values[k::width], texts[k::width]) for k in range(width)]
+    return _table(firsts, places, by_column, strings, dates, epoch)
+
+
+def _table(
+    numbers: Sequence[str],
+    places: list[int],
+    by_column: Sequence[tuple[Sequence[str], Sequence[Any], Sequence[Any]]],
+    strings: list[str],
+    dates: DateStyles,
+    epoch: datetime,
+) -> Table | None:
+    """The rows as a Table: each column's cell attributes, <v> texts and inline texts converted
+    by `_column` and put at its place; None when a column does not convert, the columns are out
+    of order or the rows' numbers do not increase."""
     if places != sorted(set(places)):
         return None
-    blank = (None,) * count
-    table: list[Any] = [blank] * (places[-1] + 1)  # columns the rows leave out read as empty
+    table: list[Any] = [(None,) * len(numbers)] * (places[-1] + 1)  # columns the rows leave out read as empty
     try:
-        for k, place in enumerate(places):
-            table[place] = _column(attributes[k::width], values[k::width], texts[k::width], strings, dates, epoch)
+        for place, (attributes, values, texts) in zip(places, by_column, strict=True):
+            column = _column(attributes, values, texts, strings, dates, epoch)
+            if column is None:
+                return None
+            table[place] = column
     except (ValueError, IndexError, TypeError):
         return None  # let the cell by cell reader say what is wrong
-    if any(column is None for column in table):
-        return None
-    row_numbers = list(map(int, firsts))
+    row_numbers = list(map(int, numbers))
     if row_numbers != sorted(set(row_numbers)):
         return None
     return Table(row_numbers, table)
 
 
 def _column(
-    attributes: list[str],
+    attributes: Sequence[str],
     values: Sequence[Any],  # a <v>'s text, None where the cell is an inline string
     texts: Sequence[Any],  # an inline string's text, None where the cell has a <v>
     strings: list[str],

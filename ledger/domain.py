@@ -107,18 +107,7 @@ class LoanTerms(msgspec.Struct, frozen=True):
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "loan_id": self.loan_id,
-            "amount": self.amount,
-            "interest_rate": self.interest_rate,
-            "tenure": self.tenure,
-            "monthly_installment": self.monthly_installment,
-            "start_date": self.start_date,
-            "end_date": self.end_date,
-            "emis_paid": self.emis_paid,
-            "emis_paid_on_time": self.emis_paid_on_time,
-            "source_loan_id": self.source_loan_id,
-        }
+        return msgspec.structs.asdict(self)
 
 
 class Customer(Aggregate):
