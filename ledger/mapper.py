@@ -82,8 +82,13 @@ class TypedMapper(Mapper[Any]):
             state=_encoder.encode(state),
         )
 
+    def plain_json(self, state: bytes) -> bool:
+        """Whether a stored state is this mapper's plain JSON (each field as its class declares it),
+        not the library's tagged JSON, nor ciphered or compressed."""
+        return not (self.cipher or self.compressor) and _TAGGED not in state
+
     def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[Any]:
-        if self.cipher or self.compressor or _TAGGED in stored_event.state:
+        if not self.plain_json(stored_event.state):
             return super().to_domain_event(stored_event)
         cls = resolve_topic(stored_event.topic)
         state_type = _state_type(cls)

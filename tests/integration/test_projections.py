@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from decimal import Decimal
 from typing import Any
+from uuid import uuid4
 
 import psycopg
 import pytest
@@ -12,7 +13,9 @@ from starlette.testclient import TestClient
 
 from infra.config import Settings
 from infra.postgres import build_ledger
+from ledger.domain import ImportJob
 from ledger.policy import LoanRequest
+from projections import schema as read_model
 from projections.projector import Projector, rebuild
 from tests.integration.conftest import Stack
 from tests.integration.test_import import follow, start
@@ -26,8 +29,21 @@ TABLES = {
 }
 
 
-def snapshot(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:
-    return {table: conn.execute(f"SELECT * FROM readmodel.{table} ORDER BY {key}").fetchall() for table, key in TABLES.items()}
+def snapshot(conn: psycopg.Connection, schema: str = "readmodel") -> dict[str, list[tuple[Any, ...]]]:
+    return {table: conn.execute(f"SELECT * FROM {schema}.{table} ORDER BY {key}").fetchall() for table, key in TABLES.items()}
+
+
+def table_setup(conn: psycopg.Connection, schema: str = "readmodel") -> list[tuple[Any, ...]]:
+    """Each table's indexes (as they would be created in schema `s`) and storage options."""
+    indexes = conn.execute(
+        "SELECT tablename, replace(indexdef, %s, 's.') FROM pg_indexes WHERE schemaname = %s ORDER BY 1, 2",
+        (f"{schema}.", schema),
+    ).fetchall()
+    options = conn.execute(
+        "SELECT relname, reloptions FROM pg_class WHERE relnamespace = %s::regnamespace AND relkind = 'r' ORDER BY 1",
+        (schema,),
+    ).fetchall()
+    return indexes + options
 
 
 def wait_until_caught_up(stack: Stack, timeout: float = 30) -> int:
@@ -73,6 +89,122 @@ def test_a_rebuild_gives_exactly_the_tables_incremental_projection_gave(stack: S
     assert applied == incremental["tracking"][0][1]
     assert len(rebuilt["customers"]) == 301 and len(rebuilt["loans"]) == 784 and len(rebuilt["repayments"]) == 3
     assert rebuilt == incremental
+
+
+def test_a_rebuild_in_many_pages_ends_with_the_live_tables_rows_indexes_and_options(stack: Stack, history: None) -> None:
+    with stack.connect() as conn:
+        incremental, setup = snapshot(conn), table_setup(conn)
+    assert ("loans", "CREATE INDEX loans_customer_id_idx ON s.loans USING btree (customer_id)") in setup
+    app, pool = build_ledger(stack.settings)
+    try:
+        # Pages of 60 (read ahead on a second connection): the import's pages load into tables
+        # without indexes, which are built before the first page that updates rows by key.
+        applied = rebuild(app, stack.settings.database_url, page_size=60)
+    finally:
+        pool.close()
+        app.close()
+    with stack.connect() as conn:
+        assert snapshot(conn) == incremental
+        assert table_setup(conn) == setup
+    assert applied > 60 * 10
+
+
+def test_a_bulk_load_defers_the_indexes_until_it_is_finished(stack: Stack, history: None) -> None:
+    """A page without updates goes into bare tables; `finish_bulk_load` gives them the live setup."""
+    app, pool = build_ledger(stack.settings)
+    try:
+        with stack.connect() as conn:
+            for schema in ("bulk_test", "plain_test"):
+                read_model.drop(conn, schema)
+            read_model.create(conn, "bulk_test", bulk=True)
+            read_model.create(conn, "plain_test")
+            bulk = Projector(app, stack.settings.database_url, schema="bulk_test", page_size=100, bulk_load=True)
+            plain = Projector(app, stack.settings.database_url, schema="plain_test", page_size=100)
+            # The import's first 100 events: the job, customers with their loans, phone claims.
+            stored = conn.execute(
+                "SELECT notification_id, originator_id, originator_version, topic, state"
+                " FROM ledger_events ORDER BY notification_id LIMIT 100"
+            ).fetchall()
+            for projector in (bulk, plain):
+                projector._prepare(conn)
+                projector.apply_page(conn, projector.collect(stored))
+            assert bulk.bulk_load, "a page without updates finished the bulk load"
+            bare = table_setup(conn, "bulk_test")
+            assert not [index for index in bare if "customers" in str(index) and "UNIQUE" in str(index)]
+            assert ("loans", ["autovacuum_enabled=false"]) in bare
+            bulk.finish_bulk_load(conn)
+            assert not bulk.bulk_load
+            assert table_setup(conn, "bulk_test") == table_setup(conn, "plain_test")
+            loaded = snapshot(conn, "bulk_test")
+            assert loaded == snapshot(conn, "plain_test")
+            assert len(loaded["customers"]) > 20 and len(loaded["loans"]) > 50
+            for schema in ("bulk_test", "plain_test"):
+                read_model.drop(conn, schema)
+    finally:
+        pool.close()
+        app.close()
+
+
+class _Decoded(Projector):
+    """A projector that takes every event through its decoded domain event."""
+
+    def _copy_text(self, page: Any, state: bytes, position: int) -> bool:
+        return False
+
+
+class _CountingText(Projector):
+    taken = 0
+
+    def _copy_text(self, page: Any, state: bytes, position: int) -> bool:
+        taken = super()._copy_text(page, state, position)
+        self.taken += taken
+        return taken
+
+
+def test_imported_histories_as_copy_text_give_the_rows_their_decoded_events_give(stack: Stack, history: None) -> None:
+    app, pool = build_ledger(stack.settings)
+    try:
+        with stack.connect() as conn:
+            for schema in ("text_test", "decoded_test"):
+                read_model.drop(conn, schema)
+                read_model.create(conn, schema)
+        url = stack.settings.database_url
+        with (
+            _CountingText(app, url, schema="text_test", page_size=100) as text,
+            _Decoded(app, url, schema="decoded_test", page_size=100) as decoded,
+        ):
+            text.catch_up(wait=True)
+            assert isinstance(text, _CountingText)
+            decoded.catch_up(wait=True)
+        # Every imported customer went as text, but those in a last page small enough for INSERTs.
+        assert 250 < text.taken <= 300
+        with stack.connect() as conn:
+            as_text = snapshot(conn, "text_test")
+            assert as_text == snapshot(conn, "decoded_test")
+            assert len(as_text["customers"]) >= 301 and len(as_text["loans"]) >= 784
+            for schema in ("text_test", "decoded_test"):
+                read_model.drop(conn, schema)
+    finally:
+        pool.close()
+        app.close()
+
+
+def test_a_run_of_progress_reports_lands_as_the_last_count_with_every_issue_in_order(stack: Stack, history: None) -> None:
+    app = stack.ledger()
+    try:
+        job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
+        job.start(total_rows=9)
+        job.progress(3, [{"row": 2, "reason": "a"}])
+        job.progress(6, [])
+        job.progress(9, [{"row": 8, "reason": "b"}, {"row": 9, "reason": "c"}])
+        app.save(job)  # one transaction: the worker projects the run in one page
+    finally:
+        app.close()
+    query = f"SELECT rows_done FROM readmodel.import_jobs WHERE job_id = '{job.id}'"
+    assert stack.wait_for(query, 9) == 9
+    with stack.connect() as conn:
+        row = conn.execute("SELECT state, total_rows, issues FROM readmodel.import_jobs WHERE job_id = %s", (job.id,)).fetchone()
+    assert row == ("running", 9, [{"row": 2, "reason": "a"}, {"row": 8, "reason": "b"}, {"row": 9, "reason": "c"}])
 
 
 def test_a_failed_page_leaves_nothing_half_applied_and_the_next_run_completes_it(stack: Stack, history: None) -> None:
@@ -150,5 +282,19 @@ def test_a_recreated_event_store_empties_the_read_model_instead_of_skipping(stac
         assert position == (100,)
         assert expected is not None and 0 < expected[0] < 301
         assert customers == expected
+
+        # The new store is an import alone: a rebuild updates no row by key, so its bulk load is
+        # finished (indexes, autovacuum) only after the last page.
+        with stack.connect() as conn:
+            projected, setup = snapshot(conn), table_setup(conn)
+        app, pool = build_ledger(stack.settings)
+        try:
+            assert rebuild(app, stack.settings.database_url, page_size=60) == 100
+        finally:
+            pool.close()
+            app.close()
+        with stack.connect() as conn:
+            assert snapshot(conn) == projected
+            assert table_setup(conn) == setup
     finally:
         stack.start_worker()
