@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 from functools import lru_cache
+from hashlib import sha1
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -19,31 +20,40 @@ from eventsourcing.domain import Aggregate, event
 from ledger.policy import CreditHistory, LoanFacts, credit_history
 
 NAMESPACE = uuid5(NAMESPACE_URL, "https://credit-approval-ledger/ids")
+_NAMESPACE_BYTES = NAMESPACE.bytes
+
+
+def _uuid5(name: str) -> UUID:
+    """`uuid5(NAMESPACE, name)`, without working out the namespace's bytes again on every call
+    (`UUID.bytes` is computed each time it is read): 5 µs instead of 9 here, and an import derives
+    three IDs a customer."""
+    return UUID(bytes=sha1(_NAMESPACE_BYTES + name.encode()).digest()[:16], version=5)
 
 
 # An import asks for the same IDs several times a row (existence check, creation, re-keying):
 # uuid5 hashes each time, so recent answers are kept.
 @lru_cache(maxsize=65_536)
 def customer_uuid(customer_id: int) -> UUID:
-    return uuid5(NAMESPACE, f"customer:{customer_id}")
+    return _uuid5(f"customer:{customer_id}")
 
 
 @lru_cache(maxsize=65_536)
 def loan_uuid(loan_id: int) -> UUID:
-    return uuid5(NAMESPACE, f"loan:{loan_id}")
+    return _uuid5(f"loan:{loan_id}")
 
 
 @lru_cache(maxsize=65_536)
 def phone_uuid(phone_number: str) -> UUID:
-    return uuid5(NAMESPACE, f"phone:{phone_number}")
+    return _uuid5(f"phone:{phone_number}")
 
 
+@lru_cache(maxsize=65_536)
 def file_customer_uuid(file_customer_id: int) -> UUID:
-    return uuid5(NAMESPACE, f"file-customer:{file_customer_id}")
+    return _uuid5(f"file-customer:{file_customer_id}")
 
 
 def idempotency_uuid(key: str) -> UUID:
-    return uuid5(NAMESPACE, f"idempotency:{key}")
+    return _uuid5(f"idempotency:{key}")
 
 
 class DomainError(Exception):

@@ -5,12 +5,13 @@ from __future__ import annotations
 from datetime import date
 from decimal import Decimal as D
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4, uuid5
 
 import pytest
 
 from ledger.application import Ledger
 from ledger.domain import (
+    NAMESPACE,
     Customer,
     CustomerNotFound,
     IdempotencyKeyReused,
@@ -21,7 +22,10 @@ from ledger.domain import (
     LoanNotFound,
     PhoneNumberTaken,
     customer_uuid,
+    file_customer_uuid,
+    idempotency_uuid,
     loan_uuid,
+    phone_uuid,
 )
 from ledger.history import CustomerRecord, LoanRecord
 from ledger.policy import Decision, LoanRequest
@@ -33,6 +37,20 @@ TODAY = date(2026, 11, 22)
 @pytest.fixture
 def ledger() -> Ledger:
     return Ledger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, clock=FixedClock(TODAY))
+
+
+def test_aggregate_ids_stay_the_standard_uuid5_of_their_names() -> None:
+    """Stored aggregates are found by these IDs: they must never change."""
+    assert customer_uuid(1) == UUID("02b63026-5073-57f9-91b5-b226d6ef32c4")
+    assert loan_uuid(57818) == UUID("14eaa4a2-a7d5-58de-9b84-27356ae72bf2")
+    for n in (0, 1, 301, 10**12):
+        assert customer_uuid(n) == uuid5(NAMESPACE, f"customer:{n}")
+        assert loan_uuid(n) == uuid5(NAMESPACE, f"loan:{n}")
+        assert file_customer_uuid(n) == uuid5(NAMESPACE, f"file-customer:{n}")
+    for text in ("9876543210", "k\u00e9y-\u2713"):
+        assert phone_uuid(text) == uuid5(NAMESPACE, f"phone:{text}")
+        assert idempotency_uuid(text) == uuid5(NAMESPACE, f"idempotency:{text}")
+    assert customer_uuid(7).version == 5
 
 
 def test_registration_records_the_customer_with_a_limit_from_income(ledger: Ledger) -> None:
