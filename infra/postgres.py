@@ -75,7 +75,9 @@ class PostgresIndex:
 
     def __init__(self, pool: ConnectionPool, table: str = "ledger_events") -> None:
         self._pool = pool
-        self._query = f"SELECT originator_id FROM {table} WHERE originator_id = ANY(%s) AND originator_version = 1"
+        # The IDs go in psycopg's binary format (%b): dumping 1,500 of them as a text array took
+        # 6.7 ms of CPU a batch of the import, in binary 1.7.
+        self._query = f"SELECT originator_id FROM {table} WHERE originator_id = ANY(%b) AND originator_version = 1"
 
     def existing(self, ids: Collection[UUID]) -> set[UUID]:
         if not ids:
