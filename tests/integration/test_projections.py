@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 from uuid import uuid4
@@ -13,6 +15,7 @@ from starlette.testclient import TestClient
 
 from infra.config import Settings
 from infra.postgres import build_ledger
+from ledger.application import Ledger
 from ledger.domain import ImportJob
 from ledger.policy import LoanRequest
 from projections import schema as read_model
@@ -109,40 +112,49 @@ def test_a_rebuild_in_many_pages_ends_with_the_live_tables_rows_indexes_and_opti
     assert applied > 60 * 10
 
 
-def test_a_bulk_load_defers_the_indexes_until_it_is_finished(stack: Stack, history: None) -> None:
-    """A page without updates goes into bare tables; `finish_bulk_load` gives them the live setup."""
+@contextlib.contextmanager
+def ledger_and_read_models(stack: Stack, **bulk: bool) -> Iterator[tuple[Ledger, psycopg.Connection]]:
+    """The application, and fresh read-model schemas beside the live one (`name=True`: set up
+    for a bulk load), dropped afterwards."""
     app, pool = build_ledger(stack.settings)
     try:
         with stack.connect() as conn:
-            for schema in ("bulk_test", "plain_test"):
+            for schema, for_bulk in bulk.items():
                 read_model.drop(conn, schema)
-            read_model.create(conn, "bulk_test", bulk=True)
-            read_model.create(conn, "plain_test")
-            bulk = Projector(app, stack.settings.database_url, schema="bulk_test", page_size=100, bulk_load=True)
-            plain = Projector(app, stack.settings.database_url, schema="plain_test", page_size=100)
-            # The import's first 100 events: the job, customers with their loans, phone claims.
-            stored = conn.execute(
-                "SELECT notification_id, originator_id, originator_version, topic, state"
-                " FROM ledger_events ORDER BY notification_id LIMIT 100"
-            ).fetchall()
-            for projector in (bulk, plain):
-                projector._prepare(conn)
-                projector.apply_page(conn, projector.collect(stored))
-            assert bulk.bulk_load, "a page without updates finished the bulk load"
-            bare = table_setup(conn, "bulk_test")
-            assert not [index for index in bare if "customers" in str(index) and "UNIQUE" in str(index)]
-            assert ("loans", ["autovacuum_enabled=false"]) in bare
-            bulk.finish_bulk_load(conn)
-            assert not bulk.bulk_load
-            assert table_setup(conn, "bulk_test") == table_setup(conn, "plain_test")
-            loaded = snapshot(conn, "bulk_test")
-            assert loaded == snapshot(conn, "plain_test")
-            assert len(loaded["customers"]) > 20 and len(loaded["loans"]) > 50
-            for schema in ("bulk_test", "plain_test"):
-                read_model.drop(conn, schema)
+                read_model.create(conn, schema, bulk=for_bulk)
+            try:
+                yield app, conn
+            finally:
+                for schema in bulk:
+                    read_model.drop(conn, schema)
     finally:
         pool.close()
         app.close()
+
+
+def test_a_bulk_load_defers_the_indexes_until_it_is_finished(stack: Stack, history: None) -> None:
+    """A page without updates goes into bare tables; `finish_bulk_load` gives them the live setup."""
+    with ledger_and_read_models(stack, bulk_test=True, plain_test=False) as (app, conn):
+        bulk = Projector(app, stack.settings.database_url, schema="bulk_test", page_size=100, bulk_load=True)
+        plain = Projector(app, stack.settings.database_url, schema="plain_test", page_size=100)
+        # The import's first 100 events: the job, customers with their loans, phone claims.
+        stored = conn.execute(
+            "SELECT notification_id, originator_id, originator_version, topic, state"
+            " FROM ledger_events ORDER BY notification_id LIMIT 100"
+        ).fetchall()
+        for projector in (bulk, plain):
+            projector._prepare(conn)
+            projector.apply_page(conn, projector.collect(stored))
+        assert bulk.bulk_load, "a page without updates finished the bulk load"
+        bare = table_setup(conn, "bulk_test")
+        assert not [index for index in bare if "customers" in str(index) and "UNIQUE" in str(index)]
+        assert ("loans", ["autovacuum_enabled=false"]) in bare
+        bulk.finish_bulk_load(conn)
+        assert not bulk.bulk_load
+        assert table_setup(conn, "bulk_test") == table_setup(conn, "plain_test")
+        loaded = snapshot(conn, "bulk_test")
+        assert loaded == snapshot(conn, "plain_test")
+        assert len(loaded["customers"]) > 20 and len(loaded["loans"]) > 50
 
 
 class _Decoded(Projector):
@@ -162,12 +174,7 @@ class _CountingText(Projector):
 
 
 def test_imported_histories_as_copy_text_give_the_rows_their_decoded_events_give(stack: Stack, history: None) -> None:
-    app, pool = build_ledger(stack.settings)
-    try:
-        with stack.connect() as conn:
-            for schema in ("text_test", "decoded_test"):
-                read_model.drop(conn, schema)
-                read_model.create(conn, schema)
+    with ledger_and_read_models(stack, text_test=False, decoded_test=False) as (app, conn):
         url = stack.settings.database_url
         with (
             _CountingText(app, url, schema="text_test", page_size=100) as text,
@@ -178,15 +185,9 @@ def test_imported_histories_as_copy_text_give_the_rows_their_decoded_events_give
             decoded.catch_up(wait=True)
         # Every imported customer went as text, but those in a last page small enough for INSERTs.
         assert 250 < text.taken <= 300
-        with stack.connect() as conn:
-            as_text = snapshot(conn, "text_test")
-            assert as_text == snapshot(conn, "decoded_test")
-            assert len(as_text["customers"]) >= 301 and len(as_text["loans"]) >= 784
-            for schema in ("text_test", "decoded_test"):
-                read_model.drop(conn, schema)
-    finally:
-        pool.close()
-        app.close()
+        as_text = snapshot(conn, "text_test")
+        assert as_text == snapshot(conn, "decoded_test")
+        assert len(as_text["customers"]) >= 301 and len(as_text["loans"]) >= 784
 
 
 def test_a_run_of_progress_reports_lands_as_the_last_count_with_every_issue_in_order(stack: Stack, history: None) -> None:
