@@ -19,7 +19,7 @@ from ledger.application import Ledger
 from ledger.domain import ImportJob
 from ledger.policy import LoanRequest
 from projections import schema as read_model
-from projections.projector import Projector, rebuild
+from projections.projector import REBUILD_PAGE_SIZE, Projector, rebuild
 from tests.integration.conftest import Stack
 from tests.integration.test_import import follow, start
 
@@ -47,6 +47,16 @@ def table_setup(conn: psycopg.Connection, schema: str = "readmodel") -> list[tup
         (schema,),
     ).fetchall()
     return indexes + options
+
+
+def rebuilt(stack: Stack, page_size: int = REBUILD_PAGE_SIZE) -> int:
+    """A rebuild as `ledger rebuild` runs it, on an application of its own: the events applied."""
+    app, pool = build_ledger(stack.settings)
+    try:
+        return rebuild(app, stack.settings.database_url, page_size=page_size)
+    finally:
+        pool.close()
+        app.close()
 
 
 def wait_until_caught_up(stack: Stack, timeout: float = 30) -> int:
@@ -81,31 +91,21 @@ def history(stack: Stack, client: TestClient) -> None:
 def test_a_rebuild_gives_exactly_the_tables_incremental_projection_gave(stack: Stack, history: None) -> None:
     with stack.connect() as conn:
         incremental = snapshot(conn)
-    app, pool = build_ledger(stack.settings)
-    try:
-        applied = rebuild(app, stack.settings.database_url)
-    finally:
-        pool.close()
-        app.close()
+    applied = rebuilt(stack)
     with stack.connect() as conn:
-        rebuilt = snapshot(conn)
+        fresh = snapshot(conn)
     assert applied == incremental["tracking"][0][1]
-    assert len(rebuilt["customers"]) == 301 and len(rebuilt["loans"]) == 784 and len(rebuilt["repayments"]) == 3
-    assert rebuilt == incremental
+    assert len(fresh["customers"]) == 301 and len(fresh["loans"]) == 784 and len(fresh["repayments"]) == 3
+    assert fresh == incremental
 
 
 def test_a_rebuild_in_many_pages_ends_with_the_live_tables_rows_indexes_and_options(stack: Stack, history: None) -> None:
     with stack.connect() as conn:
         incremental, setup = snapshot(conn), table_setup(conn)
     assert ("loans", "CREATE INDEX loans_customer_id_idx ON s.loans USING btree (customer_id)") in setup
-    app, pool = build_ledger(stack.settings)
-    try:
-        # Pages of 60 (read ahead on a second connection): the import's pages load into tables
-        # without indexes, which are built before the first page that updates rows by key.
-        applied = rebuild(app, stack.settings.database_url, page_size=60)
-    finally:
-        pool.close()
-        app.close()
+    # Pages of 60 (read ahead on a second connection): the import's pages load into tables
+    # without indexes, which are built before the first page that updates rows by key.
+    applied = rebuilt(stack, page_size=60)
     with stack.connect() as conn:
         assert snapshot(conn) == incremental
         assert table_setup(conn) == setup
@@ -288,12 +288,7 @@ def test_a_recreated_event_store_empties_the_read_model_instead_of_skipping(stac
         # finished (indexes, autovacuum) only after the last page.
         with stack.connect() as conn:
             projected, setup = snapshot(conn), table_setup(conn)
-        app, pool = build_ledger(stack.settings)
-        try:
-            assert rebuild(app, stack.settings.database_url, page_size=60) == 100
-        finally:
-            pool.close()
-            app.close()
+        assert rebuilt(stack, page_size=60) == 100
         with stack.connect() as conn:
             assert snapshot(conn) == projected
             assert table_setup(conn) == setup
