@@ -87,6 +87,11 @@ class TypedMapper(Mapper[Any]):
         not the library's tagged JSON, nor ciphered or compressed."""
         return not (self.cipher or self.compressor) and _TAGGED not in state
 
+    def typed_json(self, cls: type, state: bytes) -> bool:
+        """Whether `to_domain_event` would decode `state` as `cls`'s typed JSON: plain JSON, and a
+        class whose fields all have concrete types and that needs no upcasting."""
+        return self.plain_json(state) and _state_type(cls) is not None
+
     def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[Any]:
         if not self.plain_json(stored_event.state):
             return super().to_domain_event(stored_event)

@@ -144,8 +144,6 @@ class _HistoryText(msgspec.Struct, gc=False):
 
 
 _history_text = msgspec.json.Decoder(_HistoryText)
-# A later version of the event would need the mapper's upcasting: then every state goes through it.
-_HISTORY_AS_TEXT = getattr(Customer.HistoryImported, "class_version", 1) == 1
 
 
 def _jsonb(value: Any) -> Jsonb:
@@ -438,11 +436,14 @@ class Projector:
         """Add a stored `Customer.HistoryImported` state's customer and loans to the page as COPY
         text, straight from its JSON: decoding each loan's Decimals and dates, and having psycopg
         format them again, was most of a rebuild's time. False when the state must go through
-        its domain event instead: the library's tagged JSON, or a string with a JSON escape (a
-        tab, a newline or a backslash would need COPY's escaping; no other string can hold them).
+        its domain event instead: JSON the mapper would not decode by the class's types (the
+        library's tagged JSON, or a later version of the event to upcast), or a string with a JSON
+        escape (a tab, a newline or a backslash would need COPY's escaping; no other string can
+        hold them).
         """
         mapper = self.app.mapper
-        if not _HISTORY_AS_TEXT or b"\\" in state or not (isinstance(mapper, TypedMapper) and mapper.plain_json(state)):
+        typed = isinstance(mapper, TypedMapper) and mapper.typed_json(Customer.HistoryImported, state)
+        if not typed or b"\\" in state:
             return False
         try:
             e = _history_text.decode(state)
