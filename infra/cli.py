@@ -103,12 +103,25 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     ledger, pool = build_ledger(settings)
+    replayed = False
+
+    def progress(done: int, total: int) -> None:
+        nonlocal replayed
+        bar(done, total, "rebuild")
+        if done >= total and not replayed:
+            # What follows the last page (building the indexes, swapping the tables in) takes a
+            # second or more on a large store: say so rather than sit on a full bar.
+            replayed = True
+            print("\nevery event replayed: building the indexes and swapping the new tables in", file=sys.stderr, flush=True)
+
     try:
-        applied = rebuild(ledger, settings.database_url, lambda done, total: bar(done, total, "rebuild"))
+        applied = rebuild(ledger, settings.database_url, progress)
     finally:
         pool.close()
         ledger.close()
-    print(f"\nread model rebuilt from {applied} events", file=sys.stderr)
+    if not replayed:  # an empty store: the bar never filled
+        print(file=sys.stderr)
+    print(f"read model rebuilt from {applied} events", file=sys.stderr)
     return 0
 
 
