@@ -109,10 +109,10 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         nonlocal replayed
         bar(done, total, "rebuild")
         if done >= total and not replayed:
-            # What follows the last page (building the indexes, swapping the tables in) takes a
-            # second or more on a large store: say so rather than sit on a full bar.
+            # What follows the last page (the indexes, unless a page needed them earlier, and the
+            # swap) takes a second or more on a large store: say so rather than sit on a full bar.
             replayed = True
-            print("\nevery event replayed: building the indexes and swapping the new tables in", file=sys.stderr, flush=True)
+            print("\nevery event replayed: finishing the new tables and swapping them in", file=sys.stderr, flush=True)
 
     try:
         applied = rebuild(ledger, settings.database_url, progress)

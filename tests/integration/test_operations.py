@@ -305,7 +305,7 @@ def test_the_cli_imports_with_progress_reports_rebuilds_and_shows_lag(stack: Sta
     lines = rebuilt.stderr.splitlines()
     done, total = lines[-3].rsplit(" ", 1)[1].split("/")
     assert lines[-3].startswith("rebuild [###") and done == total, lines
-    assert lines[-2] == "every event replayed: building the indexes and swapping the new tables in", lines
+    assert lines[-2] == "every event replayed: finishing the new tables and swapping them in", lines
     assert lines[-1].startswith("read model rebuilt from "), lines
     deadline = time.monotonic() + 30
     while True:
