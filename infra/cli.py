@@ -271,8 +271,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     processes: list[subprocess.Popen[bytes]] = []
+    configured = {name for name in ("DATABASE_URL", "REDIS_URL") if os.environ.get(name)}
     with services() as (database_url, redis_url):
-        os.environ.update({"DATABASE_URL": database_url, "REDIS_URL": redis_url})
+        started = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
+        os.environ.update(started)
         env = dict(os.environ)
         settings = Settings.from_env()
         ledger_cli = [sys.executable, "-m", "infra.cli"]
@@ -290,10 +292,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
             processes.append(server)
             base = f"http://{args.host}:{args.port}"
-            print(
-                f"\nLedger API on {base}  (docs: {base}/docs, OpenAPI: {base}/openapi.json). Ctrl-C stops everything.\n",
-                file=sys.stderr,
-            )
+            serving = f"Ledger API on {base}  (docs: {base}/docs, OpenAPI: {base}/openapi.json). Ctrl-C stops everything."
+            hint = throwaway_hint({name: url for name, url in started.items() if name not in configured})
+            print("\n" + "\n".join(filter(None, (serving, hint))) + "\n", file=sys.stderr)
             return server.wait()
         except KeyboardInterrupt:
             return 0
@@ -306,6 +307,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                     process.wait(20)
                 except subprocess.TimeoutExpired:
                     process.kill()
+
+
+def throwaway_hint(started: dict[str, str]) -> str:
+    """How another shell's `ledger` commands reach the throwaway servers `ledger run` started
+    (their URLs are new each run); nothing when it started none."""
+    if not started:
+        return ""
+    exports = " ".join(f"{name}={url}" for name, url in started.items())
+    return f"Other `ledger` commands (status, rebuild, import) reach these servers with: export {exports}"
 
 
 def _serving_options(parser: argparse.ArgumentParser) -> None:
