@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quick version of every benchmark, one after the other (what `make bench` calls).
 # Each one starts its own throwaway PostgreSQL and Redis and stops everything it started.
-# Figures are printed, never asserted. About 6 minutes on a 2-core machine. Set BENCH_OUT to choose the
+# Figures are printed, never asserted. About 4 to 6 minutes on a 2-core machine. Set BENCH_OUT to choose the
 # folder for the generated files and the result blocks.
 set -euo pipefail
 
