@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -9,7 +10,8 @@ from typing import Any, TypeVar, cast
 
 from python_calamine import CalamineWorkbook
 
-from infra.xlsx_stream import Block, NotXlsx, Table, first_sheet_blocks, forget_cached_dates
+from infra.xlsx_split import SheetHelper, worth_splitting
+from infra.xlsx_stream import Block, Cut, NotXlsx, Table, UncleanCut, first_sheet_blocks, first_sheet_rows, forget_cached_dates
 from ledger.domain import RowIssue
 from ledger.history import (
     CUSTOMER_COLUMNS,
@@ -28,15 +30,20 @@ from ledger.history import (
 Record = TypeVar("Record", CustomerRecord, LoanRecord)
 Rows = Iterator[Block]
 
+log = logging.getLogger(__name__)
 
-def _rows(path: Path) -> Rows:
+FLUSH_RECORDS = 20_000
+
+
+def _rows(path: Path, start: Cut | None = None, stop: Cut | None = None) -> Rows:
     """The first sheet's rows from row 1, as Python values: streamed for .xlsx (with runs of
     rows as Tables, read a column at a time), read whole by calamine for the other formats it
-    knows (.xls, .xlsb, .ods)."""
+    knows (.xls, .xlsb, .ods). `start` and `stop` read a part of an .xlsx sheet (see
+    `first_sheet_blocks`)."""
     if not path.is_file():
         raise UnreadableFile(f"{path.name}: no such file")
     try:
-        return _converted(path, first_sheet_blocks(str(path)))
+        return _converted(path, first_sheet_blocks(str(path), start=start, stop=stop))
     except NotXlsx:
         pass
     except Exception as error:
@@ -57,6 +64,8 @@ def _converted(path: Path, rows: Rows) -> Rows:
     """The rows, with a cell that cannot be converted reported as an unreadable file."""
     try:
         yield from rows
+    except UncleanCut:
+        raise
     except Exception as error:
         raise UnreadableFile(f"{path.name}: not a readable Excel workbook ({error})") from None
 
@@ -72,13 +81,41 @@ def _read(
     parse: Callable[[str, int, dict[str, object]], Record | RowIssue],
     parse_columns: Callable[[list[int], dict[str, Sequence[object]]], list[Record] | None],
 ) -> tuple[list[Record], list[RowIssue]]:
+    records, issues, _ = _read_part(path, label, columns, parse, parse_columns)
+    return records, issues
+
+
+def _read_part(
+    path: Path,
+    label: str,
+    columns: tuple[str, ...],
+    parse: Callable[[str, int, dict[str, object]], Record | RowIssue],
+    parse_columns: Callable[[list[int], dict[str, Sequence[object]]], list[Record] | None],
+    *,
+    start: Cut | None = None,
+    positions: list[int] | None = None,
+    stop: Cut | None = None,
+    flush: Callable[[list[Record]], object] | None = None,
+) -> tuple[list[Record], list[RowIssue], list[int]]:
+    """The sheet's records and issues, and where its header put the columns. A part of the
+    sheet: from the cut `start` (given the header's `positions`) or up to the cut `stop`.
+    `flush` takes the records every FLUSH_RECORDS or so, instead of returning them."""
     records: list[Record] = []
     issues: list[RowIssue] = []
     pick: Callable[[list[Any]], tuple[Any, ...]] | None = None
-    positions: list[int] = []
     width = 0
     number = 0
-    for block in _rows(path):
+    if positions is not None:
+        pick = operator.itemgetter(*positions)
+        width = max(positions) + 1
+    else:
+        positions = []
+    if start is not None:
+        number = start.row - 1
+    for block in _rows(path, start, stop):
+        if flush is not None and len(records) >= FLUSH_RECORDS:
+            flush(records)
+            records = []
         if type(block) is Table:
             if pick is not None:
                 blank = (None,) * len(block.numbers)
@@ -113,17 +150,82 @@ def _read(
                 records.append(parsed_row)
     if pick is None:
         raise UnreadableFile(f"{path.name}: the first sheet is empty")
+    return records, issues, positions
+
+
+def header_of(path: Path, columns: tuple[str, ...]) -> tuple[int, list[int]]:
+    """The header's row number (the first row that is not blank) and its columns' positions."""
+    for number, row in enumerate(first_sheet_rows(str(path)), start=1):
+        if not _blank(row):
+            return number, list(check_header(path.name, list(row), columns).values())
+    raise UnreadableFile(f"{path.name}: the first sheet is empty")
+
+
+def _read_halves(
+    path: Path,
+    columns: tuple[str, ...],
+    parse: Callable[[str, int, dict[str, object]], Record | RowIssue],
+    parse_columns: Callable[[list[int], dict[str, Sequence[object]]], list[Record] | None],
+    record_type: type[Record],
+    helper: SheetHelper,
+) -> tuple[list[Record], list[RowIssue]]:
+    """The sheet read in two halves, the second by `helper` (see infra.xlsx_split)."""
+    plan = helper.plan()
+    if plan is None:
+        return _read(path, path.name, columns, parse, parse_columns)
+    cut, positions = plan
+    try:
+        records, issues, header = _read_part(path, path.name, columns, parse, parse_columns, stop=cut)
+    except UncleanCut as unclean:
+        log.info("%s: %s; reading it whole", path.name, unclean)
+        return _read(path, path.name, columns, parse, parse_columns)
+    rest = helper.rest(record_type, path.name) if header == positions else None
+    if rest is None:
+        rest = _read_part(path, path.name, columns, parse, parse_columns, start=cut, positions=header)[:2]
+    records.extend(rest[0])
+    issues.extend(rest[1])
     return records, issues
 
 
+def _helper(loans_path: Path) -> SheetHelper | None:
+    if not worth_splitting(loans_path):
+        return None
+    try:
+        return SheetHelper(loans_path, "loans")
+    except OSError as error:  # no process to be had: one reader does it all, as on one core
+        log.warning("%s: no helper process to read half of it (%s); reading it whole", loans_path.name, error)
+        return None
+
+
 def read_history(customers_path: Path, loans_path: Path) -> tuple[list[CustomerRecord], list[LoanRecord], list[RowIssue]]:
-    """Both files, fully read and checked before anything is written; unreadable files raise."""
+    """Both files, fully read and checked before anything is written; unreadable files raise.
+    A big loan file is read in two processes (infra.xlsx_split); the helper starts first, so
+    that it reaches the file's middle while this process reads the customers."""
+    helper = _helper(loans_path)
     try:
         customers, customer_issues = _read(
             customers_path, customers_path.name, CUSTOMER_COLUMNS, parse_customer, parse_customer_columns
         )
-        loans, loan_issues = _read(loans_path, loans_path.name, LOAN_COLUMNS, parse_loan, parse_loan_columns)
+        if helper is None:
+            loans, loan_issues = _read(loans_path, loans_path.name, LOAN_COLUMNS, parse_loan, parse_loan_columns)
+        else:
+            loans, loan_issues = _read_halves(loans_path, LOAN_COLUMNS, parse_loan, parse_loan_columns, LoanRecord, helper)
     finally:
+        if helper is not None:
+            helper.close()
         forget_shared_values()
         forget_cached_dates()
     return customers, loans, customer_issues + loan_issues
+
+
+# What the helper reads, by the name it is given: the columns, the parsers, the record and the
+# fields whose repeated values the parsers share (one object a distinct value).
+KINDS: dict[str, tuple[tuple[str, ...], Callable[..., Any], Callable[..., Any], type[Any], frozenset[str]]] = {
+    "loans": (
+        LOAN_COLUMNS,
+        parse_loan,
+        parse_loan_columns,
+        LoanRecord,
+        frozenset({"customer_id", "amount", "interest_rate", "monthly_payment", "start_date", "end_date"}),
+    ),
+}

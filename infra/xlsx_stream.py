@@ -80,9 +80,29 @@ def first_sheet_rows(path: str) -> Iterator[list[Any]]:
     return _flat(first_sheet_blocks(path))
 
 
-def first_sheet_blocks(path: str) -> Iterator[Block]:
+class Cut(NamedTuple):
+    """A place to split a sheet's XML for two readers: the byte offset where row `row` starts."""
+
+    offset: int
+    row: int
+
+
+class UncleanCut(Exception):
+    """The rows before a cut did not end there as one reader of the whole sheet would have read
+    them (the cut fell outside a row boundary, or the rows go back past it): read the sheet whole."""
+
+
+def first_sheet_blocks(path: str, *, start: Cut | None = None, stop: Cut | None = None) -> Iterator[Block]:
     """The first sheet's rows from row 1 as `first_sheet_rows` gives them, except that runs of
-    rows read a column at a time come as one Table (rows left out before it come as [])."""
+    rows read a column at a time come as one Table (rows left out before it come as []).
+
+    With `start`, the rows from that cut on (the first one yielded is row `start.row`'s); with
+    `stop`, the rows before that cut, raising UncleanCut at the end when a reader of the whole
+    sheet would not have reached the cut's row in the same state (see `find_cut`)."""
+    return _sheet_blocks(_package(path), start, stop)
+
+
+def _package(path: str) -> zipfile.ZipFile:
     try:
         package = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
@@ -90,7 +110,42 @@ def first_sheet_blocks(path: str) -> Iterator[Block]:
     if "xl/workbook.xml" not in package.namelist():
         package.close()
         raise NotXlsx(path)
-    return _sheet_blocks(package)
+    return package
+
+
+def sheet_size(path: str) -> int:
+    """The length in bytes of the first sheet's XML (0 when there is no sheet)."""
+    with _package(path) as package:
+        sheet, _ = _first_sheet(package)
+        return package.getinfo(sheet).file_size if sheet in package.namelist() else 0
+
+
+_CUT_ROW = re.compile(rb'<row r="(\d+)"')
+_SHEET_DATA_END_BYTES = re.compile(rb"</(?:[\w.-]+:)?sheetData>")
+
+
+def find_cut(path: str, fraction: float = 0.5) -> Cut | None:
+    """The first row at or after `fraction` of the first sheet's XML that carries its number
+    (None when there is none before the sheet's data ends). Only the reader before the cut can
+    tell whether the rows before it ended there cleanly (UncleanCut)."""
+    with _package(path) as package:
+        sheet, _ = _first_sheet(package)
+        if sheet is None or sheet not in package.namelist():
+            return None
+        with package.open(sheet) as stream:
+            position = int(package.getinfo(sheet).file_size * fraction)
+            _skip(stream, position)
+            tail = b""
+            while block := stream.read(CHUNK):
+                data = tail + block
+                found, end = _CUT_ROW.search(data), _SHEET_DATA_END_BYTES.search(data)
+                if found and (end is None or found.start() < end.start()):
+                    return Cut(position - len(tail) + found.start(), int(found.group(1)))
+                if end:
+                    return None
+                tail = data[-32:]  # a tag split across two reads is found whole in the next
+                position += len(block)
+    return None
 
 
 def _flat(blocks: Iterator[Block]) -> Iterator[list[Any]]:
@@ -108,17 +163,22 @@ def _flat(blocks: Iterator[Block]) -> Iterator[list[Any]]:
             expected += 1
 
 
-def _sheet_blocks(package: zipfile.ZipFile) -> Iterator[Block]:
+def _sheet_blocks(package: zipfile.ZipFile, start: Cut | None, stop: Cut | None) -> Iterator[Block]:
     with package:
         names = set(package.namelist())
         sheet, date1904 = _first_sheet(package)
         if sheet is None or sheet not in names:
+            if stop is not None:
+                raise UncleanCut("no sheet to cut")
             return
         strings = _shared_strings(package, names)
         dates = _date_styles(package, names)
         epoch = datetime(1904, 1, 1) if date1904 else datetime(1899, 12, 30)
         with package.open(sheet) as stream:
-            yield from _rows(_chunks(stream), strings, dates, epoch)
+            first = start.offset if start else 0
+            _skip(stream, first)
+            chunks = _chunks(stream, None if stop is None else stop.offset - first)
+            yield from _rows(chunks, strings, dates, epoch, start.row if start else 1, stop)
 
 
 def _first_sheet(package: zipfile.ZipFile) -> tuple[str | None, bool]:
@@ -182,9 +242,19 @@ def _is_date_code(code: str) -> bool:
     return bool(_DATE_CODE.search(_NOT_A_DATE_PART.sub("", code)))
 
 
-def _chunks(stream: IO[bytes]) -> Iterator[str]:
+def _skip(stream: IO[bytes], length: int) -> None:
+    """Reads past `length` bytes, a chunk at a time: ZipExtFile.seek reads 16 MB at a time, and
+    the memory it leaves to the process (about 25 MB) would stay for the whole reading."""
+    while length > 0 and (block := stream.read(min(CHUNK, length))):
+        length -= len(block)
+
+
+def _chunks(stream: IO[bytes], length: int | None = None) -> Iterator[str]:
+    """The stream's text, `length` bytes of it when given (which must end between characters)."""
     pending = b""
-    while block := stream.read(CHUNK):
+    while block := stream.read(CHUNK if length is None else min(CHUNK, length)):
+        if length is not None:
+            length -= len(block)
         block = pending + block
         try:
             text = block.decode("utf-8")
@@ -198,14 +268,22 @@ def _chunks(stream: IO[bytes]) -> Iterator[str]:
         yield pending.decode("utf-8")
 
 
-def _rows(chunks: Iterator[str], strings: list[str], dates: DateStyles, epoch: datetime) -> Iterator[Block]:
+def _rows(
+    chunks: Iterator[str],
+    strings: list[str],
+    dates: DateStyles,
+    epoch: datetime,
+    expected: int = 1,  # the next row number, so that rows the file leaves out come out empty
+    stop: Cut | None = None,  # the chunks end at this cut (see `first_sheet_blocks`)
+) -> Iterator[Block]:
     buffer = ""
-    expected = 1  # the next row number, so that rows the file leaves out come out empty
     in_order = True  # every row so far came after the one before it
     done = False
     for chunk in _then_none(chunks):
         if chunk is None:
             end, done = len(buffer), True
+            if stop is not None and (buffer.strip() or not in_order or expected > stop.row):
+                raise UncleanCut(f"the rows before row {stop.row} do not end at its start")
         else:
             buffer += chunk
             end = _last_row_end(buffer)
@@ -233,7 +311,11 @@ def _rows(chunks: Iterator[str], strings: list[str], dates: DateStyles, epoch: d
                 yield cells
                 expected = number + 1
         buffer = buffer[end:]
-        if done or _SHEET_DATA_END.search(buffer):
+        if done:
+            return
+        if _SHEET_DATA_END.search(buffer):
+            if stop is not None:
+                raise UncleanCut(f"the sheet's rows end before row {stop.row}")
             return
 
 

@@ -142,6 +142,11 @@ def _checked_decimal(value: float | int | str, column: str) -> Decimal:
     return number.copy_abs() if number.is_zero() else number
 
 
+def forget_shared_ids() -> None:
+    """Empty the cache that shares repeated IDs and dates (the larger one), keeping the decimals'."""
+    _shared.cache_clear()
+
+
 def forget_shared_values() -> None:
     """Empty the caches that share repeated cell values, once a file is read (they held up to
     tens of MB that an import's writing phase can use)."""

@@ -213,7 +213,7 @@ def test_history_files_read_through_the_stream_give_the_same_records_as_through_
     loans = REPO / "data" / "loan_data.xlsx"
     streamed = read_history(customers, loans)
 
-    def not_xlsx(path: str) -> None:
+    def not_xlsx(path: str, **part: object) -> None:
         raise NotXlsx(path)
 
     monkeypatch.setattr("infra.xlsx.first_sheet_blocks", not_xlsx)
