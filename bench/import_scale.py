@@ -22,6 +22,7 @@ rates measured so far and an extrapolation labelled as such.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 import time
@@ -50,21 +51,36 @@ class RssSampler(threading.Thread):
         self.peak = 0
         self.pss_peak = 0
         self.process_peak = 0
+        self.peak_parts: list[tuple[int, str]] = []  # each process's RSS and role in the peak sample
+        self.peak_at = 0.0  # seconds after the sampling started
         self.samples = 0
         self._halt = threading.Event()
 
     def run(self) -> None:
         tree: list[int] = []
+        started = time.monotonic()
         while not self._halt.is_set():
             if self.samples % round(2 / self.interval) == 0:
                 tree = process_tree(self.pid)
             sizes = [rss_bytes(p) for p in tree]
-            self.peak = max(self.peak, sum(sizes))
+            if sum(sizes) > self.peak:
+                self.peak, self.peak_at = sum(sizes), time.monotonic() - started
+                self.peak_parts = sorted(
+                    ((size, self._role(p)) for p, size in zip(tree, sizes, strict=True) if size), reverse=True
+                )
             self.process_peak = max(self.process_peak, *sizes)
             if self.samples % round(1 / self.interval) == 0:
                 self.pss_peak = max(self.pss_peak, sum(pss_bytes(p) for p in tree))
             self.samples += 1
             self._halt.wait(self.interval)
+
+    def _role(self, pid: int) -> str:
+        if pid == self.pid:
+            return "Celery parent"
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            if b"infra.xlsx_split" in cmdline.read():
+                return "reading helper"
+        return "pool child"
 
     def stop(self) -> None:
         self._halt.set()
@@ -251,6 +267,8 @@ def main() -> int:
                 ),
             ]
         rows.append(("worker peak RSS (process tree)", f"{sampler.peak / MB:,.0f} MB ({sampler.samples} samples, every 0.2 s)"))
+        parts = " + ".join(f"{size / MB:,.0f} ({role})" for size, role in sampler.peak_parts)
+        rows.append(("the peak's processes (RSS, MB)", f"{parts}, {sampler.peak_at:,.0f} s into the import"))
         rows.append(("worker peak PSS (process tree)", f"{sampler.pss_peak / MB:,.0f} MB (shared pages counted once)"))
         rows.append(("largest worker process, peak RSS", f"{sampler.process_peak / MB:,.0f} MB (the pool child importing)"))
         if args.rebuild and finished:
