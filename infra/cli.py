@@ -175,6 +175,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                     settings.import_batch_size,
                     lambda d, t: bar(d, t, "import"),
                     settle=lambda: projector.catch_up(wait=True),
+                    split_size=settings.import_split_size,
                 )
             print(file=sys.stderr)
             if result["state"] != "completed":

@@ -27,6 +27,7 @@ class Settings:
     ready_max_lag: int
     db_pool_size: int
     query_cache_size: int = 20_000  # customers whose answers each API process keeps; 0 keeps none
+    import_split_size: int = 32 << 20  # sheet XML bytes from which a helper process reads half (infra.xlsx_split)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -44,6 +45,7 @@ class Settings:
             ready_max_lag=int(env.get("READY_MAX_LAG", "1000")),
             db_pool_size=int(env.get("DB_POOL_SIZE", "10")),
             query_cache_size=int(env.get("QUERY_CACHE_SIZE", "20000")),
+            import_split_size=int(env.get("IMPORT_SPLIT_SIZE", str(32 << 20))),
         )
 
     def clock(self) -> Clock:

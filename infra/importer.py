@@ -27,15 +27,17 @@ def run_import(
     on_batch: Callable[[int, int], None] | None = None,
     *,
     settle: Callable[[], object] | None = None,
+    split_size: int | None = None,
 ) -> dict[str, Any]:
     """`settle` brings the read model up to date before the import checks its loan IDs against it
-    (an earlier import's last loans may still be on their way there)."""
+    (an earlier import's last loans may still be on their way there). A loan sheet of `split_size`
+    bytes of XML or more is read in two processes (`infra.xlsx_split`; None: its default)."""
     job = app.get_import_job(job_id)
     if job.finished:  # delivered again after it finished: nothing to do
         return {"state": job.state}
     with _no_full_collections():
         try:
-            customers, loans, issues = read_history(customers_path, loans_path)
+            customers, loans, issues = read_history(customers_path, loans_path, split_size=split_size)
         except UnreadableFile as unreadable:
             app.fail_import(job_id, str(unreadable))
             return {"state": "failed", "error": str(unreadable)}

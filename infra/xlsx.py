@@ -174,6 +174,7 @@ def _read_halves(
     if plan is None:
         return _read(path, path.name, columns, parse, parse_columns)
     cut, positions = plan
+    log.info("%s: a helper process reads the rows from row %d on", path.name, cut.row)
     try:
         records, issues, header = _read_part(path, path.name, columns, parse, parse_columns, stop=cut)
     except UncleanCut as unclean:
@@ -187,8 +188,8 @@ def _read_halves(
     return records, issues
 
 
-def _helper(loans_path: Path) -> SheetHelper | None:
-    if not worth_splitting(loans_path):
+def _helper(loans_path: Path, split_size: int | None) -> SheetHelper | None:
+    if not worth_splitting(loans_path, split_size):
         return None
     try:
         return SheetHelper(loans_path, "loans")
@@ -197,11 +198,14 @@ def _helper(loans_path: Path) -> SheetHelper | None:
         return None
 
 
-def read_history(customers_path: Path, loans_path: Path) -> tuple[list[CustomerRecord], list[LoanRecord], list[RowIssue]]:
+def read_history(
+    customers_path: Path, loans_path: Path, *, split_size: int | None = None
+) -> tuple[list[CustomerRecord], list[LoanRecord], list[RowIssue]]:
     """Both files, fully read and checked before anything is written; unreadable files raise.
-    A big loan file is read in two processes (infra.xlsx_split); the helper starts first, so
-    that it reaches the file's middle while this process reads the customers."""
-    helper = _helper(loans_path)
+    A loan sheet of `split_size` bytes of XML or more (None: infra.xlsx_split's SPLIT_SIZE) is
+    read in two processes; the helper starts first, so that it reaches the sheet's middle while
+    this process reads the customers."""
+    helper = _helper(loans_path, split_size)
     try:
         customers, customer_issues = _read(
             customers_path, customers_path.name, CUSTOMER_COLUMNS, parse_customer, parse_customer_columns

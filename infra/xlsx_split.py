@@ -57,12 +57,13 @@ _LENGTH = 8
 Record = TypeVar("Record", bound=msgspec.Struct)
 
 
-def worth_splitting(path: Path) -> bool:
-    """Whether a helper would shorten the reading: a big .xlsx sheet and a second core for it."""
+def worth_splitting(path: Path, split_size: int | None = None) -> bool:
+    """Whether a helper would shorten the reading: an .xlsx sheet of `split_size` bytes of XML
+    or more (None: SPLIT_SIZE) and a second core for it."""
     if len(os.sched_getaffinity(0)) < 2:
         return False
     try:
-        return sheet_size(str(path)) >= SPLIT_SIZE
+        return sheet_size(str(path)) >= (SPLIT_SIZE if split_size is None else split_size)
     except Exception:  # not an .xlsx package, or a damaged one: the reader says what is wrong
         return False
 

@@ -93,6 +93,7 @@ def import_history(self: Task, job_id: str, customers_path: str, loans_path: str
                 settings.import_batch_size,
                 batch_done,
                 settle=lambda: projector().catch_up(wait=True),
+                split_size=settings.import_split_size,
             )
         except (psycopg.OperationalError, persistence.OperationalError, persistence.InterfaceError):
             raise  # the database is away: the job stays running and resumes later
