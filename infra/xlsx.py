@@ -169,7 +169,8 @@ def _read_halves(
     record_type: type[Record],
     helper: SheetHelper,
 ) -> tuple[list[Record], list[RowIssue]]:
-    """The sheet read in two halves, the second by `helper` (see infra.xlsx_split)."""
+    """The sheet read in two halves, the second by `helper` (see infra.xlsx_split); read whole
+    by this process wherever the halves would not add up to exactly what one reader gives."""
     plan = helper.plan()
     if plan is None:
         return _read(path, path.name, columns, parse, parse_columns)
@@ -177,12 +178,20 @@ def _read_halves(
     log.info("%s: a helper process reads the rows from row %d on", path.name, cut.row)
     try:
         records, issues, header = _read_part(path, path.name, columns, parse, parse_columns, stop=cut)
+        rest = helper.rest(record_type, path.name) if header == positions else None
+        if rest is None or not helper.same_file():
+            helper.close()
+            if not helper.same_file():
+                log.warning("%s changed while it was read: reading it whole", path.name)
+                return _read(path, path.name, columns, parse, parse_columns)
+            try:
+                rest = _read_part(path, path.name, columns, parse, parse_columns, start=cut, positions=header)[:2]
+            except UnreadableFile:  # said as one reader says it (a decoding error counts from where a read starts)
+                return _read(path, path.name, columns, parse, parse_columns)
     except UncleanCut as unclean:
+        helper.close()
         log.info("%s: %s; reading it whole", path.name, unclean)
         return _read(path, path.name, columns, parse, parse_columns)
-    rest = helper.rest(record_type, path.name) if header == positions else None
-    if rest is None:
-        rest = _read_part(path, path.name, columns, parse, parse_columns, start=cut, positions=header)[:2]
     records.extend(rest[0])
     issues.extend(rest[1])
     return records, issues

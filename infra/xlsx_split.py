@@ -14,7 +14,8 @@ fails in any way (it dies, it finds the rows unreadable), the caller reads the r
 itself. So the records, issues and errors are exactly those of one reader of the whole sheet.
 
 The helper writes frames, each an 8-byte length and then msgpack. On its stdout:
-1. the plan: [the cut's offset, the cut's row, the header's column positions], or nil (no split);
+1. the plan: [the cut's offset, the cut's row, the header's column positions, the file's identity
+   (device, inode, size, mtime) as the helper found it], or nil (no split);
 2. when it has read its rows: {"records": how many it wrote, "issues": [[row, reason], ...]},
    or {"error": text} when it could not read them.
 The records go to a temporary file the caller opened, 20,000 or so a frame (one msgpack a
@@ -60,7 +61,8 @@ Record = TypeVar("Record", bound=msgspec.Struct)
 def worth_splitting(path: Path, split_size: int | None = None) -> bool:
     """Whether a helper would shorten the reading: an .xlsx sheet of `split_size` bytes of XML
     or more (None: SPLIT_SIZE) and a second core for it."""
-    if len(os.sched_getaffinity(0)) < 2:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cores < 2:
         return False
     try:
         return sheet_size(str(path)) >= (SPLIT_SIZE if split_size is None else split_size)
@@ -72,6 +74,8 @@ class SheetHelper:
     """A helper process reading the rows after the middle of a sheet (see the module's text)."""
 
     def __init__(self, path: Path, kind: str) -> None:
+        self._path = path
+        self._identity = _identity(path)  # the file as it was when the helper started
         self._records = tempfile.TemporaryFile()  # noqa: SIM115 (closed by `close`): the records the helper read
         try:
             self._process = subprocess.Popen(
@@ -88,10 +92,15 @@ class SheetHelper:
         """Where the helper cut the sheet and the header's column positions it found, or None
         when it did not cut (the caller then reads the whole sheet)."""
         plan = _frame(self._stdout)
-        if not isinstance(plan, list) or len(plan) != 3:
-            return None
-        offset, row, positions = plan
+        if not isinstance(plan, list) or len(plan) != 4 or plan[3] != self._identity:
+            return None  # no cut, or the helper found another file at the path
+        offset, row, positions, _ = plan
         return Cut(offset, row), positions
+
+    def same_file(self) -> bool:
+        """Whether the path still names the file it named when the helper started (both
+        processes open it several times: a file replaced meanwhile could mix two files' rows)."""
+        return _identity(self._path) == self._identity
 
     def rest(self, record_type: type[Record], label: str) -> tuple[list[Record], list[RowIssue]] | None:
         """The records and issues of the rows after the cut, or None when the helper failed."""
@@ -123,6 +132,15 @@ class SheetHelper:
     def _stdout(self) -> IO[bytes]:
         assert self._process.stdout is not None
         return self._process.stdout
+
+
+def _identity(path: Path) -> list[int]:
+    """Which file `path` names, and its size and time of last change."""
+    try:
+        found = path.stat()
+    except OSError:
+        return []
+    return [found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns]
 
 
 def _frame(stream: IO[bytes]) -> Any:
@@ -209,6 +227,7 @@ def main(argv: list[str]) -> int:
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, 1_000_000_000)  # as the importer: no full walks of the rows held
     header_row, positions = 0, list[int]()
+    identity = _identity(path)
     try:
         header_row, positions = xlsx.header_of(path, columns)
         cut = find_cut(str(path), HELPER_STARTS_AT)
@@ -217,7 +236,7 @@ def main(argv: list[str]) -> int:
     if cut is None or cut.row <= header_row:
         _send(stdout, None)
         return 0
-    _send(stdout, [cut.offset, cut.row, positions])
+    _send(stdout, [cut.offset, cut.row, positions, identity])
     sent = 0
 
     def flush(records: list[Any]) -> None:

@@ -89,16 +89,18 @@ class Cut(NamedTuple):
 
 class UncleanCut(Exception):
     """The rows before a cut did not end there as one reader of the whole sheet would have read
-    them (the cut fell outside a row boundary, or the rows go back past it): read the sheet whole."""
+    them (the cut fell outside a row boundary, or the rows go back past it), or the row at the cut
+    is numbered otherwise than its attribute says: read the sheet whole."""
 
 
 def first_sheet_blocks(path: str, *, start: Cut | None = None, stop: Cut | None = None) -> Iterator[Block]:
     """The first sheet's rows from row 1 as `first_sheet_rows` gives them, except that runs of
     rows read a column at a time come as one Table (rows left out before it come as []).
 
-    With `start`, the rows from that cut on (the first one yielded is row `start.row`'s); with
-    `stop`, the rows before that cut, raising UncleanCut at the end when a reader of the whole
-    sheet would not have reached the cut's row in the same state (see `find_cut`)."""
+    With `start`, the rows from that cut on (the first one yielded is row `start.row`'s, or
+    UncleanCut is raised); with `stop`, the rows before that cut, raising UncleanCut at the end
+    when a reader of the whole sheet would not have reached the cut's row in the same state (see
+    `find_cut`)."""
     return _sheet_blocks(_package(path), start, stop)
 
 
@@ -178,7 +180,7 @@ def _sheet_blocks(package: zipfile.ZipFile, start: Cut | None, stop: Cut | None)
             first = start.offset if start else 0
             _skip(stream, first)
             chunks = _chunks(stream, None if stop is None else stop.offset - first)
-            yield from _rows(chunks, strings, dates, epoch, start.row if start else 1, stop)
+            yield from _rows(chunks, strings, dates, epoch, start.row if start else 1, stop, start)
 
 
 def _first_sheet(package: zipfile.ZipFile) -> tuple[str | None, bool]:
@@ -275,7 +277,9 @@ def _rows(
     epoch: datetime,
     expected: int = 1,  # the next row number, so that rows the file leaves out come out empty
     stop: Cut | None = None,  # the chunks end at this cut (see `first_sheet_blocks`)
+    start: Cut | None = None,  # the chunks start at this cut: the first row read must be its row
 ) -> Iterator[Block]:
+    cut_row = None if start is None else start.row  # checked against the first row read, then None
     buffer = ""
     in_order = True  # every row so far came after the one before it
     done = False
@@ -297,6 +301,9 @@ def _rows(
         # A Table's rows carry the file's numbers; the rows before it must have too (none went
         # back or repeated a number), so that a row's number is its position either way.
         if table is not None and in_order and table.numbers[0] >= expected:
+            if cut_row is not None:
+                _check_cut(cut_row, table.numbers[0])
+                cut_row = None
             yield from _left_out(expected, table.numbers[0])
             yield table
             expected = table.numbers[-1] + 1
@@ -305,6 +312,9 @@ def _rows(
             if parsed is None:
                 parsed = _parse(text, expected - 1, strings, dates, epoch)
             for number, cells in parsed:
+                if cut_row is not None:
+                    _check_cut(cut_row, number)
+                    cut_row = None
                 in_order = in_order and number >= expected
                 if expected < number:  # most rows follow the one before: no generator for them
                     yield from _left_out(expected, number)
@@ -317,6 +327,13 @@ def _rows(
             if stop is not None:
                 raise UncleanCut(f"the sheet's rows end before row {stop.row}")
             return
+
+
+def _check_cut(cut_row: int, number: int) -> None:
+    """The cut's row number comes from its `r` attribute; the readers number rows by their cells'
+    references where they can. A file where the two disagree is read whole."""
+    if number != cut_row:
+        raise UncleanCut(f"the row at the cut says it is row {cut_row}, its cells say row {number}")
 
 
 def _left_out(expected: int, number: int) -> Iterator[list[Any]]:

@@ -4,6 +4,7 @@ numbers, the same error for a damaged file, and no helper process left behind.""
 
 from __future__ import annotations
 
+import os
 import re
 import zipfile
 from datetime import date
@@ -111,15 +112,80 @@ def test_a_sheet_read_in_two_processes_gives_what_one_reader_gives(tmp_path: Pat
     assert len(issues) >= 3 and min(issue_rows) < cut.row < max(issue_rows)  # issues on both sides of the cut
 
 
-def test_rows_left_out_at_the_cut_keep_their_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, probe = _files(tmp_path)
-    middle = find_cut(str(probe), HELPER_STARTS_AT)
-    assert middle is not None
-    customers, loans = _files(tmp_path, skip=range(middle.row - 30, middle.row + 30))
+def test_rows_left_out_right_before_the_cut_keep_their_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, loans = _files(tmp_path)
+    cut = find_cut(str(loans), HELPER_STARTS_AT)
+    for _ in range(5):  # leaving rows out moves the cut: leave out the 30 rows before it until they stay there
+        assert cut is not None
+        left_out = range(cut.row - 30, cut.row)
+        customers, loans = _files(tmp_path, skip=left_out)
+        cut = find_cut(str(loans), HELPER_STARTS_AT)
+        if cut is not None and cut.row - 1 in left_out:
+            break
+    assert cut is not None and cut.row - 1 in left_out
     expected = _one_reader(customers, loans, monkeypatch)
     watched = _Watched(monkeypatch)
     assert _exactly(read_history(customers, loans)) == expected
-    assert watched.halves[0] is not None
+    assert watched.halves[0] is not None and watched.halves[0][0][0].row == cut.row
+
+
+def _rewritten(source: Path, target: Path, change: Any) -> Path:
+    """`source` with its sheet's XML (bytes) passed through `change`."""
+    with zipfile.ZipFile(source) as package, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out:
+        for item in package.infolist():
+            data = package.read(item.filename)
+            out.writestr(item, change(data) if item.filename == SHEET else data)
+    return target
+
+
+def test_rows_whose_number_and_cells_disagree_are_read_by_one_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    customers, loans = _files(tmp_path)
+    # A writer's off-by-one: every row says it is the row after the one its cells are in.
+    shifted = _rewritten(
+        loans, tmp_path / "shifted.xlsx", lambda xml: re.sub(rb'<row r="(\d+)"', lambda m: b'<row r="%d"' % (int(m[1]) + 1), xml)
+    )
+    expected = _one_reader(customers, shifted, monkeypatch)
+    watched = _Watched(monkeypatch)
+    assert _exactly(read_history(customers, shifted)) == expected
+    assert watched.plans[0] is not None and watched.halves in ([], [None]) and watched.all_gone()
+
+
+def test_an_undecodable_byte_after_the_cut_gives_the_error_one_reader_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    customers, loans = _files(tmp_path)
+    row = int(ROWS * 0.9)
+    broken = _rewritten(
+        loans, tmp_path / "broken.xlsx", lambda xml: re.sub(rf'(<c r="A{row}"[^>]*><v>)'.encode(), lambda m: m[1] + b"\xff", xml)
+    )
+    with monkeypatch.context() as patch, pytest.raises(UnreadableFile) as one:
+        patch.setattr(xlsx_split, "SPLIT_SIZE", 1 << 62)
+        read_history(customers, broken)
+    watched = _Watched(monkeypatch)
+    with pytest.raises(UnreadableFile) as two:
+        read_history(customers, broken)
+    assert str(two.value) == str(one.value) and "can't decode byte 0xff in position" in str(one.value)
+    assert watched.halves == [None] and watched.all_gone()
+
+
+def test_a_file_replaced_while_it_is_read_is_read_again_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    customers, loans = _files(tmp_path)
+    watched = _Watched(monkeypatch)
+    real_rest = SheetHelper.rest  # the watcher's
+    other = _rewritten(loans, tmp_path / "other.xlsx", lambda xml: xml.replace(b'<row r="2"', b'<row r="2" ht="20"', 1))
+
+    def replaced_meanwhile(helper: SheetHelper, *args: Any) -> Any:
+        half = real_rest(helper, *args)
+        os.replace(other, loans)  # another file now has the name (and another size)
+        return half
+
+    monkeypatch.setattr(SheetHelper, "rest", replaced_meanwhile)
+    read = read_history(customers, loans)
+    assert watched.halves[0] is not None and "loan_data.xlsx changed while it was read: reading it whole" in caplog.text
+    assert _exactly(read) == _one_reader(customers, loans, monkeypatch)  # the file as it is now, read whole
+    assert watched.all_gone()
 
 
 def test_the_parts_before_and_after_a_cut_are_the_whole_sheet(tmp_path: Path) -> None:
