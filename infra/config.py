@@ -9,6 +9,7 @@ from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict
 
+from infra.xlsx_split import SPLIT_SIZE
 from ledger.ports import Clock, FixedClock, SystemClock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +28,7 @@ class Settings:
     ready_max_lag: int
     db_pool_size: int
     query_cache_size: int = 20_000  # customers whose answers each API process keeps; 0 keeps none
-    import_split_size: int = 32 << 20  # sheet XML bytes from which a helper process reads half (infra.xlsx_split)
+    import_split_size: int = SPLIT_SIZE  # sheet XML bytes from which a helper process reads half
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -45,7 +46,7 @@ class Settings:
             ready_max_lag=int(env.get("READY_MAX_LAG", "1000")),
             db_pool_size=int(env.get("DB_POOL_SIZE", "10")),
             query_cache_size=int(env.get("QUERY_CACHE_SIZE", "20000")),
-            import_split_size=int(env.get("IMPORT_SPLIT_SIZE", str(32 << 20))),
+            import_split_size=int(env.get("IMPORT_SPLIT_SIZE", str(SPLIT_SIZE))),
         )
 
     def clock(self) -> Clock:

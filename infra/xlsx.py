@@ -161,37 +161,47 @@ def header_of(path: Path, columns: tuple[str, ...]) -> tuple[int, list[int]]:
     raise UnreadableFile(f"{path.name}: the first sheet is empty")
 
 
-def _read_halves(
-    path: Path,
-    columns: tuple[str, ...],
-    parse: Callable[[str, int, dict[str, object]], Record | RowIssue],
-    parse_columns: Callable[[list[int], dict[str, Sequence[object]]], list[Record] | None],
-    record_type: type[Record],
-    helper: SheetHelper,
-) -> tuple[list[Record], list[RowIssue]]:
+# What the helper reads, by the name it is given: the columns, the parsers, the record and the
+# fields whose repeated values the parsers share (one object a distinct value).
+KINDS: dict[str, tuple[tuple[str, ...], Callable[..., Any], Callable[..., Any], type[Any], frozenset[str]]] = {
+    "loans": (
+        LOAN_COLUMNS,
+        parse_loan,
+        parse_loan_columns,
+        LoanRecord,
+        frozenset({"customer_id", "amount", "interest_rate", "monthly_payment", "start_date", "end_date"}),
+    ),
+}
+
+
+def _read_halves(path: Path, kind: str, helper: SheetHelper) -> tuple[list[Any], list[RowIssue]]:
     """The sheet read in two halves, the second by `helper` (see infra.xlsx_split); read whole
     by this process wherever the halves would not add up to exactly what one reader gives."""
+    columns, parse, parse_columns, record_type, _ = KINDS[kind]
+
+    def whole() -> tuple[list[Any], list[RowIssue]]:
+        helper.close()
+        return _read(path, path.name, columns, parse, parse_columns)
+
     plan = helper.plan()
     if plan is None:
-        return _read(path, path.name, columns, parse, parse_columns)
+        return whole()
     cut, positions = plan
     log.info("%s: a helper process reads the rows from row %d on", path.name, cut.row)
     try:
         records, issues, header = _read_part(path, path.name, columns, parse, parse_columns, stop=cut)
         rest = helper.rest(record_type, path.name) if header == positions else None
-        if rest is None or not helper.same_file():
+        if not helper.same_file():
+            log.warning("%s changed while it was read: reading it whole", path.name)
+            return whole()
+        if rest is None:
             helper.close()
-            if not helper.same_file():
-                log.warning("%s changed while it was read: reading it whole", path.name)
-                return _read(path, path.name, columns, parse, parse_columns)
-            try:
-                rest = _read_part(path, path.name, columns, parse, parse_columns, start=cut, positions=header)[:2]
-            except UnreadableFile:  # said as one reader says it (a decoding error counts from where a read starts)
-                return _read(path, path.name, columns, parse, parse_columns)
+            rest = _read_part(path, path.name, columns, parse, parse_columns, start=cut, positions=header)[:2]
     except UncleanCut as unclean:
-        helper.close()
         log.info("%s: %s; reading it whole", path.name, unclean)
-        return _read(path, path.name, columns, parse, parse_columns)
+        return whole()
+    except UnreadableFile:  # said as one reader says it (a decoding error counts from where a read starts)
+        return whole()
     records.extend(rest[0])
     issues.extend(rest[1])
     return records, issues
@@ -222,23 +232,10 @@ def read_history(
         if helper is None:
             loans, loan_issues = _read(loans_path, loans_path.name, LOAN_COLUMNS, parse_loan, parse_loan_columns)
         else:
-            loans, loan_issues = _read_halves(loans_path, LOAN_COLUMNS, parse_loan, parse_loan_columns, LoanRecord, helper)
+            loans, loan_issues = _read_halves(loans_path, "loans", helper)
     finally:
         if helper is not None:
             helper.close()
         forget_shared_values()
         forget_cached_dates()
     return customers, loans, customer_issues + loan_issues
-
-
-# What the helper reads, by the name it is given: the columns, the parsers, the record and the
-# fields whose repeated values the parsers share (one object a distinct value).
-KINDS: dict[str, tuple[tuple[str, ...], Callable[..., Any], Callable[..., Any], type[Any], frozenset[str]]] = {
-    "loans": (
-        LOAN_COLUMNS,
-        parse_loan,
-        parse_loan_columns,
-        LoanRecord,
-        frozenset({"customer_id", "amount", "interest_rate", "monthly_payment", "start_date", "end_date"}),
-    ),
-}

@@ -148,9 +148,10 @@ def _frame(stream: IO[bytes]) -> Any:
     length = stream.read(_LENGTH)
     if len(length) < _LENGTH:
         return None
-    data = stream.read(int.from_bytes(length, "big"))
+    size = int.from_bytes(length, "big")
+    data = stream.read(size)
     try:
-        return msgspec.msgpack.decode(data) if len(data) == int.from_bytes(length, "big") else None
+        return msgspec.msgpack.decode(data) if len(data) == size else None
     except msgspec.DecodeError:
         return None
 
@@ -194,9 +195,10 @@ def _encoded(records: Sequence[msgspec.Struct], record_type: type[msgspec.Struct
 
 
 def _decoded(record_type: type[Record], columns: list[bytes], known: list[dict[Any, Any]]) -> list[Record]:
-    """The records of one frame; `known` holds each shared field's values made so far, so that a
+    """The records of one frame. `known` holds each shared field's values made so far, so that a
     value repeated across the half is one object (a plain dict: `ledger.history`'s bounded cache
-    costs about 1 µs a value here)."""
+    costs about 1 µs a value here; the one-pass forms below, in C, about 0.4 s less a million-loan
+    half than checking each distinct value in Python)."""
     made: list[list[Any]] = []
     for field, encoded, values in zip(_fields(record_type), columns, known, strict=True):
         sent, indexes = msgspec.msgpack.decode(encoded)
@@ -204,11 +206,11 @@ def _decoded(record_type: type[Record], columns: list[bytes], known: list[dict[A
         if indexes is None:
             made.append(sent if convert is None else list(map(convert, sent)))
             continue
-        if convert is Decimal:  # made from their text: 1.0 and 1.00 are equal, and stay as written
+        if convert is Decimal:  # keyed by their text: 1.0 and 1.00 are equal, and stay as written
             missing = [text for text in sent if text not in values]
             values.update(zip(missing, map(Decimal, missing), strict=True))
             sent = list(map(values.__getitem__, sent))
-        else:
+        else:  # IDs and dates: made (in C) and shared by value, which is exact for them
             if convert is not None:
                 sent = list(map(convert, sent))
             sent = list(map(values.setdefault, sent, sent))

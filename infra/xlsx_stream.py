@@ -180,7 +180,7 @@ def _sheet_blocks(package: zipfile.ZipFile, start: Cut | None, stop: Cut | None)
             first = start.offset if start else 0
             _skip(stream, first)
             chunks = _chunks(stream, None if stop is None else stop.offset - first)
-            yield from _rows(chunks, strings, dates, epoch, start.row if start else 1, stop, start)
+            yield from _rows(chunks, strings, dates, epoch, start, stop)
 
 
 def _first_sheet(package: zipfile.ZipFile) -> tuple[str | None, bool]:
@@ -275,10 +275,10 @@ def _rows(
     strings: list[str],
     dates: DateStyles,
     epoch: datetime,
-    expected: int = 1,  # the next row number, so that rows the file leaves out come out empty
-    stop: Cut | None = None,  # the chunks end at this cut (see `first_sheet_blocks`)
     start: Cut | None = None,  # the chunks start at this cut: the first row read must be its row
+    stop: Cut | None = None,  # the chunks end at this cut (see `first_sheet_blocks`)
 ) -> Iterator[Block]:
+    expected = 1 if start is None else start.row  # the next row number: rows left out come out empty
     cut_row = None if start is None else start.row  # checked against the first row read, then None
     buffer = ""
     in_order = True  # every row so far came after the one before it

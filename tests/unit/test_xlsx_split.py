@@ -67,6 +67,15 @@ def _one_reader(customers: Path, loans: Path, monkeypatch: pytest.MonkeyPatch) -
         return _exactly(read_history(customers, loans))
 
 
+def _rewritten(source: Path, target: Path, change: Any) -> Path:
+    """`source` with its sheet's XML (bytes) passed through `change`."""
+    with zipfile.ZipFile(source) as package, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out:
+        for item in package.infolist():
+            data = package.read(item.filename)
+            out.writestr(item, change(data) if item.filename == SHEET else data)
+    return target
+
+
 class _Watched:
     """Records what the helpers did: their processes, their plans, whether their halves came back."""
 
@@ -95,6 +104,23 @@ class _Watched:
 
     def all_gone(self) -> bool:
         return all(helper._process.returncode is not None for helper in self.helpers)
+
+
+def _damaged(loans: Path, target: Path, row: int) -> Path:
+    """`loans` with row `row`'s first cell pointing at a shared string the file does not have."""
+    cell = f'<c r="A{row}" t="s"><v>99999</v></c>'.encode()
+    return _rewritten(loans, target, lambda xml: re.sub(rf'<c r="A{row}"[^>]*>.*?</c>'.encode(), cell, xml))
+
+
+def _both_errors(customers: Path, loans: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str, _Watched]:
+    """The error one reader raises for the files, the error with the helper, and what the helper did."""
+    with monkeypatch.context() as patch, pytest.raises(UnreadableFile) as one:
+        patch.setattr(xlsx_split, "SPLIT_SIZE", 1 << 62)
+        read_history(customers, loans)
+    watched = _Watched(monkeypatch)
+    with pytest.raises(UnreadableFile) as two:
+        read_history(customers, loans)
+    return str(one.value), str(two.value), watched
 
 
 def test_a_sheet_read_in_two_processes_gives_what_one_reader_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,15 +155,6 @@ def test_rows_left_out_right_before_the_cut_keep_their_numbers(tmp_path: Path, m
     assert watched.halves[0] is not None and watched.halves[0][0][0].row == cut.row
 
 
-def _rewritten(source: Path, target: Path, change: Any) -> Path:
-    """`source` with its sheet's XML (bytes) passed through `change`."""
-    with zipfile.ZipFile(source) as package, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out:
-        for item in package.infolist():
-            data = package.read(item.filename)
-            out.writestr(item, change(data) if item.filename == SHEET else data)
-    return target
-
-
 def test_rows_whose_number_and_cells_disagree_are_read_by_one_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     customers, loans = _files(tmp_path)
     # A writer's off-by-one: every row says it is the row after the one its cells are in.
@@ -158,13 +175,8 @@ def test_an_undecodable_byte_after_the_cut_gives_the_error_one_reader_gives(
     broken = _rewritten(
         loans, tmp_path / "broken.xlsx", lambda xml: re.sub(rf'(<c r="A{row}"[^>]*><v>)'.encode(), lambda m: m[1] + b"\xff", xml)
     )
-    with monkeypatch.context() as patch, pytest.raises(UnreadableFile) as one:
-        patch.setattr(xlsx_split, "SPLIT_SIZE", 1 << 62)
-        read_history(customers, broken)
-    watched = _Watched(monkeypatch)
-    with pytest.raises(UnreadableFile) as two:
-        read_history(customers, broken)
-    assert str(two.value) == str(one.value) and "can't decode byte 0xff in position" in str(one.value)
+    one, two, watched = _both_errors(customers, broken, monkeypatch)
+    assert two == one and "can't decode byte 0xff in position" in one
     assert watched.halves == [None] and watched.all_gone()
 
 
@@ -214,16 +226,14 @@ def test_rows_that_go_back_across_the_cut_are_read_by_one_reader(tmp_path: Path,
     cut = find_cut(str(loans), HELPER_STARTS_AT)
     assert cut is not None
     before, later = cut.row - 1, cut.row + 3  # the row before the cut trades numbers with a later one
-    swapped = tmp_path / "swapped.xlsx"
-    with zipfile.ZipFile(loans) as source, zipfile.ZipFile(swapped, "w", zipfile.ZIP_DEFLATED) as target:
-        for item in source.infolist():
-            data = source.read(item.filename)
-            if item.filename == SHEET:
-                text = data.decode()
-                for old, new in ((before, "#"), (later, before), ("#", later)):
-                    text = re.sub(rf'(<row r="|<c r="[A-Z]+){old}"', rf'\g<1>{new}"', text)
-                data = text.encode()
-            target.writestr(item, data)
+
+    def swap(xml: bytes) -> bytes:
+        text = xml.decode()
+        for old, new in ((before, "#"), (later, before), ("#", later)):
+            text = re.sub(rf'(<row r="|<c r="[A-Z]+){old}"', rf'\g<1>{new}"', text)
+        return text.encode()
+
+    swapped = _rewritten(loans, tmp_path / "swapped.xlsx", swap)
     with pytest.raises(UncleanCut):
         list(first_sheet_blocks(str(swapped), stop=find_cut(str(swapped), HELPER_STARTS_AT)))
     expected = _one_reader(customers, swapped, monkeypatch)
@@ -268,28 +278,11 @@ def test_records_lost_on_the_way_leave_the_half_to_the_caller(tmp_path: Path, mo
     assert watched.halves == [None]
 
 
-def _damaged(loans: Path, target: Path, row: int) -> Path:
-    """`loans` with row `row`'s first cell pointing at a shared string the file does not have."""
-    with zipfile.ZipFile(loans) as source, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out:
-        for item in source.infolist():
-            data = source.read(item.filename)
-            if item.filename == SHEET:
-                data = re.sub(rf'<c r="A{row}"[^>]*>.*?</c>'.encode(), f'<c r="A{row}" t="s"><v>99999</v></c>'.encode(), data)
-            out.writestr(item, data)
-    return target
-
-
 @pytest.mark.parametrize("where", [0.25, 0.9])
 def test_a_damaged_sheet_gives_the_error_one_reader_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: float) -> None:
     customers, loans = _files(tmp_path)
-    damaged = _damaged(loans, tmp_path / "damaged.xlsx", int(ROWS * where))
-    with monkeypatch.context() as patch, pytest.raises(UnreadableFile) as one:
-        patch.setattr(xlsx_split, "SPLIT_SIZE", 1 << 62)
-        read_history(customers, damaged)
-    watched = _Watched(monkeypatch)
-    with pytest.raises(UnreadableFile) as two:
-        read_history(customers, damaged)
-    assert str(two.value) == str(one.value) and "not a readable Excel workbook" in str(one.value)
+    one, two, watched = _both_errors(customers, _damaged(loans, tmp_path / "damaged.xlsx", int(ROWS * where)), monkeypatch)
+    assert two == one and "not a readable Excel workbook" in one
     assert len(watched.helpers) == 1 and watched.all_gone()
     if where > HELPER_STARTS_AT:
         assert watched.halves == [None]  # the helper said it could not read its half; the caller found why
@@ -321,13 +314,7 @@ def test_a_small_sheet_or_a_single_core_is_read_by_one_process(tmp_path: Path, m
 
 def test_the_helper_says_no_cut_when_no_row_carries_its_number(tmp_path: Path) -> None:
     _, loans = _files(tmp_path, rows=300)
-    bare = tmp_path / "bare.xlsx"
-    with zipfile.ZipFile(loans) as source, zipfile.ZipFile(bare, "w", zipfile.ZIP_DEFLATED) as out:
-        for item in source.infolist():
-            data = source.read(item.filename)
-            if item.filename == SHEET:
-                data = re.sub(rb'<row r="\d+"', b"<row", data)
-            out.writestr(item, data)
+    bare = _rewritten(loans, tmp_path / "bare.xlsx", lambda xml: re.sub(rb'<row r="\d+"', b"<row", xml))
     assert find_cut(str(bare)) is None
     helper = SheetHelper(bare, "loans")
     try:
