@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -189,8 +190,9 @@ def _read_halves(path: Path, kind: str, helper: SheetHelper) -> tuple[list[Any],
     cut, positions = plan
     log.info("%s: a helper process reads the rows from row %d on", path.name, cut.row)
     try:
+        started = time.monotonic()
         records, issues, header = _read_part(path, path.name, columns, parse, parse_columns, stop=cut)
-        rest = helper.rest(record_type, path.name) if header == positions else None
+        rest = helper.rest(record_type, path.name, time.monotonic() - started) if header == positions else None
         if not helper.same_file():
             log.warning("%s changed while it was read: reading it whole", path.name)
             return whole()

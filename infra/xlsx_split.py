@@ -10,8 +10,9 @@ The helper finds the header and the cut (`find_cut`: the first numbered row afte
 the sheet's XML), says where it is, reads the rows from the cut to the end and sends them back a
 column at a time. The caller reads the rows before the cut; only it can tell whether they end
 cleanly at the cut (`UncleanCut`), and when they do not it reads the sheet whole. When the helper
-fails in any way (it dies, it finds the rows unreadable), the caller reads the rows after the cut
-itself. So the records, issues and errors are exactly those of one reader of the whole sheet.
+fails in any way (it dies, it finds the rows unreadable, it does not answer within HELPER_WAIT
+of when it is due), the caller reads the rows after the cut itself. So the records, issues and
+errors are exactly those of one reader of the whole sheet.
 
 The helper writes frames, each an 8-byte length and then msgpack. On its stdout:
 1. the plan: [the cut's offset, the cut's row, the header's column positions, the file's identity
@@ -28,16 +29,18 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import selectors
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from datetime import date
 from decimal import Decimal
 from functools import cache
 from operator import attrgetter
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 import msgspec
 
@@ -53,6 +56,11 @@ log = logging.getLogger(__name__)
 # to make after. Measured on a 100,000-customer import: both halves end together about here.
 HELPER_STARTS_AT = 0.56
 SPLIT_SIZE = 32 << 20  # bytes of sheet XML (about 90,000 loan rows) from which a helper reads half
+# How long past its due the caller waits for a helper before it reads the helper's half itself: a
+# helper that hangs must not hold the import. Its plan is due at once (finding the cut in a
+# million-row sheet takes a few seconds); its records when the caller has read its own half, and
+# it is given as long again as that took, plus this.
+HELPER_WAIT = 60.0
 _LENGTH = 8
 
 Record = TypeVar("Record", bound=msgspec.Struct)
@@ -87,11 +95,18 @@ class SheetHelper:
         except OSError:
             self._records.close()
             raise
+        self._said = _Pipe(self._stdout.fileno())  # what it says on its stdout, waited for with a deadline
 
     def plan(self) -> tuple[Cut, list[int]] | None:
         """Where the helper cut the sheet and the header's column positions it found, or None
-        when it did not cut (the caller then reads the whole sheet)."""
-        plan = _frame(self._stdout)
+        when it did not cut, or did not say within HELPER_WAIT (the caller then reads the whole
+        sheet)."""
+        self._said.deadline = time.monotonic() + HELPER_WAIT
+        try:
+            plan = _frame(self._said)
+        except TimeoutError:
+            log.warning("%s: the helper did not say where it cut within %.0f s: reading it whole", self._path.name, HELPER_WAIT)
+            return None
         if not isinstance(plan, list) or len(plan) != 4 or plan[3] != self._identity:
             return None  # no cut, or the helper found another file at the path
         offset, row, positions, _ = plan
@@ -102,9 +117,15 @@ class SheetHelper:
         processes open it several times: a file replaced meanwhile could mix two files' rows)."""
         return _identity(self._path) == self._identity
 
-    def rest(self, record_type: type[Record], label: str) -> tuple[list[Record], list[RowIssue]] | None:
-        """The records and issues of the rows after the cut, or None when the helper failed."""
-        finished = _frame(self._stdout)
+    def rest(self, record_type: type[Record], label: str, took: float) -> tuple[list[Record], list[RowIssue]] | None:
+        """The records and issues of the rows after the cut, or None when the helper failed or
+        did not finish within `took` (the seconds the caller's own half took) and HELPER_WAIT more."""
+        wait = took + HELPER_WAIT
+        self._said.deadline = time.monotonic() + wait
+        try:
+            finished = _frame(self._said)
+        except TimeoutError:
+            finished = f"no answer within {wait:.0f} s"
         if not isinstance(finished, dict) or "issues" not in finished:
             log.warning("the helper reading %s did not finish (%s): reading its half here", label, finished)
             return None
@@ -134,6 +155,33 @@ class SheetHelper:
         return self._process.stdout
 
 
+class _Pipe:
+    """A pipe read with a deadline: `read` raises TimeoutError once it has passed."""
+
+    def __init__(self, descriptor: int) -> None:
+        self.descriptor = descriptor
+        self.deadline = float("inf")
+
+    def read(self, size: int) -> bytes:
+        """`size` bytes, or fewer at the end of the stream."""
+        chunks: list[bytes] = []
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.descriptor, selectors.EVENT_READ)
+            while size > 0:
+                left = None if self.deadline == float("inf") else self.deadline - time.monotonic()
+                if (left is not None and left <= 0) or not selector.select(left):
+                    raise TimeoutError
+                chunk = os.read(self.descriptor, min(size, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size -= len(chunk)
+        return b"".join(chunks)
+
+    def seekable(self) -> bool:
+        return False
+
+
 def _identity(path: Path) -> list[int]:
     """Which file `path` names, and its size and time of last change."""
     try:
@@ -143,7 +191,11 @@ def _identity(path: Path) -> list[int]:
     return [found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns]
 
 
-def _frame(stream: IO[bytes]) -> Any:
+class _Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+def _frame(stream: _Readable) -> Any:
     """The next frame, or None at the end of the stream (a frame cut short ends it too)."""
     length = stream.read(_LENGTH)
     if len(length) < _LENGTH:
@@ -270,4 +322,12 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from infra.logs import configure_logging
+
+    configure_logging()  # what goes wrong here is logged as the worker logs: one JSON object a line
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except Exception:
+        name = Path(sys.argv[2]).name if len(sys.argv) > 2 else "a sheet"
+        logging.getLogger("infra.xlsx_split").exception("the helper process reading %s failed", name)
+        sys.exit(1)

@@ -4,8 +4,12 @@ numbers, the same error for a damaged file, and no helper process left behind.""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
+import time
 import zipfile
 from datetime import date
 from pathlib import Path
@@ -322,3 +326,55 @@ def test_the_helper_says_no_cut_when_no_row_carries_its_number(tmp_path: Path) -
     finally:
         helper.close()
     assert xlsx._read(bare, "l", LOAN_COLUMNS, xlsx.parse_loan, xlsx.parse_loan_columns)[0]  # still read, by one reader
+
+
+# Helpers that hang: the helper's command, its code replaced (python -c CODE kind path descriptor).
+_HANGS_AT_ONCE = "import time; time.sleep(3600)"
+_HANGS_AFTER_ITS_PLAN = (
+    "import sys, time; from infra import xlsx, xlsx_split;"
+    " xlsx._read_part = lambda *args, **kwargs: time.sleep(3600);"
+    " xlsx_split.main(sys.argv[1:])"
+)
+
+
+def _hanging(monkeypatch: pytest.MonkeyPatch, code: str) -> None:
+    real_popen = xlsx_split.subprocess.Popen
+
+    def popen(command: list[str], **kwargs: Any) -> Any:
+        assert command[1:3] == ["-m", "infra.xlsx_split"]
+        return real_popen([command[0], "-c", code, *command[3:]], **kwargs)
+
+    monkeypatch.setattr(xlsx_split.subprocess, "Popen", popen)
+    monkeypatch.setattr(xlsx_split, "HELPER_WAIT", 1.0)
+
+
+@pytest.mark.parametrize("code", [_HANGS_AT_ONCE, _HANGS_AFTER_ITS_PLAN], ids=["before-its-plan", "after-its-plan"])
+def test_a_helper_that_hangs_is_given_up_on_and_its_half_read_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, code: str
+) -> None:
+    customers, loans = _files(tmp_path)
+    expected = _one_reader(customers, loans, monkeypatch)
+    watched = _Watched(monkeypatch)
+    _hanging(monkeypatch, code)
+    started = time.monotonic()
+    assert _exactly(read_history(customers, loans)) == expected
+    assert time.monotonic() - started < 30  # HELPER_WAIT is 1 s here; the helper sleeps for an hour
+    assert len(watched.helpers) == 1 and watched.all_gone()  # stopped, not left sleeping
+    if code == _HANGS_AT_ONCE:
+        assert watched.plans == [None] and "did not say where it cut within 1 s" in caplog.text
+    else:
+        assert watched.plans[0] is not None and watched.halves == [None] and "no answer within 1 s" in caplog.text
+
+
+def test_a_helper_that_fails_logs_one_json_line(tmp_path: Path) -> None:
+    _, loans = _files(tmp_path, rows=10)
+    done = subprocess.run(
+        [sys.executable, "-m", "infra.xlsx_split", "no-such-kind", str(loans), "1"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    entry = json.loads(lines[0])
+    assert entry["level"] == "error" and entry["logger"] == "infra.xlsx_split"
+    assert entry["message"] == "the helper process reading loan_data.xlsx failed"
+    assert "KeyError: 'no-such-kind'" in entry["exception"]
