@@ -10,7 +10,11 @@ with 1 loan and customer B (monthly income 10,000,000) with --loans loans of 10,
 loads the Customer aggregate, decides on its whole history, saves); the time of each booking is kept,
 which gives the write-side cost of a long history too. The read model is caught up in-process
 (Projector.catch_up), then `ledger api --workers 2` is started (--api-workers) and each endpoint is called
---requests times in a row (after 20 warm-up calls) with one httpx2 client, one request at a time:
+--requests times per customer (after 20 warm-up calls each) with one httpx2 client, one request at a
+time, A and B in turns of 25 requests: both customers' requests see the machine as it is at that
+moment (the 2-core VM's speed varies from one minute to the next, and A's requests all before B's
+made the ratio drift), while each request mostly follows one for the same customer (right after one
+of B's uncached requests, one of A's takes about twice as long: B's garbage, B's rows in the caches):
 
 - POST /check-eligibility  (the customer's row; their credit history: ALL their loans, scored in Python)
 - GET  /view-loans/{id}     (the customer's version; their current loans: all 1,000 of B's)
@@ -66,19 +70,33 @@ def book_history(stack: Stack, loans: int) -> tuple[int, int, list[float]]:
     return a, b, timings
 
 
-def measure(client: Any, method: str, path: str, body: dict[str, Any] | None, requests: int) -> tuple[list[float], int]:
-    """Milliseconds of `requests` sequential calls (after 20 warm-up calls); and the response size."""
-    size = 0
-    for _ in range(20):
-        client.request(method, path, json=body).raise_for_status()
-    timings: list[float] = []
-    for _ in range(requests):
-        started = time.perf_counter()
-        response = client.request(method, path, json=body)
-        timings.append((time.perf_counter() - started) * 1000)
-        response.raise_for_status()
-        size = len(response.content)
-    return timings, size
+TURN = 25  # requests for one customer before the next customer's turn
+
+
+def measure(
+    client: Any,
+    method: str,
+    path: Callable[[int], str],
+    body: Callable[[int], dict[str, Any] | None],
+    customers: tuple[int, ...],
+    requests: int,
+) -> dict[int, tuple[list[float], int]]:
+    """For each customer, the milliseconds of `requests` calls, taken in turns of TURN with the
+    other customers' (after 20 warm-up calls each); and the response size."""
+    for customer in customers:
+        for _ in range(20):
+            client.request(method, path(customer), json=body(customer)).raise_for_status()
+    timings: dict[int, list[float]] = {customer: [] for customer in customers}
+    sizes = dict.fromkeys(customers, 0)
+    for turn in range(0, requests, TURN):
+        for customer in customers:
+            for _ in range(min(TURN, requests - turn)):
+                started = time.perf_counter()
+                response = client.request(method, path(customer), json=body(customer))
+                timings[customer].append((time.perf_counter() - started) * 1000)
+                response.raise_for_status()
+                sizes[customer] = len(response.content)
+    return {customer: (timings[customer], sizes[customer]) for customer in customers}
 
 
 def main() -> int:
@@ -116,10 +134,8 @@ def main() -> int:
         rows = []
         with httpx2.Client(base_url=base, timeout=30) as client:
             for name, method, path, body in endpoints:
-                figures = {}
-                for customer in (a, b):
-                    say(f"{name} for customer {customer}: {args.requests} sequential requests")
-                    figures[customer] = measure(client, method, path(customer), body(customer), args.requests)
+                say(f"{name}: {args.requests} sequential requests for each of customers {a} and {b}, in turns of {TURN}")
+                figures = measure(client, method, path, body, (a, b), args.requests)
                 rows.append((name, figures[a], figures[b]))
 
     first, last = bookings[:50], bookings[-50:]
@@ -128,7 +144,7 @@ def main() -> int:
     print(f"commit: {revision()}")
     print(f"command: python bench/history_cost.py {' '.join(sys.argv[1:])}")
     print(
-        f"customer A ({a}): 1 loan; customer B ({b}): {args.loans} loans; {args.requests} sequential requests each, httpx2, "
+        f"customer A ({a}): 1 loan; customer B ({b}): {args.loans} loans; {args.requests} sequential requests each, A and B in turns of {TURN}, httpx2, "
         f"ledger api --workers {args.api_workers}, QUERY_CACHE_SIZE={api_env.get('QUERY_CACHE_SIZE', 'default (20000)')}, "
         "PostgreSQL fsync=off"
     )
