@@ -10,9 +10,9 @@ The helper finds the header and the cut (`find_cut`: the first numbered row afte
 the sheet's XML), says where it is, reads the rows from the cut to the end and sends them back a
 column at a time. The caller reads the rows before the cut; only it can tell whether they end
 cleanly at the cut (`UncleanCut`), and when they do not it reads the sheet whole. When the helper
-fails in any way (it dies, it finds the rows unreadable, it does not answer within HELPER_WAIT
-of when it is due), the caller reads the rows after the cut itself. So the records, issues and
-errors are exactly those of one reader of the whole sheet.
+fails in any way (it dies, it finds the rows unreadable, it does not answer in time: see
+HELPER_WAIT), the caller reads the rows after the cut itself, or the whole sheet when it has no
+cut yet. So the records, issues and errors are exactly those of one reader of the whole sheet.
 
 The helper writes frames, each an 8-byte length and then msgpack. On its stdout:
 1. the plan: [the cut's offset, the cut's row, the header's column positions, the file's identity
@@ -95,7 +95,7 @@ class SheetHelper:
         except OSError:
             self._records.close()
             raise
-        self._said = _Pipe(self._stdout.fileno())  # what it says on its stdout, waited for with a deadline
+        self._said = _Pipe(self._stdout)  # what it says on its stdout, waited for with a deadline
 
     def plan(self) -> tuple[Cut, list[int]] | None:
         """Where the helper cut the sheet and the header's column positions it found, or None
@@ -104,8 +104,9 @@ class SheetHelper:
         self._said.deadline = time.monotonic() + HELPER_WAIT
         try:
             plan = _frame(self._said)
-        except TimeoutError:
-            log.warning("%s: the helper did not say where it cut within %.0f s: reading it whole", self._path.name, HELPER_WAIT)
+        except OSError as error:  # TimeoutError among them
+            said = f"within {HELPER_WAIT:.0f} s" if isinstance(error, TimeoutError) else f"({error})"
+            log.warning("%s: the helper did not say where it cut %s: reading it whole", self._path.name, said)
             return None
         if not isinstance(plan, list) or len(plan) != 4 or plan[3] != self._identity:
             return None  # no cut, or the helper found another file at the path
@@ -124,12 +125,15 @@ class SheetHelper:
         self._said.deadline = time.monotonic() + wait
         try:
             finished = _frame(self._said)
-        except TimeoutError:
-            finished = f"no answer within {wait:.0f} s"
+            if isinstance(finished, dict) and "issues" in finished:
+                self._process.wait(HELPER_WAIT)  # gone before the records it read are made again here
+        except subprocess.TimeoutExpired:
+            finished = f"it did not exit within {HELPER_WAIT:.0f} s of its last word"
+        except OSError as error:  # TimeoutError among them
+            finished = f"no answer within {wait:.0f} s" if isinstance(error, TimeoutError) else str(error)
         if not isinstance(finished, dict) or "issues" not in finished:
             log.warning("the helper reading %s did not finish (%s): reading its half here", label, finished)
             return None
-        self._process.wait()  # gone before the records it read are made again here
         self._records.seek(0)
         records: list[Record] = []
         known: list[dict[Any, Any]] = [{} for _ in _fields(record_type)]
@@ -156,22 +160,24 @@ class SheetHelper:
 
 
 class _Pipe:
-    """A pipe read with a deadline: `read` raises TimeoutError once it has passed."""
+    """A pipe read with a deadline: `read` raises TimeoutError once it has passed. A frame cut
+    off by the deadline leaves the stream in its middle: the helper is then stopped, not read on."""
 
-    def __init__(self, descriptor: int) -> None:
-        self.descriptor = descriptor
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream  # only ever read here, through its descriptor: nothing waits in its buffer
         self.deadline = float("inf")
 
     def read(self, size: int) -> bytes:
         """`size` bytes, or fewer at the end of the stream."""
         chunks: list[bytes] = []
+        descriptor = self.stream.fileno()  # raises once the stream is closed
         with selectors.DefaultSelector() as selector:
-            selector.register(self.descriptor, selectors.EVENT_READ)
+            selector.register(descriptor, selectors.EVENT_READ)
             while size > 0:
                 left = None if self.deadline == float("inf") else self.deadline - time.monotonic()
                 if (left is not None and left <= 0) or not selector.select(left):
                     raise TimeoutError
-                chunk = os.read(self.descriptor, min(size, 1 << 20))
+                chunk = os.read(descriptor, min(size, 1 << 20))
                 if not chunk:
                     break
                 chunks.append(chunk)
