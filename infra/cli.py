@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -293,6 +294,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
             processes.append(server)
             base = f"http://{args.host}:{args.port}"
+            if not wait_until_serving(base, server):  # said only once a request would be answered
+                return server.wait()
             serving = f"Ledger API on {base}  (docs: {base}/docs, OpenAPI: {base}/openapi.json). Ctrl-C stops everything."
             hint = throwaway_hint({name: url for name, url in started.items() if name not in configured})
             print("\n" + "\n".join(filter(None, (serving, hint))) + "\n", file=sys.stderr)
@@ -308,6 +311,25 @@ def cmd_run(args: argparse.Namespace) -> int:
                     process.wait(20)
                 except subprocess.TimeoutExpired:
                     process.kill()
+
+
+def wait_until_serving(base: str, server: subprocess.Popen[bytes], timeout: float = 120) -> bool:
+    """Wait until `base`/health answers; False once `server` has exited. After `timeout` s it is
+    given up on and True returned: the server is still starting, and its own log says why."""
+    host = base.split("//", 1)[1].rsplit(":", 1)[0]
+    probe = base.replace(host, {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host), 1)  # a wildcard is no address to call
+    deadline = time.monotonic() + timeout
+    while server.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{probe}/health", timeout=1) as response:
+                if response.status == 200:
+                    return True
+        except OSError:  # not listening yet (URLError is one)
+            pass
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def throwaway_hint(started: dict[str, str]) -> str:

@@ -1,8 +1,13 @@
-"""What `ledger run` tells a user about the servers it started."""
+"""What `ledger run` tells a user about the servers it started, and when."""
 
 from __future__ import annotations
 
-from infra.cli import throwaway_hint
+import http.server
+import subprocess
+import threading
+import time
+
+from infra.cli import throwaway_hint, wait_until_serving
 
 
 def test_the_hint_gives_the_exports_for_the_throwaway_servers_started() -> None:
@@ -20,3 +25,50 @@ def test_the_hint_names_only_what_was_started() -> None:
 
 def test_no_hint_when_every_server_was_configured() -> None:
     assert throwaway_hint({}) == ""
+
+
+def _server_after(delay: float) -> tuple[str, threading.Thread, http.server.HTTPServer]:
+    """An HTTP server whose /health answers 200, listening only after `delay` seconds."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Health, bind_and_activate=False)
+    server.server_bind()
+    port = server.server_address[1]
+
+    def later() -> None:
+        time.sleep(delay)
+        server.server_activate()
+        server.serve_forever()
+
+    thread = threading.Thread(target=later, daemon=True)
+    thread.start()
+    return f"http://0.0.0.0:{port}", thread, server
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_run_says_where_the_api_is_only_once_it_answers() -> None:
+    base, thread, server = _server_after(1.0)
+    process = subprocess.Popen(["sleep", "30"])
+    try:
+        started = time.monotonic()
+        assert wait_until_serving(base, process)  # 0.0.0.0 is called at 127.0.0.1
+        assert time.monotonic() - started >= 1.0  # not before the server listened
+    finally:
+        process.kill()
+        process.wait()
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def test_run_stops_waiting_when_the_api_process_exits() -> None:
+    process = subprocess.Popen(["true"])
+    started = time.monotonic()
+    assert not wait_until_serving("http://127.0.0.1:9", process)
+    assert time.monotonic() - started < 10
