@@ -165,7 +165,7 @@ class _Pipe:
 
     def __init__(self, stream: IO[bytes]) -> None:
         self.stream = stream  # only ever read here, through its descriptor: nothing waits in its buffer
-        self.deadline = float("inf")
+        self.deadline = 0.0  # time.monotonic() by which `read` must have its bytes: set before each wait
 
     def read(self, size: int) -> bytes:
         """`size` bytes, or fewer at the end of the stream."""
@@ -174,8 +174,8 @@ class _Pipe:
         with selectors.DefaultSelector() as selector:
             selector.register(descriptor, selectors.EVENT_READ)
             while size > 0:
-                left = None if self.deadline == float("inf") else self.deadline - time.monotonic()
-                if (left is not None and left <= 0) or not selector.select(left):
+                left = self.deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
                     raise TimeoutError
                 chunk = os.read(descriptor, min(size, 1 << 20))
                 if not chunk:
