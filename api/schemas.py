@@ -11,12 +11,15 @@ from msgspec import Meta, Struct
 
 BIGINT = 2**63 - 1
 
+# Patterns end in `$(?!\n)`: msgspec matches with Python's `re.search`, whose `$` also matches
+# before a string's last newline ("9876543210\n" would pass as a phone number). In the JSON
+# schema (ECMA regex) `$` is the end already and the lookahead changes nothing.
 Name = Annotated[
     str,
     Meta(
         min_length=1,
         max_length=100,
-        pattern=r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$",
+        pattern=r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$(?!\n)",
         description="Non-blank, at most 100 characters, no control characters",
     ),
 ]
@@ -40,7 +43,7 @@ Rate = Annotated[
 Tenure = Annotated[int, Meta(ge=1, le=600, description="Months")]
 Phone = (
     Annotated[int, Meta(ge=10**9, le=10**15 - 1, description="10 to 15 digits")]
-    | Annotated[str, Meta(pattern=r"^[1-9][0-9]{9,14}$", description="10 to 15 digits, no leading zero")]
+    | Annotated[str, Meta(pattern=r"^[1-9][0-9]{9,14}$(?!\n)", description="10 to 15 digits, no leading zero")]
 )
 
 
@@ -144,7 +147,10 @@ class CustomerLoan(Struct):
 FileName = Annotated[
     str,
     Meta(
-        min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$", description="A file name in the import directory"
+        min_length=1,
+        max_length=255,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$(?!\n)",
+        description="A file name in the import directory",
     ),
 ]
 

@@ -29,21 +29,27 @@ def _decimal_bounds(annotation: Any) -> dict[str, Any]:
     return {}
 
 
-def _check_decimal(value: Decimal, bounds: dict[str, Any]) -> str | None:
+def _check_decimal(value: Decimal, bounds: dict[str, Any]) -> tuple[str | None, Decimal]:
+    """What is wrong with `value` (None: nothing), and the value as it goes on: with no more
+    decimals than `multipleOf` allows and no negative zero. JSON may spell a number with any
+    number of trailing zeros (`12500.000…`, `0e-999999999`): kept as given, such a number would
+    reach the events, and PostgreSQL's numeric refuses more than 16,383 decimals."""
     if not value.is_finite():
-        return "Expected a finite number"
+        return "Expected a finite number", value
     if "exclusiveMinimum" in bounds and not value > bounds["exclusiveMinimum"]:
-        return f"Expected a number > {bounds['exclusiveMinimum']}"
+        return f"Expected a number > {bounds['exclusiveMinimum']}", value
     if "minimum" in bounds and not value >= bounds["minimum"]:
-        return f"Expected a number >= {bounds['minimum']}"
+        return f"Expected a number >= {bounds['minimum']}", value
     if "maximum" in bounds and not value <= bounds["maximum"]:
-        return f"Expected a number <= {bounds['maximum']}"
+        return f"Expected a number <= {bounds['maximum']}", value
     if "multipleOf" in bounds:
         step = Decimal(str(bounds["multipleOf"]))
         if value != value.quantize(step):
             places = -step.as_tuple().exponent  # type: ignore[operator]
-            return f"Expected a multiple of {step} (at most {places} decimals)"
-    return None
+            return f"Expected a multiple of {step} (at most {places} decimals)", value
+        if value.as_tuple().exponent < step.as_tuple().exponent:  # type: ignore[operator]
+            value = value.quantize(step)  # only zeros dropped: the same number
+    return None, value.copy_abs() if value.is_zero() else value
 
 
 def _description(annotation: Any) -> str | None:
@@ -74,6 +80,10 @@ def parse_json(body: bytes) -> Any:
         return _json.decode(body)
     except msgspec.DecodeError as error:
         raise ApiError(400, "malformed_json", f"The request body is not valid JSON: {error}") from None
+    except UnicodeDecodeError as error:  # bytes that are not UTF-8 inside a string
+        raise ApiError(400, "malformed_json", f"The request body is not valid UTF-8: {error.reason}") from None
+    except RecursionError:  # arrays or objects nested deeper than the decoder goes
+        raise ApiError(400, "malformed_json", "The request body is nested too deeply") from None
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,7 @@ def decode(body: bytes, struct: type[S], aliases: dict[str, str] | None = None, 
             errors.append({"field": field.encode_name, "message": _message(error, field.type)})
             continue
         if field.is_decimal:
-            problem = _check_decimal(converted, field.bounds)
+            problem, converted = _check_decimal(converted, field.bounds)
             if problem:
                 errors.append({"field": field.encode_name, "message": problem})
                 continue

@@ -45,7 +45,8 @@ LOAN_COLUMNS = (
 
 LARGEST = Decimal(10) ** 15
 SMALLEST = Decimal("0.000001")
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SMALLEST_EXPONENT = int(SMALLEST.as_tuple().exponent)
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 
 
 class UnreadableFile(Exception):
@@ -138,6 +139,10 @@ def _checked_decimal(value: float | int | str, column: str) -> Decimal:
         raise _BadCell(f"{column} is not a number: {value!r}")
     if abs(number) >= LARGEST or number != number.quantize(SMALLEST):
         raise _BadCell(f"{column} must be below {LARGEST:,} with at most 6 decimals, got {value!r}")
+    # A text cell's trailing zeros ("1.0000000", or 16,400 of them, more decimals than PostgreSQL's
+    # numeric holds): the same number, in no more decimals than 6 (finite: the exponent is an int).
+    if number.as_tuple().exponent < _SMALLEST_EXPONENT:  # type: ignore[operator]
+        number = number.quantize(SMALLEST)
     # -0.0 is 0.0 (and the cache, whose keys compare equal, would give whichever came first)
     return number.copy_abs() if number.is_zero() else number
 

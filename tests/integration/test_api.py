@@ -102,6 +102,8 @@ def test_a_phone_number_belongs_to_one_customer(stack: Stack, client: TestClient
         ({"first_name": "   "}, "first_name"),
         ({"first_name": "x" * 101}, "first_name"),
         ({"last_name": None}, "last_name"),
+        ({"phone_number": "9876543210\n"}, "phone_number"),
+        ({"first_name": "a\x85b"}, "first_name"),
     ],
 )
 def test_register_rejects_bad_fields_field_by_field(stack: Stack, client: TestClient, change: dict[str, Any], field: str) -> None:
@@ -118,7 +120,10 @@ def test_register_reports_every_missing_field(client: TestClient) -> None:
     assert {d["field"] for d in error["details"]} == {"first_name", "last_name", "age", "monthly_income", "phone_number"}
 
 
-@pytest.mark.parametrize("body", [b"", b"{", b"[1,2]", b"null", b'"text"', b"{'a': 1}", b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"{", b"[1,2]", b"null", b'"text"', b"{'a': 1}", b"\xff\xfe", b'{"first_name": "\xff\xfe"}', b"[" * 1000 + b"]" * 1000],
+)
 def test_malformed_json_is_a_400(client: TestClient, body: bytes) -> None:
     for path in ("/register", "/check-eligibility", "/create-loan"):
         assert_error(client.post(path, content=body), 400, "malformed_json")
@@ -211,6 +216,30 @@ def test_a_refused_loan_books_nothing(stack: Stack, client: TestClient) -> None:
     assert "Loan not approved" in body["message"]
     assert count_rows(stack, "loans") == before
     assert client.get(f"/view-loans/{customer['customer_id']}").json() == []
+
+
+def test_numbers_spelled_with_many_zeros_are_stored_plainly_and_the_read_model_goes_on(client: TestClient) -> None:
+    # JSON may spell 12,500 with 16,400 zeros after the point, or 0% as 0e-9999999999. Stored as
+    # given, PostgreSQL's numeric (16,383 decimals at most) refused them, and the projection
+    # stopped at that event: every later command answered X-Read-Model: behind.
+    phone = next(_phones)
+    body = b'{"first_name": "Zero", "last_name": "Pad", "age": 30, "monthly_income": 12500.%s, "phone_number": %d}'
+    registered = client.post("/register", content=body % (b"0" * 16_400, phone))
+    assert registered.status_code == 201, registered.text
+    assert registered.headers["X-Read-Model"] == "current"
+    customer_id = registered.json()["customer_id"]
+    assert client.get(f"/customers/{customer_id}").json()["monthly_income"] == 12500
+    request = b'{"customer_id": %d, "loan_amount": 1000.000000000, "interest_rate": 0e-9999999999, "tenure": 10}'
+    created = client.post("/create-loan", content=request % customer_id)
+    assert created.status_code == 201, created.text
+    assert created.headers["X-Read-Model"] == "current"
+    loan = client.get(f"/view-loan/{created.json()['loan_id']}").json()
+    assert (loan["loan_amount"], loan["interest_rate"]) == (1000, 12)  # a new customer's 0% is corrected to 12%
+    after = client.post(
+        "/register",
+        json={"first_name": "Next", "last_name": "One", "age": 40, "monthly_income": 9000, "phone_number": next(_phones)},
+    )
+    assert after.headers["X-Read-Model"] == "current"  # and the commands after them are projected too
 
 
 def test_later_bookings_see_the_earlier_ones(client: TestClient) -> None:

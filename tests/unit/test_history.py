@@ -100,6 +100,7 @@ def test_a_header_without_the_expected_columns_refuses_the_file() -> None:
         ("Monthly Salary", "1E-99999999", "Monthly Salary must be below"),
         ("Approved Limit", 1e300, "Approved Limit must be below"),
         ("Last Name", "Nul\x00Byte", "Last Name contains control characters"),
+        ("First Name", "C1\x85Control", "First Name contains control characters"),
     ],
 )
 def test_values_the_ledger_could_not_store_are_refused(column: str, value: object, reason: str) -> None:
@@ -181,6 +182,17 @@ def test_a_run_with_any_cell_the_column_checks_do_not_take_is_left_to_the_row_ch
 def test_a_customer_run_with_any_bad_cell_is_left_to_the_row_checks(change: dict[str, object]) -> None:
     rows = [CUSTOMERS[0], CUSTOMER | change]
     assert parse_customer_columns([2, 3], _run(rows, CUSTOMER_COLUMNS)) is None
+
+
+def test_a_text_number_with_more_zeros_than_six_decimals_reads_as_the_same_plain_number() -> None:
+    # As given, 16,400 zeros went into the event, and PostgreSQL's numeric (16,383 decimals at
+    # most) refused it: the read model would have stopped at that customer.
+    record = parse_customer("c.xlsx", 2, CUSTOMER | {"Monthly Salary": "12500." + "0" * 16_400})
+    assert not isinstance(record, RowIssue)
+    assert (record.monthly_income, record.monthly_income.as_tuple().exponent) == (Decimal(12500), -6)
+    loan = parse_loan("l.xlsx", 2, LOAN | {"Interest Rate": "0e-9999999999"})
+    assert not isinstance(loan, RowIssue)
+    assert str(loan.interest_rate) == "0.000000"
 
 
 def test_a_negative_zero_reads_as_zero_whichever_comes_first() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import msgspec
 import pytest
 
 from api.errors import ApiError
@@ -52,3 +53,51 @@ def test_values_the_ledger_could_not_store_are_refused() -> None:
     with pytest.raises(ApiError) as raised:
         decode(b'{"customer_id": 1, "loan_amount": 100, "interest_rate": 1e-99999, "tenure": 12}', LoanRequestBody)
     assert raised.value.details == [{"field": "interest_rate", "message": "Expected a multiple of 0.000001 (at most 6 decimals)"}]
+
+
+def test_a_number_spelled_with_more_zeros_than_decimals_allowed_goes_on_as_the_same_plain_number() -> None:
+    # Kept as given, 16,400 zeros or an exponent of -9,999,999,999 reached the events, and PostgreSQL's
+    # numeric (at most 16,383 decimals) refused them: the read model stopped at that event.
+    zeros = b"0" * 16_400
+    body = b'{"first_name": "A", "last_name": "B", "age": 30, "monthly_income": 12500.' + zeros + b', "phone_number": 9000000000}'
+    income = decode(body, RegisterRequest).monthly_income
+    assert (income, income.as_tuple().exponent) == (Decimal("12500.00"), -2)
+    loan = decode(b'{"customer_id": 1, "loan_amount": 1e3, "interest_rate": 0e-9999999999, "tenure": 12}', LoanRequestBody)
+    assert (str(loan.loan_amount), str(loan.interest_rate)) == ("1E+3", "0.000000")
+    assert (
+        str(
+            decode(b'{"customer_id": 1, "loan_amount": 5.50, "interest_rate": -0.0, "tenure": 12}', LoanRequestBody).interest_rate
+        )
+        == "0.0"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b'{"first_name": "\xff\xfe"}', "not valid UTF-8"),
+        (b"[" * 1000 + b"]" * 1000, "nested too deeply"),
+        (b'{"a":' * 100_000, "nested too deeply"),
+    ],
+)
+def test_bytes_that_are_not_utf8_and_deep_nesting_are_malformed(raw: bytes, message: str) -> None:
+    with pytest.raises(ApiError) as raised:
+        decode(raw, RegisterRequest)
+    assert (raised.value.status, raised.value.code) == (400, "malformed_json")
+    assert message in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("phone_number", "9876543210\n"),  # `$` in Python's re also matches before a last newline
+        ("first_name", "Bob\n"),
+        ("first_name", "a\x85b"),  # C1 controls are control characters too
+        ("last_name", "\x9b"),
+    ],
+)
+def test_a_last_newline_or_a_c1_control_is_refused(field: str, value: str) -> None:
+    fields = {"first_name": "A", "last_name": "B", "age": 30, "monthly_income": 1000, "phone_number": "9000000000", field: value}
+    with pytest.raises(ApiError) as raised:
+        decode(msgspec.json.encode(fields), RegisterRequest)
+    assert [d["field"] for d in raised.value.details] == [field]
