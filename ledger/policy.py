@@ -19,13 +19,13 @@ LIMIT_MULTIPLE = 36
 AFFORDABILITY_SHARE = Decimal("0.5")
 
 # Credit score: BASE points for everyone, then up to +/- the weights below (see README).
-BASE_POINTS = Decimal(40)
-PAYMENT_WEIGHT = Decimal(35)
-COMPLETED_LOAN_POINTS = Decimal(3)
+BASE_POINTS = 40
+PAYMENT_WEIGHT = 35
+COMPLETED_LOAN_POINTS = 3
 COMPLETED_LOANS_CAP = 5
-THIS_YEAR_LOAN_PENALTY = Decimal(3)
+THIS_YEAR_LOAN_PENALTY = 3
 THIS_YEAR_LOANS_CAP = 5
-UTILISATION_WEIGHT = Decimal(30)
+UTILISATION_WEIGHT = 30
 
 
 def monthly_installment(principal: Decimal, annual_rate: Decimal, tenure: int) -> Decimal:
@@ -121,6 +121,12 @@ class CreditScore:
     over_limit: bool
 
 
+def _points(numerator: int, denominator: int) -> Decimal:
+    """A component's exact points to the cent, halves up (a fraction that ends exactly at half a
+    cent divides exactly in 28 digits, so it is not rounded twice)."""
+    return to_money(Decimal(numerator) / denominator)
+
+
 def credit_score(history: CreditHistory, limit: Decimal) -> CreditScore:
     """Score 0..100. Over the approved limit scores 0; otherwise base 40 plus:
 
@@ -128,26 +134,34 @@ def credit_score(history: CreditHistory, limit: Decimal) -> CreditScore:
     completed loans   +3 each, at most +15
     this year's loans -3 each, at most -15
     utilisation       0 .. -30    (current debt / approved limit)
-    """
-    payment = Decimal(0)
+
+    The two fractional components are kept as exact fractions (numerator, denominator) and the
+    sum is rounded half up in integers: in 28-digit Decimal division 35 x (2 x 51 / 84 - 1) came
+    to 7.4999…, and a sum of exactly 47.5 to 47. (The fractions module does the same exactly, at
+    three times this function's cost.)"""
+    pay_n, pay_d = 0, 1
     if history.emis_due:
-        payment = PAYMENT_WEIGHT * (2 * Decimal(history.emis_paid_on_time) / history.emis_due - 1)
+        pay_n, pay_d = PAYMENT_WEIGHT * (2 * history.emis_paid_on_time - history.emis_due), history.emis_due
     completed = COMPLETED_LOAN_POINTS * min(history.completed_loans, COMPLETED_LOANS_CAP)
     activity = -THIS_YEAR_LOAN_PENALTY * min(history.loans_this_year, THIS_YEAR_LOANS_CAP)
-    if limit > 0:
-        utilisation = -UTILISATION_WEIGHT * min(history.current_debt / limit, Decimal(1))
+    if limit > 0:  # -30 x min(debt / limit, 1), with debt / limit = share_n / share_d exactly
+        debt_n, debt_d = history.current_debt.as_integer_ratio()
+        limit_n, limit_d = limit.as_integer_ratio()
+        share_n, share_d = debt_n * limit_d, debt_d * limit_n
+        use_n, use_d = -UTILISATION_WEIGHT * min(share_n, share_d), share_d
     else:
-        utilisation = -UTILISATION_WEIGHT if history.current_debt > 0 else Decimal(0)
+        use_n, use_d = (-UTILISATION_WEIGHT if history.current_debt > 0 else 0), 1
     over_limit = history.current_debt > limit
-    total = BASE_POINTS + payment + completed + activity + utilisation
-    score = 0 if over_limit else int(max(Decimal(0), min(Decimal(100), total)).quantize(Decimal(1), ROUND_HALF_UP))
+    whole = BASE_POINTS + completed + activity
+    # The sum rounded half up is floor(sum + 1/2): over the common denominator 2 x pay_d x use_d.
+    rounded = ((2 * whole + 1) * pay_d * use_d + 2 * pay_n * use_d + 2 * use_n * pay_d) // (2 * pay_d * use_d)
     return CreditScore(
-        score=score,
-        base=BASE_POINTS,
-        payment_history=to_money(payment),
-        completed_loans=to_money(completed),
-        current_year_activity=to_money(activity),
-        credit_utilisation=to_money(utilisation),
+        score=0 if over_limit else max(0, min(100, rounded)),
+        base=Decimal(BASE_POINTS),
+        payment_history=_points(pay_n, pay_d),
+        completed_loans=to_money(Decimal(completed)),
+        current_year_activity=to_money(Decimal(activity)),
+        credit_utilisation=_points(use_n, use_d),
         over_limit=over_limit,
     )
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from datetime import date
 from decimal import Decimal as D
+from fractions import Fraction
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger.calendar import add_months, installments_due
@@ -141,6 +143,51 @@ def test_score_never_falls_when_on_time_payments_rise(h: CreditHistory, limit: D
 def test_score_never_rises_when_current_debt_rises(h: CreditHistory, limit: D, more: D) -> None:
     deeper = history(**(h.__dict__ | {"current_debt": h.current_debt + more}))
     assert credit_score(deeper, limit).score <= credit_score(h, limit).score
+
+
+def test_a_sum_of_exactly_a_half_rounds_up() -> None:
+    # 40 + 35 x (2 x 51 / 84 - 1) = 47.5 exactly; 28-digit Decimal division made it 47.4999... and 47.
+    score = credit_score(history(emis_due=84, emis_paid_on_time=51), D(500_000))
+    assert (score.score, score.payment_history) == (48, D("7.50"))
+    # 40 + 35 x (2 x 2 / 3 - 1) - 30 x 75,000 / 300,000 = 40 + 35/3 - 15/2 = 44.1666...: 44; and
+    # with 1 of 3 EMIs on time and a debt of 1/6 of the limit, 40 - 35/3 - 5 = 23.333...: 23.
+    assert credit_score(history(emis_due=3, emis_paid_on_time=2, current_debt=D(75_000)), D(300_000)).score == 44
+    assert credit_score(history(emis_due=3, emis_paid_on_time=1, current_debt=D(50_000)), D(300_000)).score == 23
+    # Two repeating fractions that sum to a half: 40 + 35/3 - 30 x 65,000 / 900,000 = 40 + 35/3 - 13/6 = 49.5: 50.
+    assert credit_score(history(emis_due=3, emis_paid_on_time=2, current_debt=D(65_000)), D(900_000)).score == 50
+
+
+def exact_score(h: CreditHistory, limit: D) -> int:
+    """The README's formula in exact fractions, rounded half up and clamped: what the score must be."""
+    total = Fraction(40) + 3 * min(h.completed_loans, 5) - 3 * min(h.loans_this_year, 5)
+    if h.emis_due:
+        total += 35 * (2 * Fraction(h.emis_paid_on_time, h.emis_due) - 1)
+    if limit > 0:
+        total -= 30 * min(Fraction(h.current_debt) / Fraction(limit), Fraction(1))
+    elif h.current_debt > 0:
+        total -= 30
+    if h.current_debt > limit:
+        return 0
+    return math.floor(max(Fraction(0), min(Fraction(100), total)) + Fraction(1, 2))
+
+
+@st.composite
+def near_halves(draw: st.DrawFn) -> CreditHistory:
+    """Histories whose payment term is often exactly x.5 after a division that does not end:
+    35 x (2 x on_time / due - 1) with due a multiple of 28 and on_time near its half (28-digit
+    Decimal division got 47.5 wrong for due 84 and on_time 45 or 51)."""
+    due = draw(st.sampled_from([28, 56, 84, 112, 140, 168]))
+    return history(
+        emis_due=due,
+        emis_paid_on_time=draw(st.integers(min_value=due // 2 - 12, max_value=due // 2 + 12)),
+        completed_loans=draw(st.integers(min_value=0, max_value=6)),
+    )
+
+
+@settings(max_examples=400)
+@given(st.one_of(histories(), near_halves()), st.one_of(limits, st.decimals(min_value=0, max_value=20_000_000, places=2)))
+def test_score_is_the_exact_sum_rounded_half_up(h: CreditHistory, limit: D) -> None:
+    assert credit_score(h, limit).score == exact_score(h, limit)
 
 
 @given(histories(), limits)
