@@ -218,7 +218,7 @@ def cmd_api(args: argparse.Namespace) -> int:
             # uvloop sets TCP_NODELAY on every connection; asyncio's default loop does not on the
             # socket uvicorn binds for several workers, and each keep-alive answer then waits ~40 ms.
             loop="uvloop",
-            http="httptools",
+            http="api.server:JsonErrorsProtocol",  # httptools, answering unparsable requests in JSON
         )
     finally:
         if made is not None:

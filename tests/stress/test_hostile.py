@@ -3,7 +3,9 @@ imports, oversized bodies. No 5xx, every response as documented, nothing half-do
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
@@ -187,6 +189,28 @@ def test_bodies_over_one_mebibyte_are_refused_with_413_before_parsing(served: Se
     assert just_under.status_code == 400  # read and parsed: blank, so malformed
     assert counts(served) == before
     figures.update(body_bytes=len(big), seconds=round(elapsed, 2))
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+        b"G(T /health HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nBad Header: x\r\n\r\n",
+    ],
+)
+def test_a_request_that_is_not_http_gets_a_json_400(served: Served, request_bytes: bytes) -> None:
+    # The parser refuses these before the app sees them; uvicorn's own answer was plain text.
+    with socket.create_connection(("127.0.0.1", served.port), timeout=5) as conn:
+        conn.sendall(request_bytes)
+        answer = b""
+        while chunk := conn.recv(65536):  # the server closes the connection after it
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body) == {"error": {"code": "bad_request", "message": "The request is not valid HTTP/1.1", "details": None}}
 
 
 def test_a_health_check_still_answers_after_the_abuse(served: Served) -> None:
