@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from api.errors import ApiError
+from ledger.money import plain
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -30,10 +31,8 @@ def _decimal_bounds(annotation: Any) -> dict[str, Any]:
 
 
 def _check_decimal(value: Decimal, bounds: dict[str, Any]) -> tuple[str | None, Decimal]:
-    """What is wrong with `value` (None: nothing), and the value as it goes on: with no more
-    decimals than `multipleOf` allows and no negative zero. JSON may spell a number with any
-    number of trailing zeros (`12500.000…`, `0e-999999999`): kept as given, such a number would
-    reach the events, and PostgreSQL's numeric refuses more than 16,383 decimals."""
+    """What is wrong with `value` (None: nothing), and the value as it goes on (`plain`: as
+    PostgreSQL's numeric takes it, with no more decimals than `multipleOf` allows)."""
     if not value.is_finite():
         return "Expected a finite number", value
     if "exclusiveMinimum" in bounds and not value > bounds["exclusiveMinimum"]:
@@ -47,9 +46,8 @@ def _check_decimal(value: Decimal, bounds: dict[str, Any]) -> tuple[str | None, 
         if value != value.quantize(step):
             places = -step.as_tuple().exponent  # type: ignore[operator]
             return f"Expected a multiple of {step} (at most {places} decimals)", value
-        if value.as_tuple().exponent < step.as_tuple().exponent:  # type: ignore[operator]
-            value = value.quantize(step)  # only zeros dropped: the same number
-    return None, value.copy_abs() if value.is_zero() else value
+        value = plain(value, step)
+    return None, value
 
 
 def _description(annotation: Any) -> str | None:

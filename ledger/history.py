@@ -20,6 +20,7 @@ from typing import Any, cast
 import msgspec
 
 from ledger.domain import RowIssue
+from ledger.money import plain
 
 CUSTOMER_COLUMNS = (
     "Customer ID",
@@ -45,7 +46,6 @@ LOAN_COLUMNS = (
 
 LARGEST = Decimal(10) ** 15
 SMALLEST = Decimal("0.000001")
-_SMALLEST_EXPONENT = int(SMALLEST.as_tuple().exponent)
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 
 
@@ -137,14 +137,12 @@ def _checked_decimal(value: float | int | str, column: str) -> Decimal:
         raise _BadCell(f"{column} is not a number: {value!r}") from None
     if not number.is_finite():
         raise _BadCell(f"{column} is not a number: {value!r}")
-    if abs(number) >= LARGEST or number != number.quantize(SMALLEST):
+    # copy_abs, not abs: abs rounds to the context, and "1E+1000000" would raise Overflow
+    if number.copy_abs() >= LARGEST or number != number.quantize(SMALLEST):
         raise _BadCell(f"{column} must be below {LARGEST:,} with at most 6 decimals, got {value!r}")
-    # A text cell's trailing zeros ("1.0000000", or 16,400 of them, more decimals than PostgreSQL's
-    # numeric holds): the same number, in no more decimals than 6 (finite: the exponent is an int).
-    if number.as_tuple().exponent < _SMALLEST_EXPONENT:  # type: ignore[operator]
-        number = number.quantize(SMALLEST)
-    # -0.0 is 0.0 (and the cache, whose keys compare equal, would give whichever came first)
-    return number.copy_abs() if number.is_zero() else number
+    # A text cell's spelling ("1.0000000", "0E+9"): the same number, as PostgreSQL's numeric takes
+    # it. And -0.0 is 0.0 (the cache, whose keys compare equal, would give whichever came first).
+    return plain(number, SMALLEST)
 
 
 def forget_shared_ids() -> None:

@@ -190,9 +190,15 @@ def test_a_text_number_with_more_zeros_than_six_decimals_reads_as_the_same_plain
     record = parse_customer("c.xlsx", 2, CUSTOMER | {"Monthly Salary": "12500." + "0" * 16_400})
     assert not isinstance(record, RowIssue)
     assert (record.monthly_income, record.monthly_income.as_tuple().exponent) == (Decimal(12500), -6)
-    loan = parse_loan("l.xlsx", 2, LOAN | {"Interest Rate": "0e-9999999999"})
+    loan = parse_loan("l.xlsx", 2, LOAN | {"Interest Rate": "0e-9999999999", "Monthly payment": "-0E+1073741823"})
     assert not isinstance(loan, RowIssue)
-    assert str(loan.interest_rate) == "0.000000"
+    assert (str(loan.interest_rate), str(loan.monthly_payment)) == ("0.000000", "0")  # 0E+1073741823 overflows numeric
+
+
+def test_a_text_number_too_large_for_the_decimal_context_is_a_row_issue_not_a_crash() -> None:
+    issue = parse_customer("c.xlsx", 4, CUSTOMER | {"Monthly Salary": "1E+1000000"})  # abs() raised decimal.Overflow
+    assert isinstance(issue, RowIssue)
+    assert issue.reason.startswith("Monthly Salary must be below")
 
 
 def test_a_negative_zero_reads_as_zero_whichever_comes_first() -> None:

@@ -157,6 +157,13 @@ def test_a_sum_of_exactly_a_half_rounds_up() -> None:
     assert credit_score(history(emis_due=3, emis_paid_on_time=2, current_debt=D(65_000)), D(900_000)).score == 50
 
 
+def test_a_component_of_exactly_half_a_cent_rounds_half_up() -> None:
+    # 35 x (2 x 43 / 112 - 1) = -8.125 and -30 x 12,500 / 600,000 = -0.625 exactly; the 28-digit
+    # divisions made them -8.1249... and -0.6249..., shown as -8.12 and -0.62.
+    score = credit_score(history(emis_due=112, emis_paid_on_time=43, current_debt=D(12_500)), D(600_000))
+    assert (score.payment_history, score.credit_utilisation) == (D("-8.13"), D("-0.63"))
+
+
 def exact_score(h: CreditHistory, limit: D) -> int:
     """The README's formula in exact fractions, rounded half up and clamped: what the score must be."""
     total = Fraction(40) + 3 * min(h.completed_loans, 5) - 3 * min(h.loans_this_year, 5)
