@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date
@@ -40,6 +41,25 @@ PROJECTION_HEADER = "X-Read-Model"
 
 
 @dataclass
+class ProjectionProgress:
+    """Since when the projection has been behind at the same position, as this process's
+    `/ready` calls have seen it: a projection that fails on an event (or a worker that never
+    runs it) stays a few events behind for good, which the lag alone does not tell."""
+
+    position: int | None = None
+    since: float = 0.0
+
+    def stalled_for(self, position: int, behind: bool, now: float) -> float:
+        """Seconds the projection has been behind at `position` (0 the first time it is seen there)."""
+        if not behind:
+            self.position = None
+            return 0.0
+        if position != self.position:
+            self.position, self.since = position, now
+        return now - self.since
+
+
+@dataclass
 class Services:
     settings: Settings
     ledger: Ledger
@@ -48,6 +68,7 @@ class Services:
     watcher: PositionWatcher
     histories: VersionedCache[CreditHistory] = field(default_factory=VersionedCache)
     loan_lists: VersionedCache[bytes] = field(default_factory=VersionedCache)
+    progress: ProjectionProgress = field(default_factory=ProjectionProgress)
 
 
 def services(request: Request) -> Services:
@@ -485,18 +506,22 @@ async def loan_history(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    """Ready when PostgreSQL, Redis and a worker answer and the projection lag is within bounds."""
+    """Ready when PostgreSQL, Redis and a worker answer and the projection is within its lag
+    bound and not stalled (behind at one position for READY_STALL_SECONDS)."""
     svc: Services = request.app.state.services
     checks: dict[str, schemas.Check] = {}
     lag: int | None = None
+    position = 0
     try:
         async with svc.pool.connection(timeout=2) as conn:
             cur = await conn.execute(
-                "SELECT (SELECT coalesce(max(notification_id), 0) FROM ledger_events)"
-                " - coalesce((SELECT position FROM readmodel.tracking WHERE projection = 'ledger'), 0)"
+                "SELECT (SELECT coalesce(max(notification_id), 0) FROM ledger_events),"
+                " coalesce((SELECT position FROM readmodel.tracking WHERE projection = 'ledger'), 0)"
             )
             row = await cur.fetchone()
-            lag = int(row[0]) if row else None
+            if row:
+                position = int(row[1])
+                lag = int(row[0]) - position
         checks["postgres"] = schemas.Check(ok=True)
     except Exception as error:
         checks["postgres"] = schemas.Check(ok=False, detail=f"{type(error).__name__}: {error}")
@@ -510,12 +535,14 @@ async def ready(request: Request) -> Response:
         checks["worker"] = schemas.Check(ok=bool(replies), detail=f"{replies} worker(s) answered")
     except Exception as error:
         checks["worker"] = schemas.Check(ok=False, detail=f"{type(error).__name__}: {error}")
-    bound = svc.settings.ready_max_lag
-    checks["projection"] = (
-        schemas.Check(ok=False, detail="unknown: PostgreSQL did not answer")
-        if lag is None
-        else schemas.Check(ok=lag <= bound, detail=f"{lag} events behind (at most {bound})")
-    )
+    bound, stall = svc.settings.ready_max_lag, svc.settings.ready_stall_seconds
+    if lag is None:
+        checks["projection"] = schemas.Check(ok=False, detail="unknown: PostgreSQL did not answer")
+    elif (stalled := svc.progress.stalled_for(position, lag > 0, time.monotonic())) >= stall:
+        detail = f"{lag} events behind, no progress past event {position} for {stalled:.0f} s: see the worker's log"
+        checks["projection"] = schemas.Check(ok=False, detail=detail)
+    else:
+        checks["projection"] = schemas.Check(ok=lag <= bound, detail=f"{lag} events behind (at most {bound})")
     ok = all(check.ok for check in checks.values())
     return json(schemas.Readiness(status="ready" if ok else "not ready", checks=checks), 200 if ok else 503)
 

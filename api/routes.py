@@ -149,7 +149,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/ready",
         "GET",
         endpoints.ready,
-        "Ready to serve: PostgreSQL, Redis and a worker answer, and the projection lag is within READY_MAX_LAG",
+        "Ready to serve: PostgreSQL, Redis and a worker answer, and the projection lag is within READY_MAX_LAG"
+        " and not stuck at one event for READY_STALL_SECONDS",
         None,
         {200: (schemas.Readiness, "Ready"), 503: (schemas.Readiness, "Not ready: see which check failed")},
     ),

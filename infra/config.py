@@ -27,6 +27,7 @@ class Settings:
     projection_page_size: int
     ready_max_lag: int
     db_pool_size: int
+    ready_stall_seconds: float = 60.0  # behind with no progress this long: /ready says not ready
     query_cache_size: int = 20_000  # customers whose answers each API process keeps; 0 keeps none
     import_split_size: int = SPLIT_SIZE  # sheet XML bytes from which a helper process reads half
 
@@ -44,6 +45,7 @@ class Settings:
             import_batch_size=int(env.get("IMPORT_BATCH_SIZE", "500")),
             projection_page_size=int(env.get("PROJECTION_PAGE_SIZE", "1000")),
             ready_max_lag=int(env.get("READY_MAX_LAG", "1000")),
+            ready_stall_seconds=float(env.get("READY_STALL_SECONDS", "60")),
             db_pool_size=int(env.get("DB_POOL_SIZE", "10")),
             query_cache_size=int(env.get("QUERY_CACHE_SIZE", "20000")),
             import_split_size=int(env.get("IMPORT_SPLIT_SIZE", str(SPLIT_SIZE))),
