@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
+from ledger.policy import LONGEST_TENURE
+
 BIGINT = 2**63 - 1
 
 # Patterns end in `$(?!\n)`: msgspec matches with Python's `re.search`, whose `$` also matches
@@ -40,7 +42,7 @@ Rate = Annotated[
         extra_json_schema={"minimum": 0, "maximum": 100, "multipleOf": 0.000001},
     ),
 ]
-Tenure = Annotated[int, Meta(ge=1, le=600, description="Months")]
+Tenure = Annotated[int, Meta(ge=1, le=LONGEST_TENURE, description="Months")]
 Phone = (
     Annotated[int, Meta(ge=10**9, le=10**15 - 1, description="10 to 15 digits")]
     | Annotated[str, Meta(pattern=r"^[1-9][0-9]{9,14}$(?!\n)", description="10 to 15 digits, no leading zero")]

@@ -491,9 +491,9 @@ def _date_kind(style: str, dates: DateStyles) -> str:
 
 
 @lru_cache(maxsize=4)
-def _date_reader(epoch: datetime, duration: bool) -> Callable[[str], date | datetime | time | timedelta]:
+def _date_reader(epoch: datetime, duration: bool) -> Callable[[str], date | datetime | time | timedelta | float]:
     @lru_cache(maxsize=65_536)  # a sheet repeats its dates: most cells are a cache hit, in C
-    def read(value: str) -> date | datetime | time | timedelta:
+    def read(value: str) -> date | datetime | time | timedelta | float:
         return _serial_date(float(value), epoch, duration)
 
     return read
@@ -530,7 +530,10 @@ def _parse_plain(text: str, strings: list[str], dates: DateStyles, epoch: dateti
             else:
                 cells.append(float(value))
         elif kind == "s":
-            cells.append(strings[int(value)])
+            try:
+                cells.append(strings[int(value)])
+            except IndexError:
+                _shared_string(strings, value)  # says which
         elif kind == "inlineStr":
             cells.append(unescape(inline) if "&" in inline else inline)
         else:
@@ -589,12 +592,19 @@ def _value(kind: str, style: str, inner: str, strings: list[str], dates: DateSty
         number = float(raw)
         return _serial_date(number, epoch, dates[style]) if style in dates else number
     if kind == "s":
-        return strings[int(raw)]
+        return _shared_string(strings, raw)
     if kind == "b":
         return raw.strip() == "1"
     if kind == "d":
         return _iso_date(raw)
     return unescape(raw)  # "str" (a formula's text) and "e" (an error such as #N/A)
+
+
+def _shared_string(strings: list[str], index: str) -> str:
+    try:
+        return strings[int(index)]
+    except IndexError:
+        raise ValueError(f"a cell refers to shared string {index}, but the workbook has {len(strings)}") from None
 
 
 def _first_value(inner: str) -> str | None:
@@ -603,17 +613,22 @@ def _first_value(inner: str) -> str | None:
 
 
 @lru_cache(maxsize=65_536)
-def _serial_date(serial: float, epoch: datetime, duration: bool = False) -> date | datetime | time | timedelta:
+def _serial_date(serial: float, epoch: datetime, duration: bool = False) -> date | datetime | time | timedelta | float:
     """An Excel serial number as calamine reads it: a duration for an elapsed-time format, a time
-    of day below 1, a date when it falls on midnight, otherwise a datetime (to the millisecond)."""
-    elapsed = timedelta(milliseconds=round(serial * 86_400_000))
-    if duration:
-        return elapsed
-    if serial < 1:
-        return (datetime.min + elapsed % timedelta(days=1)).time()
-    if epoch.year == 1899 and serial < 60:
-        elapsed += timedelta(days=1)  # 1900 system: Excel counts a 29 February 1900 as day 60
-    moment = epoch + elapsed
+    of day below 1, a date when it falls on midnight, otherwise a datetime (to the millisecond).
+    A serial no date or duration can hold stays the number, as calamine leaves it: that cell's row
+    is refused (not a date), not the whole file."""
+    try:
+        elapsed = timedelta(milliseconds=round(serial * 86_400_000))
+        if duration:
+            return elapsed
+        if serial < 1:
+            return (datetime.min + elapsed % timedelta(days=1)).time()
+        if epoch.year == 1899 and serial < 60:
+            elapsed += timedelta(days=1)  # 1900 system: Excel counts a 29 February 1900 as day 60
+        moment = epoch + elapsed
+    except (OverflowError, ValueError):  # beyond timedelta's 999,999,999 days or the year 9999
+        return serial
     return moment.date() if moment.time() == time() else moment
 
 

@@ -21,6 +21,7 @@ import msgspec
 
 from ledger.domain import RowIssue
 from ledger.money import plain
+from ledger.policy import LONGEST_TENURE
 
 CUSTOMER_COLUMNS = (
     "Customer ID",
@@ -45,6 +46,13 @@ LOAN_COLUMNS = (
 
 
 LARGEST = Decimal(10) ** 15
+# IDs up to 15 digits: the ID sequences go on from the highest imported one (a bigint, whose
+# last value 9,223,372,036,854,775,807 would leave none to give), and JSON clients that read
+# numbers as doubles keep every one of them exact.
+LARGEST_ID = 10**15 - 1
+LAST_DATE = date(9999, 12, 31)
+_SAFE_START = date(LAST_DATE.year - LONGEST_TENURE // 12 - 1, 1, 1)  # any tenure fits after it
+PHONES = (10**9, 10**15 - 1)  # 10 to 15 digits, as the API takes them
 SMALLEST = Decimal("0.000001")
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 
@@ -95,6 +103,9 @@ def check_header(file: str, header: list[Cell], expected: tuple[str, ...]) -> di
         raise UnreadableFile(
             f"{file}: missing column(s) {', '.join(missing)}; found {', '.join(n for n in names if n) or 'none'}"
         )
+    repeated = [col for col in expected if names.count(col) > 1]
+    if repeated:  # which of them holds the values? Not a guess to make for the lender.
+        raise UnreadableFile(f"{file}: column(s) {', '.join(repeated)} appear more than once in the header")
     return {col: positions[col] for col in expected}
 
 
@@ -107,9 +118,12 @@ def _integer(value: Cell, column: str) -> int:
         return value
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _WHOLE.fullmatch(value.strip()):  # ASCII digits ("²".isdigit() too)
         return int(value.strip())
     raise _BadCell(f"{column} is not a whole number: {value!r}")
+
+
+_WHOLE = re.compile(r"-?[0-9]{1,30}")  # more digits than an ID may have, few enough for int()
 
 
 # A file repeats the same rates, dates and customer IDs on many rows: each distinct value is made
@@ -188,14 +202,26 @@ def _at_least(number: int | Decimal, low: int, column: str) -> None:
         raise _BadCell(f"{column} must be at least {low}, got {number}")
 
 
+def _id(value: Cell, column: str) -> int:
+    number = _integer(value, column)
+    if not 1 <= number <= LARGEST_ID:
+        raise _BadCell(f"{column} must be 1 to {LARGEST_ID:,}, got {number}")
+    return number
+
+
+def _last_installment(start: date, tenure: int) -> None:
+    """The schedule's last due date must be a date: start + tenure months within the year 9999."""
+    if (LAST_DATE.year - start.year) * 12 + LAST_DATE.month - start.month < tenure:
+        raise _BadCell(f"Date of Approval {start} plus {tenure} months is past {LAST_DATE}")
+
+
 def parse_customer(file: str, row: int, cells: Mapping[str, Cell]) -> CustomerRecord | RowIssue:
     try:
-        customer_id = _integer(cells["Customer ID"], "Customer ID")
-        _at_least(customer_id, 1, "Customer ID")
+        customer_id = _id(cells["Customer ID"], "Customer ID")
         age = _integer(cells["Age"], "Age")
         _at_least(age, 0, "Age")
         phone = str(_integer(cells["Phone Number"], "Phone Number"))
-        if not 10 <= len(phone) <= 15:
+        if not PHONES[0] <= int(phone) <= PHONES[1]:
             raise _BadCell(f"Phone Number must have 10 to 15 digits, got {phone}")
         income = _decimal(cells["Monthly Salary"], "Monthly Salary")
         if income <= 0:
@@ -218,15 +244,14 @@ def parse_customer(file: str, row: int, cells: Mapping[str, Cell]) -> CustomerRe
 
 def parse_loan(file: str, row: int, cells: Mapping[str, Cell]) -> LoanRecord | RowIssue:
     try:
-        customer_id = _shared(_integer(cells["Customer ID"], "Customer ID"))
-        _at_least(customer_id, 1, "Customer ID")
-        loan_id = _integer(cells["Loan ID"], "Loan ID")
-        _at_least(loan_id, 1, "Loan ID")
+        customer_id = _shared(_id(cells["Customer ID"], "Customer ID"))
+        loan_id = _id(cells["Loan ID"], "Loan ID")
         amount = _decimal(cells["Loan Amount"], "Loan Amount")
         if amount <= 0:
             raise _BadCell(f"Loan Amount must be above 0, got {amount}")
         tenure = _integer(cells["Tenure"], "Tenure")
-        _at_least(tenure, 1, "Tenure")
+        if not 1 <= tenure <= LONGEST_TENURE:
+            raise _BadCell(f"Tenure must be 1 to {LONGEST_TENURE} months, got {tenure}")
         rate = _decimal(cells["Interest Rate"], "Interest Rate")
         if not 0 <= rate <= 100:
             raise _BadCell(f"Interest Rate must be between 0 and 100, got {rate}")
@@ -240,6 +265,7 @@ def parse_loan(file: str, row: int, cells: Mapping[str, Cell]) -> LoanRecord | R
         end = _date(cells["End Date"], "End Date")
         if end < start:
             raise _BadCell(f"End Date {end} is before Date of Approval {start}")
+        _last_installment(start, tenure)
         return LoanRecord(
             row=row,
             customer_id=customer_id,
@@ -292,11 +318,11 @@ def parse_customer_columns(numbers: list[int], columns: Mapping[str, Column]) ->
         limits = _numbers(columns["Approved Limit"], "Approved Limit")
         if ids is None or ages is None or phones is None or incomes is None or limits is None:
             return None
-        if min(ids) < 1 or min(ages) < 0 or min(incomes) <= 0 or min(limits) < 0:
+        if min(ids) < 1 or max(ids) > LARGEST_ID or min(ages) < 0 or min(incomes) <= 0 or min(limits) < 0:
+            return None
+        if min(phones) < PHONES[0] or max(phones) > PHONES[1]:
             return None
         phone_texts = list(map(str, phones))
-        if min(map(len, phone_texts)) < 10 or max(map(len, phone_texts)) > 15:
-            return None
         first_names = list(map(_text, columns["First Name"], repeat("First Name")))
         last_names = list(map(_text, columns["Last Name"], repeat("Last Name")))
     except _BadCell:
@@ -330,8 +356,10 @@ def parse_loan_columns(numbers: list[int], columns: Mapping[str, Column]) -> lis
         or ends is None
     ):
         return None
-    if min(customer_ids) < 1 or min(loan_ids) < 1 or min(tenures) < 1 or min(paid) < 0:
+    if min(customer_ids) < 1 or min(loan_ids) < 1 or max(customer_ids) > LARGEST_ID or max(loan_ids) > LARGEST_ID:
         return None
+    if min(tenures) < 1 or max(tenures) > LONGEST_TENURE or min(paid) < 0 or max(starts) > _SAFE_START:
+        return None  # (a start after _SAFE_START may still be fine: the row check says)
     if min(amounts) <= 0 or min(rates) < 0 or max(rates) > 100 or min(payments) < 0:
         return None
     if any(map(operator.gt, paid, tenures)) or any(map(operator.lt, ends, starts)):

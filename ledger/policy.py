@@ -14,6 +14,7 @@ from decimal import ROUND_HALF_UP, Decimal, localcontext
 from ledger.calendar import installments_due
 from ledger.money import to_money
 
+LONGEST_TENURE = 600  # months, for a loan requested through the API or imported from a file
 ONE_LAKH = Decimal(100_000)
 LIMIT_MULTIPLE = 36
 AFFORDABILITY_SHARE = Decimal("0.5")

@@ -74,7 +74,7 @@ def test_bad_customer_cells_are_named(column: str, value: object, reason: str) -
     ("change", "reason"),
     [
         ({"Loan Amount": 0.0}, "Loan Amount must be above 0"),
-        ({"Tenure": 0.0}, "Tenure must be at least 1"),
+        ({"Tenure": 0.0}, "Tenure must be 1 to 600 months"),
         ({"Interest Rate": 101.0}, "Interest Rate must be between 0 and 100"),
         ({"EMIs paid on Time": 130.0}, "EMIs paid on Time (130) is more than the Tenure (129)"),
         ({"End Date": date(2017, 3, 8)}, "End Date 2017-03-08 is before Date of Approval 2017-03-09"),
@@ -92,6 +92,12 @@ def test_a_header_without_the_expected_columns_refuses_the_file() -> None:
     with pytest.raises(UnreadableFile, match="missing column\\(s\\) Age, Approved Limit"):
         check_header("c.xlsx", ["Customer ID", "First Name", "Last Name", "Phone Number", "Monthly Salary"], CUSTOMER_COLUMNS)
     assert check_header("c.xlsx", [" Customer ID ", *CUSTOMER_COLUMNS[1:]], CUSTOMER_COLUMNS)["Customer ID"] == 0
+
+
+def test_a_header_that_names_a_column_twice_refuses_the_file() -> None:
+    # Which of the two holds the values? The last one used to win, silently.
+    with pytest.raises(UnreadableFile, match="column\\(s\\) Loan Amount appear more than once in the header"):
+        check_header("l.xlsx", [*LOAN_COLUMNS, "Notes", " Loan Amount"], LOAN_COLUMNS)
 
 
 @pytest.mark.parametrize(

@@ -149,3 +149,61 @@ def test_an_import_defers_full_collections_and_gives_the_thresholds_back(tmp_pat
     job_id, _ = ledger.request_import(str(tmp_path / "missing.xlsx"), str(loans))
     assert run_import(ledger, job_id, tmp_path / "missing.xlsx", loans, 10)["state"] == "failed"
     assert gc.get_threshold() == before
+
+
+def test_cells_no_id_sequence_date_or_schedule_can_take_are_row_issues_and_the_good_rows_stay(tmp_path: Path) -> None:
+    # Each of these once failed the whole job ("the import stopped: ValueError ...", a setval on
+    # a numeric, a date serial beyond timedelta), or imported and broke the ledger after: an ID
+    # of 2**63 - 1 left the ID sequences nothing to give (every register and create-loan a 500),
+    # and a schedule past the year 9999 made the loan's endpoints 500.
+    customers = _write(
+        tmp_path / "c.xlsx",
+        CUSTOMER_COLUMNS,
+        [
+            CUSTOMER,
+            [2, "Max", "Id", 30, 9876543211, 50000, 1800000],
+            ["9223372036854775807", "Top", "Id", 30, 9876543212, 50000, 1800000],
+            [4, "Neg", "Phone", 30, -910000005, 50000, 1800000],
+        ],
+    )
+    bad_loans = [
+        ["²", *LOAN[1:]],  # "²".isdigit() is True; int("²") raises
+        [1, 11, 100000, "--5", 12, 8885, 6, "2024-01-01", "2025-01-01"],
+        [1, "99999999999999999999", *LOAN[2:]],  # beyond a bigint
+        [1, 13, 100000, 100_000, 12, 8885, 6, "2024-01-01", "2025-01-01"],  # tenure over 600 months
+        [1, 14, 100000, 12, 12, 8885, 6, "9999-06-01", "9999-12-01"],  # due dates past 9999-12-31
+    ]
+    loans = _write(tmp_path / "l.xlsx", LOAN_COLUMNS, [LOAN, *bad_loans, [1, 15, *LOAN[2:7], None, "2025-01-01"]])
+    book = openpyxl.load_workbook(loans)
+    sheet = book.active
+    assert sheet is not None
+    sheet.cell(row=8, column=8, value=1e9).number_format = "yyyy-mm-dd"  # no date can hold it
+    book.save(loans)
+    read_customers, read_loans, issues = read_history(customers, loans)
+    assert [c.customer_id for c in read_customers] == [1, 2]
+    assert [ln.loan_id for ln in read_loans] == [10]
+    reasons = {(i.file, i.row): i.reason for i in issues}
+    assert reasons == {
+        ("c.xlsx", 4): "Customer ID must be 1 to 999,999,999,999,999, got 9223372036854775807",
+        ("c.xlsx", 5): "Phone Number must have 10 to 15 digits, got -910000005",
+        ("l.xlsx", 3): "Customer ID is not a whole number: '²'",
+        ("l.xlsx", 4): "Tenure is not a whole number: '--5'",
+        ("l.xlsx", 5): "Loan ID must be 1 to 999,999,999,999,999, got 99999999999999999999",
+        ("l.xlsx", 6): "Tenure must be 1 to 600 months, got 100000",
+        ("l.xlsx", 7): "Date of Approval 9999-06-01 plus 12 months is past 9999-12-31",
+        ("l.xlsx", 8): "Date of Approval is not a date: 1000000000.0",
+    }
+
+
+def test_a_cell_naming_a_shared_string_the_workbook_lacks_says_so(tmp_path: Path) -> None:
+    loans = _write(tmp_path / "l.xlsx", LOAN_COLUMNS, [LOAN])
+    damaged = tmp_path / "damaged.xlsx"
+    with zipfile.ZipFile(loans) as source, zipfile.ZipFile(damaged, "w", zipfile.ZIP_DEFLATED) as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "xl/worksheets/sheet1.xml":
+                data = data.replace(b'<c r="A2" t="n"><v>1</v></c>', b'<c r="A2" t="s"><v>999</v></c>')
+            target.writestr(item, data)
+    customers = _write(tmp_path / "c.xlsx", CUSTOMER_COLUMNS, [CUSTOMER])
+    with pytest.raises(xlsx.UnreadableFile, match=r"damaged\.xlsx: .*a cell refers to shared string 999, but the workbook has 0"):
+        read_history(customers, damaged)
