@@ -126,8 +126,17 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_id(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a job ID (a UUID such as b5e7d356-e33a-446d-a371-c3e7cfd925e9): {text!r}"
+        ) from None
+
+
 def cmd_import_report(args: argparse.Namespace) -> int:
-    row = _job_row(Settings.from_env(), UUID(args.job_id))
+    row = _job_row(Settings.from_env(), args.job_id)
     if row is None:
         print(f"no import job {args.job_id}", file=sys.stderr)
         return 1
@@ -361,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     imp.set_defaults(func=cmd_import)
 
     report = commands.add_parser("import-report", help="show an import job's state, progress and rejected rows")
-    report.add_argument("job_id", help="the job ID that `ledger import` or POST /imports gave")
+    report.add_argument("job_id", type=_job_id, help="the job ID that `ledger import` or POST /imports gave")
     report.set_defaults(func=cmd_import_report)
 
     commands.add_parser("rebuild", help="replay every event into fresh read-model tables and swap them in").set_defaults(

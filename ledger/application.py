@@ -611,7 +611,10 @@ class Ledger(Application[UUID]):
                 report.customers_already_present += 1
         elif record is None:
             report.issues += [
-                RowIssue(labels[1], r.row, f"Customer ID {file_id} is in neither the customer file nor the ledger") for r in rows
+                RowIssue(
+                    labels[1], r.row, f"Customer ID {file_id} has no accepted row in the customer file and is not in the ledger"
+                )
+                for r in rows
             ]
             return []
 

@@ -7,7 +7,9 @@ import subprocess
 import threading
 import time
 
-from infra.cli import throwaway_hint, wait_until_serving
+import pytest
+
+from infra.cli import main, throwaway_hint, wait_until_serving
 
 
 def test_the_hint_gives_the_exports_for_the_throwaway_servers_started() -> None:
@@ -72,3 +74,10 @@ def test_run_stops_waiting_when_the_api_process_exits() -> None:
     started = time.monotonic()
     assert not wait_until_serving("http://127.0.0.1:9", process)
     assert time.monotonic() - started < 10
+
+
+def test_a_job_id_that_is_not_a_uuid_is_a_usage_error_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["import-report", "not-a-uuid"])
+    assert exited.value.code == 2
+    assert "argument job_id: not a job ID (a UUID such as" in capsys.readouterr().err

@@ -165,7 +165,11 @@ def test_import_reports_a_phone_already_taken_and_a_loan_without_customer(ledger
             "row": 2,
             "reason": "its customer row 2 was rejected: Phone Number 9000000007 already belongs to another customer",
         },
-        {"file": "loans.xlsx", "row": 3, "reason": "Customer ID 99 is in neither the customer file nor the ledger"},
+        {
+            "file": "loans.xlsx",
+            "row": 3,
+            "reason": "Customer ID 99 has no accepted row in the customer file and is not in the ledger",
+        },
     ]
 
 
