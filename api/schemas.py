@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
+from ledger.history import PHONES
 from ledger.policy import LONGEST_TENURE
 
 BIGINT = 2**63 - 1
@@ -44,7 +45,7 @@ Rate = Annotated[
 ]
 Tenure = Annotated[int, Meta(ge=1, le=LONGEST_TENURE, description="Months")]
 Phone = (
-    Annotated[int, Meta(ge=10**9, le=10**15 - 1, description="10 to 15 digits")]
+    Annotated[int, Meta(ge=PHONES[0], le=PHONES[1], description="10 to 15 digits")]
     | Annotated[str, Meta(pattern=r"^[1-9][0-9]{9,14}$(?!\n)", description="10 to 15 digits, no leading zero")]
 )
 

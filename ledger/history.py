@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import msgspec
 
+from ledger.calendar import add_months
 from ledger.domain import RowIssue
 from ledger.money import plain
 from ledger.policy import LONGEST_TENURE
@@ -52,7 +53,7 @@ LARGEST = Decimal(10) ** 15
 LARGEST_ID = 10**15 - 1
 LAST_DATE = date(9999, 12, 31)
 _SAFE_START = date(LAST_DATE.year - LONGEST_TENURE // 12 - 1, 1, 1)  # any tenure fits after it
-PHONES = (10**9, 10**15 - 1)  # 10 to 15 digits, as the API takes them
+PHONES = (10**9, 10**15 - 1)  # 10 to 15 digits: the import's bounds and the API's (api.schemas.Phone)
 SMALLEST = Decimal("0.000001")
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 
@@ -214,8 +215,10 @@ def _id(value: Cell, column: str) -> int:
 
 def _last_installment(start: date, tenure: int) -> None:
     """The schedule's last due date must be a date: start + tenure months within the year 9999."""
-    if (LAST_DATE.year - start.year) * 12 + LAST_DATE.month - start.month < tenure:
-        raise _BadCell(f"Date of Approval {start} plus {tenure} months is past {LAST_DATE}")
+    try:
+        add_months(start, tenure)  # as the schedule finds its due dates
+    except ValueError:  # the year 10000 or later
+        raise _BadCell(f"Date of Approval {start} plus {tenure} months is past {LAST_DATE}") from None
 
 
 def parse_customer(file: str, row: int, cells: Mapping[str, Cell]) -> CustomerRecord | RowIssue:
