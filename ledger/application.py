@@ -11,7 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
@@ -271,10 +271,10 @@ class Ledger(Application[UUID]):
         )
         claim = PhoneNumber.claim(phone_number, customer.customer_id)
         try:
-            recordings = self.save(customer, claim)
+            saved = self._save_once(customer, claim)
         except RecordConflictError:
             raise PhoneNumberTaken(f"phone number {phone_number} already belongs to a customer") from None
-        return Registration(**Saved.of(recordings), customer=customer)
+        return Registration(**saved, customer=customer)
 
     def get_customer(self, customer_id: int) -> Customer:
         try:
@@ -355,12 +355,35 @@ class Ledger(Application[UUID]):
             if not to_save:
                 return Booking(response=response)
             try:
-                recordings = self.save(*to_save)
+                saved = self._save_once(*to_save)
             except RecordConflictError:
                 _back_off(n)
                 continue
-            return Booking(**Saved.of(recordings), response=response)
+            return Booking(**saved, response=response)
         raise Contention(busy)
+
+    def _save_once(self, *aggregates: Aggregate) -> dict[str, Any]:
+        """`save`, telling a conflict with another writer from one with this very save.
+
+        The recorder retries an insert whose connection broke. When the break came after the
+        database committed (a crash or a network fault at the commit), the retry conflicts with
+        the first try's own events, and a command taking that for a concurrent change would
+        decide again: a second loan for one request, or a 409 for the customer it registered.
+        So after a conflict, read back the last new event: if the store holds this very event
+        (its timestamp to the microsecond and every field), the save was recorded."""
+        pending = [event for aggregate in aggregates for event in aggregate.pending_events]
+        try:
+            return Saved.of(self.save(*aggregates))
+        except RecordConflictError:
+            if not pending or not self._recorded(pending[-1]):
+                raise
+        # The first try's notification IDs are lost with its answer; the log's end is at or after them.
+        return {"last_position": self.recorder.max_notification_id(), "events": len(pending)}
+
+    def _recorded(self, event: Any) -> bool:
+        version = event.originator_version
+        stored = self.recorder.select_events(event.originator_id, gt=version - 1, lte=version, limit=1)
+        return bool(stored) and self.mapper.to_domain_event(stored[0]) == event
 
     def _idempotent_response(self, key: str, fingerprint: str) -> dict[str, Any] | None:
         try:
@@ -441,7 +464,7 @@ class Ledger(Application[UUID]):
 
     def request_import(self, customers_file: str, loans_file: str, job_id: UUID | None = None) -> tuple[UUID, Saved]:
         job = ImportJob.request(job_id or uuid4(), customers_file, loans_file)
-        return job.id, Saved(**Saved.of(self.save(job)))
+        return job.id, Saved(**self._save_once(job))
 
     def get_import_job(self, job_id: UUID) -> ImportJob:
         return self.repository.get(job_id)
@@ -449,7 +472,7 @@ class Ledger(Application[UUID]):
     def fail_import(self, job_id: UUID, reason: str) -> Saved:
         job = self.get_import_job(job_id)
         job.fail(reason)
-        return Saved(**Saved.of(self.save(job)))
+        return Saved(**self._save_once(job))
 
     def import_history(
         self,
@@ -495,7 +518,7 @@ class Ledger(Application[UUID]):
         rows_done = len(report.issues)
         job.start(total_rows)
         job.progress(rows_done, [i.as_dict() for i in report.issues])
-        self.save(job)
+        self._save_once(job)
         if customers:
             self.ids.reserve_customer_ids_through(max(c.customer_id for c in customers))
         # A file's Loan ID above `contested` is held by no one: no booking, no earlier import. Only the
@@ -533,7 +556,7 @@ class Ledger(Application[UUID]):
                 job = self._stored(job_id, *storing, plan, report, on_batch, total_rows) or job
 
         job.complete(report.summary())
-        self.save(job)
+        self._save_once(job)
         return report
 
     def _plan_batch(self, job: ImportJob, units: list[Unit], rows_before: int, plan: _ImportPlan) -> _PlannedBatch:
@@ -549,7 +572,7 @@ class Ledger(Application[UUID]):
             aggregates += self._import_unit(record, cid, loans, claims, plan.labels, known, report)
         job.progress(rows_before + rows, [i.as_dict() for i in report.issues])
         aggregates.append(job)
-        return _PlannedBatch(units, rows_before, rows_before + rows, aggregates, report)
+        return _PlannedBatch(units, rows_before, rows_before + rows, aggregates, report, job.pending_events[-1])
 
     def _stored(
         self,
@@ -568,20 +591,26 @@ class Ledger(Application[UUID]):
         try:
             saving.result()
         except RecordConflictError:
-            for attempt in range(SAVE_ATTEMPTS):
-                _back_off(attempt)
-                job = self.get_import_job(job_id)
-                planned = self._plan_batch(job, planned.units, planned.rows_before, plan)
-                try:
-                    self.save(*planned.aggregates)
-                    break
-                except RecordConflictError:
-                    if attempt == SAVE_ATTEMPTS - 1:
-                        raise
+            if not self._recorded(planned.last_event):  # else the batch went in, its answer lost (see _save_once)
+                planned = self._store_again(job_id, planned, plan)
+                job = cast(ImportJob, planned.aggregates[-1])
         report.add(planned.report)
         if on_batch is not None:
             on_batch(planned.rows_after, total_rows)
         return job
+
+    def _store_again(self, job_id: UUID, planned: _PlannedBatch, plan: _ImportPlan) -> _PlannedBatch:
+        """Plans the batch again on the reloaded job, and saves it, until it meets no concurrent change."""
+        for attempt in range(SAVE_ATTEMPTS):
+            _back_off(attempt)
+            planned = self._plan_batch(self.get_import_job(job_id), planned.units, planned.rows_before, plan)
+            try:
+                self._save_once(*planned.aggregates)
+                return planned
+            except RecordConflictError:
+                if attempt == SAVE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _import_unit(
         self,
@@ -708,6 +737,7 @@ class _PlannedBatch:
     rows_after: int
     aggregates: list[Aggregate]  # the job last
     report: ImportReport
+    last_event: Any  # the job's progress, saved last: stored means the batch went in
 
 
 class _FreshLoanIds:

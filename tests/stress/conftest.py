@@ -53,9 +53,11 @@ class Served:
     def settings(self) -> Settings:
         return _settings(self.env)
 
-    def start(self, name: str, *args: str, **extra_env: str) -> None:
-        with (self.workdir / f"{name}.log").open("ab") as log:
-            self.processes[name] = subprocess.Popen(
+    def start(self, name: str, *args: str, as_name: str | None = None, **extra_env: str) -> None:
+        """Run `ledger <name> <args>`; `as_name` keeps a second one apart (its log and stop)."""
+        key = as_name or name
+        with (self.workdir / f"{key}.log").open("ab") as log:
+            self.processes[key] = subprocess.Popen(
                 [sys.executable, "-m", "infra.cli", name, *args],
                 env={**self.env, **extra_env},
                 cwd=REPO_ROOT,
@@ -82,12 +84,12 @@ class Served:
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
 
-    def start_worker(self, **extra_env: str) -> None:
-        logged = len(self.log("worker")) if (self.workdir / "worker.log").exists() else 0
-        self.start("worker", "--concurrency", "2", **extra_env)
+    def start_worker(self, as_name: str = "worker", **extra_env: str) -> None:
+        logged = len(self.log(as_name)) if (self.workdir / f"{as_name}.log").exists() else 0
+        self.start("worker", "--concurrency", "2", as_name=as_name, **extra_env)
         deadline = time.monotonic() + 30
-        while "ready." not in self.log("worker")[logged:]:
-            assert time.monotonic() < deadline, self.log("worker")
+        while "ready." not in self.log(as_name)[logged:]:
+            assert time.monotonic() < deadline, self.log(as_name)
             time.sleep(0.1)
 
     def start_api(self) -> None:

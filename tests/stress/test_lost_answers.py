@@ -1,0 +1,103 @@
+"""A commit whose answer is lost: the database committed, the connection broke before the client
+heard so (a crash or a network break at that moment), and the library's recorder retried the
+insert on a fresh connection. The retry conflicts with the first try's own events. Taking that for
+a concurrent change booked a second loan for one request, answered 409 to the registration it had
+just recorded, and replanned an import batch that was already in. The API and the worker here
+reach PostgreSQL through a proxy that drops the answer to chosen commits (tests/stress/netfault.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+
+from infra.stack import free_port
+from tests.integration.conftest import wait_healthy
+from tests.stress.conftest import Served, follow
+from tests.stress.netfault import CommitAnswerCutter
+
+
+@pytest.fixture(scope="module")
+def cutter(served: Served) -> Iterator[CommitAnswerCutter]:
+    cut = CommitAnswerCutter(served.pg.port)
+    yield cut
+    cut.close()
+
+
+@pytest.fixture
+def cut_api(served: Served, cutter: CommitAnswerCutter) -> Iterator[str]:
+    """A third API process whose PostgreSQL connections pass through the cutter."""
+    port = free_port()
+    served.start(
+        "api", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        as_name="api-cut", DATABASE_URL=cutter.url(served.env["DATABASE_URL"]),
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, lambda: served.log("api-cut"))
+        yield base
+    finally:
+        served.stop("api-cut")
+
+
+def count_events(served: Served, topic: str) -> int:
+    return int(served.scalar(f"SELECT count(*) FROM ledger_events WHERE topic LIKE '%{topic}'"))
+
+
+def test_a_registration_and_a_booking_whose_commit_answers_are_lost_are_recorded_once_and_answered(
+    served: Served, cutter: CommitAnswerCutter, cut_api: str, figures: dict[str, Any]
+) -> None:
+    body = {"first_name": "Lost", "last_name": "Answer", "age": 41, "monthly_income": 200_000, "phone_number": 9_340_000_001}
+    registered_before = count_events(served, "Customer.Registered")
+    booked_before = count_events(served, "Loan.Booked")
+    cuts_before = cutter.cuts
+    with httpx.Client(base_url=cut_api, timeout=60) as client:
+        cutter.arm()
+        registered = client.post("/register", json=body)
+        assert cutter.cuts == cuts_before + 1
+        assert registered.status_code == 201, registered.text  # was 409: "phone number ... already belongs to a customer"
+        customer_id = registered.json()["customer_id"]
+        cutter.arm()
+        booking = {"customer_id": customer_id, "loan_amount": 100_000, "interest_rate": 14, "tenure": 12}
+        booked = client.post("/create-loan", json=booking)
+        assert cutter.cuts == cuts_before + 2
+        assert booked.status_code == 201, booked.text
+        assert booked.json()["loan_approved"] is True
+    assert count_events(served, "Customer.Registered") == registered_before + 1
+    assert count_events(served, "Loan.Booked") == booked_before + 1  # was 2 loans for the one request
+    served.wait_caught_up()
+    with served.client() as client:
+        loans = client.get(f"/view-loans/{customer_id}").json()
+    assert [loan["loan_id"] for loan in loans] == [booked.json()["loan_id"]]
+    figures.update(answers_cut=cutter.cuts - cuts_before, **served.audit())
+
+
+def test_an_import_whose_every_commit_answer_is_lost_reports_and_records_exactly(
+    served: Served, cutter: CommitAnswerCutter, figures: dict[str, Any]
+) -> None:
+    """A worker whose connections pass through the cutter, every commit's answer lost once: the
+    job's start, each batch with its progress, the job's end, and the projection's pages."""
+    served.stop("worker")
+    cuts_before = cutter.cuts
+    cutter.arm(10_000)
+    served.start_worker(as_name="worker-cut", DATABASE_URL=cutter.url(served.env["DATABASE_URL"]), IMPORT_BATCH_SIZE="50")
+    try:
+        with served.client() as client:
+            job = follow(client, client.post("/imports").json()["job_id"])
+    finally:
+        served.stop("worker-cut")
+        cuts = cutter.cuts - cuts_before
+        cutter.disarm()
+        served.start_worker()
+    assert job["state"] == "completed", job
+    summary = job["summary"]
+    assert (summary["customers_imported"], summary["customers_already_present"]) == (300, 0), summary
+    assert (summary["loans_imported"], summary["loans_already_present"]) == (782, 0), summary
+    assert len(summary["rekeyed_loans"]) == 29
+    assert job["rows_done"] == job["total_rows"] == 1082
+    assert cuts >= 8, cuts  # the job's start, seven batches of 50 customers (and their loans), the job's end
+    assert served.scalar("SELECT count(*) FROM readmodel.customers WHERE origin = 'imported'") == 300
+    assert served.scalar("SELECT count(*) FROM readmodel.loans WHERE origin = 'imported'") == 782
+    figures.update(answers_cut=cuts, **served.audit())
