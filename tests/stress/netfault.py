@@ -1,18 +1,18 @@
-"""A TCP proxy in front of PostgreSQL that can lose the answer to one commit.
+"""A TCP proxy in front of PostgreSQL that can lose the answer to a commit.
 
 This is the fault of a server that crashes, or a network that breaks, just after a commit: the
-transaction is durable but the client never hears so. The proxy passes every byte through, and
-once armed it drops the connection instead of forwarding the next answer `COMMIT` to a
-transaction that inserted rows (the event store's append)."""
+transaction is durable but the client never hears so. The proxy passes every byte through and
+reads the server's messages as they pass. Once armed, it drops the connection instead of
+forwarding the answer `COMMIT` to a transaction that inserted rows. `appends` counts the cuts of
+the event store's appends: an INSERT returning `notification_id` (the other cuts are the read
+model's pages)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
-
-COMMIT_DONE = b"C\x00\x00\x00\x0bCOMMIT\x00"  # the CommandComplete message for a COMMIT
-INSERT_DONE = b"INSERT 0 "  # the start of an INSERT's CommandComplete tag
 
 
 class CommitAnswerCutter:
@@ -21,15 +21,18 @@ class CommitAnswerCutter:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.listener.getsockname()[1]
         self.cuts = 0
+        self.appends = 0
         self._armed = 0
         self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def url(self, database_url: str) -> str:
-        host, _, rest = database_url.rpartition("@")
-        return f"{host}@127.0.0.1:{self.port}/{rest.split('/', 1)[1]}"
+        credentials, _, rest = database_url.rpartition("@")
+        return f"{credentials}@127.0.0.1:{self.port}/{rest.split('/', 1)[1]}"
 
     def arm(self, times: int = 1) -> None:
+        """Lose the answers to the next `times` commits of transactions that inserted rows."""
         with self._lock:
             self._armed += times
 
@@ -38,7 +41,14 @@ class CommitAnswerCutter:
             self._armed = 0
 
     def close(self) -> None:
+        """Stop accepting and break every connection still open."""
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
+        with self._lock:
+            ends, self._open = list(self._open), set()
+        for end in ends:
+            _close(end)
 
     def _accept(self) -> None:
         while True:
@@ -46,36 +56,85 @@ class CommitAnswerCutter:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                _close(client)  # PostgreSQL is down: the client sees the connection refused
+                continue
+            with self._lock:
+                self._open.update((client, server))
+            threading.Thread(target=self._requests, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._answers, args=(server, client), daemon=True).start()
 
-    def _take_cut(self) -> bool:
+    def _take_cut(self, append: bool) -> bool:
         with self._lock:
             if self._armed == 0:
                 return False
             self._armed -= 1
             self.cuts += 1
+            self.appends += append
             return True
 
-    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
-        inserted = False
-        tail = b""
+    def _requests(self, client: socket.socket, server: socket.socket) -> None:
         try:
-            while chunk := source.recv(65536):
-                if answers:
-                    seen = tail + chunk
-                    inserted = inserted or INSERT_DONE in seen
-                    if COMMIT_DONE in seen:
-                        if inserted and self._take_cut():
-                            return  # the commit is durable; its answer is lost with the connection
-                        inserted, seen = False, b""
-                    tail = seen[-16:]
-                sink.sendall(chunk)
+            while chunk := client.recv(65536):
+                server.sendall(chunk)
         except OSError:
             pass
         finally:
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-                end.close()
+            self._drop(client, server)
+
+    def _answers(self, server: socket.socket, client: socket.socket) -> None:
+        """Forward the server's messages whole, noting what the current transaction did."""
+        buffer = b""
+        negotiating = True  # before authentication, a lone b"N" refuses SSL or GSS encryption
+        inserted = appended = returns_positions = False
+        try:
+            while chunk := server.recv(65536):
+                buffer += chunk
+                forward = 0
+                while True:
+                    if negotiating and buffer[forward : forward + 1] == b"N":
+                        forward += 1
+                        continue
+                    if len(buffer) - forward < 5:
+                        break
+                    kind = buffer[forward : forward + 1]
+                    (length,) = struct.unpack("!i", buffer[forward + 1 : forward + 5])
+                    end = forward + 1 + length
+                    if len(buffer) < end:
+                        break
+                    body = buffer[forward + 5 : end]
+                    if kind == b"R":
+                        negotiating = False
+                    elif kind == b"T":  # RowDescription
+                        returns_positions = b"notification_id\x00" in body
+                    elif kind == b"C":  # CommandComplete
+                        tag = body.rstrip(b"\x00")
+                        if tag.startswith(b"INSERT"):
+                            inserted, appended = True, appended or returns_positions
+                        elif tag == b"COMMIT" and inserted and self._take_cut(appended):
+                            client.sendall(buffer[:forward])
+                            return  # the commit is durable; its answer is lost with the connection
+                        returns_positions = False
+                    elif kind == b"Z" and body == b"I":  # ReadyForQuery, outside a transaction
+                        inserted = appended = False
+                    forward = end
+                client.sendall(buffer[:forward])
+                buffer = buffer[forward:]
+        except OSError:
+            pass
+        finally:
+            self._drop(server, client)
+
+    def _drop(self, *ends: socket.socket) -> None:
+        with self._lock:
+            self._open.difference_update(ends)
+        for end in ends:
+            _close(end)
+
+
+def _close(end: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        end.shutdown(socket.SHUT_RDWR)
+    end.close()

@@ -46,12 +46,13 @@ def count_events(served: Served, topic: str) -> int:
     return int(served.scalar(f"SELECT count(*) FROM ledger_events WHERE topic LIKE '%{topic}'"))
 
 
-def test_a_registration_and_a_booking_whose_commit_answers_are_lost_are_recorded_once_and_answered(
+def test_a_registration_a_booking_and_a_repayment_whose_commit_answers_are_lost_are_recorded_once_and_answered(
     served: Served, cutter: CommitAnswerCutter, cut_api: str, figures: dict[str, Any]
 ) -> None:
     body = {"first_name": "Lost", "last_name": "Answer", "age": 41, "monthly_income": 200_000, "phone_number": 9_340_000_001}
     registered_before = count_events(served, "Customer.Registered")
     booked_before = count_events(served, "Loan.Booked")
+    repaid_before = count_events(served, "Loan.RepaymentRecorded")
     cuts_before = cutter.cuts
     with httpx.Client(base_url=cut_api, timeout=60) as client:
         cutter.arm()
@@ -65,12 +66,20 @@ def test_a_registration_and_a_booking_whose_commit_answers_are_lost_are_recorded
         assert cutter.cuts == cuts_before + 2
         assert booked.status_code == 201, booked.text
         assert booked.json()["loan_approved"] is True
+        loan_id = booked.json()["loan_id"]
+        cutter.arm()
+        paid = client.post(f"/loans/{loan_id}/repayments", json={})
+        assert cutter.cuts == cuts_before + 3
+        assert paid.status_code == 201, paid.text
+        assert paid.json()["installment"] == 1
     assert count_events(served, "Customer.Registered") == registered_before + 1
     assert count_events(served, "Loan.Booked") == booked_before + 1  # was 2 loans for the one request
+    assert count_events(served, "Loan.RepaymentRecorded") == repaid_before + 1  # was installments 1 and 2
+    assert cutter.appends == cutter.cuts
     served.wait_caught_up()
     with served.client() as client:
         loans = client.get(f"/view-loans/{customer_id}").json()
-    assert [loan["loan_id"] for loan in loans] == [booked.json()["loan_id"]]
+    assert [(loan["loan_id"], loan["repayments_left"]) for loan in loans] == [(loan_id, 11)]
     figures.update(answers_cut=cutter.cuts - cuts_before, **served.audit())
 
 
@@ -80,7 +89,7 @@ def test_an_import_whose_every_commit_answer_is_lost_reports_and_records_exactly
     """A worker whose connections pass through the cutter, every commit's answer lost once: the
     job's start, each batch with its progress, the job's end, and the projection's pages."""
     served.stop("worker")
-    cuts_before = cutter.cuts
+    cuts_before, appends_before = cutter.cuts, cutter.appends
     cutter.arm(10_000)
     served.start_worker(as_name="worker-cut", DATABASE_URL=cutter.url(served.env["DATABASE_URL"]), IMPORT_BATCH_SIZE="50")
     try:
@@ -88,7 +97,7 @@ def test_an_import_whose_every_commit_answer_is_lost_reports_and_records_exactly
             job = follow(client, client.post("/imports").json()["job_id"])
     finally:
         served.stop("worker-cut")
-        cuts = cutter.cuts - cuts_before
+        cuts, appends = cutter.cuts - cuts_before, cutter.appends - appends_before
         cutter.disarm()
         served.start_worker()
     assert job["state"] == "completed", job
@@ -97,7 +106,8 @@ def test_an_import_whose_every_commit_answer_is_lost_reports_and_records_exactly
     assert (summary["loans_imported"], summary["loans_already_present"]) == (782, 0), summary
     assert len(summary["rekeyed_loans"]) == 29
     assert job["rows_done"] == job["total_rows"] == 1082
-    assert cuts >= 8, cuts  # the job's start, seven batches of 50 customers (and their loans), the job's end
+    assert appends == 1 + 6 + 1, appends  # the job's start, six batches of 50 customers with their loans, its end
+    assert cuts > appends  # the projection's pages lost their answers too
     assert served.scalar("SELECT count(*) FROM readmodel.customers WHERE origin = 'imported'") == 300
     assert served.scalar("SELECT count(*) FROM readmodel.loans WHERE origin = 'imported'") == 782
-    figures.update(answers_cut=cuts, **served.audit())
+    figures.update(answers_cut=cuts, appends_cut=appends, **served.audit())

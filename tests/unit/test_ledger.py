@@ -93,6 +93,27 @@ def test_a_save_that_meets_its_own_recorded_events_is_recorded_and_another_confl
     assert ledger.recorder.max_notification_id() == before + 1
 
 
+def test_a_lost_answer_at_the_50th_event_still_snapshots_and_a_snapshot_already_stored_is_no_conflict(ledger: Ledger) -> None:
+    customer_id = ledger.register_customer("Raj", "Kumar", 40, "9876500001", D(10_000_000)).customer.customer_id
+    for _ in range(48):
+        ledger.book_loan(customer_id, LoanRequest(D(10_000), D(16), 12))
+    assert ledger.snapshots is not None
+    customer = ledger.get_customer(customer_id)
+    customer.book_loan(_terms(900))  # version 50: a snapshot is due
+    ledger.events.put(copy.deepcopy(customer).collect_events())  # the first try: the events, then its answer lost
+    ledger._save_once(customer)
+    assert [s.originator_version for s in ledger.snapshots.get(customer_uuid(customer_id))] == [50]
+
+    other = ledger.register_customer("Raj", "Kumar", 40, "9876500002", D(10_000_000)).customer.customer_id
+    for _ in range(48):
+        ledger.book_loan(other, LoanRequest(D(10_000), D(16), 12))
+    customer = ledger.get_customer(other)
+    customer.book_loan(_terms(901))
+    ledger.save(copy.deepcopy(customer))  # the first try: the events and the snapshot, the snapshot's answer lost
+    ledger._save_once(customer)
+    assert [s.originator_version for s in ledger.snapshots.get(customer_uuid(other))] == [50]
+
+
 def _terms(loan_id: int) -> LoanTerms:
     return LoanTerms(
         loan_id=loan_id,
