@@ -8,6 +8,7 @@ reach PostgreSQL through a proxy that drops the answer to chosen commits (tests/
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2 as httpx
@@ -111,3 +112,45 @@ def test_an_import_whose_every_commit_answer_is_lost_reports_and_records_exactly
     assert served.scalar("SELECT count(*) FROM readmodel.customers WHERE origin = 'imported'") == 300
     assert served.scalar("SELECT count(*) FROM readmodel.loans WHERE origin = 'imported'") == 782
     figures.update(answers_cut=cuts, appends_cut=appends, **served.audit())
+
+
+def test_concurrent_bookings_with_lost_answers_among_real_conflicts_book_exactly_what_was_answered(
+    served: Served, cutter: CommitAnswerCutter, cut_api: str, figures: dict[str, Any]
+) -> None:
+    """Eight clients book for four customers at once, so saves conflict for real, while the answers
+    to twenty commits are lost: every 201 is one loan, and every loan was answered with a 201."""
+    with served.client() as client:
+        customers = [
+            client.post(
+                "/register",
+                json={
+                    "first_name": "Busy",
+                    "last_name": "Lost",
+                    "age": 35,
+                    "monthly_income": 300_000,
+                    "phone_number": 9_340_000_100 + n,
+                },
+            ).json()["customer_id"]
+            for n in range(4)
+        ]
+    requests = [{"customer_id": customers[n % 4], "loan_amount": 50_000, "interest_rate": 14, "tenure": 12} for n in range(40)]
+    cuts_before = cutter.cuts
+    cutter.arm(20)
+    with httpx.Client(base_url=cut_api, timeout=120) as client, ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda body: client.post("/create-loan", json=body), requests))
+    cutter.disarm()
+    assert cutter.cuts - cuts_before == 20
+    assert sorted({r.status_code for r in responses}) in ([200, 201], [201]), [r.text for r in responses if r.status_code >= 300]
+    booked = [r.json()["loan_id"] for r in responses if r.status_code == 201]
+    assert len(booked) == len(set(booked))
+    ids = ", ".join(str(c) for c in customers)
+    stored = served.scalar(
+        "SELECT count(*) FROM ledger_events WHERE topic LIKE '%Loan.Booked'"
+        f" AND (convert_from(state, 'UTF8')::jsonb ->> 'customer_id')::bigint IN ({ids})"
+    )
+    assert stored == len(booked)  # no loan stored that no 201 announced, none announced twice
+    served.wait_caught_up()
+    with served.connect() as conn:
+        projected = {row[0] for row in conn.execute(f"SELECT loan_id FROM readmodel.loans WHERE customer_id IN ({ids})")}
+    assert projected == set(booked)
+    figures.update(requests=len(requests), booked=len(booked), answers_cut=20, **served.audit())
