@@ -16,6 +16,7 @@ from ledger.domain import (
     InvalidRepayment,
     LoanClosed,
     LoanNotFound,
+    OutcomeUnknown,
     PhoneNumberTaken,
 )
 
@@ -47,6 +48,7 @@ DOMAIN_ERRORS: dict[type[DomainError], tuple[int, str, Callable[[DomainError], A
     InvalidRepayment: (400, "invalid_repayment", lambda error: [{"field": "paid_on", "message": str(error)}]),
     IdempotencyKeyReused: (422, "idempotency_key_reused", _no_details),
     Contention: (503, "contention", _no_details),
+    OutcomeUnknown: (503, "database_unavailable", lambda error: {"recorded": "unknown"}),
 }
 
 

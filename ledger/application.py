@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import logging
 import random
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -17,7 +17,16 @@ from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent, ProjectorFunction, project_aggregate
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import JSONTranscoder, Mapper, RecordConflictError, Recording, StoredEvent, Transcoding
+from eventsourcing.persistence import (
+    InterfaceError,
+    JSONTranscoder,
+    Mapper,
+    OperationalError,
+    RecordConflictError,
+    Recording,
+    StoredEvent,
+    Transcoding,
+)
 
 from ledger.calendar import add_months
 from ledger.domain import (
@@ -33,6 +42,7 @@ from ledger.domain import (
     LoanClosed,
     LoanNotFound,
     LoanTerms,
+    OutcomeUnknown,
     PhoneNumber,
     PhoneNumberTaken,
     RowIssue,
@@ -47,6 +57,8 @@ from ledger.mapper import TypedMapper
 from ledger.policy import Decision, LoanRequest, approved_limit, decide
 from ledger.ports import AggregateIndex, Clock, IdAllocator, InMemoryIds, LoanDirectory, SystemClock
 from ledger.schedule import amortization
+
+log = logging.getLogger(__name__)
 
 SAVE_ATTEMPTS = 200
 # One save is one psycopg pipeline carrying every event as a single array parameter; saves of
@@ -173,6 +185,13 @@ class _RecordedLoans:
         return {i for i in loan_ids if i in self._owners}
 
 
+def _unknown_outcome(idempotency_key: str | None) -> str:
+    said = "the database stopped answering while this command was being recorded, so it may have been: "
+    if idempotency_key is not None:
+        return said + "retry with the same Idempotency-Key, which answers with what was recorded"
+    return said + "look before sending it again (it has no Idempotency-Key, so a retry would be a second request)"
+
+
 def _file_label(path: str) -> str:
     return path.replace("\\", "/").rsplit("/", 1)[-1]
 
@@ -237,9 +256,14 @@ class Ledger(Application[UUID]):
     ) -> None:
         """The library's, where a snapshot already stored at that version is as good as a new one:
         when a snapshot's commit answer is lost, the recorder's retry meets it as a conflict, and
-        the command that took it must not take that for a concurrent change (see _save_once)."""
-        with contextlib.suppress(RecordConflictError):
+        the command that took it must not take that for a concurrent change (see _save_once).
+        Nor may a snapshot that cannot be written turn a recorded command into an error."""
+        try:
             super().take_snapshot(aggregate_id, version, projector_func)
+        except RecordConflictError:
+            pass
+        except (OperationalError, InterfaceError):  # the command is recorded; a snapshot only saves reading
+            log.warning("no snapshot of %s at version %s: the database stopped answering", aggregate_id, version, exc_info=True)
 
     def _encode(self, *aggregates: Aggregate) -> tuple[_ProcessingEvent, list[StoredEvent]]:
         """The first half of `save` for the import: the aggregates' new events, collected and encoded."""
@@ -284,6 +308,11 @@ class Ledger(Application[UUID]):
             saved = self._save_once(customer, claim)
         except RecordConflictError:
             raise PhoneNumberTaken(f"phone number {phone_number} already belongs to a customer") from None
+        except (OperationalError, InterfaceError) as error:
+            raise OutcomeUnknown(
+                "the database stopped answering while this registration was being recorded, so it may have been:"
+                " registering again is safe (if it was recorded, the answer is 409 phone_number_taken)"
+            ) from error
         return Registration(**saved, customer=customer)
 
     def get_customer(self, customer_id: int) -> Customer:
@@ -369,6 +398,8 @@ class Ledger(Application[UUID]):
             except RecordConflictError:
                 _back_off(n)
                 continue
+            except (OperationalError, InterfaceError) as error:
+                raise OutcomeUnknown(_unknown_outcome(idempotency_key)) from error
             return Booking(**saved, response=response)
         raise Contention(busy)
 

@@ -92,6 +92,10 @@ class Contention(DomainError):
     """Too many concurrent changes to one aggregate: the client may simply retry."""
 
 
+class OutcomeUnknown(DomainError):
+    """The event store stopped answering while a command was being recorded: it may have been."""
+
+
 # A struct, not a dataclass: an import builds a million of these (a frozen dataclass's __init__ was
 # a seventh of the import's writing), and every customer event decodes its loans into them.
 class LoanTerms(msgspec.Struct, frozen=True):

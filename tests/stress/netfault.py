@@ -5,7 +5,8 @@ transaction is durable but the client never hears so. The proxy passes every byt
 reads the server's messages as they pass. Once armed, it drops the connection instead of
 forwarding the answer `COMMIT` to a transaction that inserted rows. `appends` counts the cuts of
 the event store's appends: an INSERT returning `notification_id` (the other cuts are the read
-model's pages)."""
+model's pages). A cut can also start an outage: every open connection breaks and new ones
+are refused until `restore()`, as when PostgreSQL goes down just after a commit."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class CommitAnswerCutter:
         self.cuts = 0
         self.appends = 0
         self._armed = 0
+        self._outage = False  # the next cut starts an outage
+        self.down = False
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -31,10 +34,15 @@ class CommitAnswerCutter:
         credentials, _, rest = database_url.rpartition("@")
         return f"{credentials}@127.0.0.1:{self.port}/{rest.split('/', 1)[1]}"
 
-    def arm(self, times: int = 1) -> None:
-        """Lose the answers to the next `times` commits of transactions that inserted rows."""
+    def arm(self, times: int = 1, *, outage: bool = False) -> None:
+        """Lose the answers to the next `times` commits of transactions that inserted rows; with
+        `outage`, the cut also breaks every connection and refuses new ones until `restore()`."""
         with self._lock:
             self._armed += times
+            self._outage = outage
+
+    def restore(self) -> None:
+        self.down = False
 
     def disarm(self) -> None:
         with self._lock:
@@ -56,6 +64,9 @@ class CommitAnswerCutter:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.down:
+                _close(client)
+                continue
             try:
                 server = socket.create_connection(self.upstream)
             except OSError:
@@ -73,7 +84,14 @@ class CommitAnswerCutter:
             self._armed -= 1
             self.cuts += 1
             self.appends += append
-            return True
+            if self._outage:
+                self.down, self._outage = True, False
+                ends, self._open = list(self._open), set()
+            else:
+                ends = []
+        for end in ends:
+            _close(end)
+        return True
 
     def _requests(self, client: socket.socket, server: socket.socket) -> None:
         try:

@@ -7,6 +7,7 @@ reach PostgreSQL through a proxy that drops the answer to chosen commits (tests/
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -154,3 +155,42 @@ def test_concurrent_bookings_with_lost_answers_among_real_conflicts_book_exactly
         projected = {row[0] for row in conn.execute(f"SELECT loan_id FROM readmodel.loans WHERE customer_id IN ({ids})")}
     assert projected == set(booked)
     figures.update(requests=len(requests), booked=len(booked), answers_cut=20, **served.audit())
+
+
+def test_a_booking_cut_off_by_an_outage_at_its_commit_says_it_may_be_recorded_and_its_key_recovers_it(
+    served: Served, cutter: CommitAnswerCutter, cut_api: str, figures: dict[str, Any]
+) -> None:
+    """PostgreSQL goes away just after committing a booking and stays away through the recorder's
+    retries: the answer is a 503 that says the loan may be recorded, and it was. The retry with the
+    same Idempotency-Key, once the database is back, answers with that loan and books nothing more."""
+    with served.client() as client:
+        body = {"first_name": "Cut", "last_name": "Off", "age": 52, "monthly_income": 200_000, "phone_number": 9_340_000_200}
+        customer_id = client.post("/register", json=body).json()["customer_id"]
+    booking = {"customer_id": customer_id, "loan_amount": 80_000, "interest_rate": 14, "tenure": 12}
+    key = {"Idempotency-Key": "outage-at-commit-1"}
+    booked_before = count_events(served, "Loan.Booked")
+    with httpx.Client(base_url=cut_api, timeout=120) as client:
+        cutter.arm(outage=True)
+        started = time.monotonic()
+        try:
+            cut_off = client.post("/create-loan", json=booking, headers=key)
+        finally:
+            cutter.restore()
+        waited = time.monotonic() - started
+        assert cut_off.status_code == 503, cut_off.text
+        error = cut_off.json()["error"]
+        assert (error["code"], error["details"]) == ("database_unavailable", {"recorded": "unknown"})
+        assert "retry with the same Idempotency-Key" in error["message"]
+        assert count_events(served, "Loan.Booked") == booked_before + 1  # it was recorded
+        deadline = time.monotonic() + 60
+        while (retry := client.post("/create-loan", json=booking, headers=key)).status_code == 503:
+            assert time.monotonic() < deadline, retry.text
+            time.sleep(0.5)
+    assert retry.status_code == 201, retry.text
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert count_events(served, "Loan.Booked") == booked_before + 1
+    served.wait_caught_up()
+    with served.client() as client:
+        loans = client.get(f"/view-loans/{customer_id}").json()
+    assert [loan["loan_id"] for loan in loans] == [retry.json()["loan_id"]]
+    figures.update(answered_503_after_s=round(waited, 1), **served.audit())

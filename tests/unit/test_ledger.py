@@ -9,7 +9,7 @@ from typing import Any
 from uuid import UUID, uuid4, uuid5
 
 import pytest
-from eventsourcing.persistence import RecordConflictError
+from eventsourcing.persistence import OperationalError, RecordConflictError
 
 from ledger.application import Ledger
 from ledger.domain import (
@@ -23,6 +23,7 @@ from ledger.domain import (
     LoanClosed,
     LoanNotFound,
     LoanTerms,
+    OutcomeUnknown,
     PhoneNumberTaken,
     customer_uuid,
     file_customer_uuid,
@@ -112,6 +113,41 @@ def test_a_lost_answer_at_the_50th_event_still_snapshots_and_a_snapshot_already_
     ledger.save(copy.deepcopy(customer))  # the first try: the events and the snapshot, the snapshot's answer lost
     ledger._save_once(customer)
     assert [s.originator_version for s in ledger.snapshots.get(customer_uuid(other))] == [50]
+
+
+def test_a_command_whose_save_meets_a_database_outage_says_it_may_have_been_recorded(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recorder gives up after its retries (tests/stress has the real outage at a commit)."""
+    customer_id = ledger.register_customer("Ann", "Lee", 30, "9876543210", D(100_000)).customer.customer_id
+
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("couldn't get a connection after 2.00 sec")
+
+    monkeypatch.setattr(ledger.recorder, "insert_events", down)
+    with pytest.raises(OutcomeUnknown, match="may have been: look before sending it again"):
+        ledger.book_loan(customer_id, LoanRequest(D(10_000), D(14), 6))
+    with pytest.raises(OutcomeUnknown, match="may have been: retry with the same Idempotency-Key"):
+        ledger.book_loan(customer_id, LoanRequest(D(10_000), D(14), 6), "key-1")
+    with pytest.raises(OutcomeUnknown, match="registering again is safe"):
+        ledger.register_customer("Bob", "Roy", 40, "9876543211", D(90_000))
+
+
+def test_a_snapshot_the_database_cannot_take_leaves_the_booking_recorded_and_answered(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    customer_id = ledger.register_customer("Raj", "Kumar", 40, "9876500001", D(10_000_000)).customer.customer_id
+    for _ in range(48):
+        ledger.book_loan(customer_id, LoanRequest(D(10_000), D(16), 12))
+    assert ledger.snapshots is not None
+
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("the connection broke")
+
+    monkeypatch.setattr(ledger.snapshots, "put", down)
+    booked = ledger.book_loan(customer_id, LoanRequest(D(10_000), D(16), 12))  # the 50th event: a snapshot is due
+    assert booked.response["loan_approved"] is True
+    assert ledger.get_customer(customer_id).version == 50
 
 
 def _terms(loan_id: int) -> LoanTerms:
