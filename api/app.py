@@ -49,7 +49,7 @@ DOCS_PAGE = """<!doctype html>
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.code, exc.message, exc.details)
+    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
 
 async def domain_error(request: Request, exc: Exception) -> Response:

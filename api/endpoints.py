@@ -27,6 +27,7 @@ from api.validation import decode
 from infra.config import Settings
 from ledger.application import Ledger, Saved
 from ledger.domain import (
+    OutcomeUnknown,
     customer_uuid,
 )
 from ledger.money import to_money
@@ -98,14 +99,29 @@ def path_int(request: Request, name: str) -> int:
 def _recorded_then_triggered(action: Callable[..., SavedT], *args: Any) -> tuple[SavedT, bool]:
     """Run a command, then ask a worker to project what it recorded: one trip to a worker thread
     for both. False when the trigger could not reach Redis."""
-    saved = action(*args)
+    try:
+        saved = action(*args)
+    except OutcomeUnknown:
+        tasks.trigger_catch_up()  # what may be recorded shows in the views as soon as the database is back
+        raise
     return saved, saved.last_position is None or tasks.trigger_catch_up()
 
 
-async def run_command(svc: Services, action: Callable[..., SavedT], *args: Any) -> tuple[SavedT, dict[str, str]]:
+KEYED_RETRY = "retry with the same Idempotency-Key, which answers with what was recorded"
+
+
+async def run_command(
+    svc: Services, action: Callable[..., SavedT], *args: Any, if_unknown: str = KEYED_RETRY
+) -> tuple[SavedT, dict[str, str]]:
     """Run a command in a worker thread, trigger the projection, and wait (bounded) until the
-    read model shows the command's events: the response headers say whether it does."""
-    saved, triggered = await run_in_threadpool(_recorded_then_triggered, action, *args)
+    read model shows the command's events: the response headers say whether it does.
+    `if_unknown` tells the client what to do when the command may or may not have been recorded."""
+    try:
+        saved, triggered = await run_in_threadpool(_recorded_then_triggered, action, *args)
+    except OutcomeUnknown as error:
+        raise ApiError(
+            503, "database_unavailable", f"{error}: {if_unknown}", {"recorded": "unknown"}, {"Retry-After": "1"}
+        ) from error
     return saved, await after_command(svc, saved, triggered)
 
 
@@ -120,6 +136,13 @@ async def after_command(svc: Services, saved: Saved, triggered: bool) -> dict[st
     return {PROJECTION_HEADER: "current" if caught_up else "behind"}
 
 
+def _look_first(history: str) -> str:
+    return (
+        f"before sending it again, look at GET {history}, which reads the event store (the other views may not show"
+        " it yet); an Idempotency-Key makes such a retry safe"
+    )
+
+
 def _phone(value: int | str) -> str:
     return str(value)
 
@@ -127,6 +150,7 @@ def _phone(value: int | str) -> str:
 async def register(request: Request) -> Response:
     svc = services(request)
     body = decode(await request.body(), schemas.RegisterRequest, aliases={"monthly_salary": "monthly_income"})
+    key = idempotency_key(request)
     registration, headers = await run_command(
         svc,
         svc.ledger.register_customer,
@@ -135,7 +159,14 @@ async def register(request: Request) -> Response:
         body.age,
         _phone(body.phone_number),
         body.monthly_income,
+        key,
+        if_unknown=KEYED_RETRY
+        if key
+        else "sending it again is safe: if it was recorded, the answer is 409 phone_number_taken"
+        " (with an Idempotency-Key, the retry would answer with the customer)",
     )
+    if registration.replayed:
+        headers["Idempotent-Replayed"] = "true"
     customer = registration.customer
     return json(
         schemas.RegisterResponse(
@@ -230,7 +261,14 @@ async def create_loan(request: Request) -> Response:
     svc = services(request)
     body = decode(await request.body(), schemas.LoanRequestBody)
     key = idempotency_key(request)
-    booking, headers = await run_command(svc, svc.ledger.book_loan, body.customer_id, _loan_request(body), key)
+    booking, headers = await run_command(
+        svc,
+        svc.ledger.book_loan,
+        body.customer_id,
+        _loan_request(body),
+        key,
+        if_unknown=KEYED_RETRY if key else _look_first(f"/customers/{body.customer_id}/history"),
+    )
     if booking.replayed:
         headers["Idempotent-Replayed"] = "true"
     response = booking.response
@@ -323,7 +361,11 @@ async def start_import(request: Request) -> Response:
     directory = svc.settings.import_dir
     customers = _inside(directory, body.customers_file)
     loans = _inside(directory, body.loans_file)
-    job_id, saved = await run_in_threadpool(svc.ledger.request_import, str(customers), str(loans))
+    try:
+        job_id, saved = await run_in_threadpool(svc.ledger.request_import, str(customers), str(loans))
+    except OutcomeUnknown as error:
+        safe = "sending it again is safe: an import of files already imported adds nothing"
+        raise ApiError(503, "database_unavailable", f"{error}: {safe}", {"recorded": "unknown"}, {"Retry-After": "1"}) from error
     try:
         await run_in_threadpool(tasks.import_history.apply_async, (str(job_id), str(customers), str(loans)))
     except Exception:
@@ -376,7 +418,14 @@ async def record_repayment(request: Request) -> Response:
     loan_id = path_int(request, "loan_id")
     body = decode(await request.body(), schemas.RepaymentRequest, empty_ok=True)
     key = idempotency_key(request)
-    result, headers = await run_command(svc, svc.ledger.record_repayment, loan_id, body.paid_on, key)
+    result, headers = await run_command(
+        svc,
+        svc.ledger.record_repayment,
+        loan_id,
+        body.paid_on,
+        key,
+        if_unknown=KEYED_RETRY if key else _look_first(f"/loans/{loan_id}/history"),
+    )
     if result.replayed:
         headers["Idempotent-Replayed"] = "true"
     r = result.response

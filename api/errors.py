@@ -22,12 +22,13 @@ from ledger.domain import (
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+    def __init__(self, status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
+        self.headers = headers
 
 
 def error_response(status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None) -> Response:
@@ -48,6 +49,7 @@ DOMAIN_ERRORS: dict[type[DomainError], tuple[int, str, Callable[[DomainError], A
     InvalidRepayment: (400, "invalid_repayment", lambda error: [{"field": "paid_on", "message": str(error)}]),
     IdempotencyKeyReused: (422, "idempotency_key_reused", _no_details),
     Contention: (503, "contention", _no_details),
+    # The endpoints add what to do next (api.endpoints.run_command); this is the shape without it.
     OutcomeUnknown: (503, "database_unavailable", lambda error: {"recorded": "unknown"}),
 }
 

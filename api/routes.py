@@ -42,6 +42,11 @@ IDEMPOTENCY_KEY = {
     "schema": {"type": "string", "minLength": 1, "maxLength": 255},
 }
 
+UNKNOWN_OUTCOME = (
+    '(database_unavailable; details.recorded is "unknown" when the database stopped answering during the commit,'
+    " and the message says how to retry safely)"
+)
+
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "/register",
@@ -53,8 +58,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             201: (schemas.RegisterResponse, "Registered"),
             400: (E, "Invalid request"),
             409: (E, "Phone number already registered"),
-            503: (E, "The database is unavailable (details.recorded is unknown when it stopped during the commit)"),
+            422: (E, "Idempotency-Key reused with a different request"),
+            503: (E, "The database is unavailable " + UNKNOWN_OUTCOME),
         },
+        (IDEMPOTENCY_KEY,),
     ),
     Endpoint(
         "/check-eligibility",
@@ -76,7 +83,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             400: (E, "Invalid request"),
             404: (E, "Unknown customer"),
             422: (E, "Idempotency-Key reused with a different request"),
-            503: (E, "Too many concurrent changes, or the database is unavailable (details.recorded: see README)"),
+            503: (E, "Too many concurrent changes (contention), or the database is unavailable " + UNKNOWN_OUTCOME),
         },
         (IDEMPOTENCY_KEY,),
     ),
@@ -110,7 +117,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             404: (E, "Unknown loan"),
             409: (E, "The loan is closed"),
             422: (E, "Idempotency-Key reused with a different request"),
-            503: (E, "Too many concurrent changes, or the database is unavailable (details.recorded: see README)"),
+            503: (E, "Too many concurrent changes (contention), or the database is unavailable " + UNKNOWN_OUTCOME),
         },
         (*LOAN_ID, IDEMPOTENCY_KEY),
     ),
@@ -175,7 +182,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         endpoints.start_import,
         "Import history from files in the import directory",
         schemas.ImportRequest,
-        {202: (dict[str, str], "Queued"), 400: (E, "Invalid request"), 503: (E, "Queue unavailable")},
+        {
+            202: (dict[str, str], "Queued"),
+            400: (E, "Invalid request"),
+            503: (E, "Queue unavailable, or the database is unavailable " + UNKNOWN_OUTCOME),
+        },
     ),
     Endpoint(
         "/imports/{job_id}",

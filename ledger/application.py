@@ -108,6 +108,7 @@ class Saved:
 @dataclass(frozen=True, kw_only=True)
 class Registration(Saved):
     customer: Customer
+    replayed: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,13 +184,6 @@ class _RecordedLoans:
     def taken(self, loan_ids: Collection[int]) -> set[int]:
         self._read_on()
         return {i for i in loan_ids if i in self._owners}
-
-
-def _unknown_outcome(idempotency_key: str | None) -> str:
-    said = "the database stopped answering while this command was being recorded, so it may have been: "
-    if idempotency_key is not None:
-        return said + "retry with the same Idempotency-Key, which answers with what was recorded"
-    return said + "look before sending it again (it has no Idempotency-Key, so a retry would be a second request)"
 
 
 def _file_label(path: str) -> str:
@@ -292,28 +286,43 @@ class Ledger(Application[UUID]):
     # Customers
 
     def register_customer(
-        self, first_name: str, last_name: str, age: int, phone_number: str, monthly_income: Decimal
+        self,
+        first_name: str,
+        last_name: str,
+        age: int,
+        phone_number: str,
+        monthly_income: Decimal,
+        idempotency_key: str | None = None,
     ) -> Registration:
-        customer = Customer.register(
-            customer_id=self.ids.next_customer_id(),
-            first_name=first_name,
-            last_name=last_name,
-            age=age,
-            phone_number=phone_number,
-            monthly_income=monthly_income,
-            approved_limit=approved_limit(monthly_income),
+        """Register a customer and claim their phone number, which one customer at most may hold.
+        With an Idempotency-Key, a repeat answers with the customer the first request registered."""
+        registered: list[Customer] = []
+
+        def attempt() -> tuple[list[Aggregate], dict[str, Any]]:
+            if phone_uuid(phone_number) in self.repository:
+                raise PhoneNumberTaken(f"phone number {phone_number} already belongs to a customer")
+            customer = Customer.register(
+                customer_id=self.ids.next_customer_id(),
+                first_name=first_name,
+                last_name=last_name,
+                age=age,
+                phone_number=phone_number,
+                monthly_income=monthly_income,
+                approved_limit=approved_limit(monthly_income),
+            )
+            registered[:] = [customer]
+            claim = PhoneNumber.claim(phone_number, customer.customer_id)
+            return [customer, claim], {"customer_id": customer.customer_id}
+
+        fingerprint = [first_name, last_name, age, phone_number, str(monthly_income.normalize())]
+        done = self._command(
+            attempt,
+            idempotency_key,
+            hashlib.sha256(json.dumps(["register", *fingerprint]).encode()).hexdigest(),
+            busy=f"phone number {phone_number} is being registered by too many requests at once; try again",
         )
-        claim = PhoneNumber.claim(phone_number, customer.customer_id)
-        try:
-            saved = self._save_once(customer, claim)
-        except RecordConflictError:
-            raise PhoneNumberTaken(f"phone number {phone_number} already belongs to a customer") from None
-        except (OperationalError, InterfaceError) as error:
-            raise OutcomeUnknown(
-                "the database stopped answering while this registration was being recorded, so it may have been:"
-                " registering again is safe (if it was recorded, the answer is 409 phone_number_taken)"
-            ) from error
-        return Registration(**saved, customer=customer)
+        customer = self.get_customer(done.response["customer_id"]) if done.replayed else registered[0]
+        return Registration(last_position=done.last_position, events=done.events, customer=customer, replayed=done.replayed)
 
     def get_customer(self, customer_id: int) -> Customer:
         try:
@@ -399,7 +408,9 @@ class Ledger(Application[UUID]):
                 _back_off(n)
                 continue
             except (OperationalError, InterfaceError) as error:
-                raise OutcomeUnknown(_unknown_outcome(idempotency_key)) from error
+                raise OutcomeUnknown(
+                    "the database stopped answering while this command was being recorded, so it may have been"
+                ) from error
             return Booking(**saved, response=response)
         raise Contention(busy)
 
@@ -421,7 +432,11 @@ class Ledger(Application[UUID]):
             if not events or not self._recorded(events[-1]):
                 raise
             # The first try's notification IDs are lost with its answer; the log's end is at or after them.
-            saved = {"last_position": self.recorder.max_notification_id(), "events": len(events)}
+            try:
+                last: int | None = self.recorder.max_notification_id()
+            except (OperationalError, InterfaceError):  # recorded all the same: the views catch up on their own
+                last = None
+            saved = {"last_position": last, "events": len(events)}
         self._take_snapshots(processing_event)
         return saved  # nothing to notify: this application has no followers
 
@@ -509,7 +524,12 @@ class Ledger(Application[UUID]):
 
     def request_import(self, customers_file: str, loans_file: str, job_id: UUID | None = None) -> tuple[UUID, Saved]:
         job = ImportJob.request(job_id or uuid4(), customers_file, loans_file)
-        return job.id, Saved(**self._save_once(job))
+        try:
+            return job.id, Saved(**self._save_once(job))
+        except (OperationalError, InterfaceError) as error:
+            raise OutcomeUnknown(
+                f"the database stopped answering while import job {job.id} was being recorded, so it may have been"
+            ) from error
 
     def get_import_job(self, job_id: UUID) -> ImportJob:
         return self.repository.get(job_id)

@@ -269,6 +269,22 @@ def test_idempotency_key_replays_the_first_response_and_books_once(stack: Stack,
     assert "different request" in error["message"]
 
 
+def test_a_registration_sent_again_with_its_idempotency_key_answers_with_the_same_customer(
+    stack: Stack, client: TestClient
+) -> None:
+    body = {"first_name": "Ira", "last_name": "Sen", "age": 33, "monthly_income": 45_000, "phone_number": next(_phones)}
+    headers = {"Idempotency-Key": f"register-{body['phone_number']}"}
+    first = client.post("/register", json=body, headers=headers)
+    customers_after_first = count_rows(stack, "customers")
+    second = client.post("/register", json=body, headers=headers)
+    assert first.status_code == second.status_code == 201
+    assert first.json() == second.json()
+    assert second.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
+    assert count_rows(stack, "customers") == customers_after_first
+    assert_error(client.post("/register", json={**body, "age": 34}, headers=headers), 422, "idempotency_key_reused")
+    assert_error(client.post("/register", json=body), 409, "phone_number_taken")  # no key: a second registration
+
+
 @pytest.mark.parametrize("path", ["/check-eligibility", "/create-loan"])
 @pytest.mark.parametrize(
     ("change", "field"),

@@ -73,7 +73,13 @@ class CommitAnswerCutter:
                 _close(client)  # PostgreSQL is down: the client sees the connection refused
                 continue
             with self._lock:
-                self._open.update((client, server))
+                refused = self.down  # an outage began while this one connected
+                if not refused:
+                    self._open.update((client, server))
+            if refused:
+                _close(client)
+                _close(server)
+                continue
             threading.Thread(target=self._requests, args=(client, server), daemon=True).start()
             threading.Thread(target=self._answers, args=(server, client), daemon=True).start()
 

@@ -194,3 +194,52 @@ def test_a_booking_cut_off_by_an_outage_at_its_commit_says_it_may_be_recorded_an
         loans = client.get(f"/view-loans/{customer_id}").json()
     assert [loan["loan_id"] for loan in loans] == [retry.json()["loan_id"]]
     figures.update(answered_503_after_s=round(waited, 1), **served.audit())
+
+
+def cut_off_by_outage(cutter: CommitAnswerCutter, client: httpx.Client, path: str, body: Any, headers: Any = None) -> Any:
+    """Send a command whose commit is followed by an outage; return the 503's error body."""
+    cutter.arm(outage=True)
+    try:
+        answer = client.post(path, json=body, headers=headers)
+    finally:
+        cutter.restore()
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["Retry-After"] == "1"
+    error = answer.json()["error"]
+    assert (error["code"], error["details"]) == ("database_unavailable", {"recorded": "unknown"})
+    return error
+
+
+def until_answered(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """Repeat a request while the API still answers 503 (it reconnects after the outage)."""
+    deadline = time.monotonic() + 60
+    while (answer := client.request(method, path, **kwargs)).status_code == 503:
+        assert time.monotonic() < deadline, answer.text
+        time.sleep(0.5)
+    return answer
+
+
+def test_a_keyed_registration_and_an_unkeyed_booking_cut_off_by_outages_say_how_to_recover(
+    served: Served, cutter: CommitAnswerCutter, cut_api: str, figures: dict[str, Any]
+) -> None:
+    body = {"first_name": "Keyed", "last_name": "Outage", "age": 44, "monthly_income": 150_000, "phone_number": 9_340_000_300}
+    key = {"Idempotency-Key": "register-at-outage-1"}
+    registered_before = count_events(served, "Customer.Registered")
+    with httpx.Client(base_url=cut_api, timeout=120) as client:
+        error = cut_off_by_outage(cutter, client, "/register", body, key)
+        assert "retry with the same Idempotency-Key" in error["message"]
+        assert count_events(served, "Customer.Registered") == registered_before + 1  # it was recorded
+        again = until_answered(client, "POST", "/register", json=body, headers=key)
+        assert again.status_code == 201, again.text  # the customer, not 409 phone_number_taken
+        assert again.headers["Idempotent-Replayed"] == "true"
+        customer_id = again.json()["customer_id"]
+        assert again.json()["phone_number"] == body["phone_number"]
+        assert count_events(served, "Customer.Registered") == registered_before + 1
+
+        booking = {"customer_id": customer_id, "loan_amount": 60_000, "interest_rate": 14, "tenure": 12}
+        error = cut_off_by_outage(cutter, client, "/create-loan", booking)
+        assert f"look at GET /customers/{customer_id}/history, which reads the event store" in error["message"]
+        history = until_answered(client, "GET", f"/customers/{customer_id}/history")
+        assert history.status_code == 200, history.text
+        assert [event["type"] for event in history.json()].count("Customer.LoanBooked") == 1  # it was recorded
+    figures.update(**served.audit())

@@ -120,17 +120,20 @@ def test_a_command_whose_save_meets_a_database_outage_says_it_may_have_been_reco
 ) -> None:
     """The recorder gives up after its retries (tests/stress has the real outage at a commit)."""
     customer_id = ledger.register_customer("Ann", "Lee", 30, "9876543210", D(100_000)).customer.customer_id
+    loan_id = ledger.book_loan(customer_id, LoanRequest(D(10_000), D(14), 6)).response["loan_id"]
 
     def down(*args: Any, **kwargs: Any) -> None:
         raise OperationalError("couldn't get a connection after 2.00 sec")
 
     monkeypatch.setattr(ledger.recorder, "insert_events", down)
-    with pytest.raises(OutcomeUnknown, match="may have been: look before sending it again"):
-        ledger.book_loan(customer_id, LoanRequest(D(10_000), D(14), 6))
-    with pytest.raises(OutcomeUnknown, match="may have been: retry with the same Idempotency-Key"):
+    with pytest.raises(OutcomeUnknown, match="while this command was being recorded, so it may have been"):
         ledger.book_loan(customer_id, LoanRequest(D(10_000), D(14), 6), "key-1")
-    with pytest.raises(OutcomeUnknown, match="registering again is safe"):
+    with pytest.raises(OutcomeUnknown):
+        ledger.record_repayment(loan_id)
+    with pytest.raises(OutcomeUnknown):
         ledger.register_customer("Bob", "Roy", 40, "9876543211", D(90_000))
+    with pytest.raises(OutcomeUnknown, match=r"import job .* may have been"):
+        ledger.request_import("/x/c.xlsx", "/x/l.xlsx")
 
 
 def test_a_snapshot_the_database_cannot_take_leaves_the_booking_recorded_and_answered(
@@ -141,11 +144,15 @@ def test_a_snapshot_the_database_cannot_take_leaves_the_booking_recorded_and_ans
         ledger.book_loan(customer_id, LoanRequest(D(10_000), D(16), 12))
     assert ledger.snapshots is not None
 
+    tried: list[Any] = []
+
     def down(*args: Any, **kwargs: Any) -> None:
+        tried.append(args)
         raise OperationalError("the connection broke")
 
     monkeypatch.setattr(ledger.snapshots, "put", down)
     booked = ledger.book_loan(customer_id, LoanRequest(D(10_000), D(16), 12))  # the 50th event: a snapshot is due
+    assert len(tried) == 1
     assert booked.response["loan_approved"] is True
     assert ledger.get_customer(customer_id).version == 50
 
@@ -186,6 +193,19 @@ def test_every_event_the_ledger_saves_reads_back_equal_so_a_lost_answer_is_recog
         "ImportJob.Completed", "ImportJob.Failed",
     }, kinds  # fmt: skip
     assert [event for event in encoded if not ledger._recorded(event)] == []
+
+
+def test_a_registration_with_an_idempotency_key_answers_a_repeat_with_the_same_customer(ledger: Ledger) -> None:
+    first = ledger.register_customer("Ann", "Lee", 30, "9876543210", D("12500.00"), "reg-1")
+    position = ledger.recorder.max_notification_id()
+    again = ledger.register_customer("Ann", "Lee", 30, "9876543210", D(12_500), "reg-1")
+    assert again.replayed and not first.replayed
+    assert again.customer.customer_id == first.customer.customer_id
+    assert ledger.recorder.max_notification_id() == position  # nothing more recorded
+    with pytest.raises(IdempotencyKeyReused):
+        ledger.register_customer("Ann", "Lee", 31, "9876543210", D(12_500), "reg-1")
+    with pytest.raises(PhoneNumberTaken):  # without the key, the same body is a second registration
+        ledger.register_customer("Ann", "Lee", 30, "9876543210", D(12_500))
 
 
 def test_booking_records_the_loan_on_the_customer_and_as_a_loan(ledger: Ledger) -> None:
