@@ -110,6 +110,11 @@ def _recorded_then_triggered(action: Callable[..., SavedT], *args: Any) -> tuple
 KEYED_RETRY = "retry with the same Idempotency-Key, which answers with what was recorded"
 
 
+def outcome_unknown(error: OutcomeUnknown, what_to_do: str) -> ApiError:
+    """The command may or may not be recorded: 503, saying so and what to do next."""
+    return ApiError(503, "database_unavailable", f"{error}: {what_to_do}", {"recorded": "unknown"}, {"Retry-After": "1"})
+
+
 async def run_command(
     svc: Services, action: Callable[..., SavedT], *args: Any, if_unknown: str = KEYED_RETRY
 ) -> tuple[SavedT, dict[str, str]]:
@@ -119,9 +124,7 @@ async def run_command(
     try:
         saved, triggered = await run_in_threadpool(_recorded_then_triggered, action, *args)
     except OutcomeUnknown as error:
-        raise ApiError(
-            503, "database_unavailable", f"{error}: {if_unknown}", {"recorded": "unknown"}, {"Retry-After": "1"}
-        ) from error
+        raise outcome_unknown(error, if_unknown) from error
     return saved, await after_command(svc, saved, triggered)
 
 
@@ -364,8 +367,7 @@ async def start_import(request: Request) -> Response:
     try:
         job_id, saved = await run_in_threadpool(svc.ledger.request_import, str(customers), str(loans))
     except OutcomeUnknown as error:
-        safe = "sending it again is safe: an import of files already imported adds nothing"
-        raise ApiError(503, "database_unavailable", f"{error}: {safe}", {"recorded": "unknown"}, {"Retry-After": "1"}) from error
+        raise outcome_unknown(error, "sending it again is safe: an import of files already imported adds nothing") from error
     try:
         await run_in_threadpool(tasks.import_history.apply_async, (str(job_id), str(customers), str(loans)))
     except Exception:
