@@ -68,6 +68,7 @@ def catch_up() -> int | None:
 
 
 IMPORT_RETRY_SECONDS = 2
+DATABASE_AWAY = (psycopg.OperationalError, persistence.OperationalError, persistence.InterfaceError)
 
 
 @celery.task(bind=True, max_retries=None)
@@ -81,28 +82,35 @@ def import_history(self: Task, job_id: str, customers_path: str, loans_path: str
         log.info("import %s: %d/%d rows", job_id, done, total)
         trigger_catch_up()
 
-    with exclusive(settings) as mine:
-        if not mine:  # another import runs (or this one, delivered twice): try again shortly
-            raise self.retry(countdown=IMPORT_RETRY_SECONDS)
-        try:
-            return run_import(
-                _ledger(),
-                UUID(job_id),
-                Path(customers_path),
-                Path(loans_path),
-                settings.import_batch_size,
-                batch_done,
-                settle=lambda: projector().catch_up(wait=True),
-                split_size=settings.import_split_size,
-            )
-        except (psycopg.OperationalError, persistence.OperationalError, persistence.InterfaceError):
-            raise  # the database is away: the job stays running and resumes later
-        except Exception as error:  # a bug or bad data that no retry can mend: say so on the job
-            log.exception("import %s failed", job_id)
-            _ledger().fail_import(UUID(job_id), f"the import stopped: {type(error).__name__}: {error}")
-            raise
-        finally:
-            trigger_catch_up()
+    try:
+        with exclusive(settings) as mine:
+            if not mine:  # another import runs (or this one, delivered twice): try again shortly
+                raise self.retry(countdown=IMPORT_RETRY_SECONDS)
+            try:
+                return run_import(
+                    _ledger(),
+                    UUID(job_id),
+                    Path(customers_path),
+                    Path(loans_path),
+                    settings.import_batch_size,
+                    batch_done,
+                    settle=lambda: projector().catch_up(wait=True),
+                    split_size=settings.import_split_size,
+                )
+            except DATABASE_AWAY:
+                raise
+            except Exception as error:  # a bug or bad data that no retry can mend: say so on the job
+                log.exception("import %s failed", job_id)
+                _ledger().fail_import(UUID(job_id), f"the import stopped: {type(error).__name__}: {error}")
+                raise
+            finally:
+                trigger_catch_up()
+    except DATABASE_AWAY as error:
+        # The job stays running, and this task takes it up again (skipping what it recorded) as soon
+        # as the database answers: after 2, 4, 8, 16, 32 s, then every minute.
+        countdown = min(IMPORT_RETRY_SECONDS * 2 ** min(self.request.retries, 5), 60)
+        log.warning("import %s: the database is away (%s); trying again in %d s", job_id, error, countdown)
+        raise self.retry(countdown=countdown) from error
 
 
 @celery.task

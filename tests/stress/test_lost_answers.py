@@ -10,12 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+import openpyxl
 import pytest
 
 from infra.stack import free_port
+from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS
 from tests.integration.conftest import wait_healthy
 from tests.stress.conftest import Served, follow
 from tests.stress.netfault import CommitAnswerCutter
@@ -243,3 +247,60 @@ def test_a_keyed_registration_and_an_unkeyed_booking_cut_off_by_outages_say_how_
         assert history.status_code == 200, history.text
         assert [event["type"] for event in history.json()].count("Customer.LoanBooked") == 1  # it was recorded
     figures.update(**served.audit())
+
+
+def write_xlsx(path: Path, header: tuple[str, ...], rows: list[list[Any]]) -> str:
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    for row in [list(header), *rows]:
+        sheet.append(row)
+    book.save(path)
+    return path.name
+
+
+def test_an_import_cut_off_by_a_database_outage_resumes_by_itself_once_the_database_is_back(
+    served: Served, cutter: CommitAnswerCutter, figures: dict[str, Any]
+) -> None:
+    """Beat, which queues unfinished imports again every minute, is stopped: only the import task
+    itself can take the job up again once PostgreSQL answers."""
+    imports = Path(served.env["IMPORT_DIR"])
+    people = [[700_000 + n, "Out", f"Age{n}", 40, 9_500_000_000 + n, 60_000, 2_200_000] for n in range(200)]
+    loans = [
+        [700_000 + n, 800_000 + 2 * n + k, 100_000, 12, 10, 8_800, 3, date(2025, 1, 1), date(2026, 1, 1)]
+        for n in range(200)
+        for k in range(2)
+    ]
+    files = {
+        "customers_file": write_xlsx(imports / "outage_customers.xlsx", CUSTOMER_COLUMNS, people),
+        "loans_file": write_xlsx(imports / "outage_loans.xlsx", LOAN_COLUMNS, loans),
+    }
+    served.stop("beat")
+    served.stop("worker")
+    served.start_worker(as_name="worker-cut", DATABASE_URL=cutter.url(served.env["DATABASE_URL"]), IMPORT_BATCH_SIZE="5")
+    try:
+        with served.client() as client:
+            job_id = client.post("/imports", json=files).json()["job_id"]
+            deadline = time.monotonic() + 60
+            while not 0 < client.get(f"/imports/{job_id}").json()["rows_done"] < 300:
+                assert time.monotonic() < deadline, client.get(f"/imports/{job_id}").json()
+                time.sleep(0.05)
+            cutter.arm(outage=True)
+            while not cutter.down:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(3)  # PostgreSQL is away for 3 s
+            cutter.restore()
+            job = follow(client, job_id, timeout=90)
+    finally:
+        served.stop("worker-cut")
+        served.start_worker()
+        served.start("beat")
+    assert job["state"] == "completed", job
+    summary = job["summary"]
+    assert summary["customers_imported"] + summary["customers_already_present"] == 200, summary
+    assert summary["loans_imported"] + summary["loans_already_present"] == 400, summary
+    assert job["rows_done"] == job["total_rows"] == 600
+    assert served.scalar("SELECT count(*) FROM readmodel.customers WHERE customer_id BETWEEN 700000 AND 700199") == 200
+    assert served.scalar("SELECT count(*) FROM readmodel.loans WHERE loan_id BETWEEN 800000 AND 800399") == 400
+    figures.update(imported_before_the_outage=summary["customers_already_present"], **served.audit())
