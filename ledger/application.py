@@ -299,7 +299,8 @@ class Ledger(Application[UUID]):
         registered: list[Customer] = []
 
         def attempt() -> tuple[list[Aggregate], dict[str, Any]]:
-            if phone_uuid(phone_number) in self.repository:
+            # A first attempt learns of a taken phone from its save's conflict; a later one looks.
+            if registered and phone_uuid(phone_number) in self.repository:
                 raise PhoneNumberTaken(f"phone number {phone_number} already belongs to a customer")
             customer = Customer.register(
                 customer_id=self.ids.next_customer_id(),

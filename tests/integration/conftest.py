@@ -18,8 +18,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import httpx2 as httpx
+import openpyxl
 import psycopg
 import pytest
 import redis
@@ -47,6 +49,18 @@ def wait_healthy(
             pass
         assert (process is None or process.poll() is None) and time.monotonic() < deadline, detail()
         time.sleep(0.2)
+
+
+def write_xlsx(path: Path, header: tuple[str, ...] | list[str], rows: list[list[Any]]) -> Path:
+    """A one-sheet workbook: `header`, then `rows`."""
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(list(header))
+    for row in rows:
+        sheet.append(row)
+    book.save(path)
+    return path
 
 
 def _require(name: str) -> str:

@@ -8,14 +8,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import openpyxl
 import pytest
 from starlette.testclient import TestClient
 
 from infra.config import REPO_ROOT
 from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS
 from ledger.policy import LoanRequest
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, write_xlsx
 
 DATA = REPO_ROOT / "data"
 
@@ -42,17 +41,6 @@ def counts(stack: Stack) -> tuple[int, int]:
         loans = conn.execute("SELECT count(*) FROM readmodel.loans").fetchone()
     assert customers is not None and loans is not None
     return customers[0], loans[0]
-
-
-def write_xlsx(path: Path, header: tuple[str, ...] | list[str], rows: list[list[Any]]) -> Path:
-    book = openpyxl.Workbook()
-    sheet = book.active
-    assert sheet is not None
-    sheet.append(list(header))
-    for row in rows:
-        sheet.append(row)
-    book.save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
-import openpyxl
 import pytest
 
 from infra.stack import free_port
 from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS
-from tests.integration.conftest import wait_healthy
+from tests.integration.conftest import wait_healthy, write_xlsx
 from tests.stress.conftest import Served, follow
 from tests.stress.netfault import CommitAnswerCutter
 
@@ -249,16 +248,6 @@ def test_a_keyed_registration_and_an_unkeyed_booking_cut_off_by_outages_say_how_
     figures.update(**served.audit())
 
 
-def write_xlsx(path: Path, header: tuple[str, ...], rows: list[list[Any]]) -> str:
-    book = openpyxl.Workbook()
-    sheet = book.active
-    assert sheet is not None
-    for row in [list(header), *rows]:
-        sheet.append(row)
-    book.save(path)
-    return path.name
-
-
 def test_an_import_cut_off_by_a_database_outage_resumes_by_itself_once_the_database_is_back(
     served: Served, cutter: CommitAnswerCutter, figures: dict[str, Any]
 ) -> None:
@@ -272,8 +261,8 @@ def test_an_import_cut_off_by_a_database_outage_resumes_by_itself_once_the_datab
         for k in range(2)
     ]
     files = {
-        "customers_file": write_xlsx(imports / "outage_customers.xlsx", CUSTOMER_COLUMNS, people),
-        "loans_file": write_xlsx(imports / "outage_loans.xlsx", LOAN_COLUMNS, loans),
+        "customers_file": write_xlsx(imports / "outage_customers.xlsx", CUSTOMER_COLUMNS, people).name,
+        "loans_file": write_xlsx(imports / "outage_loans.xlsx", LOAN_COLUMNS, loans).name,
     }
     served.stop("beat")
     served.stop("worker")
