@@ -138,6 +138,27 @@ class ImportReport:
             "rekeyed_customers": self.rekeyed_customers,
         }
 
+    @classmethod
+    def recorded_by(cls, job: ImportJob) -> ImportReport:
+        """What the job's batches have recorded so far (before an interruption, when it resumes)."""
+        return cls(
+            customers_imported=job.customers_recorded,
+            loans_imported=job.loans_recorded,
+            rekeyed_customers=list(job.rekeyed_customers),
+            rekeyed_loans=list(job.rekeyed_loans),
+        )
+
+    def count_earlier_runs(self, earlier: ImportReport) -> None:
+        """A run resumed after an interruption finds what the job's earlier runs recorded already
+        present. Those rows are the job's own: the summary counts them as imported, with their
+        re-keyings, so that it is the whole job's."""
+        self.customers_imported += earlier.customers_imported
+        self.customers_already_present -= earlier.customers_imported
+        self.loans_imported += earlier.loans_imported
+        self.loans_already_present -= earlier.loans_imported
+        self.rekeyed_customers[:0] = earlier.rekeyed_customers
+        self.rekeyed_loans[:0] = earlier.rekeyed_loans
+
     def add(self, other: ImportReport) -> None:
         self.customers_imported += other.customers_imported
         self.customers_already_present += other.customers_already_present
@@ -560,6 +581,7 @@ class Ledger(Application[UUID]):
         goes back as the import proceeds instead of at its end.
         """
         job = self.get_import_job(job_id)
+        earlier_runs = ImportReport.recorded_by(job)  # nothing, unless this run resumes the job
         labels = (_file_label(job.customers_file), _file_label(job.loans_file))
         report = ImportReport(issues=list(issues))
         loans_by_customer: dict[int, list[LoanRecord]] = {}
@@ -583,7 +605,7 @@ class Ledger(Application[UUID]):
         total_rows = len(customers) + len(loans) + len(issues)
         rows_done = len(report.issues)
         job.start(total_rows)
-        job.progress(rows_done, [i.as_dict() for i in report.issues])
+        job.progress(rows_done, [i.as_dict() for i in report.issues], 0, 0, [], [])
         self._save_once(job)
         if customers:
             self.ids.reserve_customer_ids_through(max(c.customer_id for c in customers))
@@ -621,6 +643,7 @@ class Ledger(Application[UUID]):
             if storing is not None:
                 job = self._stored(job_id, *storing, plan, report, on_batch, total_rows) or job
 
+        report.count_earlier_runs(earlier_runs)
         job.complete(report.summary())
         self._save_once(job)
         return report
@@ -636,7 +659,14 @@ class Ledger(Application[UUID]):
         aggregates: list[Aggregate] = []
         for record, cid, loans in units:
             aggregates += self._import_unit(record, cid, loans, claims, plan.labels, known, report)
-        job.progress(rows_before + rows, [i.as_dict() for i in report.issues])
+        job.progress(
+            rows_before + rows,
+            [i.as_dict() for i in report.issues],
+            report.customers_imported,
+            report.loans_imported,
+            list(report.rekeyed_customers),
+            list(report.rekeyed_loans),
+        )
         aggregates.append(job)
         return _PlannedBatch(units, rows_before, rows_before + rows, aggregates, report, job.pending_events[-1])
 

@@ -508,6 +508,12 @@ class ImportJob(Aggregate):
         self.rows_done = 0
         self.issues: list[dict[str, Any]] = []
         self.summary: dict[str, Any] = {}
+        # What the job's batches recorded, over all its runs (a start does not reset them): a run
+        # resumed after an interruption finds those rows already present, and counts them back.
+        self.customers_recorded = 0
+        self.loans_recorded = 0
+        self.rekeyed_customers: list[dict[str, int]] = []
+        self.rekeyed_loans: list[dict[str, int]] = []
 
     @classmethod
     def request(cls, job_id: UUID, customers_file: str, loans_file: str) -> ImportJob:
@@ -517,8 +523,20 @@ class ImportJob(Aggregate):
         total_rows: int
 
     class Progressed(Aggregate.Event):
+        """Rows done so far, the rows refused since the last report, and what the batch recorded."""
+
+        class_version = 2
         rows_done: int
         issues: list[dict[str, Any]]
+        customers_imported: int
+        loans_imported: int
+        rekeyed_customers: list[dict[str, int]]
+        rekeyed_loans: list[dict[str, int]]
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """A report written before batches said what they recorded: nothing known."""
+            state.update(customers_imported=0, loans_imported=0, rekeyed_customers=[], rekeyed_loans=[])
 
     class Completed(Aggregate.Event):
         summary: dict[str, Any]
@@ -534,9 +552,21 @@ class ImportJob(Aggregate):
         self.issues = []
 
     @event(Progressed)
-    def progress(self, rows_done: int, issues: list[dict[str, Any]]) -> None:
+    def progress(
+        self,
+        rows_done: int,
+        issues: list[dict[str, Any]],
+        customers_imported: int,
+        loans_imported: int,
+        rekeyed_customers: list[dict[str, int]],
+        rekeyed_loans: list[dict[str, int]],
+    ) -> None:
         self.rows_done = rows_done
         self.issues.extend(issues)
+        self.customers_recorded += customers_imported
+        self.loans_recorded += loans_imported
+        self.rekeyed_customers += rekeyed_customers
+        self.rekeyed_loans += rekeyed_loans
 
     @event(Completed)
     def complete(self, summary: dict[str, Any]) -> None:

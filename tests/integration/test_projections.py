@@ -195,9 +195,9 @@ def test_a_run_of_progress_reports_lands_as_the_last_count_with_every_issue_in_o
     try:
         job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
         job.start(total_rows=9)
-        job.progress(3, [{"row": 2, "reason": "a"}])
-        job.progress(6, [])
-        job.progress(9, [{"row": 8, "reason": "b"}, {"row": 9, "reason": "c"}])
+        job.progress(3, [{"row": 2, "reason": "a"}], 0, 0, [], [])
+        job.progress(6, [], 0, 0, [], [])
+        job.progress(9, [{"row": 8, "reason": "b"}, {"row": 9, "reason": "c"}], 0, 0, [], [])
         app.save(job)  # one transaction: the worker projects the run in one page
     finally:
         app.close()

@@ -33,6 +33,9 @@ def test_a_worker_killed_mid_import_resumes_and_the_import_finishes_exactly(serv
         served.start_worker()  # resumes unfinished imports when ready
         done = follow(client, job_id, timeout=120)
     assert done["state"] == "completed", done
+    summary = done["summary"]  # the whole job's, what it recorded before the kill included
+    counts = ("customers_imported", "customers_already_present", "loans_imported", "loans_already_present")
+    assert [summary[k] for k in counts] + [len(summary["rekeyed_loans"])] == [300, 0, 782, 0, 29], summary
     assert served.scalar("SELECT count(*) FROM readmodel.customers WHERE origin = 'imported'") == 300
     assert served.scalar("SELECT count(*) FROM readmodel.loans WHERE origin = 'imported'") == 782
     assert served.scalar("SELECT count(DISTINCT source_loan_id) FROM readmodel.loans WHERE origin = 'imported'") == 782 - 29

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 from datetime import date
 from decimal import Decimal as D
 from typing import Any
@@ -510,3 +512,86 @@ def test_a_batch_whose_save_conflicts_while_the_next_is_planned_is_planned_again
     progress = [e.rows_done for e in ledger.events.get(job_id) if isinstance(e, ImportJob.Progressed)]
     assert progress == [0, 4, 8, 10]
     assert [i["reason"] for i in job.issues] == [refused, f"its customer row 3 was rejected: {refused}"]
+
+
+def interrupted_history() -> tuple[list[CustomerRecord], list[LoanRecord]]:
+    """Six customers, two a batch. File customer 1's ID is taken (see `with_customer_1_taken`), so
+    it is re-keyed; loans 50 and 60 are each used twice, so the second rows are re-keyed: one of
+    each in the first batch, one loan in the last."""
+    customers = [customer_row(n + 1, n, f"900000000{n}") for n in range(1, 7)]
+    loans = [
+        loan_row(2, 1, 50),
+        loan_row(3, 2, 50),
+        loan_row(4, 3, 51),
+        loan_row(5, 4, 60),
+        loan_row(6, 5, 60),
+        loan_row(7, 6, 61),
+    ]
+    return customers, loans
+
+
+def with_customer_1_taken() -> Ledger:
+    ledger = Ledger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, clock=FixedClock(TODAY))
+    ledger.register_customer("Early", "Bird", 30, "9111111111", D(10_000))
+    return ledger
+
+
+def test_an_import_resumed_after_an_interruption_reports_the_whole_job_as_an_uninterrupted_one_does() -> None:
+    """The first run stores two batches of three and stops (a database error on the third). The run
+    that resumes the job finds those rows already present: they are the job's own, so its summary
+    counts them as imported, with their re-keyings, and says what an uninterrupted import says."""
+    uninterrupted = with_customer_1_taken()
+    expected = run_import(uninterrupted, *interrupted_history())
+
+    ledger = with_customer_1_taken()
+    store, stores = ledger._store_encoded, [0]
+
+    def fail_the_third_batch(processing_event: Any, stored_events: Any) -> None:
+        stores[0] += 1
+        if stores[0] == 3:
+            raise OperationalError("the connection broke")
+        store(processing_event, stored_events)
+
+    ledger._store_encoded = fail_the_third_batch  # type: ignore[method-assign]
+    job_id, _ = ledger.request_import("/x/customers.xlsx", "/x/loans.xlsx", uuid4())
+    with pytest.raises(OperationalError):
+        ledger.import_history(job_id, *interrupted_history(), [], batch_size=2)
+    assert ledger.get_import_job(job_id).state == "running"
+    assert [c for c in range(2, 7) if customer_uuid(c) in ledger.repository] == [2, 3, 4]  # two batches went in
+
+    summary = ledger.import_history(job_id, *interrupted_history(), [], batch_size=2).summary()
+    counts = ("customers_imported", "customers_already_present", "loans_imported", "loans_already_present")
+    assert [summary[k] for k in counts] == [expected[k] for k in counts] == [6, 0, 6, 0]
+    assert ledger.get_import_job(job_id).summary == summary
+
+    # The same rows re-keyed; a re-keyed row's new ID may differ (a discarded plan drew one), so each
+    # is checked against the customer who holds it.
+    def without_new_ids(rekeyed: Any) -> list[dict[str, int]]:
+        return [{k: v for k, v in r.items() if k not in ("loan_id", "customer_id")} for r in rekeyed]
+
+    for kind in ("rekeyed_customers", "rekeyed_loans"):
+        assert without_new_ids(summary[kind]) == without_new_ids(expected[kind])
+    assert [r["file_loan_id"] for r in summary["rekeyed_loans"]] == [50, 60]
+    [moved] = summary["rekeyed_customers"]
+    assert ledger.get_customer(moved["customer_id"]).source_customer_id == 1
+    for r in summary["rekeyed_loans"]:
+        assert (r["loan_id"], r["file_loan_id"]) in {
+            (t.loan_id, t.source_loan_id) for t in ledger.get_customer(r["customer_id"]).loans
+        }
+
+
+def test_an_import_job_recorded_before_its_batches_said_what_they_recorded_still_reads() -> None:
+    """Progress reports stored before class_version 2 have no counts: they read as recording nothing."""
+    ledger = Ledger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, clock=FixedClock(TODAY))
+    job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
+    job.start(total_rows=3)
+    job.progress(3, [{"row": 2, "reason": "a"}], 1, 2, [], [{"row": 3, "customer_id": 7, "file_loan_id": 50, "loan_id": 52}])
+    stored = ledger.mapper.to_stored_event(job.pending_events[-1])
+    state = json.loads(stored.state)
+    assert state.pop("class_version") == 2
+    for new_field in ("customers_imported", "loans_imported", "rekeyed_customers", "rekeyed_loans"):
+        del state[new_field]
+    old = ledger.mapper.to_domain_event(dataclasses.replace(stored, state=json.dumps(state).encode()))
+    assert isinstance(old, ImportJob.Progressed)
+    assert (old.rows_done, old.issues, old.customers_imported, old.loans_imported) == (3, [{"row": 2, "reason": "a"}], 0, 0)
+    assert (old.rekeyed_customers, old.rekeyed_loans) == ([], [])
