@@ -589,6 +589,7 @@ class Ledger(Application[UUID]):
             loans_by_customer.setdefault(loan.customer_id, []).append(loan)
         file_customers: dict[int, CustomerRecord] = {}
         phones: dict[str, int] = {}
+        refused: dict[int, tuple[int, str]] = {}  # a Customer ID whose only row was refused -> that row, why
         for record in customers:
             if record.customer_id in file_customers:
                 first = file_customers[record.customer_id]
@@ -596,6 +597,7 @@ class Ledger(Application[UUID]):
             elif record.phone_number in phones:
                 repeated = f"Phone Number {record.phone_number} repeats row {phones[record.phone_number]}"
                 report.issues.append(RowIssue(labels[0], record.row, repeated))
+                refused.setdefault(record.customer_id, (record.row, repeated))
             else:
                 file_customers[record.customer_id] = record
                 phones[record.phone_number] = record.row
@@ -619,7 +621,7 @@ class Ledger(Application[UUID]):
         units += [(None, cid, rows) for cid, rows in loans_by_customer.items()]
         batches = _batches(units, batch_size, MAX_ROWS_PER_SAVE)
         del units, loans_by_customer, file_customers, phones
-        plan = _ImportPlan(first_use, contested, labels)
+        plan = _ImportPlan(first_use, contested, labels, refused)
         customers.clear()
         loans.clear()
 
@@ -658,7 +660,7 @@ class Ledger(Application[UUID]):
         claims.decide(r for _, _, rows in units for r in rows)
         aggregates: list[Aggregate] = []
         for record, cid, loans in units:
-            aggregates += self._import_unit(record, cid, loans, claims, plan.labels, known, report)
+            aggregates += self._import_unit(record, cid, loans, claims, plan, known, report)
         job.progress(
             rows_before + rows,
             [i.as_dict() for i in report.issues],
@@ -714,13 +716,14 @@ class Ledger(Application[UUID]):
         file_id: int,
         rows: list[LoanRecord],
         claims: _Claims,
-        labels: tuple[str, str],
+        plan: _ImportPlan,
         known: set[UUID],
         report: ImportReport,
     ) -> list[Aggregate]:
         """The events for one customer row (file Customer ID `file_id`) and its loan rows.
 
         `known` holds which of the batch's candidate aggregates already exist."""
+        labels = plan.labels
         aggregates: list[Aggregate] = []
         existing = self._customer_for_file_id(file_id, known)
         customer_id = file_id
@@ -735,12 +738,12 @@ class Ledger(Application[UUID]):
             elif record is not None:
                 report.customers_already_present += 1
         elif record is None:
-            report.issues += [
-                RowIssue(
-                    labels[1], r.row, f"Customer ID {file_id} has no accepted row in the customer file and is not in the ledger"
-                )
-                for r in rows
-            ]
+            if file_id in plan.refused:
+                refused_row, reason = plan.refused[file_id]
+                why = f"its customer row {refused_row} was rejected: {reason}"
+            else:
+                why = f"Customer ID {file_id} has no accepted row in the customer file and is not in the ledger"
+            report.issues += [RowIssue(labels[1], r.row, why) for r in rows]
             return []
 
         if existing is None:
@@ -824,6 +827,7 @@ class _ImportPlan:
     first_use: dict[int, int]  # a Loan ID used by several rows -> the first of them
     contested: int  # IDs at or below this may already be held (see Ledger.import_history)
     labels: tuple[str, str]
+    refused: dict[int, tuple[int, str]]  # Customer IDs whose only row was refused, with that row and why
 
 
 @dataclass(frozen=True)

@@ -363,9 +363,13 @@ def test_two_file_rows_with_one_phone_number_keep_the_first_and_report_the_secon
     summary = run_import(
         ledger,
         [customer_row(2, 7, "9000000007"), customer_row(3, 8, "9000000007"), customer_row(4, 9, "9000000009")],
-        [loan_row(2, 9, 60)],
+        [loan_row(2, 9, 60), loan_row(3, 8, 61)],
     )
-    assert summary["issues"] == [{"file": "customers.xlsx", "row": 3, "reason": "Phone Number 9000000007 repeats row 2"}]
+    repeated = "Phone Number 9000000007 repeats row 2"
+    assert summary["issues"] == [
+        {"file": "customers.xlsx", "row": 3, "reason": repeated},
+        {"file": "loans.xlsx", "row": 3, "reason": f"its customer row 3 was rejected: {repeated}"},
+    ]
     assert summary["customers_imported"] == 2 and summary["loans_imported"] == 1
 
 
