@@ -13,6 +13,7 @@ from ledger.domain import (
     CustomerNotFound,
     DomainError,
     IdempotencyKeyReused,
+    ImportFilesChanged,
     InvalidRepayment,
     LoanClosed,
     LoanNotFound,
@@ -49,6 +50,8 @@ DOMAIN_ERRORS: dict[type[DomainError], tuple[int, str, Callable[[DomainError], A
     InvalidRepayment: (400, "invalid_repayment", lambda error: [{"field": "paid_on", "message": str(error)}]),
     IdempotencyKeyReused: (422, "idempotency_key_reused", _no_details),
     Contention: (503, "contention", _no_details),
+    # Raised in the worker, which fails the job with it; here for completeness.
+    ImportFilesChanged: (409, "import_files_changed", _no_details),
     # The endpoints add what to do next (api.endpoints.run_command); this is the shape without it.
     OutcomeUnknown: (503, "database_unavailable", lambda error: {"recorded": "unknown"}),
 }

@@ -7,6 +7,7 @@ one-shot init has no worker yet). Both hold the import lock (`infra.postgres.exc
 from __future__ import annotations
 
 import gc
+import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,7 @@ from uuid import UUID
 
 from infra.xlsx import read_history
 from ledger.application import Ledger
+from ledger.domain import ImportFilesChanged
 from ledger.history import UnreadableFile
 
 
@@ -43,8 +45,25 @@ def run_import(
             return {"state": "failed", "error": str(unreadable)}
         if settle is not None:
             settle()
-        report = app.import_history(job_id, customers, loans, issues, batch_size=batch_size, on_batch=on_batch)
+        digest = files_digest(customers_path, loans_path)
+        try:
+            report = app.import_history(
+                job_id, customers, loans, issues, batch_size=batch_size, on_batch=on_batch, files_digest=digest
+            )
+        except ImportFilesChanged as changed:
+            app.fail_import(job_id, str(changed))
+            return {"state": "failed", "error": str(changed)}
     return {"state": "completed", **report.summary()}
+
+
+def files_digest(*paths: Path) -> str:
+    """SHA-256 of the files' digests: what a run resuming an import checks it reads the same files
+    by. About 0.1 s for the 55 MB of 100,000 customers and a million loans."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as file:
+            digest.update(hashlib.file_digest(file, "sha256").digest())
+    return digest.hexdigest()
 
 
 @contextmanager

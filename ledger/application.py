@@ -207,10 +207,6 @@ class _RecordedLoans:
         return {i for i in loan_ids if i in self._owners}
 
 
-def _file_label(path: str) -> str:
-    return path.replace("\\", "/").rsplit("/", 1)[-1]
-
-
 def request_fingerprint(customer_id: int, request: LoanRequest) -> str:
     body = {
         "customer_id": customer_id,
@@ -570,6 +566,7 @@ class Ledger(Application[UUID]):
         *,
         batch_size: int = 500,
         on_batch: Callable[[int, int], None] | None = None,
+        files_digest: str = "",
     ) -> ImportReport:
         """Replay the lender's history as events, `batch_size` customers per transaction.
 
@@ -581,8 +578,9 @@ class Ledger(Application[UUID]):
         goes back as the import proceeds instead of at its end.
         """
         job = self.get_import_job(job_id)
+        job.check_files(files_digest)  # raises ImportFilesChanged: a run resuming it must read the same files
         earlier_runs = ImportReport.recorded_by(job)  # nothing, unless this run resumes the job
-        labels = (_file_label(job.customers_file), _file_label(job.loans_file))
+        labels = job.file_names
         report = ImportReport(issues=list(issues))
         loans_by_customer: dict[int, list[LoanRecord]] = {}
         for loan in loans:
@@ -606,7 +604,7 @@ class Ledger(Application[UUID]):
 
         total_rows = len(customers) + len(loans) + len(issues)
         rows_done = len(report.issues)
-        job.start(total_rows)
+        job.start(total_rows, files_digest)
         job.progress(rows_done, [i.as_dict() for i in report.issues], 0, 0, [], [])
         self._save_once(job)
         if customers:

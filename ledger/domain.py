@@ -96,6 +96,10 @@ class OutcomeUnknown(DomainError):
     """The event store stopped answering while a command was being recorded: it may have been."""
 
 
+class ImportFilesChanged(DomainError):
+    """An interrupted import, resumed, found other files than the ones it started with."""
+
+
 # A struct, not a dataclass: an import builds a million of these (a frozen dataclass's __init__ was
 # a seventh of the import's writing), and every customer event decodes its loans into them.
 class LoanTerms(msgspec.Struct, frozen=True):
@@ -508,6 +512,7 @@ class ImportJob(Aggregate):
         self.rows_done = 0
         self.issues: list[dict[str, Any]] = []
         self.summary: dict[str, Any] = {}
+        self.files_digest = ""  # of the files its first run read; "" when not known
         # What the job's batches recorded, over all its runs (a start does not reset them): a run
         # resumed after an interruption finds those rows already present, and counts them back.
         self.customers_recorded = 0
@@ -520,7 +525,15 @@ class ImportJob(Aggregate):
         return cls._create(cls.Requested, id=job_id, customers_file=customers_file, loans_file=loans_file)
 
     class Started(Aggregate.Event):
+        """A run of the job begins: the first, or one resuming it after an interruption."""
+
+        class_version = 2
         total_rows: int
+        files_digest: str  # of the files this run reads: a resumed run must read the same
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["files_digest"] = ""  # not known
 
     class Progressed(Aggregate.Event):
         """Rows done so far, the rows refused since the last report, and what the batch recorded."""
@@ -544,10 +557,27 @@ class ImportJob(Aggregate):
     class Failed(Aggregate.Event):
         reason: str
 
+    @property
+    def file_names(self) -> tuple[str, str]:
+        """The two files' names, without their directories: what the job's messages call them."""
+        customers, loans = (path.replace("\\", "/").rsplit("/", 1)[-1] for path in (self.customers_file, self.loans_file))
+        return customers, loans
+
+    def check_files(self, files_digest: str) -> None:
+        """A run that resumes this job must read the files its first run read: its summary counts
+        what the earlier runs recorded as the job's own."""
+        if self.files_digest and files_digest and files_digest != self.files_digest:
+            customers, loans = self.file_names
+            raise ImportFilesChanged(
+                f"{customers} or {loans} changed after this import started, so it cannot resume."
+                " What it recorded before it was interrupted stays; import the files again to add the rest."
+            )
+
     @event(Started)
-    def start(self, total_rows: int) -> None:
+    def start(self, total_rows: int, files_digest: str) -> None:
         self.state = "running"
         self.total_rows = total_rows
+        self.files_digest = files_digest or self.files_digest
         self.rows_done = 0
         self.issues = []
 

@@ -8,6 +8,11 @@ Events with free-form fields (a snapshot's state, an idempotent response, an imp
 keep the library's tagged JSON, which round-trips any value it has a transcoding for. A stored
 state in the tagged format (events written before this mapper among them) goes to the library;
 a plain one that does not match its class's types is an error, never a state of strings.
+
+A class's `class_version` and `upcast_vN_vN+1` methods work as they do in the library: a plain
+state records the version it was written at (from 2 up), and an older one is upcast after
+decoding. It decodes against the class's current fields, so an upcast can add a field (or fill
+one that became optional), not change a field's type.
 """
 
 from __future__ import annotations
@@ -42,13 +47,12 @@ def _is_concrete(annotation: Any) -> bool:
 class _StateType:
     fields: frozenset[str]
     decoder: msgspec.json.Decoder[Any]
+    version: int  # the class's class_version
 
 
 @cache
 def _state_type(cls: type) -> _StateType | None:
     """How `cls`'s state decodes, or None when it must keep the library's tagged JSON."""
-    if getattr(cls, "class_version", 1) > 1:  # upcasting is the library's business
-        return None
     fields: dict[str, Any] = {}
     for name, annotation in typing.get_type_hints(cls).items():
         if name in _OUTSIDE_STATE or typing.get_origin(annotation) is ClassVar:
@@ -56,8 +60,8 @@ def _state_type(cls: type) -> _StateType | None:
         if not _is_concrete(annotation):
             return None
         fields[name] = annotation
-    state = TypedDict(f"{cls.__qualname__}State", fields, total=False)  # type: ignore[misc]
-    return _StateType(frozenset(fields), msgspec.json.Decoder(state))
+    state = TypedDict(f"{cls.__qualname__}State", {**fields, "class_version": int}, total=False)  # type: ignore[misc]
+    return _StateType(frozenset(fields), msgspec.json.Decoder(state), getattr(cls, "class_version", 1))
 
 
 class TypedMapper(Mapper[Any]):
@@ -75,6 +79,8 @@ class TypedMapper(Mapper[Any]):
             return super().to_stored_event(domain_event)
         originator_id = state.pop("originator_id")
         originator_version = state.pop("originator_version")
+        if state_type.version > 1:
+            state["class_version"] = state_type.version
         return StoredEvent(
             originator_id=originator_id,
             originator_version=originator_version,
@@ -89,8 +95,9 @@ class TypedMapper(Mapper[Any]):
 
     def typed_json(self, cls: type, state: bytes) -> bool:
         """Whether `to_domain_event` would decode `state` as `cls`'s typed JSON: plain JSON, and a
-        class whose fields all have concrete types and that needs no upcasting."""
-        return self.plain_json(state) and _state_type(cls) is not None
+        class whose fields all have concrete types and that has never been upcast (class_version 1)."""
+        state_type = _state_type(cls)
+        return self.plain_json(state) and state_type is not None and state_type.version == 1
 
     def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[Any]:
         if not self.plain_json(stored_event.state):
@@ -100,10 +107,13 @@ class TypedMapper(Mapper[Any]):
         try:
             if state_type is None:
                 raise ValueError(
-                    f"{cls.__qualname__} now has free-form fields or a class_version above 1, "
-                    "and its stored events are plain JSON: teach ledger/mapper.py to upcast them"
+                    f"{cls.__qualname__} now has free-form fields, and its stored events are plain JSON: "
+                    "teach ledger/mapper.py to read them"
                 )
             state = state_type.decoder.decode(stored_event.state)
+            written_at = state.pop("class_version", 1)
+            for version in range(written_at, state_type.version):
+                getattr(cls, f"upcast_v{version}_v{version + 1}")(state)
         except (ValueError, msgspec.ValidationError) as error:
             # Never hand on a state the library would read as strings: say which event is unreadable.
             raise MapperDeserialisationError(

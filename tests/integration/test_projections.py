@@ -194,7 +194,7 @@ def test_a_run_of_progress_reports_lands_as_the_last_count_with_every_issue_in_o
     app = stack.ledger()
     try:
         job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
-        job.start(total_rows=9)
+        job.start(total_rows=9, files_digest="")
         job.progress(3, [{"row": 2, "reason": "a"}], 0, 0, [], [])
         job.progress(6, [], 0, 0, [], [])
         job.progress(9, [{"row": 8, "reason": "b"}, {"row": 9, "reason": "c"}], 0, 0, [], [])

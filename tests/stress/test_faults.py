@@ -6,12 +6,16 @@ from __future__ import annotations
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import date
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
 
 from infra.postgres import build_ledger
+from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS
+from tests.integration.conftest import write_xlsx
 from tests.stress.conftest import Served, follow
 
 
@@ -40,6 +44,46 @@ def test_a_worker_killed_mid_import_resumes_and_the_import_finishes_exactly(serv
     assert served.scalar("SELECT count(*) FROM readmodel.loans WHERE origin = 'imported'") == 782
     assert served.scalar("SELECT count(DISTINCT source_loan_id) FROM readmodel.loans WHERE origin = 'imported'") == 782 - 29
     figures.update(rows_done_at_kill=rows_at_kill, total_rows=done["total_rows"], **served.audit())
+
+
+def test_an_import_whose_files_changed_while_it_was_interrupted_fails_and_a_new_one_adds_the_rest(
+    served: Served, figures: dict[str, Any]
+) -> None:
+    """The resumed run would count what the first run recorded as its own: with other files that
+    summary would be wrong, so the job fails and says why. A new import of the new files adds the rest."""
+    imports = Path(served.env["IMPORT_DIR"])
+    people = [[720_000 + n, "Changed", f"File{n}", 40, 9_520_000_000 + n, 60_000, 2_200_000] for n in range(200)]
+
+    def loans(amount: int) -> list[list[Any]]:
+        return [[720_000 + n, 820_000 + n, amount, 12, 10, 8_800, 3, date(2025, 1, 1), date(2026, 1, 1)] for n in range(200)]
+
+    files = {
+        "customers_file": write_xlsx(imports / "changing_customers.xlsx", CUSTOMER_COLUMNS, people).name,
+        "loans_file": write_xlsx(imports / "changing_loans.xlsx", LOAN_COLUMNS, loans(100_000)).name,
+    }
+    in_range = "SELECT count(*) FROM readmodel.customers WHERE customer_id BETWEEN 720000 AND 720199"
+    served.stop("worker")
+    served.start_worker(IMPORT_BATCH_SIZE="5")
+    with served.client() as client:
+        job_id = client.post("/imports", json=files).json()["job_id"]
+        deadline = time.monotonic() + 60
+        while not 0 < client.get(f"/imports/{job_id}").json()["rows_done"] < 200:
+            assert time.monotonic() < deadline, client.get(f"/imports/{job_id}").json()
+            time.sleep(0.02)
+        served.stop("worker", signal.SIGKILL)
+        write_xlsx(imports / files["loans_file"], LOAN_COLUMNS, loans(90_000))
+        served.start_worker()  # resumes the job, which finds other files
+        failed = follow(client, job_id)
+        served.wait_caught_up()
+        recorded = served.scalar(in_range)
+        second = follow(client, client.post("/imports", json=files).json()["job_id"])
+    assert failed["state"] == "failed", failed
+    assert "changing_customers.xlsx or changing_loans.xlsx changed after this import started" in failed["summary"]["error"]
+    assert 0 < recorded < 200  # what the first run recorded stays, and the failed run added nothing
+    assert second["state"] == "completed", second
+    assert (second["summary"]["customers_imported"], second["summary"]["customers_already_present"]) == (200 - recorded, recorded)
+    assert served.scalar(in_range) == 200
+    figures.update(recorded_before_the_change=recorded, **served.audit())
 
 
 def test_a_worker_killed_mid_projection_leaves_a_consistent_read_model(served: Served, figures: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from ledger.domain import (
     Customer,
     CustomerNotFound,
     IdempotencyKeyReused,
+    ImportFilesChanged,
     ImportJob,
     InvalidRepayment,
     Loan,
@@ -588,7 +589,7 @@ def test_an_import_job_recorded_before_its_batches_said_what_they_recorded_still
     """Progress reports stored before class_version 2 have no counts: they read as recording nothing."""
     ledger = Ledger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, clock=FixedClock(TODAY))
     job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
-    job.start(total_rows=3)
+    job.start(total_rows=3, files_digest="")
     job.progress(3, [{"row": 2, "reason": "a"}], 1, 2, [], [{"row": 3, "customer_id": 7, "file_loan_id": 50, "loan_id": 52}])
     stored = ledger.mapper.to_stored_event(job.pending_events[-1])
     state = json.loads(stored.state)
@@ -599,3 +600,27 @@ def test_an_import_job_recorded_before_its_batches_said_what_they_recorded_still
     assert isinstance(old, ImportJob.Progressed)
     assert (old.rows_done, old.issues, old.customers_imported, old.loans_imported) == (3, [{"row": 2, "reason": "a"}], 0, 0)
     assert (old.rekeyed_customers, old.rekeyed_loans) == ([], [])
+
+
+def test_a_resumed_import_that_finds_other_files_stops_and_keeps_what_it_recorded() -> None:
+    """Its summary could not be the whole job's (the earlier runs' rows are counted as its own): the
+    job fails and says why, and nothing more is recorded. With the same files it resumes."""
+    ledger = with_customer_1_taken()
+    store, stores = ledger._store_encoded, [0]
+
+    def fail_the_third_batch(processing_event: Any, stored_events: Any) -> None:
+        stores[0] += 1
+        if stores[0] == 3:
+            raise OperationalError("the connection broke")
+        store(processing_event, stored_events)
+
+    ledger._store_encoded = fail_the_third_batch  # type: ignore[method-assign]
+    job_id, _ = ledger.request_import("/x/customers.xlsx", "/x/loans.xlsx", uuid4())
+    with pytest.raises(OperationalError):
+        ledger.import_history(job_id, *interrupted_history(), [], batch_size=2, files_digest="first")
+    position = ledger.recorder.max_notification_id()
+    with pytest.raises(ImportFilesChanged, match=r"customers\.xlsx or loans\.xlsx changed after this import started"):
+        ledger.import_history(job_id, *interrupted_history(), [], batch_size=2, files_digest="other")
+    assert ledger.recorder.max_notification_id() == position
+    summary = ledger.import_history(job_id, *interrupted_history(), [], batch_size=2, files_digest="first").summary()
+    assert (summary["customers_imported"], summary["loans_imported"], summary["customers_already_present"]) == (6, 6, 0)

@@ -72,7 +72,7 @@ def test_typed_events_come_back_with_decimals_dates_and_nested_terms() -> None:
 def test_state_is_plain_json_not_the_librarys_tagged_objects() -> None:
     mapper = _ledger().mapper
     job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
-    job.start(total_rows=10)
+    job.start(total_rows=10, files_digest="")
     _requested, started = job.collect_events()
     state = json.loads(mapper.to_stored_event(started).state)
     assert state["total_rows"] == 10
@@ -83,7 +83,7 @@ def test_events_stored_by_the_librarys_transcoder_still_load() -> None:
     ledger = _ledger()
     legacy = Mapper(transcoder=ledger.construct_transcoder())
     job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
-    job.start(total_rows=10)
+    job.start(total_rows=10, files_digest="")
     for event in job.collect_events():
         stored = legacy.to_stored_event(event)
         assert b"_type_" in stored.state
@@ -106,7 +106,7 @@ def test_free_form_state_keeps_the_librarys_transcoding() -> None:
 def test_a_plain_state_that_does_not_match_its_class_is_an_error_not_a_state_of_strings() -> None:
     mapper = _ledger().mapper
     job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
-    job.start(total_rows=10)
+    job.start(total_rows=10, files_digest="")
     _requested, started = job.collect_events()
     stored = mapper.to_stored_event(started)
     state = json.loads(stored.state)
@@ -114,3 +114,23 @@ def test_a_plain_state_that_does_not_match_its_class_is_an_error_not_a_state_of_
     broken = StoredEvent(stored.originator_id, stored.originator_version, stored.topic, json.dumps(state).encode())
     with pytest.raises(MapperDeserialisationError, match="total_rows"):
         mapper.to_domain_event(broken)
+
+
+def test_a_plain_state_records_its_class_version_and_an_older_one_is_upcast() -> None:
+    """ImportJob.Started is at class_version 2 (it gained `files_digest`): a state written by the
+    typed mapper at version 1 has neither the field nor a version, and reads as the library's
+    upcast says; a state written now says its version and comes back as it was."""
+    mapper = _ledger().mapper
+    job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
+    job.start(total_rows=10, files_digest="abc")
+    _requested, started = job.collect_events()
+    stored = mapper.to_stored_event(started)
+    state = json.loads(stored.state)
+    assert (state["class_version"], state["files_digest"]) == (2, "abc") and b"_type_" not in stored.state
+    assert vars(mapper.to_domain_event(stored)) == vars(started)
+    del state["class_version"], state["files_digest"]  # as version 1 wrote it
+    old = mapper.to_domain_event(
+        StoredEvent(stored.originator_id, stored.originator_version, stored.topic, json.dumps(state).encode())
+    )
+    assert vars(old) == {**vars(started), "files_digest": ""}
+    assert "class_version" not in vars(old)
