@@ -587,7 +587,7 @@ class Ledger(Application[UUID]):
             loans_by_customer.setdefault(loan.customer_id, []).append(loan)
         file_customers: dict[int, CustomerRecord] = {}
         phones: dict[str, int] = {}
-        refused: dict[int, tuple[int, str]] = {}  # a Customer ID whose only row was refused -> that row, why
+        refused: dict[int, tuple[int, str]] = {}  # a Customer ID with a row refused -> its first, and why
         for record in customers:
             if record.customer_id in file_customers:
                 first = file_customers[record.customer_id]
@@ -613,6 +613,7 @@ class Ledger(Application[UUID]):
         # IDs at or below it need checking, and claim an aggregate of their own (see _import_unit).
         contested = self.ids.reserve_loan_ids_through(max(ln.loan_id for ln in loans)) if loans else 0
 
+        refused = {cid: why for cid, why in refused.items() if cid not in file_customers}  # no row accepted
         units: list[tuple[CustomerRecord | None, int, list[LoanRecord]]] = [
             (row, cid, loans_by_customer.pop(cid, [])) for cid, row in file_customers.items()
         ]
@@ -722,6 +723,12 @@ class Ledger(Application[UUID]):
 
         `known` holds which of the batch's candidate aggregates already exist."""
         labels = plan.labels
+        if record is None and file_id in plan.refused:
+            # The file's row for this customer was refused: its loans are not for whoever else the
+            # ledger may know by that ID.
+            refused_row, reason = plan.refused[file_id]
+            report.issues += [RowIssue(labels[1], r.row, f"its customer row {refused_row} was rejected: {reason}") for r in rows]
+            return []
         aggregates: list[Aggregate] = []
         existing = self._customer_for_file_id(file_id, known)
         customer_id = file_id
@@ -736,12 +743,12 @@ class Ledger(Application[UUID]):
             elif record is not None:
                 report.customers_already_present += 1
         elif record is None:
-            if file_id in plan.refused:
-                refused_row, reason = plan.refused[file_id]
-                why = f"its customer row {refused_row} was rejected: {reason}"
-            else:
-                why = f"Customer ID {file_id} has no accepted row in the customer file and is not in the ledger"
-            report.issues += [RowIssue(labels[1], r.row, why) for r in rows]
+            report.issues += [
+                RowIssue(
+                    labels[1], r.row, f"Customer ID {file_id} has no accepted row in the customer file and is not in the ledger"
+                )
+                for r in rows
+            ]
             return []
 
         if existing is None:
@@ -825,7 +832,7 @@ class _ImportPlan:
     first_use: dict[int, int]  # a Loan ID used by several rows -> the first of them
     contested: int  # IDs at or below this may already be held (see Ledger.import_history)
     labels: tuple[str, str]
-    refused: dict[int, tuple[int, str]]  # Customer IDs whose only row was refused, with that row and why
+    refused: dict[int, tuple[int, str]]  # Customer IDs whose rows were all refused -> the first, and why
 
 
 @dataclass(frozen=True)

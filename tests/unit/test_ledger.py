@@ -374,6 +374,18 @@ def test_two_file_rows_with_one_phone_number_keep_the_first_and_report_the_secon
     assert summary["customers_imported"] == 2 and summary["loans_imported"] == 1
 
 
+def test_the_loans_of_a_refused_customer_row_never_go_to_the_ledgers_customer_with_that_id(ledger: Ledger) -> None:
+    early = ledger.register_customer("Early", "Bird", 30, "9111111111", D(10_000)).customer  # holds customer ID 1
+    summary = run_import(ledger, [customer_row(2, 7, "9000000007"), customer_row(3, 1, "9000000007")], [loan_row(2, 1, 60)])
+    repeated = "Phone Number 9000000007 repeats row 2"
+    assert summary["issues"] == [
+        {"file": "customers.xlsx", "row": 3, "reason": repeated},
+        {"file": "loans.xlsx", "row": 2, "reason": f"its customer row 3 was rejected: {repeated}"},
+    ]
+    assert (summary["customers_imported"], summary["loans_imported"]) == (1, 0)
+    assert ledger.get_customer(early.customer_id).loans == []
+
+
 def test_import_batches_stop_at_a_customer_count_or_a_row_budget_keeping_loans_with_their_customer() -> None:
     from ledger.application import _batches
 

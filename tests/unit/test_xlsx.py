@@ -151,6 +151,29 @@ def test_an_import_defers_full_collections_and_gives_the_thresholds_back(tmp_pat
     assert gc.get_threshold() == before
 
 
+def test_a_file_replaced_while_it_is_read_fails_the_import_and_nothing_is_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows read may be the old file's, the new one's or a mix: the job must not record them
+    under a digest of either."""
+    customers = _write(tmp_path / "c.xlsx", CUSTOMER_COLUMNS, [CUSTOMER])
+    loans = _write(tmp_path / "l.xlsx", LOAN_COLUMNS, [LOAN])
+    ledger = Ledger({"PERSISTENCE_MODULE": "eventsourcing.popo"})
+
+    def read_then_replace(*args: Any, **kwargs: Any) -> Any:
+        rows = read_history(*args, **kwargs)
+        _write(loans, LOAN_COLUMNS, [[*LOAN[:2], 90000, *LOAN[3:]]])
+        return rows
+
+    monkeypatch.setattr("infra.importer.read_history", read_then_replace)
+    job_id, _ = ledger.request_import(str(customers), str(loans))
+    position = ledger.recorder.max_notification_id()
+    result = run_import(ledger, job_id, customers, loans, 10)
+    assert result == {"state": "failed", "error": "c.xlsx or l.xlsx changed while it was being read: import it again"}
+    assert ledger.get_import_job(job_id).state == "failed"
+    assert ledger.recorder.max_notification_id() == (position or 0) + 1  # the job's failure, nothing else
+
+
 def test_cells_no_id_sequence_date_or_schedule_can_take_are_row_issues_and_the_good_rows_stay(tmp_path: Path) -> None:
     # Each of these once failed the whole job ("the import stopped: ValueError ...", a setval on
     # a numeric, a date serial beyond timedelta), or imported and broke the ledger after: an ID
