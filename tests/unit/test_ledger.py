@@ -553,14 +553,9 @@ def with_customer_1_taken() -> Ledger:
     return ledger
 
 
-def test_an_import_resumed_after_an_interruption_reports_the_whole_job_as_an_uninterrupted_one_does() -> None:
-    """The first run stores two batches of three and stops (a database error on the third). The run
-    that resumes the job finds those rows already present: they are the job's own, so its summary
-    counts them as imported, with their re-keyings, and says what an uninterrupted import says."""
-    uninterrupted = with_customer_1_taken()
-    expected = run_import(uninterrupted, *interrupted_history())
-
-    ledger = with_customer_1_taken()
+def interrupted_at_the_third_batch(ledger: Ledger, files_digest: str = "") -> UUID:
+    """Runs an import of `interrupted_history()` whose third batch meets a database error: the
+    first two are stored, and the job stays running, as after a worker's death."""
     store, stores = ledger._store_encoded, [0]
 
     def fail_the_third_batch(processing_event: Any, stored_events: Any) -> None:
@@ -572,7 +567,19 @@ def test_an_import_resumed_after_an_interruption_reports_the_whole_job_as_an_uni
     ledger._store_encoded = fail_the_third_batch  # type: ignore[method-assign]
     job_id, _ = ledger.request_import("/x/customers.xlsx", "/x/loans.xlsx", uuid4())
     with pytest.raises(OperationalError):
-        ledger.import_history(job_id, *interrupted_history(), [], batch_size=2)
+        ledger.import_history(job_id, *interrupted_history(), [], batch_size=2, files_digest=files_digest)
+    return job_id
+
+
+def test_an_import_resumed_after_an_interruption_reports_the_whole_job_as_an_uninterrupted_one_does() -> None:
+    """The first run stores two batches of three and stops (a database error on the third). The run
+    that resumes the job finds those rows already present: they are the job's own, so its summary
+    counts them as imported, with their re-keyings, and says what an uninterrupted import says."""
+    uninterrupted = with_customer_1_taken()
+    expected = run_import(uninterrupted, *interrupted_history())
+
+    ledger = with_customer_1_taken()
+    job_id = interrupted_at_the_third_batch(ledger)
     assert ledger.get_import_job(job_id).state == "running"
     assert [c for c in range(2, 7) if customer_uuid(c) in ledger.repository] == [2, 3, 4]  # two batches went in
 
@@ -618,18 +625,7 @@ def test_a_resumed_import_that_finds_other_files_stops_and_keeps_what_it_recorde
     """Its summary could not be the whole job's (the earlier runs' rows are counted as its own): the
     job fails and says why, and nothing more is recorded. With the same files it resumes."""
     ledger = with_customer_1_taken()
-    store, stores = ledger._store_encoded, [0]
-
-    def fail_the_third_batch(processing_event: Any, stored_events: Any) -> None:
-        stores[0] += 1
-        if stores[0] == 3:
-            raise OperationalError("the connection broke")
-        store(processing_event, stored_events)
-
-    ledger._store_encoded = fail_the_third_batch  # type: ignore[method-assign]
-    job_id, _ = ledger.request_import("/x/customers.xlsx", "/x/loans.xlsx", uuid4())
-    with pytest.raises(OperationalError):
-        ledger.import_history(job_id, *interrupted_history(), [], batch_size=2, files_digest="first")
+    job_id = interrupted_at_the_third_batch(ledger, files_digest="first")
     position = ledger.recorder.max_notification_id()
     with pytest.raises(ImportFilesChanged, match=r"customers\.xlsx or loans\.xlsx changed after this import started"):
         ledger.import_history(job_id, *interrupted_history(), [], batch_size=2, files_digest="other")

@@ -23,6 +23,13 @@ def _round_trip(mapper: Mapper, event: object) -> object:
     return mapper.to_domain_event(mapper.to_stored_event(event))  # type: ignore[arg-type]
 
 
+def _started(files_digest: str = "") -> ImportJob.Started:
+    job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
+    job.start(total_rows=10, files_digest=files_digest)
+    _requested, started = job.collect_events()
+    return started  # type: ignore[return-value]
+
+
 def test_the_ledger_stores_its_events_with_the_typed_mapper() -> None:
     assert isinstance(_ledger().mapper, TypedMapper)
 
@@ -71,9 +78,7 @@ def test_typed_events_come_back_with_decimals_dates_and_nested_terms() -> None:
 
 def test_state_is_plain_json_not_the_librarys_tagged_objects() -> None:
     mapper = _ledger().mapper
-    job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
-    job.start(total_rows=10, files_digest="")
-    _requested, started = job.collect_events()
+    started = _started()
     state = json.loads(mapper.to_stored_event(started).state)
     assert state["total_rows"] == 10
     assert isinstance(state["timestamp"], str)  # the library's transcoder writes {"_type_": ..., "_data_": ...}
@@ -105,9 +110,7 @@ def test_free_form_state_keeps_the_librarys_transcoding() -> None:
 
 def test_a_plain_state_that_does_not_match_its_class_is_an_error_not_a_state_of_strings() -> None:
     mapper = _ledger().mapper
-    job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
-    job.start(total_rows=10, files_digest="")
-    _requested, started = job.collect_events()
+    started = _started()
     stored = mapper.to_stored_event(started)
     state = json.loads(stored.state)
     state["total_rows"] = "ten"
@@ -121,9 +124,7 @@ def test_a_plain_state_records_its_class_version_and_an_older_one_is_upcast() ->
     typed mapper at version 1 has neither the field nor a version, and reads as the library's
     upcast says; a state written now says its version and comes back as it was."""
     mapper = _ledger().mapper
-    job = ImportJob.request(uuid4(), "c.xlsx", "l.xlsx")
-    job.start(total_rows=10, files_digest="abc")
-    _requested, started = job.collect_events()
+    started = _started(files_digest="abc")
     stored = mapper.to_stored_event(started)
     state = json.loads(stored.state)
     assert (state["class_version"], state["files_digest"]) == (2, "abc") and b"_type_" not in stored.state
