@@ -588,6 +588,9 @@ class Ledger(Application[UUID]):
         file_customers: dict[int, CustomerRecord] = {}
         phones: dict[str, int] = {}
         refused: dict[int, tuple[int, str]] = {}  # a Customer ID with a row refused -> its first, and why
+        for issue in issues:
+            if issue.customer_id is not None:  # a customer row the reader refused
+                refused.setdefault(issue.customer_id, (issue.row, issue.reason))
         for record in customers:
             if record.customer_id in file_customers:
                 first = file_customers[record.customer_id]

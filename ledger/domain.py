@@ -492,6 +492,7 @@ class RowIssue:
     file: str
     row: int
     reason: str
+    customer_id: int | None = None  # a refused customer row's Customer ID, when that cell was readable
 
     def as_dict(self) -> dict[str, Any]:
         return {"file": self.file, "row": self.row, "reason": self.reason}

@@ -222,6 +222,7 @@ def _last_installment(start: date, tenure: int) -> None:
 
 
 def parse_customer(file: str, row: int, cells: Mapping[str, Cell]) -> CustomerRecord | RowIssue:
+    customer_id: int | None = None
     try:
         customer_id = _id(cells["Customer ID"], "Customer ID")
         age = _integer(cells["Age"], "Age")
@@ -245,7 +246,7 @@ def parse_customer(file: str, row: int, cells: Mapping[str, Cell]) -> CustomerRe
             approved_limit=limit,
         )
     except _BadCell as bad:
-        return RowIssue(file, row, str(bad))
+        return RowIssue(file, row, str(bad), customer_id)
 
 
 def parse_loan(file: str, row: int, cells: Mapping[str, Cell]) -> LoanRecord | RowIssue:

@@ -156,7 +156,7 @@ def test_a_partly_bad_file_keeps_its_good_rows_and_reports_each_bad_one(
     assert "before Date of Approval" in reasons[(loans, 5)]
     assert "more than the Tenure" in reasons[(loans, 6)]
     assert "7999 has no accepted row in the customer file and is not in the ledger" in reasons[(loans, 7)]
-    assert "7002 has no accepted row in the customer file" in reasons[(loans, 8)]  # its customer row was unreadable
+    assert reasons[(loans, 8)] == f"its customer row 3 was rejected: {reasons[(customers, 3)]}"  # an unreadable salary
     assert served.scalar("SELECT count(*) FROM readmodel.loans WHERE customer_id = 7001") == 1
     figures.update(rows=job["total_rows"], rejected=job["rows_rejected"], kept=job["total_rows"] - job["rows_rejected"])
 

@@ -28,13 +28,14 @@ from ledger.domain import (
     LoanTerms,
     OutcomeUnknown,
     PhoneNumberTaken,
+    RowIssue,
     customer_uuid,
     file_customer_uuid,
     idempotency_uuid,
     loan_uuid,
     phone_uuid,
 )
-from ledger.history import CustomerRecord, LoanRecord
+from ledger.history import CUSTOMER_COLUMNS, CustomerRecord, LoanRecord, parse_customer
 from ledger.policy import Decision, LoanRequest
 from ledger.ports import FixedClock
 
@@ -383,6 +384,23 @@ def test_the_loans_of_a_refused_customer_row_never_go_to_the_ledgers_customer_wi
         {"file": "loans.xlsx", "row": 2, "reason": f"its customer row 3 was rejected: {repeated}"},
     ]
     assert (summary["customers_imported"], summary["loans_imported"]) == (1, 0)
+    assert ledger.get_customer(early.customer_id).loans == []
+
+
+def test_the_loans_of_a_customer_row_the_reader_refused_say_why_and_never_go_to_the_ledgers_customer(ledger: Ledger) -> None:
+    early = ledger.register_customer("Early", "Bird", 30, "9111111111", D(10_000)).customer  # holds customer ID 1
+    cells = dict(zip(CUSTOMER_COLUMNS, [1, "F", "L", 40, 9000000001, "lots", 1_800_000], strict=True))
+    refused = parse_customer("customers.xlsx", 2, cells)
+    assert isinstance(refused, RowIssue) and refused.customer_id == 1
+    job_id, _ = ledger.request_import("/x/customers.xlsx", "/x/loans.xlsx", uuid4())
+    report = ledger.import_history(
+        job_id, [customer_row(3, 7, "9000000007")], [loan_row(2, 1, 60), loan_row(3, 7, 61)], [refused]
+    )
+    assert [i.as_dict() for i in report.issues] == [
+        refused.as_dict(),
+        {"file": "loans.xlsx", "row": 2, "reason": f"its customer row 2 was rejected: {refused.reason}"},
+    ]
+    assert (report.customers_imported, report.loans_imported) == (1, 1)
     assert ledger.get_customer(early.customer_id).loans == []
 
 
