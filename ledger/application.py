@@ -587,7 +587,7 @@ class Ledger(Application[UUID]):
             loans_by_customer.setdefault(loan.customer_id, []).append(loan)
         file_customers: dict[int, CustomerRecord] = {}
         phones: dict[str, int] = {}
-        refused: dict[int, tuple[int, str]] = {}  # a Customer ID with a row refused -> its first, and why
+        refused: dict[int, tuple[int, str]] = {}  # a Customer ID with a row refused -> one such row, and why
         for issue in issues:
             if issue.customer_id is not None:  # a customer row the reader refused
                 refused.setdefault(issue.customer_id, (issue.row, issue.reason))
@@ -726,14 +726,20 @@ class Ledger(Application[UUID]):
 
         `known` holds which of the batch's candidate aggregates already exist."""
         labels = plan.labels
+        existing = self._customer_for_file_id(file_id, known)
         if record is None and file_id in plan.refused:
-            # The file's row for this customer was refused: its loans are not for whoever else the
-            # ledger may know by that ID.
+            # The file's row for this customer was refused: its loans are not for whoever the ledger
+            # knows by that ID. Those an earlier import of this file recorded are there all the same.
             refused_row, reason = plan.refused[file_id]
-            report.issues += [RowIssue(labels[1], r.row, f"its customer row {refused_row} was rejected: {reason}") for r in rows]
+            recorded = existing.imported_source_ids() if existing is not None else set()
+            report.loans_already_present += sum(r.loan_id in recorded for r in rows)
+            report.issues += [
+                RowIssue(labels[1], r.row, f"its customer row {refused_row} was rejected: {reason}")
+                for r in rows
+                if r.loan_id not in recorded
+            ]
             return []
         aggregates: list[Aggregate] = []
-        existing = self._customer_for_file_id(file_id, known)
         customer_id = file_id
         if existing is not None:
             customer_id = existing.customer_id
@@ -835,7 +841,7 @@ class _ImportPlan:
     first_use: dict[int, int]  # a Loan ID used by several rows -> the first of them
     contested: int  # IDs at or below this may already be held (see Ledger.import_history)
     labels: tuple[str, str]
-    refused: dict[int, tuple[int, str]]  # Customer IDs whose rows were all refused -> the first, and why
+    refused: dict[int, tuple[int, str]]  # Customer IDs whose rows were all refused -> one of them, and why
 
 
 @dataclass(frozen=True)

@@ -404,6 +404,18 @@ def test_the_loans_of_a_customer_row_the_reader_refused_say_why_and_never_go_to_
     assert ledger.get_customer(early.customer_id).loans == []
 
 
+def test_a_reimport_whose_customer_row_went_bad_counts_the_loans_already_recorded_and_refuses_the_new(ledger: Ledger) -> None:
+    run_import(ledger, [customer_row(2, 7, "9000000007")], [loan_row(2, 7, 60)])
+    cells = dict(zip(CUSTOMER_COLUMNS, [7, "F", "L", 40, 9000000007, "lots", 1_800_000], strict=True))
+    refused = parse_customer("customers.xlsx", 2, cells)
+    assert isinstance(refused, RowIssue)
+    job_id, _ = ledger.request_import("/x/customers.xlsx", "/x/loans.xlsx", uuid4())
+    report = ledger.import_history(job_id, [], [loan_row(2, 7, 60), loan_row(3, 7, 61)], [refused])
+    assert (report.loans_already_present, report.loans_imported) == (1, 0)
+    assert [(i.file, i.row) for i in report.issues] == [("customers.xlsx", 2), ("loans.xlsx", 3)]
+    assert [t.loan_id for t in ledger.get_customer(7).loans] == [60]
+
+
 def test_import_batches_stop_at_a_customer_count_or_a_row_budget_keeping_loans_with_their_customer() -> None:
     from ledger.application import _batches
 
