@@ -7,6 +7,7 @@ REDIS_URL; run `python -m infra.testrun tests/integration` to do the same by han
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -99,6 +100,7 @@ class Stack:
                 cwd=REPO_ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stopping it reaches beat and the pool too
             )
         deadline = time.monotonic() + 30
         while b"ready." not in (self.workdir / "worker.log").read_bytes():
@@ -108,12 +110,15 @@ class Stack:
 
     def stop_worker(self, sig: int = signal.SIGTERM) -> None:
         if self.worker is not None and self.worker.poll() is None:
-            self.worker.send_signal(sig)
+            os.killpg(self.worker.pid, sig)
             try:
                 self.worker.wait(30)
             except subprocess.TimeoutExpired:
-                self.worker.kill()
+                os.killpg(self.worker.pid, signal.SIGKILL)
                 self.worker.wait()
+        if self.worker is not None:
+            with contextlib.suppress(ProcessLookupError):  # an embedded beat or a pool child left behind
+                os.killpg(self.worker.pid, signal.SIGKILL)
         self.worker = None
 
     def worker_log(self) -> str:
@@ -166,8 +171,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = replace(Settings.from_env(), import_dir=imports)
     setup_schema(settings)
     stack = Stack(settings, env, workdir)
-    stack.start_worker()
     try:
+        stack.start_worker()  # inside: a run stopped while the worker starts still stops it
         yield stack
     finally:
         stack.stop_worker()

@@ -161,11 +161,11 @@ def containers(stack: Stack) -> Iterator[dict[str, Any]]:
     logs.mkdir()
     processes: dict[str, subprocess.Popen[bytes]] = {}
     env = entrypoint_env(stack, API_PORT=str(port), API_WORKERS="2", API_HOST="127.0.0.1")
-    for name in ("worker", "beat", "api"):
-        with (logs / f"{name}.log").open("wb") as log:
-            processes[name] = subprocess.Popen(["sh", str(ENTRYPOINT), name], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
+        for name in ("worker", "beat", "api"):  # inside: a run stopped meanwhile still stops them
+            with (logs / f"{name}.log").open("wb") as log:
+                processes[name] = subprocess.Popen(["sh", str(ENTRYPOINT), name], env=env, stdout=log, stderr=subprocess.STDOUT)
         wait_healthy(base, (logs / "api.log").read_text)
         yield {"init": (first, second), "base": base, "logs": logs, "processes": processes}
     finally:

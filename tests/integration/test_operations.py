@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -352,3 +354,46 @@ def test_ledger_api_logs_each_request_once_and_removes_its_metrics_directory_whe
     for n in range(3):  # each request: one line, the API's own, with its request ID
         assert [line["logger"] for line in lines if line.get("request_id") == f"once-{n}"] == ["ledger.access"]
     assert not [line for line in lines if line["logger"] == "uvicorn.access"], stderr  # no second line from uvicorn
+
+
+def test_make_tests_runner_stopped_by_sigterm_tears_the_tests_down_and_stops_its_servers(tmp_path: Path) -> None:
+    """`make test` stopped by a `kill` or a `timeout` must leave nothing running: pytest's fixtures
+    tear down, then the throwaway PostgreSQL and Redis it started stop and their directories go."""
+    mark = tmp_path / "mark"
+    (tmp_path / "test_slow.py").write_text(
+        "import time\nimport pytest\n\n"
+        "@pytest.fixture\ndef held():\n"
+        f"    open({str(mark)!r}, 'w').write('up')\n    yield\n"
+        f"    open({str(mark)!r}, 'w').write('torn down')\n\n"
+        "def test_slow(held):\n    time.sleep(120)\n"
+    )
+    log = tmp_path / "runner.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}  # so it starts its own
+    with log.open("w") as out:
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "infra.testrun", str(tmp_path / "test_slow.py"), "-q", "-p", "no:cacheprovider"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while not mark.exists():
+            assert runner.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        runner.send_signal(signal.SIGTERM)
+        code = runner.wait(timeout=90)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    started = log.read_text()
+    pg = re.search(r"throwaway PostgreSQL on 127\.0\.0\.1:(\d+) \((\S+)\)", started)
+    redis = re.search(r"throwaway Redis on 127\.0\.0\.1:(\d+)", started)
+    assert pg and redis, started
+    assert mark.read_text() == "torn down", started
+    assert code == 2, started  # pytest's "interrupted"
+    assert not Path(pg.group(2)).exists()
+    for port in (pg.group(1), redis.group(1)):
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", int(port))) != 0, f"something still listens on {port}"
