@@ -17,6 +17,7 @@ from infra.stack import services
 
 def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # while the servers start: stop them again
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`cmd &`)
     with services(fast=True) as (database_url, redis_url):
         env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url}
         pytest = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "infra.pytest_signals", *sys.argv[1:]], env=env)

@@ -356,9 +356,16 @@ def test_ledger_api_logs_each_request_once_and_removes_its_metrics_directory_whe
     assert not [line for line in lines if line["logger"] == "uvicorn.access"], stderr  # no second line from uvicorn
 
 
-def test_make_tests_runner_stopped_by_sigterm_tears_the_tests_down_and_stops_its_servers(tmp_path: Path) -> None:
-    """`make test` stopped by a `kill` or a `timeout` must leave nothing running: pytest's fixtures
-    tear down, then the throwaway PostgreSQL and Redis it started stop and their directories go."""
+@pytest.mark.parametrize(
+    ("sig", "to_the_group"),
+    [(signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["SIGTERM to the runner (kill, timeout)", "SIGINT to its process group (Ctrl-C)"],
+)
+def test_make_tests_runner_stopped_early_tears_the_tests_down_and_stops_its_servers(
+    tmp_path: Path, sig: int, to_the_group: bool
+) -> None:
+    """`make test` stopped early must leave nothing running: pytest's fixtures tear down, then the
+    throwaway PostgreSQL and Redis it started stop and their directories go."""
     mark = tmp_path / "mark"
     (tmp_path / "test_slow.py").write_text(
         "import time\nimport pytest\n\n"
@@ -376,17 +383,27 @@ def test_make_tests_runner_stopped_by_sigterm_tears_the_tests_down_and_stops_its
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a group of its own, as a terminal gives it
+            # Started as `make test &` from a script is: with SIGINT ignored, which its children inherit.
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if to_the_group else None,
         )
     try:
         deadline = time.monotonic() + 90
         while not mark.exists():
             assert runner.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-        runner.send_signal(signal.SIGTERM)
+        if to_the_group:
+            os.killpg(runner.pid, sig)
+        else:
+            runner.send_signal(sig)
         code = runner.wait(timeout=90)
     finally:
-        if runner.poll() is None:
-            runner.kill()
+        if runner.poll() is None:  # the test failed: stop it the way it should stop, then for good
+            runner.send_signal(signal.SIGTERM)
+            try:
+                runner.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(runner.pid, signal.SIGKILL)
     started = log.read_text()
     pg = re.search(r"throwaway PostgreSQL on 127\.0\.0\.1:(\d+) \((\S+)\)", started)
     redis = re.search(r"throwaway Redis on 127\.0\.0\.1:(\d+)", started)
