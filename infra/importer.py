@@ -45,33 +45,28 @@ def run_import(
                 raise UnreadableFile(
                     f"{customers_path.name} or {loans_path.name} changed while it was being read: import it again"
                 )
-        except UnreadableFile as unreadable:
-            app.fail_import(job_id, str(unreadable))
-            return {"state": "failed", "error": str(unreadable)}
-        if settle is not None:
-            settle()
-        try:
+            if settle is not None:
+                settle()
             report = app.import_history(
                 job_id, customers, loans, issues, batch_size=batch_size, on_batch=on_batch, files_digest=digest
             )
-        except ImportFilesChanged as changed:
-            app.fail_import(job_id, str(changed))
-            return {"state": "failed", "error": str(changed)}
+        except (UnreadableFile, ImportFilesChanged) as refused:
+            app.fail_import(job_id, str(refused))
+            return {"state": "failed", "error": str(refused)}
     return {"state": "completed", **report.summary()}
 
 
 def files_digest(*paths: Path) -> str:
     """SHA-256 of the files' digests: what a run resuming an import checks it reads the same files
-    by. About 0.1 s for the 55 MB of 100,000 customers and a million loans."""
+    by. About 0.1 s for the 55 MB of 100,000 customers and a million loans. "" when a file cannot
+    be opened: the reader then says why."""
     digest = hashlib.sha256()
     for path in paths:
         try:
             with path.open("rb") as file:
                 digest.update(hashlib.file_digest(file, "sha256").digest())
-        except OSError as error:
-            raise UnreadableFile(
-                f"{path.name}: no such file" if not path.exists() else f"{path.name}: {error.strerror}"
-            ) from None
+        except OSError:
+            return ""
     return digest.hexdigest()
 
 

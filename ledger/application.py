@@ -60,6 +60,9 @@ from ledger.schedule import amortization
 
 log = logging.getLogger(__name__)
 
+# The event store stopped answering (the recorder gave up its retries): what was being saved may or may not be.
+DATABASE_AWAY = (OperationalError, InterfaceError)
+
 SAVE_ATTEMPTS = 200
 # One save is one psycopg pipeline carrying every event as a single array parameter; saves of
 # several MiB were seen to hang (bench/pipeline_hang.py), so a batch also stops at this many rows.
@@ -273,7 +276,7 @@ class Ledger(Application[UUID]):
             super().take_snapshot(aggregate_id, version, projector_func)
         except RecordConflictError:
             pass
-        except (OperationalError, InterfaceError):  # the command is recorded; a snapshot only saves reading
+        except DATABASE_AWAY:  # the command is recorded; a snapshot only saves reading
             log.warning("no snapshot of %s at version %s: the database stopped answering", aggregate_id, version, exc_info=True)
 
     def _encode(self, *aggregates: Aggregate) -> tuple[_ProcessingEvent, list[StoredEvent]]:
@@ -425,7 +428,7 @@ class Ledger(Application[UUID]):
             except RecordConflictError:
                 _back_off(n)
                 continue
-            except (OperationalError, InterfaceError) as error:
+            except DATABASE_AWAY as error:
                 raise OutcomeUnknown(
                     "the database stopped answering while this command was being recorded, so it may have been"
                 ) from error
@@ -452,7 +455,7 @@ class Ledger(Application[UUID]):
             # The first try's notification IDs are lost with its answer; the log's end is at or after them.
             try:
                 last: int | None = self.recorder.max_notification_id()
-            except (OperationalError, InterfaceError):  # recorded all the same: the views catch up on their own
+            except DATABASE_AWAY:  # recorded all the same: the views catch up on their own
                 last = None
             saved = {"last_position": last, "events": len(events)}
         self._take_snapshots(processing_event)
@@ -544,7 +547,7 @@ class Ledger(Application[UUID]):
         job = ImportJob.request(job_id or uuid4(), customers_file, loans_file)
         try:
             return job.id, Saved(**self._save_once(job))
-        except (OperationalError, InterfaceError) as error:
+        except DATABASE_AWAY as error:
             raise OutcomeUnknown(
                 f"the database stopped answering while import job {job.id} was being recorded, so it may have been"
             ) from error

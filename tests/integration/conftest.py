@@ -71,6 +71,23 @@ def _require(name: str) -> str:
     return value
 
 
+def stop_group(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+    """Stop a process started with `start_new_session=True` and everything in its group: `sig` to
+    the group, SIGKILL if it has not exited within `timeout`, then SIGKILL to whatever is left (an
+    embedded beat, a pool child)."""
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    if sig == signal.SIGKILL:
+        time.sleep(0.2)  # children the parent was forking as it died
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 @dataclass
 class Stack:
     settings: Settings
@@ -109,16 +126,8 @@ class Stack:
             time.sleep(0.1)
 
     def stop_worker(self, sig: int = signal.SIGTERM) -> None:
-        if self.worker is not None and self.worker.poll() is None:
-            os.killpg(self.worker.pid, sig)
-            try:
-                self.worker.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.worker.pid, signal.SIGKILL)
-                self.worker.wait()
         if self.worker is not None:
-            with contextlib.suppress(ProcessLookupError):  # an embedded beat or a pool child left behind
-                os.killpg(self.worker.pid, signal.SIGKILL)
+            stop_group(self.worker, sig, 30)
         self.worker = None
 
     def worker_log(self) -> str:

@@ -5,7 +5,6 @@ served by uvicorn with 2 worker processes, all started through the `ledger` comm
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -25,7 +24,7 @@ from infra.config import REPO_ROOT, Settings
 from infra.postgres import build_ledger, setup_schema
 from infra.stack import PostgresServer, RedisServer, free_port
 from projections.projector import rebuild
-from tests.integration.conftest import wait_healthy
+from tests.integration.conftest import stop_group, wait_healthy
 
 READ_MODEL = {
     "customers": "customer_id",
@@ -68,18 +67,8 @@ class Served:
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         process = self.processes.pop(name, None)
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, sig)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        if sig == signal.SIGKILL:
-            time.sleep(0.2)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # orphaned pool children, if any
+        if process is not None:
+            stop_group(process, sig)
 
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
