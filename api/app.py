@@ -25,8 +25,8 @@ from api.endpoints import Services
 from api.errors import ApiError, domain_error_response, error_response
 from api.limits import BodySizeLimit
 from api.observability import RequestObserver
-from api.querycache import VersionedCache
-from api.readyourwrites import PositionWatcher
+from api.querycache import KeptAnswers
+from api.readyourwrites import PositionWatcher, SharedPosition
 from api.routes import starlette_routes
 from infra.config import Settings
 from infra.logs import configure_logging
@@ -114,21 +114,17 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             await run_in_threadpool(sync_pool.check)
             await run_in_threadpool(ledger.recorder.datastore.pool.check)  # type: ignore[attr-defined]
 
-        watcher = PositionWatcher(settings.database_url, on_reconnect=refresh_pools)
+        answers = KeptAnswers(settings.query_cache_size)
+        shared = SharedPosition(settings.api_position_file)
+        watcher = PositionWatcher(settings.database_url, on_reconnect=refresh_pools, on_change=answers.changed, shared=shared)
+        answers.trusted = watcher.current
         await watcher.start()
-        app.state.services = Services(
-            settings,
-            ledger,
-            pool,
-            sync_pool,
-            watcher,
-            histories=VersionedCache(settings.query_cache_size),
-            loan_lists=VersionedCache(settings.query_cache_size),
-        )
+        app.state.services = Services(settings, ledger, pool, sync_pool, watcher, answers)
         try:
             yield
         finally:
             await watcher.stop()
+            shared.close()
             await pool.close()
             sync_pool.close()
             ledger.close()

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
-from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -21,7 +20,7 @@ from starlette.responses import Response
 from api import schemas
 from api.errors import ApiError
 from api.observability import BOOKINGS, EVENTS_APPENDED, exposition
-from api.querycache import VersionedCache
+from api.querycache import KeptAnswers
 from api.readyourwrites import PositionWatcher
 from api.validation import decode
 from infra.config import Settings
@@ -67,8 +66,7 @@ class Services:
     pool: AsyncConnectionPool
     sync_pool: ConnectionPool
     watcher: PositionWatcher
-    histories: VersionedCache[CreditHistory] = field(default_factory=VersionedCache)
-    loan_lists: VersionedCache[bytes] = field(default_factory=VersionedCache)
+    answers: KeptAnswers = field(default_factory=KeptAnswers)
     progress: ProjectionProgress = field(default_factory=ProjectionProgress)
 
 
@@ -192,11 +190,7 @@ def _loan_request(body: schemas.LoanRequestBody) -> LoanRequest:
 async def check_eligibility(request: Request) -> Response:
     svc = services(request)
     body = decode(await request.body(), schemas.LoanRequestBody)
-    async with svc.pool.connection() as conn:
-        profile = await views.customer(conn, body.customer_id)
-        if profile is None:
-            raise ApiError(404, "customer_not_found", f"customer {body.customer_id} not found")
-        history = await _credit_history(svc, conn, profile)
+    profile, history = await _customer_today(svc, body.customer_id)
     decision = decide(history, profile.monthly_income, profile.approved_limit, _loan_request(body))
     return json(
         schemas.EligibilityResponse(
@@ -213,14 +207,21 @@ async def check_eligibility(request: Request) -> Response:
     )
 
 
-async def _credit_history(svc: Services, conn: AsyncConnection[Any], profile: views.CustomerProfile) -> CreditHistory:
-    """The customer's history as of today, scored again only when their loans or the date changed."""
+async def _customer_today(svc: Services, customer_id: int) -> tuple[views.CustomerProfile, CreditHistory]:
+    """The customer and their credit history as of today: read and scored again only when the
+    projection has changed them since, or the date has moved (api.querycache)."""
     today = svc.ledger.clock.today()
-
-    async def score() -> CreditHistory:
-        return credit_history(await views.loan_facts(conn, profile.customer_id), today)
-
-    return await svc.histories.answer(profile.customer_id, profile.version, today, score)
+    kept: tuple[views.CustomerProfile, CreditHistory] | None = svc.answers.get(customer_id, "history", today)
+    if kept is not None:
+        return kept
+    since = svc.answers.since()
+    async with svc.pool.connection() as conn:
+        profile = await views.customer(conn, customer_id)
+        if profile is None:
+            raise ApiError(404, "customer_not_found", f"customer {customer_id} not found")
+        history = credit_history(await views.loan_facts(conn, customer_id), today)
+    svc.answers.keep(customer_id, "history", (profile, history), since, today)
+    return profile, history
 
 
 def breakdown(history: CreditHistory, credit: CreditScore, limit: Decimal) -> schemas.CreditScoreBreakdown:
@@ -292,11 +293,15 @@ async def create_loan(request: Request) -> Response:
 async def view_loan(request: Request) -> Response:
     svc = services(request)
     loan_id = path_int(request, "loan_id")
+    body: bytes | None = svc.answers.loan(loan_id)
+    if body is not None:
+        return Response(body, media_type="application/json")
+    since = svc.answers.since()
     async with svc.pool.connection() as conn:
         row = await views.loan(conn, loan_id)
     if row is None:
         raise ApiError(404, "loan_not_found", f"loan {loan_id} not found")
-    return json(
+    body = schemas.encoder.encode(
         schemas.LoanView(
             loan_id=row["loan_id"],
             customer=schemas.LoanCustomer(
@@ -312,33 +317,34 @@ async def view_loan(request: Request) -> Response:
             tenure=row["tenure"],
         )
     )
+    svc.answers.keep_loan(row["customer_id"], loan_id, body, since)
+    return Response(body, media_type="application/json")
 
 
 async def view_loans(request: Request) -> Response:
     svc = services(request)
     customer_id = path_int(request, "customer_id")
     today = svc.ledger.clock.today()
-    async with svc.pool.connection() as conn:
-        version = await views.customer_version(conn, customer_id)
-        if version is None:
-            raise ApiError(404, "customer_not_found", f"customer {customer_id} not found")
-
-        async def encoded() -> bytes:
+    body: bytes | None = svc.answers.get(customer_id, "loans", today)
+    if body is None:
+        since = svc.answers.since()
+        async with svc.pool.connection() as conn:
+            if not await views.customer_exists(conn, customer_id):
+                raise ApiError(404, "customer_not_found", f"customer {customer_id} not found")
             rows = await views.current_loans(conn, customer_id, today)
-            return schemas.encoder.encode(
-                [
-                    schemas.CustomerLoan(
-                        loan_id=r["loan_id"],
-                        loan_amount=to_money(r["loan_amount"]),
-                        interest_rate=r["interest_rate"],
-                        monthly_installment=to_money(r["monthly_installment"]),
-                        repayments_left=r["repayments_left"],
-                    )
-                    for r in rows
-                ]
-            )
-
-        body = await svc.loan_lists.answer(customer_id, version, today, encoded)
+        body = schemas.encoder.encode(
+            [
+                schemas.CustomerLoan(
+                    loan_id=r["loan_id"],
+                    loan_amount=to_money(r["loan_amount"]),
+                    interest_rate=r["interest_rate"],
+                    monthly_installment=to_money(r["monthly_installment"]),
+                    repayments_left=r["repayments_left"],
+                )
+                for r in rows
+            ]
+        )
+        svc.answers.keep(customer_id, "loans", body, since, today)
     return Response(body, media_type="application/json")
 
 
@@ -494,11 +500,7 @@ async def loan_schedule(request: Request) -> Response:
 async def customer_profile(request: Request) -> Response:
     svc = services(request)
     customer_id = path_int(request, "customer_id")
-    async with svc.pool.connection() as conn:
-        profile = await views.customer(conn, customer_id)
-        if profile is None:
-            raise ApiError(404, "customer_not_found", f"customer {customer_id} not found")
-        history = await _credit_history(svc, conn, profile)
+    profile, history = await _customer_today(svc, customer_id)
     credit = credit_score(history, profile.approved_limit)
     return json(
         schemas.CustomerProfile(

@@ -1,31 +1,80 @@
 """Read-your-writes: wait until the projection has applied a command's last event.
 
-The projector NOTIFYs its new position in the transaction that moves it; one LISTEN
-connection per API process wakes every waiter the moment that commits.
+The projector NOTIFYs its new position in the transaction that moves it, just after the
+customers its page changed; one LISTEN connection per API process passes the changes on to the
+kept answers (`api.querycache`) and then wakes every waiter the moment that commits.
+
+The processes of one `ledger api` share the highest position any of them has seen
+(`SharedPosition`): once one has answered a command, another serves kept answers only when its
+own notices have reached that position too, and reads the database until they have.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import mmap
+import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 from psycopg import AsyncConnection
 
 from projections import views
-from projections.projector import NOTIFY_CHANNEL
+from projections.projector import CHANGES_CHANNEL, NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 
+CHECK_SECONDS = 1.0  # how often the listener compares its position with the read model's
+
+
+class SharedPosition:
+    """The highest projection position any process of this server has seen: 8 bytes in a file
+    that `ledger api` makes for its workers (LEDGER_API_POSITION_FILE), or this process's own."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self._own = 0
+        self._file = open(path, "r+b") if path else None  # noqa: SIM115 (closed by close())
+        self._map = mmap.mmap(self._file.fileno(), 8) if self._file else None
+
+    def get(self) -> int:
+        return self._own if self._map is None else int(struct.unpack_from("<q", self._map)[0])
+
+    def raise_to(self, position: int) -> None:
+        if self._map is None or self._file is None:
+            self._own = max(self._own, position)
+            return
+        fcntl.flock(self._file, fcntl.LOCK_EX)  # two processes raising at once must not lower it
+        try:
+            if self.get() < position:
+                struct.pack_into("<q", self._map, 0, position)
+        finally:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._map is not None and self._file is not None:
+            self._map.close()
+            self._file.close()
+
 
 class PositionWatcher:
-    def __init__(self, conninfo: str, on_reconnect: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        on_reconnect: Callable[[], Awaitable[None]] | None = None,
+        on_change: Callable[[Collection[int] | None], None] = lambda customer_ids: None,
+        shared: SharedPosition | None = None,
+    ) -> None:
         self.conninfo = conninfo
         self.on_reconnect = on_reconnect
+        self.on_change = on_change  # the customers a notice names, or None for "anyone"
+        self.shared = shared or SharedPosition()
         self.position = 0
         self.connected = False  # a circuit breaker: while the listener is cut off, so is the database
+        self._described = -1  # the position the changes notice just before was for
+        self._behind: int | None = None  # a read-model position the notices had not reached at the last check
         self._changed = asyncio.Event()
         self._connected_once = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -42,11 +91,38 @@ class PositionWatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    def current(self) -> bool:
+        """Connected, and at least as far as any other process of this server has seen."""
+        return self.connected and self.position >= self.shared.get()
+
     def _set(self, position: int) -> None:
         if position != self.position:
             self.position = position
+            self.shared.raise_to(position)
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()
+
+    def _notice(self, channel: str, payload: str) -> None:
+        if channel == CHANGES_CHANNEL:  # "<position> <id>,<id>,..." or "<position> *"
+            described, _, ids = payload.partition(" ")
+            self._described = int(described)
+            self.on_change(None if ids == "*" else [int(i) for i in ids.split(",") if i])
+            return
+        position, expected, self._described = int(payload), self._described, -1
+        if position != expected:  # a rebuild, a read model started again, an older projector
+            self.on_change(None)
+        self._set(max(self.position, position))
+
+    async def _check(self, conn: AsyncConnection) -> None:
+        """Notices are lost only with their connection, which drops everything kept, but a second's
+        check of the read model's position bounds what a silent loss could keep stale: a position
+        that the notices have not reached one check later is taken as lost."""
+        position = await asyncio.wait_for(views.projection_position(conn), 5)
+        if self._behind is not None and self.position < self._behind:
+            log.warning("projection notices up to %d did not arrive; dropping every kept answer", self._behind)
+            self.on_change(None)
+            self._set(self._behind)
+        self._behind = position if position > self.position else None
 
     async def _listen(self) -> None:
         while True:
@@ -54,13 +130,18 @@ class PositionWatcher:
                 conn = await AsyncConnection.connect(self.conninfo, autocommit=True, connect_timeout=5)
                 async with conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    await conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+                    self.on_change(None)  # whatever was kept may have changed while no one listened
+                    self._behind = None
                     self._set(await views.projection_position(conn))
                     if self._connected_once.is_set() and self.on_reconnect is not None:
                         await self.on_reconnect()  # the database came back: drop connections it broke
                     self.connected = True
                     self._connected_once.set()
-                    async for notice in conn.notifies():
-                        self._set(max(self.position, int(notice.payload)))
+                    while True:
+                        async for notice in conn.notifies(timeout=CHECK_SECONDS):
+                            self._notice(notice.channel, notice.payload)
+                        await self._check(conn)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # the database went away: keep trying, waiters time out meanwhile

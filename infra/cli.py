@@ -213,6 +213,10 @@ def cmd_api(args: argparse.Namespace) -> int:
     made = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ledger-metrics-")
+    # The workers share the highest projection position any of them has seen (api.readyourwrites).
+    shared = tempfile.mkdtemp(prefix="ledger-api-")
+    os.environ["LEDGER_API_POSITION_FILE"] = position_file = os.path.join(shared, "position")
+    Path(position_file).write_bytes(bytes(8))  # api.readyourwrites.SharedPosition: position 0
     # uvicorn stops gracefully on SIGTERM, then raises it again: leave through the `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -230,6 +234,7 @@ def cmd_api(args: argparse.Namespace) -> int:
             http="api.server:JsonErrorsProtocol",  # httptools, answering unparsable requests in JSON
         )
     finally:
+        shutil.rmtree(shared, ignore_errors=True)
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
     return 0

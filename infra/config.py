@@ -30,6 +30,8 @@ class Settings:
     ready_stall_seconds: float = 60.0  # behind with no progress this long: /ready says not ready
     query_cache_size: int = 20_000  # customers whose answers each API process keeps; 0 keeps none
     import_split_size: int = SPLIT_SIZE  # sheet XML bytes from which a helper process reads half
+    # set by `ledger api` for its worker processes: where they share the projection position they have seen
+    api_position_file: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -49,6 +51,7 @@ class Settings:
             db_pool_size=int(env.get("DB_POOL_SIZE", "10")),
             query_cache_size=int(env.get("QUERY_CACHE_SIZE", "20000")),
             import_split_size=int(env.get("IMPORT_SPLIT_SIZE", str(SPLIT_SIZE))),
+            api_position_file=env.get("LEDGER_API_POSITION_FILE") or None,
         )
 
     def clock(self) -> Clock:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 PROJECTION = "ledger"
 NOTIFY_CHANNEL = "ledger_projection"
+# Just before the position, the customers whose rows the page changed (`changes_notice`). The API
+# drops what it kept for them. New customers need not be named: nothing is kept for a customer the
+# read model did not have.
+CHANGES_CHANNEL = "ledger_projection_changes"
+_CHANGES_LISTED = 7_900  # bytes: a NOTIFY payload holds less than 8,000
 LOCK_KEY = 7_301_120  # the advisory lock that one projection runner holds at a time
 PAGE_SIZE = 1000
 REBUILD_PAGE_SIZE = 5000  # a rebuild has no reader waiting on each page: fewer, larger transactions
@@ -57,6 +62,12 @@ _PROJECTED = (
     Loan.RepaymentRecorded,
     ImportJob.Event,
 )
+
+
+def changes_notice(position: int, customer_ids: Iterable[int]) -> str:
+    """ "<position> <id>,<id>,...", or "<position> *" (anyone) when the list would not fit a NOTIFY."""
+    listed = ",".join(map(str, customer_ids))
+    return f"{position} {listed if len(listed) <= _CHANGES_LISTED else '*'}"
 
 
 @cache
@@ -247,6 +258,7 @@ class Projector:
             "       FROM unnest(%s::bigint[], %s::bigint[]) AS r (loan_id, position)"
             "       JOIN {0}.loans l USING (loan_id) GROUP BY l.customer_id) v"
             " WHERE c.customer_id = v.customer_id AND c.version < v.position"
+            " RETURNING c.customer_id"
         ).format(s)
         self._tracking = sql.Identifier(schema, "tracking")
         self._jobs = sql.Identifier(schema, "import_jobs")
@@ -376,6 +388,8 @@ class Projector:
             with conn.transaction():  # new tables, as a rebuild makes: the API's kept answers go with the old
                 read_model.drop(conn, self.schema)
                 read_model.create(conn, self.schema)
+                if self.schema == read_model.SCHEMA:  # a position no changes notice describes: drop them all
+                    conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, "0"))
             position = None
         self._position = int(position or 0)
         return self._position
@@ -399,6 +413,7 @@ class Projector:
         """Write one page and move the tracking position, in one transaction (on a connection
         that holds the lock and has been through `_prepare`)."""
         position, small = page.position, page.small
+        changed = set(page.loan_changes)
         changed_customers, changed_at = page.customer_versions()
         finish_load = self.bulk_load and bool(page.repayments or changed_customers)
         with conn.pipeline() if small else contextlib.nullcontext(), conn.transaction(), conn.cursor() as cur:
@@ -410,11 +425,13 @@ class Projector:
                 self._repayments.write(cur, [r[:6] for r in page.repayments], small)
                 cur.executemany(self._loan_payments, [r[6:] for r in page.repayments])
                 cur.execute(self._versions_by_loan, (list(page.repayment_changes), list(page.repayment_changes.values())))
+                changed.update(row[0] for row in cur.fetchall())
             if changed_customers:
                 cur.execute(self._customer_versions, (changed_customers, changed_at))
             self._apply_jobs(cur, page.jobs)
             cur.execute(self._track, (PROJECTION, position, self._events_oid))
             if self.schema == read_model.SCHEMA:
+                cur.execute("SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, changes_notice(position, changed)))
                 cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(position)))
         self._position = position
         if finish_load:

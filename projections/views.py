@@ -17,12 +17,9 @@ from psycopg.rows import dict_row
 
 from ledger.policy import LoanFacts
 
-# A customer's version, and the table the row lives in: a rebuild (or a recreated event store)
-# replays the same events into new tables, so it gives the same versions but a new table OID.
-_VERSION = "c.version, c.tableoid::bigint"
-_CUSTOMER = f"""
-SELECT customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit, {_VERSION}
-FROM readmodel.customers c WHERE customer_id = %s
+_CUSTOMER = """
+SELECT customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit
+FROM readmodel.customers WHERE customer_id = %s
 """
 _LOAN_FACTS = """
 SELECT loan_id, loan_amount, tenure, monthly_installment, start_date, end_date, emis_paid, emis_paid_on_time
@@ -58,26 +55,17 @@ class CustomerProfile:
     phone_number: str
     monthly_income: Decimal
     approved_limit: Decimal
-    # (the position of the last event that changed the customer or their loans, the table's OID):
-    # equal stamps mean equal loans; a version of 0 was not kept up by the projection
-    version: tuple[int, int]
 
 
 async def customer(conn: AsyncConnection[Any], customer_id: int) -> CustomerProfile | None:
     cur = await conn.execute(_CUSTOMER, (customer_id,))
     row = await cur.fetchone()
-    if row is None:
-        return None
-    customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit, version, table = row
-    return CustomerProfile(
-        customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit, (version, table)
-    )
+    return None if row is None else CustomerProfile(*row)
 
 
-async def customer_version(conn: AsyncConnection[Any], customer_id: int) -> tuple[int, int] | None:
-    cur = await conn.execute(f"SELECT {_VERSION} FROM readmodel.customers c WHERE customer_id = %s", (customer_id,))
-    row = await cur.fetchone()
-    return (row[0], row[1]) if row else None
+async def customer_exists(conn: AsyncConnection[Any], customer_id: int) -> bool:
+    cur = await conn.execute("SELECT 1 FROM readmodel.customers WHERE customer_id = %s", (customer_id,))
+    return await cur.fetchone() is not None
 
 
 async def loan_facts(conn: AsyncConnection[Any], customer_id: int) -> list[LoanFacts]:

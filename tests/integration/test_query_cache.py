@@ -1,20 +1,29 @@
 """Answers kept between requests follow every change to the customer and every change of date.
 
 Each scenario first asks (so the API keeps the answer), then changes something, then asks again
-on the same app: a stale answer would fail the second question.
+on the same app: a stale answer would fail the second question. A kept answer is served without
+asking the database, so what drops it is the projection's notices (api.querycache).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
 from datetime import date, timedelta
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from starlette.testclient import TestClient
 
 from api.app import create_app
-from projections.projector import rebuild
+from api.endpoints import Services
+from api.readyourwrites import PositionWatcher
+from projections import views
+from projections.projector import CHANGES_CHANNEL, NOTIFY_CHANNEL, rebuild
 from tests.integration.conftest import TODAY, Stack
 
 _phones = iter(range(9_500_100_000, 9_500_200_000))
@@ -135,5 +144,80 @@ def test_a_rebuild_replaces_every_kept_answer(stack: Stack, client: TestClient) 
         rebuild(app, stack.settings.database_url)
     finally:
         app.close()
-    assert [loan["loan_id"] for loan in client.get(f"/view-loans/{customer_id}").json()] == [loan_id]
+    # The rebuild's notice reaches the API's listener a moment after the rebuild commits.
+    eventually(lambda: [loan["loan_id"] for loan in client.get(f"/view-loans/{customer_id}").json()], [loan_id])
     assert inputs(client, customer_id)["loans_taken"] == 1
+
+
+def eventually(ask: Callable[[], object], expected: object, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while (answer := ask()) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert answer == expected
+
+
+def test_a_process_whose_notices_lag_reads_the_database(stack: Stack, tmp_path: Path) -> None:
+    """Two processes of one server share a position file, as `ledger api`'s do. One answers a
+    booking; the other, whose listener has not caught up (here: stopped), must not serve what it
+    kept from before, or a client booking through one and reading through the other would miss
+    the loan."""
+    position_file = tmp_path / "position"
+    position_file.write_bytes(bytes(8))
+    settings = dataclasses.replace(stack.settings, api_position_file=str(position_file))
+    with (
+        TestClient(create_app(settings), raise_server_exceptions=False) as lagging,
+        TestClient(create_app(settings), raise_server_exceptions=False) as other,
+    ):
+        customer_id = new_customer(other)
+        first = book(other, customer_id)
+        eventually(lambda: [loan["loan_id"] for loan in lagging.get(f"/view-loans/{customer_id}").json()], [first])
+        assert inputs(lagging, customer_id)["loans_taken"] == 1  # both answers now kept by `lagging`
+        watcher = services_of(lagging).watcher
+        lagging.portal.call(watcher.stop)  # its notices stop here
+        second = book(other, customer_id)
+        assert watcher.position < services_of(other).watcher.position
+        assert [loan["loan_id"] for loan in lagging.get(f"/view-loans/{customer_id}").json()] == [first, second]
+        assert inputs(lagging, customer_id)["loans_taken"] == 2
+        assert lagging.get(f"/view-loan/{second}").status_code == 200
+
+
+def services_of(client: TestClient) -> Services:
+    services: Services = client.app.state.services  # type: ignore[attr-defined]
+    return services
+
+
+def test_the_projection_names_the_customers_each_page_changed(stack: Stack, client: TestClient) -> None:
+    """Each commit of the projection NOTIFYs the customers it changed, then its position: a
+    booking names its customer, and so does a repayment (found through the loan)."""
+    customer_id = new_customer(client)
+    with psycopg.connect(stack.settings.database_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANGES_CHANNEL}")
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        loan_id = book(client, customer_id)
+        assert client.post(f"/loans/{loan_id}/repayments", json={}).status_code == 201
+        notices = [(n.channel, n.payload) for n in listener.notifies(timeout=1.0)]
+    assert len(notices) == 4, notices
+    for (changes, described), (positions, position) in zip(notices[::2], notices[1::2], strict=True):
+        assert (changes, positions) == (CHANGES_CHANNEL, NOTIFY_CHANNEL)
+        assert described == f"{position} {customer_id}"
+
+
+def test_notices_that_never_arrive_are_caught_by_the_listeners_check(stack: Stack) -> None:
+    """A position the notices have not reached by the next check (a second later) counts as
+    lost: everything kept is dropped and the listener moves to the read model's position."""
+
+    async def check_twice() -> tuple[list[object], int, int]:
+        drops: list[object] = []
+        watcher = PositionWatcher(stack.settings.database_url, on_change=drops.append)
+        async with await psycopg.AsyncConnection.connect(stack.settings.database_url, autocommit=True) as conn:
+            position = await views.projection_position(conn)
+            assert position > 0
+            watcher.position = position - 1  # the notice for the last page has not come (yet)
+            await watcher._check(conn)
+            first = list(drops)
+            await watcher._check(conn)  # still not: lost
+        return [first, drops], watcher.position, position
+
+    (after_first, after_second), moved_to, position = asyncio.run(check_twice())
+    assert after_first == []  # a notice can be on its way at the first check
+    assert after_second == [None] and moved_to == position
