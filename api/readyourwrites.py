@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import logging
 import mmap
-import struct
 import time
 from collections.abc import Awaitable, Callable, Collection
 
@@ -28,6 +27,7 @@ from projections.projector import CHANGES_CHANNEL, NOTIFY_CHANNEL
 log = logging.getLogger(__name__)
 
 CHECK_SECONDS = 1.0  # how often the listener compares its position with the read model's
+CHECK_TIMEOUT = 5.0  # a check with no answer by then: the connection is taken as dead
 
 
 class SharedPosition:
@@ -35,26 +35,30 @@ class SharedPosition:
     that `ledger api` makes for its workers (LEDGER_API_POSITION_FILE), or this process's own."""
 
     def __init__(self, path: str | None = None) -> None:
-        self._own = 0
+        self._own = [0]
         self._file = open(path, "r+b") if path else None  # noqa: SIM115 (closed by close())
         self._map = mmap.mmap(self._file.fileno(), 8) if self._file else None
+        # One aligned 8-byte integer, read and written whole (struct would copy it byte by byte,
+        # and a read racing a write could see half of each).
+        self._cell: memoryview | list[int] = memoryview(self._map).cast("q") if self._map else self._own
 
     def get(self) -> int:
-        return self._own if self._map is None else int(struct.unpack_from("<q", self._map)[0])
+        return int(self._cell[0])
 
     def raise_to(self, position: int) -> None:
-        if self._map is None or self._file is None:
-            self._own = max(self._own, position)
+        if self._file is None:
+            self._own[0] = max(self._own[0], position)
             return
         fcntl.flock(self._file, fcntl.LOCK_EX)  # two processes raising at once must not lower it
         try:
-            if self.get() < position:
-                struct.pack_into("<q", self._map, 0, position)
+            if self._cell[0] < position:
+                self._cell[0] = position
         finally:
             fcntl.flock(self._file, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        if self._map is not None and self._file is not None:
+        if isinstance(self._cell, memoryview) and self._map is not None and self._file is not None:
+            self._cell.release()
             self._map.close()
             self._file.close()
 
@@ -114,10 +118,12 @@ class PositionWatcher:
         self._set(max(self.position, position))
 
     async def _check(self, conn: AsyncConnection) -> None:
-        """Notices are lost only with their connection, which drops everything kept, but a second's
-        check of the read model's position bounds what a silent loss could keep stale: a position
-        that the notices have not reached one check later is taken as lost."""
-        position = await asyncio.wait_for(views.projection_position(conn), 5)
+        """A backstop: PostgreSQL loses no notice on a live connection, and a reconnection drops
+        everything kept, but should the read model ever move without a notice (a writer that
+        sends none), a position the notices have not reached one check later (1 to 2 s) is
+        taken as lost. The check also finds a connection that died without a word (a dropped NAT
+        entry, a host gone): its query gets no answer, and the listener reconnects (503s meanwhile)."""
+        position = await asyncio.wait_for(views.projection_position(conn), CHECK_TIMEOUT)
         if self._behind is not None and self.position < self._behind:
             log.warning("projection notices up to %d did not arrive; dropping every kept answer", self._behind)
             self.on_change(None)
@@ -132,7 +138,7 @@ class PositionWatcher:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     await conn.execute(f"LISTEN {CHANGES_CHANNEL}")
                     self.on_change(None)  # whatever was kept may have changed while no one listened
-                    self._behind = None
+                    self._behind, self._described = None, -1
                     self._set(await views.projection_position(conn))
                     if self._connected_once.is_set() and self.on_reconnect is not None:
                         await self.on_reconnect()  # the database came back: drop connections it broke

@@ -18,12 +18,12 @@ of B's uncached requests, one of A's takes about twice as long: B's garbage, B's
 so each turn starts with one request that is not timed:
 
 - POST /check-eligibility  (the customer's row; their credit history: ALL their loans, scored in Python)
-- GET  /view-loans/{id}     (the customer's version; their current loans: all 1,000 of B's)
+- GET  /view-loans/{id}     (the customer's row; their current loans: all 1,000 of B's)
 - GET  /customers/{id}      (profile and score: the credit history again)
 
-Each API process keeps a customer's credit history and loan list between requests, keyed by the
-customer's read-model version and the day (api/querycache.py), so after the warm-up the loans are
-not read again until they change: that is the repeated-query cost. `--query-cache-size 0`
+Each API process keeps what it answered for a customer between requests, until the projection's
+notice says the customer changed (api/querycache.py), so after the warm-up nothing is read from the
+database again: that is the repeated-query cost. `--query-cache-size 0`
 (QUERY_CACHE_SIZE=0 for the API) turns the cache off and measures every request reading and
 scoring all the loans: the cost of the first query after a change.
 

@@ -424,8 +424,13 @@ class Projector:
             if page.repayments:  # after the loans: a loan and its repayments may share a page
                 self._repayments.write(cur, [r[:6] for r in page.repayments], small)
                 cur.executemany(self._loan_payments, [r[6:] for r in page.repayments])
-                cur.execute(self._versions_by_loan, (list(page.repayment_changes), list(page.repayment_changes.values())))
-                changed.update(row[0] for row in cur.fetchall())
+                # Its own cursor: in a pipeline, `cur` may still be receiving the results of the
+                # statements before, and its fetch would take one of those for this one's.
+                with conn.cursor() as returning:
+                    returning.execute(
+                        self._versions_by_loan, (list(page.repayment_changes), list(page.repayment_changes.values()))
+                    )
+                    changed.update(row[0] for row in returning.fetchall())
             if changed_customers:
                 cur.execute(self._customer_versions, (changed_customers, changed_at))
             self._apply_jobs(cur, page.jobs)

@@ -7,8 +7,8 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from api.querycache import _RECENT_NOTICES, KeptAnswers
-from api.readyourwrites import SharedPosition
-from projections.projector import changes_notice
+from api.readyourwrites import PositionWatcher, SharedPosition
+from projections.projector import CHANGES_CHANNEL, NOTIFY_CHANNEL, changes_notice
 
 DAY = date(2026, 11, 22)
 
@@ -114,3 +114,20 @@ def test_processes_share_the_highest_position_through_their_file(tmp_path: Path)
     finally:
         first.close()
         second.close()
+
+
+def test_a_position_is_described_only_by_the_changes_notice_just_before_it() -> None:
+    """The projector's commit sends the changes, then the position. A rebuild sends the position
+    alone, often the same one the last page had: that must drop everything, not count as described."""
+    drops: list[object] = []
+    watcher = PositionWatcher("", on_change=drops.append)
+    watcher._notice(CHANGES_CHANNEL, "5 1,2")
+    watcher._notice(NOTIFY_CHANNEL, "5")
+    assert drops == [[1, 2]] and watcher.position == 5
+    watcher._notice(NOTIFY_CHANNEL, "5")  # a rebuild: the same position, no changes notice
+    assert drops == [[1, 2], None]
+    watcher._notice(CHANGES_CHANNEL, "6 ")  # a page that changed no one kept
+    watcher._notice(NOTIFY_CHANNEL, "6")
+    watcher._notice(CHANGES_CHANNEL, "7 *")  # more than a NOTIFY can list
+    watcher._notice(NOTIFY_CHANNEL, "7")
+    assert drops == [[1, 2], None, [], None] and watcher.position == 7
