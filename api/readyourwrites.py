@@ -82,6 +82,7 @@ class PositionWatcher:
         self._changed = asyncio.Event()
         self._connected_once = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self, wait: float = 5.0) -> None:
         """Start listening; wait (bounded) for the first connection so requests are not refused at startup."""
@@ -90,10 +91,14 @@ class PositionWatcher:
             await asyncio.wait_for(self._connected_once.wait(), wait)
 
     async def stop(self) -> None:
-        if self._task is not None:
+        """Stop listening. A cancellation can be lost on the way (Python 3.11's `asyncio.wait_for`
+        returns a result that was ready instead of raising it), and an API process once went on
+        listening after its shutdown and never exited: the loop also checks `_stopping`, and the
+        cancellation is repeated until the task has ended."""
+        self._stopping = True
+        while self._task is not None and not self._task.done():
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=0.5)
 
     def current(self) -> bool:
         """Connected, and at least as far as any other process of this server has seen."""
@@ -123,7 +128,8 @@ class PositionWatcher:
         sends none), a position the notices have not reached one check later (1 to 2 s) is
         taken as lost. The check also finds a connection that died without a word (a dropped NAT
         entry, a host gone): its query gets no answer, and the listener reconnects (503s meanwhile)."""
-        position = await asyncio.wait_for(views.projection_position(conn), CHECK_TIMEOUT)
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            position = await views.projection_position(conn)
         if self._behind is not None and self.position < self._behind:
             log.warning("projection notices up to %d did not arrive; dropping every kept answer", self._behind)
             self.on_change(None)
@@ -131,7 +137,7 @@ class PositionWatcher:
         self._behind = position if position > self.position else None
 
     async def _listen(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 conn = await AsyncConnection.connect(self.conninfo, autocommit=True, connect_timeout=5)
                 async with conn:
@@ -144,7 +150,7 @@ class PositionWatcher:
                         await self.on_reconnect()  # the database came back: drop connections it broke
                     self.connected = True
                     self._connected_once.set()
-                    while True:
+                    while not self._stopping:
                         async for notice in conn.notifies(timeout=CHECK_SECONDS):
                             self._notice(notice.channel, notice.payload)
                         await self._check(conn)

@@ -221,3 +221,37 @@ def test_notices_that_never_arrive_are_caught_by_the_listeners_check(stack: Stac
     (after_first, after_second), moved_to, position = asyncio.run(check_twice())
     assert after_first == []  # a notice can be on its way at the first check
     assert after_second == [None] and moved_to == position
+
+
+def test_the_listener_stops_even_when_a_cancellation_is_lost(stack: Stack) -> None:
+    """Python 3.11's `asyncio.wait_for` (inside the database driver, say) can return a result that
+    was ready instead of raising the cancellation it got. An API process whose listener then went
+    on listening never finished its shutdown (seen once under `make run`)."""
+
+    class LosesOneCancellation(PositionWatcher):
+        lost = 0
+        checking = asyncio.Event()
+
+        async def _check(self, conn: psycopg.AsyncConnection[Any]) -> None:
+            self.checking.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                if self.lost:
+                    raise
+                self.lost += 1  # swallowed, as the bug does
+
+    async def start_and_stop() -> tuple[int, bool]:
+        watcher = LosesOneCancellation(stack.settings.database_url)
+        await watcher.start()
+        await asyncio.wait_for(watcher.checking.wait(), 10)
+        stopping = asyncio.create_task(watcher.stop())
+        await asyncio.wait({stopping}, timeout=5)  # waits without cancelling it
+        stopped = stopping.done()
+        assert watcher._task is not None
+        for task in (stopping, watcher._task):  # leave nothing running either way
+            task.cancel()
+        await asyncio.wait({stopping, watcher._task}, timeout=5)
+        return watcher.lost, stopped
+
+    assert asyncio.run(start_and_stop()) == (1, True)
