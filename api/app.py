@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -111,6 +112,9 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 
         async def refresh_pools() -> None:
             await pool.check()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # psycopg_pool's check() catches a CancelledError
+                raise asyncio.CancelledError
             await run_in_threadpool(sync_pool.check)
             await run_in_threadpool(ledger.recorder.datastore.pool.check)  # type: ignore[attr-defined]
 

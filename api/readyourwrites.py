@@ -63,6 +63,17 @@ class SharedPosition:
             self._file.close()
 
 
+def _awaiting(coro: object) -> list[str]:
+    """Where a suspended coroutine is, through everything it awaits."""
+    places = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            places.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return places
+
+
 class PositionWatcher:
     def __init__(
         self,
@@ -91,14 +102,19 @@ class PositionWatcher:
             await asyncio.wait_for(self._connected_once.wait(), wait)
 
     async def stop(self) -> None:
-        """Stop listening. A cancellation can be lost on the way (Python 3.11's `asyncio.wait_for`
-        returns a result that was ready instead of raising it), and an API process once went on
-        listening after its shutdown and never exited: the loop also checks `_stopping`, and the
-        cancellation is repeated until the task has ended."""
+        """Stop listening. A cancellation can be lost on the way (psycopg_pool's `check()` catches
+        it; Python 3.11's `asyncio.wait_for` returns a result that was ready instead of raising
+        it), and an API process once went on listening after its shutdown and never exited: the
+        loops also check `_stopping`, and the cancellation is repeated until the task has ended."""
         self._stopping = True
+        tries = 0
         while self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=0.5)
+            tries += 1
+            if tries == 2 and not self._task.done():  # say where, so that the next one can be found
+                where = "\n".join(_awaiting(self._task.get_coro()))
+                log.warning("projection listener still running 1 s after it was cancelled, at:\n%s", where)
 
     def current(self) -> bool:
         """Connected, and at least as far as any other process of this server has seen."""
