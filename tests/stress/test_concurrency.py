@@ -6,6 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any
 
+import httpx2 as httpx
+
 from tests.stress.conftest import Served
 
 
@@ -71,3 +73,44 @@ def test_an_idempotency_key_sent_concurrently_books_once_and_answers_alike(serve
     loans = served.scalar(f"SELECT count(*) FROM readmodel.loans WHERE customer_id = {customer['customer_id']}")
     assert loans == 1
     figures.update(requests=22, loans_booked=loans, **served.audit())
+
+
+def test_every_answer_after_a_command_includes_it_whichever_process_reads(served: Served, figures: dict[str, Any]) -> None:
+    """The API's processes keep their answers and serve them without a query. Eight clients each
+    book, repay and read their own customer, every request on a new connection (so either process
+    may take it): each read after a command's answer must include that command, in view-loans,
+    view-loan and check-eligibility alike, though the read before it was kept."""
+    customers = [register(served, 9_300_100_000 + n, income=500_000)["customer_id"] for n in range(8)]
+    headers = {"Connection": "close"}
+
+    def follow_one(customer_id: int) -> int:
+        reads = 0
+        booked: dict[int, int] = {}  # loan ID -> repayments left
+
+        def read_and_check(client: httpx.Client) -> None:
+            nonlocal reads
+            for _ in range(2):
+                listed = client.get(f"/view-loans/{customer_id}", headers=headers).json()
+                assert {loan["loan_id"]: loan["repayments_left"] for loan in listed} == booked
+                body = {"customer_id": customer_id, "loan_amount": 1_000, "interest_rate": 12, "tenure": 6}
+                answer = client.post("/check-eligibility", json=body, headers=headers).json()
+                assert answer["credit_score_breakdown"]["inputs"]["loans_taken"] == len(booked)
+                assert client.get(f"/view-loan/{max(booked)}", headers=headers).status_code == 200
+                reads += 3
+
+        with served.client() as client:
+            for _ in range(6):
+                request = {"customer_id": customer_id, "loan_amount": 20_000, "interest_rate": 12, "tenure": 12}
+                response = client.post("/create-loan", json=request, headers=headers)
+                assert response.status_code == 201, response.text
+                booked[response.json()["loan_id"]] = 12
+                read_and_check(client)  # kept from here on, until a notice names the customer
+                loan_id = min(booked)
+                assert client.post(f"/loans/{loan_id}/repayments", json={}, headers=headers).status_code == 201
+                booked[loan_id] -= 1
+                read_and_check(client)
+        return reads
+
+    with ThreadPoolExecutor(len(customers)) as pool:
+        reads = sum(pool.map(follow_one, customers))
+    figures.update(clients=len(customers), commands=len(customers) * 12, reads_checked=reads, **served.audit())
