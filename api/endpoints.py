@@ -211,17 +211,15 @@ async def _customer_today(svc: Services, customer_id: int) -> tuple[views.Custom
     """The customer and their credit history as of today: read and scored again only when the
     projection has changed them since, or the date has moved (api.querycache)."""
     today = svc.ledger.clock.today()
-    kept: tuple[views.CustomerProfile, CreditHistory] | None = svc.answers.get(customer_id, "history", today)
-    if kept is not None:
-        return kept
-    since = svc.answers.since()
-    async with svc.pool.connection() as conn:
-        profile = await views.customer(conn, customer_id)
-        if profile is None:
-            raise ApiError(404, "customer_not_found", f"customer {customer_id} not found")
-        history = credit_history(await views.loan_facts(conn, customer_id), today)
-    svc.answers.keep(customer_id, "history", (profile, history), since, today)
-    return profile, history
+
+    async def read() -> tuple[views.CustomerProfile, CreditHistory]:
+        async with svc.pool.connection() as conn:
+            profile = await views.customer(conn, customer_id)
+            if profile is None:
+                raise ApiError(404, "customer_not_found", f"customer {customer_id} not found")
+            return profile, credit_history(await views.loan_facts(conn, customer_id), today)
+
+    return await svc.answers.answer(customer_id, "history", today, read)
 
 
 def breakdown(history: CreditHistory, credit: CreditScore, limit: Decimal) -> schemas.CreditScoreBreakdown:
@@ -325,14 +323,13 @@ async def view_loans(request: Request) -> Response:
     svc = services(request)
     customer_id = path_int(request, "customer_id")
     today = svc.ledger.clock.today()
-    body: bytes | None = svc.answers.get(customer_id, "loans", today)
-    if body is None:
-        since = svc.answers.since()
+
+    async def read() -> bytes:
         async with svc.pool.connection() as conn:
             if not await views.customer_exists(conn, customer_id):
                 raise ApiError(404, "customer_not_found", f"customer {customer_id} not found")
             rows = await views.current_loans(conn, customer_id, today)
-        body = schemas.encoder.encode(
+        return schemas.encoder.encode(
             [
                 schemas.CustomerLoan(
                     loan_id=r["loan_id"],
@@ -344,8 +341,8 @@ async def view_loans(request: Request) -> Response:
                 for r in rows
             ]
         )
-        svc.answers.keep(customer_id, "loans", body, since, today)
-    return Response(body, media_type="application/json")
+
+    return Response(await svc.answers.answer(customer_id, "loans", today, read), media_type="application/json")
 
 
 def _inside(directory: Path, name: str) -> Path:

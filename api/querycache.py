@@ -19,9 +19,11 @@ is most of what a read cost (the query's round trip and its result, in both proc
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Awaitable, Callable, Collection, Hashable
 from datetime import date
-from typing import Any
+from typing import Any, TypeVar
+
+Value = TypeVar("Value")
 
 DEFAULT_SIZE = 20_000
 LOANS_PER_CUSTOMER = 2  # view-loan answers kept: up to this many times the customers kept
@@ -29,12 +31,12 @@ _RECENT_NOTICES = 1_024  # how far back keep() can tell whether a notice named i
 
 
 class _Kept:
-    __slots__ = ("dated", "day", "undated")
+    __slots__ = ("dated", "day", "loans")
 
     def __init__(self) -> None:
         self.day: date | None = None
         self.dated: dict[Hashable, Any] = {}  # answers for `day`
-        self.undated: dict[Hashable, Any] = {}
+        self.loans: dict[int, Any] = {}  # view-loan answers (not date-dependent), by loan ID
 
 
 class KeptAnswers:
@@ -66,52 +68,67 @@ class KeptAnswers:
 
     # Reading and keeping
 
+    async def answer(self, customer_id: int, key: Hashable, today: date, read: Callable[[], Awaitable[Value]]) -> Value:
+        """The answer kept for `key` and `today`, or `read()`'s (from the database), kept for next time."""
+        value: Value | None = self.get(customer_id, key, today)
+        if value is None:
+            since = self.since()
+            value = await read()
+            self.keep(customer_id, key, value, since, today)
+        return value
+
     def since(self) -> int:
         """A mark to pass to keep(): take it before reading the database."""
         return self._notices
 
-    def get(self, customer_id: int, key: Hashable, today: date | None = None) -> Any:
-        """The answer kept for `key` (for `today`, if it depends on the date), or None."""
+    def get(self, customer_id: int, key: Hashable, today: date) -> Any:
+        """The answer kept for `key` on `today`, or None."""
         kept = self._customers.get(customer_id)
-        if kept is None or not self.trusted():
+        if kept is None or kept.day != today or not self.trusted():
             return None
-        if today is None:
-            return kept.undated.get(key)
-        return kept.dated.get(key) if kept.day == today else None
+        return kept.dated.get(key)
 
-    def keep(self, customer_id: int, key: Hashable, value: Any, since: int, today: date | None = None) -> bool:
-        """Keep an answer read from the database after `since()` gave `since`, unless a notice
-        for its customer has come since then (the read may predate that change)."""
-        if self.size <= 0 or not self._unchanged_since(customer_id, since):
-            return False
-        kept = self._customers.get(customer_id)
+    def keep(self, customer_id: int, key: Hashable, value: Any, since: int, today: date) -> bool:
+        """Keep an answer for `today` read from the database after `since()` gave `since`, unless
+        a notice for its customer has come since then (the read may predate that change)."""
+        kept = self._entry(customer_id, since)
         if kept is None:
-            if len(self._customers) >= self.size:
-                self._forget_loans(self._customers.pop(next(iter(self._customers))))  # the oldest
-            kept = self._customers[customer_id] = _Kept()
-        if today is None:
-            kept.undated[key] = value
-        else:
-            if kept.day != today:
-                kept.day, kept.dated = today, {}
-            kept.dated[key] = value
+            return False
+        if kept.day != today:
+            kept.day, kept.dated = today, {}
+        kept.dated[key] = value
         return True
 
     def loan(self, loan_id: int) -> Any:
         """The view-loan answer kept for this loan, or None."""
         customer_id = self._loans.get(loan_id)
-        return None if customer_id is None else self.get(customer_id, ("loan", loan_id))
+        if customer_id is None or not self.trusted():
+            return None
+        return self._customers[customer_id].loans.get(loan_id)
 
     def keep_loan(self, customer_id: int, loan_id: int, value: Any, since: int) -> None:
-        if self.size <= 0 or not self._unchanged_since(customer_id, since):
+        kept = self._entry(customer_id, since)
+        if kept is None:
             return
         if loan_id not in self._loans and len(self._loans) >= self.loan_size:
             oldest = next(iter(self._loans))
             owner = self._customers.get(self._loans.pop(oldest))
             if owner is not None:
-                owner.undated.pop(("loan", oldest), None)
-        if self.keep(customer_id, ("loan", loan_id), value, since):
-            self._loans[loan_id] = customer_id
+                owner.loans.pop(oldest, None)
+        kept.loans[loan_id] = value
+        self._loans[loan_id] = customer_id
+
+    def _entry(self, customer_id: int, since: int) -> _Kept | None:
+        """The customer's entry to keep an answer in, made if need be; None when the answer read
+        after `since` may predate a change (or nothing is kept)."""
+        if self.size <= 0 or not self._unchanged_since(customer_id, since):
+            return None
+        kept = self._customers.get(customer_id)
+        if kept is None:
+            if len(self._customers) >= self.size:
+                self._forget_loans(self._customers.pop(next(iter(self._customers))))  # the oldest
+            kept = self._customers[customer_id] = _Kept()
+        return kept
 
     def _unchanged_since(self, customer_id: int, since: int) -> bool:
         if since == self._notices:
@@ -126,9 +143,8 @@ class KeptAnswers:
         return True
 
     def _forget_loans(self, kept: _Kept) -> None:
-        for key in kept.undated:
-            if isinstance(key, tuple) and key[0] == "loan":
-                self._loans.pop(key[1], None)
+        for loan_id in kept.loans:
+            self._loans.pop(loan_id, None)
 
     def __len__(self) -> int:
         return len(self._customers)

@@ -35,26 +35,24 @@ class SharedPosition:
     that `ledger api` makes for its workers (LEDGER_API_POSITION_FILE), or this process's own."""
 
     def __init__(self, path: str | None = None) -> None:
-        self._own = [0]
         self._file = open(path, "r+b") if path else None  # noqa: SIM115 (closed by close())
         self._map = mmap.mmap(self._file.fileno(), 8) if self._file else None
         # One aligned 8-byte integer, read and written whole (struct would copy it byte by byte,
         # and a read racing a write could see half of each).
-        self._cell: memoryview | list[int] = memoryview(self._map).cast("q") if self._map else self._own
+        self._cell: memoryview | list[int] = memoryview(self._map).cast("q") if self._map else [0]
 
     def get(self) -> int:
         return int(self._cell[0])
 
     def raise_to(self, position: int) -> None:
-        if self._file is None:
-            self._own[0] = max(self._own[0], position)
-            return
-        fcntl.flock(self._file, fcntl.LOCK_EX)  # two processes raising at once must not lower it
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_EX)  # two processes raising at once must not lower it
         try:
             if self._cell[0] < position:
                 self._cell[0] = position
         finally:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
+            if self._file is not None:
+                fcntl.flock(self._file, fcntl.LOCK_UN)
 
     def close(self) -> None:
         if isinstance(self._cell, memoryview) and self._map is not None and self._file is not None:

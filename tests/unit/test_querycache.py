@@ -13,7 +13,7 @@ from projections.projector import CHANGES_CHANNEL, NOTIFY_CHANNEL, changes_notic
 DAY = date(2026, 11, 22)
 
 
-def kept(answers: KeptAnswers, customer_id: int, value: object, today: date | None = DAY) -> None:
+def kept(answers: KeptAnswers, customer_id: int, value: object, today: date = DAY) -> None:
     assert answers.keep(customer_id, "loans", value, answers.since(), today)
 
 
@@ -39,10 +39,10 @@ def test_a_read_overtaken_by_a_notice_for_its_customer_is_not_kept() -> None:
     answers = KeptAnswers()
     since = answers.since()  # the read starts ...
     answers.changed([7])  # ... the projection commits a change to customer 7 meanwhile ...
-    assert not answers.keep(7, "loans", "maybe stale", since)  # ... so the read may predate it
-    assert answers.get(7, "loans") is None
-    assert answers.keep(8, "loans", "fresh", since)  # a notice for someone else leaves customer 8 alone
-    assert answers.get(8, "loans") == "fresh"
+    assert not answers.keep(7, "loans", "maybe stale", since, DAY)  # ... so the read may predate it
+    assert answers.get(7, "loans", DAY) is None
+    assert answers.keep(8, "loans", "fresh", since, DAY)  # a notice for someone else leaves customer 8 alone
+    assert answers.get(8, "loans", DAY) == "fresh"
 
 
 def test_a_read_older_than_the_notices_remembered_is_not_kept() -> None:
@@ -50,8 +50,8 @@ def test_a_read_older_than_the_notices_remembered_is_not_kept() -> None:
     since = answers.since()
     for _ in range(_RECENT_NOTICES + 1):
         answers.changed([99])
-    assert not answers.keep(1, "loans", "unknown", since)
-    assert answers.keep(1, "loans", "known", answers.since())
+    assert not answers.keep(1, "loans", "unknown", since, DAY)
+    assert answers.keep(1, "loans", "known", answers.since(), DAY)
 
 
 def test_dated_answers_are_for_their_day_only() -> None:
@@ -92,7 +92,7 @@ def test_size_bounds_customers_and_loans() -> None:
     for loan_id in range(100, 100 + answers.loan_size + 1):
         answers.keep_loan(3, loan_id, loan_id, answers.since())
     assert answers.loan(100) is None and answers.loan(101) == 101
-    assert KeptAnswers(size=0).keep(1, "loans", "x", 0) is False
+    assert KeptAnswers(size=0).keep(1, "loans", "x", 0, DAY) is False
 
 
 def test_the_changes_notice_lists_customers_while_they_fit_a_notify() -> None:
