@@ -12,6 +12,7 @@ is most of what a read cost (the query's round trip and its result, in both proc
 - Date-dependent answers (current loans, EMIs due) are kept for the day they were computed for.
 - An answer computed while a notice arrived for its customer is not kept: the database may have
   been read before the change. `since()` is taken before the read, `keep()` compares.
+- When full, the customer (or view-loan answer) least recently kept or served makes room.
 - `trusted` says whether the notices so far cover every change another process of this server
   has answered for (`PositionWatcher.current`); when they may not, nothing kept is served.
 """
@@ -86,7 +87,10 @@ class KeptAnswers:
         kept = self._customers.get(customer_id)
         if kept is None or kept.day != today or not self.trusted():
             return None
-        return kept.dated.get(key)
+        value = kept.dated.get(key)
+        if value is not None:
+            self._used(customer_id, kept)
+        return value
 
     def keep(self, customer_id: int, key: Hashable, value: Any, since: int, today: date) -> bool:
         """Keep an answer for `today` read from the database after `since()` gave `since`, unless
@@ -104,7 +108,10 @@ class KeptAnswers:
         customer_id = self._loans.get(loan_id)
         if customer_id is None or not self.trusted():
             return None
-        return self._customers[customer_id].loans.get(loan_id)
+        kept = self._customers[customer_id]
+        self._loans[loan_id] = self._loans.pop(loan_id)  # the most recently served now
+        self._used(customer_id, kept)
+        return kept.loans.get(loan_id)
 
     def keep_loan(self, customer_id: int, loan_id: int, value: Any, since: int) -> None:
         kept = self._entry(customer_id, since)
@@ -116,6 +123,7 @@ class KeptAnswers:
             if owner is not None:
                 owner.loans.pop(oldest, None)
         kept.loans[loan_id] = value
+        self._loans.pop(loan_id, None)
         self._loans[loan_id] = customer_id
 
     def _entry(self, customer_id: int, since: int) -> _Kept | None:
@@ -126,9 +134,16 @@ class KeptAnswers:
         kept = self._customers.get(customer_id)
         if kept is None:
             if len(self._customers) >= self.size:
-                self._forget_loans(self._customers.pop(next(iter(self._customers))))  # the oldest
+                self._forget_loans(self._customers.pop(next(iter(self._customers))))  # the least recently used
             kept = self._customers[customer_id] = _Kept()
+        else:
+            self._used(customer_id, kept)
         return kept
+
+    def _used(self, customer_id: int, kept: _Kept) -> None:
+        """Move the customer to the end of the eviction order (dicts keep insertion order)."""
+        del self._customers[customer_id]
+        self._customers[customer_id] = kept
 
     def _unchanged_since(self, customer_id: int, since: int) -> bool:
         if since == self._notices:

@@ -95,6 +95,21 @@ def test_size_bounds_customers_and_loans() -> None:
     assert KeptAnswers(size=0).keep(1, "loans", "x", 0, DAY) is False
 
 
+def test_the_least_recently_used_answer_makes_room() -> None:
+    answers = KeptAnswers(size=2)
+    kept(answers, 1, "one")
+    kept(answers, 2, "two")
+    assert answers.get(1, "loans", DAY) == "one"  # served: customer 1 is now the most recent
+    kept(answers, 3, "three")
+    assert answers.get(1, "loans", DAY) == "one" and answers.get(2, "loans", DAY) is None
+    loans = KeptAnswers(size=1)  # room for two view-loan answers
+    loans.keep_loan(1, 10, b"10", loans.since())
+    loans.keep_loan(1, 11, b"11", loans.since())
+    assert loans.loan(10) == b"10"
+    loans.keep_loan(1, 12, b"12", loans.since())
+    assert (loans.loan(10), loans.loan(11), loans.loan(12)) == (b"10", None, b"12")
+
+
 def test_the_changes_notice_lists_customers_while_they_fit_a_notify() -> None:
     assert changes_notice(41, [3, 5]) == "41 3,5"
     assert changes_notice(41, []) == "41 "
