@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Collection
 from psycopg import AsyncConnection
 
 from projections import views
-from projections.projector import CHANGES_CHANNEL, NOTIFY_CHANNEL
+from projections.projector import CHANGES_CHANNEL, NOTIFY_CHANNEL, STORE_RECREATED
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,13 @@ class PositionWatcher:
         position, expected, self._described = int(payload), self._described, -1
         if position != expected:  # a rebuild, a read model started again, an older projector
             self.on_change(None)
-        self._set(max(self.position, position))
+        # Positions only grow (a notice committed before this connection read the position may
+        # arrive after it), except when the event store was recreated: the projector then empties
+        # the read model and announces 0, and the new store's positions start again from 1. Kept
+        # at the old store's height, every wait would end at once, before the projection shows
+        # the command. (The shared position is not lowered: this server's processes then read
+        # the database until the new store passes the old height, or until they are restarted.)
+        self._set(position if position == STORE_RECREATED else max(self.position, position))
 
     async def _check(self, conn: AsyncConnection) -> None:
         """A backstop: PostgreSQL loses no notice on a live connection, and a reconnection drops

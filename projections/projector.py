@@ -39,6 +39,7 @@ NOTIFY_CHANNEL = "ledger_projection"
 # drops what it kept for them. New customers need not be named: nothing is kept for a customer the
 # read model did not have.
 CHANGES_CHANNEL = "ledger_projection_changes"
+STORE_RECREATED = 0  # the position announced when the event store was recreated and the read model emptied
 _CHANGES_LISTED = 7_900  # bytes: a NOTIFY payload holds less than 8,000
 LOCK_KEY = 7_301_120  # the advisory lock that one projection runner holds at a time
 PAGE_SIZE = 1000
@@ -389,7 +390,7 @@ class Projector:
                 read_model.drop(conn, self.schema)
                 read_model.create(conn, self.schema)
                 if self.schema == read_model.SCHEMA:  # a position no changes notice describes: drop them all
-                    conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, "0"))
+                    conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(STORE_RECREATED)))
             position = None
         self._position = int(position or 0)
         return self._position

@@ -19,7 +19,7 @@ from ledger.application import Ledger
 from ledger.domain import ImportJob
 from ledger.policy import LoanRequest
 from projections import schema as read_model
-from projections.projector import REBUILD_PAGE_SIZE, Projector, rebuild
+from projections.projector import NOTIFY_CHANNEL, REBUILD_PAGE_SIZE, STORE_RECREATED, Projector, rebuild
 from tests.integration.conftest import Stack
 from tests.integration.test_import import follow, start
 
@@ -272,8 +272,11 @@ def test_a_recreated_event_store_empties_the_read_model_instead_of_skipping(stac
             ).fetchone()
         app, pool = build_ledger(stack.settings)
         try:
-            with Projector(app, stack.settings.database_url) as projector:
-                projector.catch_up()
+            with psycopg.connect(stack.settings.database_url, autocommit=True) as listener:
+                listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                with Projector(app, stack.settings.database_url) as projector:
+                    projector.catch_up()
+                positions = [int(n.payload) for n in listener.notifies(timeout=1.0)]
         finally:
             pool.close()
             app.close()
@@ -281,6 +284,8 @@ def test_a_recreated_event_store_empties_the_read_model_instead_of_skipping(stac
             customers = conn.execute("SELECT count(*) FROM readmodel.customers").fetchone()
             position = conn.execute("SELECT position FROM readmodel.tracking").fetchone()
         assert position == (100,)
+        # The API's listeners hear the read model start again from 0 (api.readyourwrites), then the new store's pages.
+        assert positions[0] == STORE_RECREATED and positions[-1] == 100 and positions == sorted(positions), positions
         assert expected is not None and 0 < expected[0] < 301
         assert customers == expected
 

@@ -3,12 +3,13 @@ that a notice may have overtaken, and never served while another process may hav
 
 from __future__ import annotations
 
+import asyncio
 from datetime import date, timedelta
 from pathlib import Path
 
 from api.querycache import _RECENT_NOTICES, KeptAnswers
 from api.readyourwrites import PositionWatcher, SharedPosition
-from projections.projector import CHANGES_CHANNEL, NOTIFY_CHANNEL, changes_notice
+from projections.projector import CHANGES_CHANNEL, NOTIFY_CHANNEL, STORE_RECREATED, changes_notice
 
 DAY = date(2026, 11, 22)
 
@@ -146,3 +147,25 @@ def test_a_position_is_described_only_by_the_changes_notice_just_before_it() -> 
     watcher._notice(CHANGES_CHANNEL, "7 *")  # more than a NOTIFY can list
     watcher._notice(NOTIFY_CHANNEL, "7")
     assert drops == [[1, 2], None, [], None] and watcher.position == 7
+
+
+def test_after_the_store_is_recreated_a_wait_is_for_the_new_stores_positions() -> None:
+    """The projector announces 0 when it empties the read model for a recreated event store; the
+    new store counts from 1 again, and a command's wait must not end on the old store's height."""
+
+    async def scenario() -> None:
+        drops: list[object] = []
+        watcher = PositionWatcher("", on_change=drops.append)
+        watcher._notice(CHANGES_CHANNEL, "900 4")
+        watcher._notice(NOTIFY_CHANNEL, "900")
+        watcher._notice(NOTIFY_CHANNEL, "850")  # a notice older than the position read at connection
+        assert watcher.position == 900
+        watcher._notice(NOTIFY_CHANNEL, str(STORE_RECREATED))
+        assert drops == [[4], None, None] and watcher.position == 0
+        assert not await watcher.wait_for(3, timeout=0.05)  # the new store's event 3 is not projected yet
+        watcher._notice(CHANGES_CHANNEL, "3 1")
+        watcher._notice(NOTIFY_CHANNEL, "3")
+        assert await watcher.wait_for(3, timeout=0.05)
+        assert watcher.shared.get() == 900  # never lowered: kept answers wait for the new store to pass it
+
+    asyncio.run(scenario())
