@@ -34,6 +34,7 @@ from infra.logs import configure_logging
 from infra.postgres import build_ledger
 from ledger.domain import DomainError
 from ledger.ports import Clock
+from projections.projector import events_table
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,13 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 
         answers = KeptAnswers(settings.query_cache_size)
         shared = SharedPosition(settings.api_position_file)
-        watcher = PositionWatcher(settings.database_url, on_reconnect=refresh_pools, on_change=answers.changed, shared=shared)
+        watcher = PositionWatcher(
+            settings.database_url,
+            on_reconnect=refresh_pools,
+            on_change=answers.changed,
+            shared=shared,
+            events_table=events_table(ledger),
+        )
         answers.trusted = watcher.current
         await watcher.start()
         app.state.services = Services(settings, ledger, pool, sync_pool, watcher, answers)

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Collection
 from psycopg import AsyncConnection
 
 from projections import views
-from projections.projector import CHANGES_CHANNEL, NOTIFY_CHANNEL, STORE_RECREATED
+from projections.projector import CHANGES_CHANNEL, NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,10 @@ class PositionWatcher:
         on_reconnect: Callable[[], Awaitable[None]] | None = None,
         on_change: Callable[[Collection[int] | None], None] = lambda customer_ids: None,
         shared: SharedPosition | None = None,
+        events_table: str = "ledger_events",
     ) -> None:
         self.conninfo = conninfo
+        self.events_table = events_table  # the store whose positions the commands wait for
         self.on_reconnect = on_reconnect
         self.on_change = on_change  # the customers a notice names, or None for "anyone"
         self.shared = shared or SharedPosition()
@@ -132,15 +134,19 @@ class PositionWatcher:
             self.on_change(None if ids == "*" else [int(i) for i in ids.split(",") if i])
             return
         position, expected, self._described = int(payload), self._described, -1
-        if position != expected:  # a rebuild, a read model started again, an older projector
-            self.on_change(None)
-        # Positions only grow (a notice committed before this connection read the position may
-        # arrive after it), except when the event store was recreated: the projector then empties
-        # the read model and announces 0, and the new store's positions start again from 1. Kept
-        # at the old store's height, every wait would end at once, before the projection shows
-        # the command. (The shared position is not lowered: this server's processes then read
-        # the database until the new store passes the old height, or until they are restarted.)
-        self._set(position if position == STORE_RECREATED else max(self.position, position))
+        if position == expected:  # a page the projector described: positions only grow (a notice
+            self._set(max(self.position, position))  # sent before this connection read the position may come after it)
+            return
+        # A rebuild, a read model started again, an older projector: everything kept goes, and
+        # the position is taken as it is. It can be lower than before: an event store recreated
+        # counts from 1 again (the projector announces 0 when it empties the read model, and a
+        # rebuild of the new store its own position), and kept at the old store's height every
+        # wait would end at once, before the projection shows the command. Taking a position too
+        # low only makes waits longer. The shared position is never lowered: after a recreated
+        # store this server's processes read the database until the new one passes the old height.
+        self.on_change(None)
+        self._behind = None  # a position the check saw before may be the old store's
+        self._set(position)
 
     async def _check(self, conn: AsyncConnection) -> None:
         """A backstop: PostgreSQL loses no notice on a live connection, and a reconnection drops
@@ -149,7 +155,13 @@ class PositionWatcher:
         taken as lost. The check also finds a connection that died without a word (a dropped NAT
         entry, a host gone): its query gets no answer, and the listener reconnects (503s meanwhile)."""
         async with asyncio.timeout(CHECK_TIMEOUT):
-            position = await views.projection_position(conn)
+            position = await views.projection_position(conn, self.events_table)
+        if position < self.position:  # the read model went back: the event store was recreated, say
+            log.warning("the read model is at %d, behind the %d announced: dropping every kept answer", position, self.position)
+            self.on_change(None)
+            self._behind = None
+            self._set(position)
+            return
         if self._behind is not None and self.position < self._behind:
             log.warning("projection notices up to %d did not arrive; dropping every kept answer", self._behind)
             self.on_change(None)
@@ -165,7 +177,7 @@ class PositionWatcher:
                     await conn.execute(f"LISTEN {CHANGES_CHANNEL}")
                     self.on_change(None)  # whatever was kept may have changed while no one listened
                     self._behind, self._described = None, -1
-                    self._set(await views.projection_position(conn))
+                    self._set(await views.projection_position(conn, self.events_table))
                     if self._connected_once.is_set() and self.on_reconnect is not None:
                         await self.on_reconnect()  # the database came back: drop connections it broke
                     self.connected = True

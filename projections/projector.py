@@ -45,6 +45,12 @@ LOCK_KEY = 7_301_120  # the advisory lock that one projection runner holds at a 
 PAGE_SIZE = 1000
 REBUILD_PAGE_SIZE = 5000  # a rebuild has no reader waiting on each page: fewer, larger transactions
 
+
+def events_table(app: Ledger) -> str:
+    """The table that holds the application's events (the library's default name)."""
+    return f"{app.name.lower()}_events"
+
+
 Progress = Callable[[int, int], None]
 # A row of the event store, as a page of notifications reads it (in psycopg's binary format:
 # the library's select_notifications reads each state as hex text and builds a dict a row, which
@@ -266,7 +272,7 @@ class Projector:
         self._job_progressed = sql.SQL(
             "UPDATE {} SET rows_done = %s, issues = issues || %s, updated_at = %s WHERE job_id = %s"
         ).format(self._jobs)
-        self._events_table = f"{app.name.lower()}_events"
+        self._events_table = events_table(app)
         self._page = sql.SQL(
             "SELECT notification_id, originator_id, originator_version, topic, state FROM {}"
             " WHERE notification_id > %s ORDER BY notification_id LIMIT %s"

@@ -91,10 +91,16 @@ async def import_job(conn: AsyncConnection[Any], job_id: UUID) -> dict[str, Any]
     return await cur.fetchone()
 
 
-async def projection_position(conn: AsyncConnection[Any]) -> int:
-    cur = await conn.execute("SELECT position FROM readmodel.tracking WHERE projection = 'ledger'")
+async def projection_position(conn: AsyncConnection[Any], events_table: str = "ledger_events") -> int:
+    """The last event of the store `events_table` names that the read model has applied: 0 when
+    the read model was made from another store (the store was recreated, and the projector has
+    not yet emptied the read model to replay the new one)."""
+    cur = await conn.execute(
+        "SELECT position, events_table IS NOT DISTINCT FROM to_regclass(%s)::oid FROM readmodel.tracking WHERE projection = 'ledger'",
+        (events_table,),
+    )
     row = await cur.fetchone()
-    return int(row[0]) if row else 0
+    return int(row[0]) if row and row[1] else 0
 
 
 async def loan_terms(conn: AsyncConnection[Any], loan_id: int) -> dict[str, Any] | None:

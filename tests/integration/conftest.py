@@ -96,7 +96,9 @@ class Stack:
     worker: subprocess.Popen[bytes] | None = None
 
     def start_worker(self) -> None:
-        with (self.workdir / "worker.log").open("ab") as log:
+        log_path = self.workdir / "worker.log"
+        started_at = log_path.stat().st_size if log_path.exists() else 0  # the log of earlier starts says "ready." too
+        with log_path.open("ab") as log:
             self.worker = subprocess.Popen(
                 [
                     sys.executable,
@@ -120,7 +122,7 @@ class Stack:
                 start_new_session=True,  # its own process group: stopping it reaches beat and the pool too
             )
         deadline = time.monotonic() + 30
-        while b"ready." not in (self.workdir / "worker.log").read_bytes():
+        while b"ready." not in log_path.read_bytes()[started_at:]:
             if time.monotonic() > deadline or self.worker.poll() is not None:
                 raise RuntimeError("the Celery worker did not start:\n" + self.worker_log())
             time.sleep(0.1)

@@ -150,22 +150,32 @@ def test_a_position_is_described_only_by_the_changes_notice_just_before_it() -> 
 
 
 def test_after_the_store_is_recreated_a_wait_is_for_the_new_stores_positions() -> None:
-    """The projector announces 0 when it empties the read model for a recreated event store; the
-    new store counts from 1 again, and a command's wait must not end on the old store's height."""
+    """A recreated event store counts from 1 again. The projector announces 0 when it empties the
+    read model for it (or a rebuild of the new store announces its own position, with no changes
+    notice): a command's wait must not end on the old store's height."""
 
     async def scenario() -> None:
         drops: list[object] = []
         watcher = PositionWatcher("", on_change=drops.append)
         watcher._notice(CHANGES_CHANNEL, "900 4")
         watcher._notice(NOTIFY_CHANNEL, "900")
-        watcher._notice(NOTIFY_CHANNEL, "850")  # a notice older than the position read at connection
-        assert watcher.position == 900
+        watcher._notice(CHANGES_CHANNEL, "850 4")  # a page sent before the position read at connection
+        watcher._notice(NOTIFY_CHANNEL, "850")
+        assert watcher.position == 900 and drops == [[4], [4]]
+        watcher._behind = 950  # the last check saw the old read model further on
         watcher._notice(NOTIFY_CHANNEL, str(STORE_RECREATED))
-        assert drops == [[4], None, None] and watcher.position == 0
+        assert drops == [[4], [4], None] and watcher.position == 0 and watcher._behind is None
         assert not await watcher.wait_for(3, timeout=0.05)  # the new store's event 3 is not projected yet
         watcher._notice(CHANGES_CHANNEL, "3 1")
         watcher._notice(NOTIFY_CHANNEL, "3")
         assert await watcher.wait_for(3, timeout=0.05)
         assert watcher.shared.get() == 900  # never lowered: kept answers wait for the new store to pass it
+
+        rebuilt = PositionWatcher("", on_change=drops.append)  # a store recreated, then rebuilt
+        rebuilt._notice(CHANGES_CHANNEL, "900 4")
+        rebuilt._notice(NOTIFY_CHANNEL, "900")
+        rebuilt._notice(NOTIFY_CHANNEL, "100")  # the rebuild's swap: its position, no changes notice
+        assert rebuilt.position == 100 and drops[-1] is None
+        assert not await rebuilt.wait_for(101, timeout=0.05)
 
     asyncio.run(scenario())
