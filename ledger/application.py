@@ -613,8 +613,11 @@ class Ledger(Application[UUID]):
         job.start(total_rows, files_digest)
         job.progress(rows_done, [i.as_dict() for i in report.issues], 0, 0, [], [])
         self._save_once(job)
-        if customers:
-            self.ids.reserve_customer_ids_through(max(c.customer_id for c in customers))
+        # Every Customer ID the files name is the file's: neither a customer re-keyed by this import
+        # nor one registered later may take an ID that a loan row names without a customer row.
+        file_ids = max((c.customer_id for c in customers), default=0), max((ln.customer_id for ln in loans), default=0)
+        if max(file_ids) > 0:
+            self.ids.reserve_customer_ids_through(max(file_ids))
         # A file's Loan ID above `contested` is held by no one: no booking, no earlier import. Only the
         # IDs at or below it need checking, and claim an aggregate of their own (see _import_unit).
         contested = self.ids.reserve_loan_ids_through(max(ln.loan_id for ln in loans)) if loans else 0
@@ -742,11 +745,35 @@ class Ledger(Application[UUID]):
                 if r.loan_id not in recorded
             ]
             return []
+        if record is None and existing is not None and not existing.is_file_customer(file_id):
+            # Loan rows with no customer row go to the file's customer only: the ledger's customer
+            # with that ID was registered (or re-keyed from another file ID), and may be anyone.
+            report.issues += [
+                RowIssue(
+                    labels[1],
+                    r.row,
+                    f"Customer ID {file_id} has no accepted row in the customer file, and the ledger's customer"
+                    f" {file_id} is not known to be the file's",
+                )
+                for r in rows
+            ]
+            return []
+        rekey = (
+            record is not None
+            and existing is not None
+            and not existing.same_person(record.first_name, record.last_name, record.phone_number)
+        )
+        if record is not None and (existing is None or rekey) and phone_uuid(record.phone_number) in known:
+            reason = f"Phone Number {record.phone_number} already belongs to another customer"
+            report.issues.append(RowIssue(labels[0], record.row, reason))
+            report.issues += [RowIssue(labels[1], r.row, f"its customer row {record.row} was rejected: {reason}") for r in rows]
+            return []
         aggregates: list[Aggregate] = []
         customer_id = file_id
         if existing is not None:
             customer_id = existing.customer_id
-            if record is not None and not existing.same_person(record.first_name, record.last_name, record.phone_number):
+            if rekey:
+                assert record is not None
                 # The ID went to someone else (registered before the import): the file's
                 # customer gets a new ID, with the file's ID on record, like a repeated Loan ID.
                 existing, customer_id = None, self.ids.next_customer_id()
@@ -765,13 +792,6 @@ class Ledger(Application[UUID]):
 
         if existing is None:
             assert record is not None
-            if phone_uuid(record.phone_number) in known:
-                reason = f"Phone Number {record.phone_number} already belongs to another customer"
-                report.issues.append(RowIssue(labels[0], record.row, reason))
-                report.issues += [
-                    RowIssue(labels[1], r.row, f"its customer row {record.row} was rejected: {reason}") for r in rows
-                ]
-                return []
             aggregates.append(PhoneNumber.claim(record.phone_number, customer_id))
 
         already = existing.imported_source_ids() if existing is not None else set()

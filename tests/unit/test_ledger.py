@@ -361,6 +361,40 @@ def test_a_file_customer_whose_id_was_taken_is_rekeyed_with_its_loans_and_reimpo
     assert (again["customers_already_present"], again["loans_already_present"]) == (1, 1)
 
 
+def test_loan_rows_without_a_customer_row_go_only_to_the_files_customer(ledger: Ledger) -> None:
+    """A loan row whose Customer ID has no customer row belongs to the lender's customer with that
+    ID: never to a customer registered (or re-keyed) with it, however the IDs fall."""
+    early = ledger.register_customer("Early", "Bird", 30, "9111111111", D(10_000)).customer  # holds customer ID 1
+    unknown = (
+        "Customer ID {0} has no accepted row in the customer file, and the ledger's customer {0} is not known to be the file's"
+    )
+    customers, loans = [customer_row(2, 7, "9000000007")], [loan_row(2, 7, 50), loan_row(3, 1, 51), loan_row(4, 9, 52)]
+    first = run_import(ledger, customers, loans)
+    not_in_ledger = "Customer ID 9 has no accepted row in the customer file and is not in the ledger"
+    assert [i["reason"] for i in first["issues"]] == [unknown.format(1), not_in_ledger]  # type: ignore[attr-defined]
+    assert ledger.get_customer(early.customer_id).loans == []
+    # Customer ID 9 is the file's: a customer registered after the import gets an ID above it.
+    later = ledger.register_customer("Late", "Comer", 30, "9222222222", D(10_000)).customer
+    assert later.customer_id > 9
+    again = run_import(ledger, customers, loans)
+    assert (again["loans_imported"], again["customers_imported"]) == (0, 0)
+    assert [i["reason"] for i in again["issues"]] == [unknown.format(1), not_in_ledger]  # type: ignore[attr-defined]
+    # A later file with loan rows alone for customer 7, imported before: they are 7's.
+    extended = run_import(ledger, [], [loan_row(2, 7, 60)])
+    assert (extended["loans_imported"], extended["issues"]) == (1, [])
+    assert [t.loan_id for t in ledger.get_customer(7).loans] == [50, 60]
+
+
+def test_a_file_customer_rekeyed_and_refused_for_its_phone_is_not_reported_as_rekeyed(ledger: Ledger) -> None:
+    ledger.register_customer("Early", "Bird", 30, "9111111111", D(10_000))  # holds customer ID 1
+    ledger.register_customer("Same", "Person", 30, "9000000005", D(10_000))  # holds the file customer's phone
+    summary = run_import(ledger, [customer_row(2, 1, "9000000005")], [loan_row(2, 1, 50)])
+    refused = "Phone Number 9000000005 already belongs to another customer"
+    assert [i["reason"] for i in summary["issues"]] == [refused, f"its customer row 2 was rejected: {refused}"]  # type: ignore[attr-defined]
+    assert (summary["rekeyed_customers"], summary["customers_imported"]) == ([], 0)
+    assert file_customer_uuid(1) not in ledger.repository
+
+
 def test_two_file_rows_with_one_phone_number_keep_the_first_and_report_the_second(ledger: Ledger) -> None:
     summary = run_import(
         ledger,
