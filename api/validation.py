@@ -50,18 +50,19 @@ def _check_decimal(value: Decimal, bounds: dict[str, Any]) -> tuple[str | None, 
     return None, value
 
 
-def _description(annotation: Any) -> str | None:
-    """The Meta description of a field, looking inside unions too."""
+def _description(annotation: Any, of_pattern: bool = False) -> str | None:
+    """The Meta description of a field, looking inside unions too (`of_pattern`: of the member
+    with a pattern, the one a regex failure is about)."""
     for arg in (annotation, *typing.get_args(annotation)):
         for meta in typing.get_args(arg)[1:] if typing.get_origin(arg) is typing.Annotated else ():
-            if isinstance(meta, msgspec.Meta) and meta.description:
+            if isinstance(meta, msgspec.Meta) and meta.description and (meta.pattern or not of_pattern):
                 return meta.description
     return None
 
 
 def _message(error: msgspec.ValidationError, annotation: Any) -> str:
     message = str(error).split(" - at ")[0]
-    description = _description(annotation)
+    description = _description(annotation, of_pattern=True)
     if "regex" in message and description:
         return f"Expected {description[0].lower()}{description[1:]}"
     return message
@@ -82,6 +83,8 @@ def parse_json(body: bytes) -> Any:
         raise ApiError(400, "malformed_json", f"The request body is not valid UTF-8: {error.reason}") from None
     except RecursionError:  # arrays or objects nested deeper than the decoder goes
         raise ApiError(400, "malformed_json", "The request body is nested too deeply") from None
+    except ArithmeticError:  # Decimal refuses an exponent past its limits (1e999999999999999999)
+        raise ApiError(400, "malformed_json", "The request body holds a number whose exponent is out of range") from None
 
 
 @dataclass(frozen=True)

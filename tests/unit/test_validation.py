@@ -78,6 +78,8 @@ def test_a_number_spelled_with_more_zeros_than_decimals_allowed_goes_on_as_the_s
         (b'{"first_name": "\xff\xfe"}', "not valid UTF-8"),
         (b"[" * 1000 + b"]" * 1000, "nested too deeply"),
         (b'{"a":' * 100_000, "nested too deeply"),
+        (b'{"monthly_income": 0e-99999999999999999999}', "exponent is out of range"),  # Decimal refuses it
+        (b'{"unknown": 1e99999999999999999999}', "exponent is out of range"),  # in a field no one reads too
     ],
 )
 def test_bytes_that_are_not_utf8_and_deep_nesting_are_malformed(raw: bytes, message: str) -> None:
@@ -101,3 +103,10 @@ def test_a_last_newline_or_a_c1_control_is_refused(field: str, value: str) -> No
     with pytest.raises(ApiError) as raised:
         decode(msgspec.json.encode(fields), RegisterRequest)
     assert [d["field"] for d in raised.value.details] == [field]
+
+
+def test_a_phone_string_with_a_leading_zero_is_refused_saying_why() -> None:
+    body = b'{"first_name": "A", "last_name": "B", "age": 30, "monthly_income": 1000, "phone_number": "0987654321"}'
+    with pytest.raises(ApiError) as raised:
+        decode(body, RegisterRequest)
+    assert raised.value.details == [{"field": "phone_number", "message": "Expected 10 to 15 digits, no leading zero"}]
