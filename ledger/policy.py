@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
-from decimal import ROUND_HALF_UP, Decimal, localcontext
+from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal, localcontext
+from fractions import Fraction
 
 from ledger.calendar import installments_due
 from ledger.money import to_money
@@ -30,7 +31,9 @@ UTILISATION_WEIGHT = 30
 
 
 def monthly_installment(principal: Decimal, annual_rate: Decimal, tenure: int) -> Decimal:
-    """EMI = P*r*(1+r)^n / ((1+r)^n - 1) with r the monthly rate; P/n at 0%."""
+    """EMI = P*r*(1+r)^n / ((1+r)^n - 1) with r the monthly rate; P/n at 0%. Rounded half up
+    from the exact value: when 50 digits put it within a hair of half a paisa (where they may
+    fall on the wrong side: 4.50 at 20% for 1 month is exactly 4.575), it is computed exactly."""
     if tenure < 1:
         raise ValueError("tenure must be at least one month")
     with localcontext() as ctx:
@@ -41,7 +44,19 @@ def monthly_installment(principal: Decimal, annual_rate: Decimal, tenure: int) -
         growth = (1 + r) ** tenure
         if growth == 1:  # a rate too small to register at this precision: the 0% limit
             return to_money(principal / tenure)
-        return to_money(principal * r * growth / (growth - 1))
+        emi = principal * r * growth / (growth - 1)
+        paise = emi.scaleb(2)
+        if abs(paise - paise.to_integral_value(rounding=ROUND_FLOOR) - _HALF) > _HAIR:
+            return to_money(emi)
+    exact_r = Fraction(annual_rate) / 1200
+    exact_growth = (1 + exact_r) ** tenure
+    exact_paise = Fraction(principal) * exact_r * exact_growth / (exact_growth - 1) * 100
+    whole, rest = divmod(exact_paise.numerator, exact_paise.denominator)
+    return Decimal(whole + (2 * rest >= exact_paise.denominator)).scaleb(-2)
+
+
+_HALF = Decimal("0.5")
+_HAIR = Decimal("1e-20")  # paise: 50 digits of an EMI under 10^15 are off by far less
 
 
 def approved_limit(monthly_income: Decimal) -> Decimal:

@@ -24,6 +24,10 @@ from ledger.schedule import amortization
         (D(120_000), D(0), 12, D("10000.00")),
         (D(500_000), D("10.5"), 60, D("10746.95")),
         (D(1), D(100), 1, D("1.08")),
+        # Exactly half a paisa, which 50 digits of 20/1200 put just below: halves go up.
+        (D("4.50"), D(20), 1, D("4.58")),
+        (D(12), D("0.5"), 1, D("12.01")),
+        (D("3000.30"), D(20), 1, D("3050.31")),
     ],
 )
 def test_monthly_installment(principal: D, rate: D, tenure: int, emi: D) -> None:
@@ -211,6 +215,35 @@ def test_emi_repays_at_least_the_principal(principal: D, rate: D, tenure: int) -
     emi = monthly_installment(principal, rate, tenure)
     assert emi * tenure >= principal - D("0.01") * tenure
     assert emi == emi.quantize(D("0.01"))
+
+
+def exact_emi(principal: D, rate: D, tenure: int) -> D:
+    if rate == 0:
+        paise = Fraction(principal) / tenure * 100
+    else:
+        r = Fraction(rate) / 1200
+        growth = (1 + r) ** tenure
+        paise = Fraction(principal) * r * growth / (growth - 1) * 100
+    whole, rest = divmod(paise.numerator, paise.denominator)
+    return D(whole + (2 * rest >= paise.denominator)).scaleb(-2)
+
+
+@given(
+    st.one_of(
+        st.tuples(  # one month at rates in steps of 0.005%: where the exact EMI can end in half a paisa
+            st.decimals(min_value=D("0.01"), max_value=100_000, places=2),
+            st.integers(min_value=1, max_value=20_000).map(lambda k: D(k) / 200),
+            st.just(1),
+        ),
+        st.tuples(
+            st.decimals(min_value=D("0.01"), max_value=10_000_000, places=2),
+            st.decimals(min_value=0, max_value=100, places=6),
+            st.integers(min_value=1, max_value=600),
+        ),
+    )
+)
+def test_the_emi_is_the_exact_value_rounded_half_up(case: tuple[D, D, int]) -> None:
+    assert monthly_installment(*case) == exact_emi(*case)
 
 
 def test_a_rate_too_small_to_register_is_the_zero_rate_limit() -> None:
