@@ -22,7 +22,9 @@ Name = Annotated[
     Meta(
         min_length=1,
         max_length=100,
-        pattern=r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$(?!\n)",
+        # At least one character that shows: not a space, a control, or an invisible format
+        # character (zero-width spaces and joiners, the byte-order mark, a soft hyphen).
+        pattern=r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f\u00ad\u180e\u200b-\u200f\u2060-\u206f\ufeff][^\x00-\x1f\x7f-\x9f]*$(?!\n)",
         description="Non-blank, at most 100 characters, no control characters",
     ),
 ]

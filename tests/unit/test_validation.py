@@ -110,3 +110,23 @@ def test_a_phone_string_with_a_leading_zero_is_refused_saying_why() -> None:
     with pytest.raises(ApiError) as raised:
         decode(body, RegisterRequest)
     assert raised.value.details == [{"field": "phone_number", "message": "Expected 10 to 15 digits, no leading zero"}]
+
+
+@pytest.mark.parametrize("blank", ["\u200b", " \ufeff ", "\u00ad\u2060", "\u200c\u200d"])
+def test_a_name_of_invisible_characters_is_blank(blank: str) -> None:
+    fields = {"first_name": blank, "last_name": "B", "age": 30, "monthly_income": 1000, "phone_number": "9000000000"}
+    with pytest.raises(ApiError) as raised:
+        decode(msgspec.json.encode(fields), RegisterRequest)
+    assert [d["field"] for d in raised.value.details] == ["first_name"]
+
+
+def test_a_name_may_hold_joiners_among_letters_that_show() -> None:
+    fields = {
+        "first_name": "\u0d28\u0d4d\u200d",
+        "last_name": "Das\u200b",
+        "age": 30,
+        "monthly_income": 1000,
+        "phone_number": 9000000000,
+    }
+    request = decode(msgspec.json.encode(fields), RegisterRequest)
+    assert (request.first_name, request.last_name) == ("\u0d28\u0d4d\u200d", "Das\u200b")
