@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 DATABASE_AWAY = (OperationalError, InterfaceError)
 
 SAVE_ATTEMPTS = 200
+INSERT_ATTEMPTS = 10  # as the library's recorder retries an insert whose connection broke
+INSERT_RETRY_SECONDS = 0.2
 # One save is one psycopg pipeline carrying every event as a single array parameter; saves of
 # several MiB were seen to hang (bench/pipeline_hang.py), so a batch also stops at this many rows.
 MAX_ROWS_PER_SAVE = 2000
@@ -236,6 +239,10 @@ class _ProcessingEvent(ProcessingEvent[UUID]):
         super().collect_events(*others, **kwargs)
 
 
+class _Inserts(threading.local):
+    retried = False  # whether this thread's last save tried its insert again
+
+
 class Ledger(Application[UUID]):
     name = "Ledger"
     snapshotting_intervals = {Customer: 50}  # noqa: RUF012 (the library's own class attribute)
@@ -250,10 +257,34 @@ class Ledger(Application[UUID]):
         loans: LoanDirectory | None = None,
     ) -> None:
         super().__init__(env)
+        self._insert_retries()
         self.ids: IdAllocator = ids or InMemoryIds()
         self.clock: Clock = clock or SystemClock()
         self.index: AggregateIndex = index or _RepositoryIndex(self)
         self.loans: LoanDirectory = loans or _RecordedLoans(self)
+
+    def _insert_retries(self) -> None:
+        """The recorder retries an insert whose connection broke (the library's `retry`, 10 tries
+        0.2 s apart). The same retry is made here, around the undecorated insert, so that a save
+        knows whether its insert was tried again: a conflict on the first try is never the save's
+        own events (see _save_once), however alike a concurrent writer's are."""
+        recorder = self.recorder
+        undecorated = getattr(type(recorder).insert_events, "__wrapped__", type(recorder).insert_events)
+        self._insert_once: Callable[..., Any] = lambda stored_events, **kwargs: undecorated(recorder, stored_events, **kwargs)
+        self._inserts = _Inserts()
+
+        def insert_events(stored_events: Sequence[StoredEvent], **kwargs: Any) -> Any:
+            for attempt in range(INSERT_ATTEMPTS):
+                try:
+                    return self._insert_once(stored_events, **kwargs)
+                except DATABASE_AWAY:
+                    self._inserts.retried = True
+                    if attempt == INSERT_ATTEMPTS - 1:
+                        raise
+                    time.sleep(INSERT_RETRY_SECONDS * (1 + 0.1 * (random.random() - 0.5)))
+            raise AssertionError("unreachable")
+
+        recorder.insert_events = insert_events  # type: ignore[method-assign]
 
     def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
         """The library's `save`, with a `ProcessingEvent` that knows this ledger's aggregates by class."""
@@ -447,10 +478,14 @@ class Ledger(Application[UUID]):
         processing_event = _ProcessingEvent()
         processing_event.collect_events(*aggregates)
         events = processing_event.events
+        self._inserts.retried = False
         try:
             saved = Saved.of(self._record(processing_event))
         except RecordConflictError:
-            if not events or not self._recorded(events[-1]):
+            # Only a retried insert can meet its own first try; a first try's conflict is another
+            # writer's, even one whose events match these to the microsecond (two keyless
+            # repayments of one loan at once differ in nothing else).
+            if not events or not self._inserts.retried or not self._recorded(events[-1]):
                 raise
             # The first try's notification IDs are lost with its answer; the log's end is at or after them.
             try:

@@ -76,6 +76,23 @@ def test_a_second_registration_with_the_same_phone_is_refused_and_records_nothin
     assert ledger.recorder.max_notification_id() == before
 
 
+def lose_the_first_answer(ledger: Ledger) -> list[int]:
+    """The next insert commits, then its connection breaks before the answer comes: the recorder
+    tries it again. Returns the list of tries made, filled as they happen."""
+    insert = ledger._insert_once
+    tries: list[int] = []
+
+    def insert_once(stored_events: Any, **kwargs: Any) -> Any:
+        tries.append(len(stored_events))
+        result = insert(stored_events, **kwargs)
+        if len(tries) == 1:
+            raise OperationalError("server closed the connection unexpectedly")
+        return result
+
+    ledger._insert_once = insert_once
+    return tries
+
+
 def test_a_save_that_meets_its_own_recorded_events_is_recorded_and_another_conflict_is_not(ledger: Ledger) -> None:
     """A retried insert whose first try committed meets the very same events (tests/stress has
     the real fault: a commit's answer lost on the wire). That is a save, not a concurrent change."""
@@ -83,10 +100,10 @@ def test_a_save_that_meets_its_own_recorded_events_is_recorded_and_another_confl
     customer = ledger.get_customer(customer_id)
     customer.book_loan(_terms(900))
     loan = Loan.book(customer_id, _terms(900))
-    ledger.save(*copy.deepcopy([customer, loan]))  # the first try, whose answer was lost
-    before = ledger.recorder.max_notification_id()
-    assert ledger._save_once(customer, loan) == {"last_position": before, "events": 2}
-    assert ledger.recorder.max_notification_id() == before
+    tries = lose_the_first_answer(ledger)
+    before = ledger.recorder.max_notification_id() or 0
+    assert ledger._save_once(customer, loan) == {"last_position": before + 2, "events": 2}
+    assert tries == [2, 2] and ledger.recorder.max_notification_id() == before + 2
 
     rival = ledger.get_customer(customer_id)
     mine = copy.deepcopy(rival)
@@ -95,7 +112,19 @@ def test_a_save_that_meets_its_own_recorded_events_is_recorded_and_another_confl
     mine.book_loan(_terms(902))  # the same version, another event: a real conflict
     with pytest.raises(RecordConflictError):
         ledger._save_once(mine)
-    assert ledger.recorder.max_notification_id() == before + 1
+    assert ledger.recorder.max_notification_id() == before + 3
+
+
+def test_a_first_try_that_meets_events_just_like_its_own_is_a_conflict(ledger: Ledger) -> None:
+    """Two keyless repayments of one loan at once make the same events, timestamps aside; with the
+    timestamps alike too, only the retry tells a save's own events from the other writer's."""
+    customer_id = ledger.register_customer("Ann", "Lee", 30, "9876543210", D(100_000)).customer.customer_id
+    customer = ledger.get_customer(customer_id)
+    customer.book_loan(_terms(900))
+    twin = copy.deepcopy(customer)  # the same pending event, to the microsecond
+    ledger.save(twin)
+    with pytest.raises(RecordConflictError):
+        ledger._save_once(customer)
 
 
 def test_a_lost_answer_at_the_50th_event_still_snapshots_and_a_snapshot_already_stored_is_no_conflict(ledger: Ledger) -> None:
@@ -105,7 +134,7 @@ def test_a_lost_answer_at_the_50th_event_still_snapshots_and_a_snapshot_already_
     assert ledger.snapshots is not None
     customer = ledger.get_customer(customer_id)
     customer.book_loan(_terms(900))  # version 50: a snapshot is due
-    ledger.events.put(copy.deepcopy(customer).collect_events())  # the first try: the events, then its answer lost
+    lose_the_first_answer(ledger)  # the first try: the events, then its answer lost
     ledger._save_once(customer)
     assert [s.originator_version for s in ledger.snapshots.get(customer_uuid(customer_id))] == [50]
 
@@ -114,7 +143,14 @@ def test_a_lost_answer_at_the_50th_event_still_snapshots_and_a_snapshot_already_
         ledger.book_loan(other, LoanRequest(D(10_000), D(16), 12))
     customer = ledger.get_customer(other)
     customer.book_loan(_terms(901))
-    ledger.save(copy.deepcopy(customer))  # the first try: the events and the snapshot, the snapshot's answer lost
+    snapshots = ledger.snapshots.recorder
+    insert_snapshot = snapshots.insert_events
+
+    def stored_then_tried_again(stored_events: Any, **kwargs: Any) -> Any:
+        insert_snapshot(stored_events, **kwargs)  # the first try, committed, its answer lost
+        return insert_snapshot(stored_events, **kwargs)  # the recorder's retry meets it
+
+    snapshots.insert_events = stored_then_tried_again  # type: ignore[method-assign]
     ledger._save_once(customer)
     assert [s.originator_version for s in ledger.snapshots.get(customer_uuid(other))] == [50]
 
