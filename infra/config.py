@@ -73,5 +73,10 @@ class Settings:
             # restart fails once and the recorder retries on a fresh one, and the API re-checks
             # every pooled connection when its LISTEN connection comes back (api/app.py).
             "POSTGRES_PRE_PING": "n",
+            # Inserts take the table lock, so events commit in notification-ID order and the
+            # projection, which reads past its position, never passes over one still to commit.
+            # The library's stored-function insert takes no lock: pinned off, whatever the process
+            # environment says (the library reads LEDGER_POSTGRES_... before POSTGRES_...).
+            "LEDGER_POSTGRES_ENABLE_DB_FUNCTIONS": "n",
             "CREATE_TABLE": "y" if create_table else "n",
         }

@@ -299,3 +299,16 @@ def test_a_recreated_event_store_empties_the_read_model_instead_of_skipping(stac
             assert table_setup(conn) == setup
     finally:
         stack.start_worker()
+
+
+def test_inserts_take_the_table_lock_whatever_the_environment_says(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The library's stored-function insert takes no lock, so events could commit out of ID order
+    and the projection pass over one for good: the ledger pins it off."""
+    monkeypatch.setenv("POSTGRES_ENABLE_DB_FUNCTIONS", "y")
+    monkeypatch.setenv("LEDGER_POSTGRES_ENABLE_DB_FUNCTIONS", "y")
+    app, pool = build_ledger(stack.settings)
+    try:
+        assert app.recorder.datastore.enable_db_functions is False  # type: ignore[attr-defined]
+    finally:
+        pool.close()
+        app.close()
