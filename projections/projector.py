@@ -199,6 +199,7 @@ class _Page:
 
     position: int  # the page's last notification ID
     size: int  # its events, projected or not
+    last: tuple[UUID, int] | None = None  # the aggregate and version of the event at `position`
     customers: list[list[Any]] = field(default_factory=list)
     loans: list[tuple[Any, ...]] = field(default_factory=list)
     repayments: list[tuple[Any, ...]] = field(default_factory=list)
@@ -278,11 +279,12 @@ class Projector:
             " WHERE notification_id > %s ORDER BY notification_id LIMIT %s"
         ).format(sql.Identifier(self._events_table))
         self._state = sql.SQL(
-            "SELECT t.position, t.events_table, %s::regclass::oid FROM (SELECT 1) one LEFT JOIN {} t ON t.projection = %s"
-        ).format(self._tracking)
+            "SELECT t.position, {same}, %s::regclass::oid FROM (SELECT 1) one LEFT JOIN {} t ON t.projection = %s"
+        ).format(self._tracking, same=read_model.same_store(self._events_table))
         self._track = sql.SQL(
-            "INSERT INTO {} (projection, position, events_table) VALUES (%s, %s, %s)"
-            " ON CONFLICT (projection) DO UPDATE SET position = EXCLUDED.position, events_table = EXCLUDED.events_table"
+            "INSERT INTO {} (projection, position, events_table, originator_id, originator_version) VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT (projection) DO UPDATE SET position = EXCLUDED.position, events_table = EXCLUDED.events_table,"
+            " originator_id = EXCLUDED.originator_id, originator_version = EXCLUDED.originator_version"
         ).format(self._tracking)
         self._unlock = sql.SQL("SELECT pg_advisory_unlock(%s), (SELECT max(notification_id) FROM {})").format(
             sql.Identifier(self._events_table)
@@ -387,11 +389,13 @@ class Projector:
     def _prepare(self, conn: psycopg.Connection) -> int:
         """Read the position, and check that tracking belongs to this event store: if the store
         was recreated, empty the read model and start again from zero."""
-        row = conn.execute(self._state, (self._events_table, PROJECTION)).fetchone()
+        row = conn.execute(self._state, (self._events_table, self._events_table, PROJECTION)).fetchone()
         assert row is not None
-        position, tracked_oid, self._events_oid = row
-        if tracked_oid is not None and tracked_oid != self._events_oid:
-            log.warning("event store was recreated: emptying read model %s to replay it", self.schema)
+        position, same, self._events_oid = row
+        if position is not None and not same:
+            log.warning(
+                "the event store no longer holds the events the read model was made from: emptying %s to replay it", self.schema
+            )
             with conn.transaction():  # new tables, as a rebuild makes: the API's kept answers go with the old
                 read_model.drop(conn, self.schema)
                 read_model.create(conn, self.schema)
@@ -405,7 +409,7 @@ class Projector:
 
     def collect(self, stored: Sequence[Stored]) -> _Page:
         """A page of stored events (in notification order) as the rows it writes."""
-        page = _Page(stored[-1][0], len(stored))
+        page = _Page(stored[-1][0], len(stored), (stored[-1][1], stored[-1][2]))
         for notification_id, originator_id, originator_version, topic, state in stored:
             kind = _projected(topic)
             if kind is None:
@@ -441,7 +445,7 @@ class Projector:
             if changed_customers:
                 cur.execute(self._customer_versions, (changed_customers, changed_at))
             self._apply_jobs(cur, page.jobs)
-            cur.execute(self._track, (PROJECTION, position, self._events_oid))
+            cur.execute(self._track, (PROJECTION, position, self._events_oid, *(page.last or (None, None))))
             if self.schema == read_model.SCHEMA:
                 cur.execute("SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, changes_notice(position, changed)))
                 cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(position)))

@@ -12,10 +12,11 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
 from ledger.policy import LoanFacts
+from projections import schema as read_model
 
 _CUSTOMER = """
 SELECT customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit
@@ -93,10 +94,12 @@ async def import_job(conn: AsyncConnection[Any], job_id: UUID) -> dict[str, Any]
 
 async def projection_position(conn: AsyncConnection[Any], events_table: str = "ledger_events") -> int:
     """The last event of the store `events_table` names that the read model has applied: 0 when
-    the read model was made from another store (the store was recreated, and the projector has
-    not yet emptied the read model to replay the new one)."""
+    the read model was made from another store (the store was emptied or recreated, and the
+    projector has not yet emptied the read model to replay the new one)."""
     cur = await conn.execute(
-        "SELECT position, events_table IS NOT DISTINCT FROM to_regclass(%s)::oid FROM readmodel.tracking WHERE projection = 'ledger'",
+        sql.SQL("SELECT position, {same} FROM readmodel.tracking t WHERE projection = 'ledger'").format(
+            same=read_model.same_store(events_table)
+        ),
         (events_table,),
     )
     row = await cur.fetchone()

@@ -1,13 +1,17 @@
-"""An event store recreated under a running API counts its positions from 1 again: a command's
-wait must be for the new store's projection, not end at once on the old store's height."""
+"""An event store recreated or emptied under a running API counts its positions from 1 again: a
+command's wait must be for the new store's projection, not end at once on the old store's height.
+One dumped and restored (the same events in a new table) keeps its read model."""
 
 from __future__ import annotations
 
 import time
 
+import psycopg
 from starlette.testclient import TestClient
 
 from api.endpoints import PROJECTION_HEADER, Services
+from infra.postgres import build_ledger
+from projections.projector import NOTIFY_CHANNEL, Projector
 from tests.integration.conftest import Stack
 
 PHONES = iter(range(9_600_100_000, 9_600_200_000))
@@ -18,6 +22,65 @@ def register(client: TestClient) -> tuple[int, str]:
     response = client.post("/register", json=body)
     assert response.status_code == 201, response.text
     return int(response.json()["customer_id"]), response.headers[PROJECTION_HEADER]
+
+
+def test_a_store_dumped_and_restored_keeps_its_read_model(stack: Stack, client: TestClient) -> None:
+    """The same events in a new table (pg_dump and pg_restore, a move to another server): a new
+    table OID, but the store still holds the event the read model's position names."""
+    customers = [register(client)[0] for _ in range(3)]
+    stack.stop_worker()
+    try:
+        with stack.connect() as conn:
+            before = conn.execute("SELECT count(*), max(position) FROM readmodel.customers, readmodel.tracking").fetchone()
+            conn.execute("ALTER TABLE ledger_events RENAME TO ledger_events_dumped")
+            conn.execute("CREATE TABLE ledger_events (LIKE ledger_events_dumped INCLUDING ALL)")
+            conn.execute("INSERT INTO ledger_events SELECT * FROM ledger_events_dumped")
+            conn.execute("CREATE SEQUENCE ledger_events_restored OWNED BY ledger_events.notification_id")
+            conn.execute("SELECT setval('ledger_events_restored', (SELECT max(notification_id) FROM ledger_events))")
+            conn.execute("ALTER TABLE ledger_events ALTER notification_id SET DEFAULT nextval('ledger_events_restored')")
+            conn.execute("DROP TABLE ledger_events_dumped")
+        app, pool = build_ledger(stack.settings)
+        try:
+            with psycopg.connect(stack.settings.database_url, autocommit=True) as listener:
+                listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                with Projector(app, stack.settings.database_url) as projector:
+                    projector.catch_up()
+                notices = [n.payload for n in listener.notifies(timeout=1.0)]
+        finally:
+            pool.close()
+            app.close()
+        with stack.connect() as conn:
+            after = conn.execute("SELECT count(*), max(position) FROM readmodel.customers, readmodel.tracking").fetchone()
+        assert after == before and notices == []  # nothing emptied, nothing replayed
+    finally:
+        stack.start_worker()
+    assert all(client.get(f"/customers/{c}").status_code == 200 for c in customers)
+    assert register(client)[1] == "current"
+
+
+def test_a_command_after_the_store_is_emptied_in_place_waits_for_the_new_stores_projection(
+    stack: Stack, client: TestClient
+) -> None:
+    """TRUNCATE ... RESTART IDENTITY keeps the table (and its OID): what tells the store changed is
+    that it no longer holds the event at the read model's position."""
+    services: Services = client.app.state.services  # type: ignore[attr-defined]
+    first = [register(client)[0] for _ in range(6)]
+    assert services.watcher.position >= 10
+    stack.stop_worker()
+    try:
+        with stack.connect() as conn:
+            conn.execute("TRUNCATE ledger_events RESTART IDENTITY")
+        deadline = time.monotonic() + 5
+        while services.watcher.position != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert services.watcher.position == 0
+        customer_id, header = register(client)
+        assert header == "behind"
+    finally:
+        stack.start_worker()
+    later_id, header = register(client)
+    assert header == "current", stack.worker_log()[-3000:]
+    assert [client.get(f"/customers/{c}").status_code for c in (customer_id, later_id, first[0])] == [200, 200, 404]
 
 
 def test_a_command_after_the_store_is_recreated_waits_for_the_new_stores_projection(stack: Stack, client: TestClient) -> None:
