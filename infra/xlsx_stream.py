@@ -37,8 +37,10 @@ _VALUE = re.compile(rf"<{_NS}v>([^<]*)</{_NS}v>")  # text only: XML escapes its 
 _TEXT = re.compile(rf"<{_NS}t\b[^<>]*>([^<]*)</{_NS}t>")
 _ROW_END = re.compile(rf"</{_NS}row>")
 _SHEET_DATA_END = re.compile(rf"</{_NS}sheetData>")
+_SHEET_DATA_EMPTY = re.compile(rf"<{_NS}sheetData\s*/>")  # a sheet with no rows at all
 
 _MAIN = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
+_STRICT = b"http://purl.oclc.org/ooxml/spreadsheetml/main"  # the Strict Open XML namespace
 _REL = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}"
 _PKG_REL = "{http://schemas.openxmlformats.org/package/2006/relationships}"
 # Built-in number formats that show a date or time (ECMA-376 part 1, 18.8.30).
@@ -110,6 +112,13 @@ def _package(path: str) -> zipfile.ZipFile:
     except zipfile.BadZipFile:
         raise NotXlsx(path) from None
     if "xl/workbook.xml" not in package.namelist():
+        package.close()
+        raise NotXlsx(path)
+    with package.open("xl/workbook.xml") as workbook:
+        head = workbook.read(4096)
+    if _STRICT in head and _MAIN.encode()[1:-1] not in head:
+        # Excel's "Strict Open XML" saves other namespaces, which this reader does not look for:
+        # calamine reads them (the whole sheet at once).
         package.close()
         raise NotXlsx(path)
     return package
@@ -210,9 +219,19 @@ def _shared_strings(package: zipfile.ZipFile, names: set[str]) -> list[str]:
         for _, element in ElementTree.iterparse(stream):
             if element.tag == f"{_MAIN}si":
                 # Rich text has several runs; phonetic hints (rPh) are not part of the text.
-                strings.append("".join(t.text or "" for t in element.iter(f"{_MAIN}t") if t not in _phonetic(element)))
+                text = "".join(t.text or "" for t in element.iter(f"{_MAIN}t") if t not in _phonetic(element))
+                strings.append(_unescape_excel(text) if "_x" in text else text)
                 element.clear()
     return strings
+
+
+_EXCEL_ESCAPE = re.compile(r"_x([0-9A-Fa-f]{4})_")
+
+
+def _unescape_excel(text: str) -> str:
+    """Excel writes a character XML cannot hold (a carriage return, a control) as `_xHHHH_`, and a
+    literal `_x` that would read as one as `_x005F_x`: decoded as Excel and calamine decode them."""
+    return _EXCEL_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
 
 
 def _phonetic(si: ElementTree.Element) -> set[ElementTree.Element]:
@@ -288,6 +307,10 @@ def _rows(
             end, done = len(buffer), True
             if stop is not None and (buffer.strip() or not in_order or expected > stop.row):
                 raise UncleanCut(f"the rows before row {stop.row} do not end at its start")
+            if stop is None and not (_SHEET_DATA_END.search(buffer) or _SHEET_DATA_EMPTY.search(buffer)):
+                # The sheet's XML stops before `</sheetData>`: a file cut short. Its rows so far
+                # would be imported as if they were all; the file is refused instead.
+                raise ValueError("the sheet's XML ends before its rows do (the file is cut short)")
         else:
             buffer += chunk
             end = _last_row_end(buffer)
@@ -472,6 +495,8 @@ def _column(
     if kinds == {"n/date"} or kinds == {"n/duration"}:
         return list(map(_date_reader(epoch, kinds == {"n/duration"}), values))
     if kinds == {"s"}:
+        if "" in values:  # string cells with no value are empty
+            return [strings[int(v)] if v else None for v in values]
         return list(map(strings.__getitem__, map(int, values)))
     if kinds == {"inlineStr"}:
         return list(map(unescape, texts))
@@ -530,6 +555,9 @@ def _parse_plain(text: str, strings: list[str], dates: DateStyles, epoch: dateti
             else:
                 cells.append(float(value))
         elif kind == "s":
+            if not value:  # a string cell with no value: empty, as calamine reads it
+                cells.append(None)
+                continue
             try:
                 cells.append(strings[int(value)])
             except IndexError:

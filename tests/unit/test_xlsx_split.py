@@ -398,3 +398,16 @@ def test_a_helper_that_fails_logs_one_json_line(tmp_path: Path) -> None:
     assert entry["level"] == "error" and entry["logger"] == "infra.xlsx_split"
     assert entry["message"] == "the helper process reading loan_data.xlsx failed"
     assert "KeyError: 'no-such-kind'" in entry["exception"]
+
+
+@pytest.mark.parametrize("where", [0.25, 0.9])
+def test_a_loan_sheet_cut_short_is_refused_whole_not_imported_in_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: float
+) -> None:
+    """A sheet whose XML stops part-way (a file cut short by a copy) would give its rows so far,
+    as if they were all: one reader and two processes alike refuse it."""
+    customers, loans = _files(tmp_path)
+    cut = _rewritten(loans, tmp_path / "cut.xlsx", lambda xml: xml[: xml.index(f'<row r="{int(ROWS * where)}"'.encode()) + 40])
+    one, two, watched = _both_errors(customers, cut, monkeypatch)
+    assert two == one and "cut short" in one
+    assert watched.all_gone()

@@ -277,3 +277,74 @@ def test_a_row_that_never_ends_is_refused_once_it_outgrows_the_limit(tmp_path: P
     path = _with_sheet_xml(source, tmp_path / "endless.xlsx", '<row r="1">' + '<c r="A1"><v>1</v></c>' * 20_000)
     with pytest.raises(UnreadableFile, match=r"endless\.xlsx: not a readable Excel workbook \(a row longer than 100,000"):
         read_history(path, path)
+
+
+def _replaced(source: Path, target: Path, parts: dict[str, str]) -> Path:
+    """`source` with the named parts' XML replaced."""
+    with zipfile.ZipFile(source) as package, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out:
+        for item in package.infolist():
+            data = parts[item.filename].encode() if item.filename in parts else package.read(item.filename)
+            out.writestr(item, data)
+        for name in parts.keys() - set(package.namelist()):
+            out.writestr(name, parts[name])
+    return target
+
+
+@pytest.mark.parametrize("inside_a_row", [False, True])
+def test_a_sheet_cut_short_is_unreadable_not_read_in_part(tmp_path: Path, inside_a_row: bool) -> None:
+    good = _table(tmp_path / "good.xlsx", 200, write_only=True)
+    with zipfile.ZipFile(good) as package:
+        sheet = package.read("xl/worksheets/sheet1.xml").decode()
+    at = sheet.index('<row r="101"') + (30 if inside_a_row else 0)
+    cut = _replaced(good, tmp_path / "cut.xlsx", {"xl/worksheets/sheet1.xml": sheet[:at]})
+    with pytest.raises(ValueError, match="cut short"):
+        _streamed(cut)
+    empty = _replaced(
+        good,
+        tmp_path / "empty.xlsx",
+        {"xl/worksheets/sheet1.xml": sheet[: sheet.index("<sheetData")] + "<sheetData/></worksheet>"},
+    )
+    assert _streamed(empty) == []  # a sheet with no rows is not a sheet cut short
+
+
+def test_a_string_cell_with_no_value_is_empty_as_calamine_reads_it(tmp_path: Path) -> None:
+    source = _table(tmp_path / "source.xlsx", 1, write_only=True)
+    header = '<row r="1"><c r="A1" t="inlineStr"><is><t>ID</t></is></c><c r="B1" t="inlineStr"><is><t>Notes</t></is></c></row>'
+    alike = "".join(f'<row r="{n}"><c r="A{n}"><v>{n}</v></c><c r="B{n}" t="s"/></row>' for n in range(2, 60))
+    for name, rows in (("alike.xlsx", alike), ("one.xlsx", '<row r="2"><c r="A2"><v>2</v></c><c r="B2" t="s"/></row>')):
+        path = _with_sheet_xml(source, tmp_path / name, header + rows)
+        streamed = _streamed(path)
+        assert streamed[1] == [2.0] and _typed(streamed) == _typed(_calamine(path))
+
+
+def test_excel_escapes_in_shared_strings_are_decoded_as_calamine_decodes_them(tmp_path: Path) -> None:
+    source = _table(tmp_path / "source.xlsx", 1, write_only=True)
+    strings = (
+        '<sst xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main" count="3" uniqueCount="3">'
+        "<si><t>Garcia_x000D_</t></si><si><t>A_x005F_x0041_B</t></si><si><t>plain_x_</t></si></sst>"
+    )
+    rows = '<row r="1">' + "".join(f'<c r="{c}1" t="s"><v>{i}</v></c>' for i, c in enumerate("ABC")) + "</row>"
+    path = _with_sheet_xml(source, tmp_path / "escaped.xlsx", rows)
+    path = _replaced(path, tmp_path / "escaped2.xlsx", {"xl/sharedStrings.xml": strings})
+    assert _streamed(path) == [["Garcia\r", "A_x0041_B", "plain_x_"]] == _calamine(path)
+
+
+def test_a_strict_open_xml_workbook_is_read_by_calamine_not_taken_for_an_empty_sheet(tmp_path: Path) -> None:
+    source = _table(tmp_path / "source.xlsx", 3, write_only=False)
+    strict = tmp_path / "strict.xlsx"
+    with zipfile.ZipFile(source) as package, zipfile.ZipFile(strict, "w", zipfile.ZIP_DEFLATED) as out:
+        for item in package.infolist():
+            text = package.read(item.filename).decode()
+            text = text.replace(
+                "http://schemas.openxmlformats.org/spreadsheetml/2006/main", "http://purl.oclc.org/ooxml/spreadsheetml/main"
+            )
+            text = text.replace(
+                "http://schemas.openxmlformats.org/officeDocument/2006/relationships",
+                "http://purl.oclc.org/ooxml/officeDocument/relationships",
+            )
+            out.writestr(item, text)
+    with pytest.raises(NotXlsx):
+        first_sheet_rows(str(strict))
+    customers = REPO / "data" / "customer_data.xlsx"
+    with pytest.raises(UnreadableFile, match="missing column"):  # read (by calamine) as far as its header
+        read_history(customers, strict)
