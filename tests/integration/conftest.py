@@ -33,6 +33,7 @@ from infra.config import REPO_ROOT, Settings
 from infra.postgres import build_ledger, setup_schema
 from ledger.application import Ledger
 from ledger.ports import FixedClock
+from projections.projector import NOTIFY_CHANNEL, Projector
 
 TODAY = date(2026, 11, 22)
 
@@ -196,3 +197,17 @@ def client(stack: Stack) -> Iterator[TestClient]:
     app = create_app(stack.settings, clock=FixedClock(TODAY))
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
+
+
+def catch_up_in_process(stack: Stack) -> list[str]:
+    """Run the projection once in this process (the worker stopped); the positions it announced."""
+    app, pool = build_ledger(stack.settings)
+    try:
+        with psycopg.connect(stack.settings.database_url, autocommit=True) as listener:
+            listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            with Projector(app, stack.settings.database_url) as projector:
+                projector.catch_up()
+            return [n.payload for n in listener.notifies(timeout=1.0)]
+    finally:
+        pool.close()
+        app.close()

@@ -19,8 +19,8 @@ from ledger.application import Ledger
 from ledger.domain import ImportJob
 from ledger.policy import LoanRequest
 from projections import schema as read_model
-from projections.projector import NOTIFY_CHANNEL, REBUILD_PAGE_SIZE, STORE_RECREATED, Projector, rebuild
-from tests.integration.conftest import Stack
+from projections.projector import REBUILD_PAGE_SIZE, STORE_RECREATED, Projector, rebuild
+from tests.integration.conftest import Stack, catch_up_in_process
 from tests.integration.test_import import follow, start
 
 TABLES = {
@@ -270,16 +270,7 @@ def test_a_recreated_event_store_empties_the_read_model_instead_of_skipping(stac
             expected = conn.execute(
                 "SELECT count(*) FROM ledger_events WHERE topic LIKE '%Customer.HistoryImported' OR topic LIKE '%Customer.Registered'"
             ).fetchone()
-        app, pool = build_ledger(stack.settings)
-        try:
-            with psycopg.connect(stack.settings.database_url, autocommit=True) as listener:
-                listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                with Projector(app, stack.settings.database_url) as projector:
-                    projector.catch_up()
-                positions = [int(n.payload) for n in listener.notifies(timeout=1.0)]
-        finally:
-            pool.close()
-            app.close()
+        positions = [int(payload) for payload in catch_up_in_process(stack)]
         with stack.connect() as conn:
             customers = conn.execute("SELECT count(*) FROM readmodel.customers").fetchone()
             position = conn.execute("SELECT position FROM readmodel.tracking").fetchone()

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import time
 
-import psycopg
 from starlette.testclient import TestClient
 
 from api.endpoints import PROJECTION_HEADER, Services
-from infra.postgres import build_ledger
-from projections.projector import NOTIFY_CHANNEL, Projector
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, catch_up_in_process
 
 PHONES = iter(range(9_600_100_000, 9_600_200_000))
 
@@ -39,16 +36,7 @@ def test_a_store_dumped_and_restored_keeps_its_read_model(stack: Stack, client: 
             conn.execute("SELECT setval('ledger_events_restored', (SELECT max(notification_id) FROM ledger_events))")
             conn.execute("ALTER TABLE ledger_events ALTER notification_id SET DEFAULT nextval('ledger_events_restored')")
             conn.execute("DROP TABLE ledger_events_dumped")
-        app, pool = build_ledger(stack.settings)
-        try:
-            with psycopg.connect(stack.settings.database_url, autocommit=True) as listener:
-                listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                with Projector(app, stack.settings.database_url) as projector:
-                    projector.catch_up()
-                notices = [n.payload for n in listener.notifies(timeout=1.0)]
-        finally:
-            pool.close()
-            app.close()
+        notices = catch_up_in_process(stack)
         with stack.connect() as conn:
             after = conn.execute("SELECT count(*), max(position) FROM readmodel.customers, readmodel.tracking").fetchone()
         assert after == before and notices == []  # nothing emptied, nothing replayed
