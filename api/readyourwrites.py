@@ -173,8 +173,9 @@ class PositionWatcher:
             try:
                 conn = await AsyncConnection.connect(self.conninfo, autocommit=True, connect_timeout=5)
                 async with conn:
-                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    await conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+                    # Both at once (one transaction): a page committed between two LISTENs would bring
+                    # its position without its changes, taken as it is, below the position read next.
+                    await conn.execute(f"LISTEN {CHANGES_CHANNEL}; LISTEN {NOTIFY_CHANNEL}")
                     self.on_change(None)  # whatever was kept may have changed while no one listened
                     self._behind, self._described = None, -1
                     self._set(await views.projection_position(conn, self.events_table))

@@ -36,7 +36,8 @@ _ATTRIBUTE = re.compile(r'\s([rst])="([^"]*)"')
 _VALUE = re.compile(rf"<{_NS}v>([^<]*)</{_NS}v>")  # text only: XML escapes its "<"
 _TEXT = re.compile(rf"<{_NS}t\b[^<>]*>([^<]*)</{_NS}t>")
 _ROW_END = re.compile(rf"</{_NS}row>")
-_SHEET_DATA_END = re.compile(rf"</{_NS}sheetData>")
+_SHEET_DATA_END = re.compile(rf"</{_NS}sheetData\s*>")
+_SHEET_DATA_START = re.compile(rf"<{_NS}sheetData\b")
 _SHEET_DATA_EMPTY = re.compile(rf"<{_NS}sheetData\s*/>")  # a sheet with no rows at all
 
 _MAIN = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
@@ -132,7 +133,7 @@ def sheet_size(path: str) -> int:
 
 
 _CUT_ROW = re.compile(rb'<row r="(\d+)"')
-_SHEET_DATA_END_BYTES = re.compile(rb"</(?:[\w.-]+:)?sheetData>")
+_SHEET_DATA_END_BYTES = re.compile(rb"</(?:[\w.-]+:)?sheetData\s*>")
 
 
 def find_cut(path: str, fraction: float = 0.5) -> Cut | None:
@@ -231,7 +232,12 @@ _EXCEL_ESCAPE = re.compile(r"_x([0-9A-Fa-f]{4})_")
 def _unescape_excel(text: str) -> str:
     """Excel writes a character XML cannot hold (a carriage return, a control) as `_xHHHH_`, and a
     literal `_x` that would read as one as `_x005F_x`: decoded as Excel and calamine decode them."""
-    return _EXCEL_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+    return _EXCEL_ESCAPE.sub(_excel_character, text)
+
+
+def _excel_character(escape: re.Match[str]) -> str:
+    code = int(escape.group(1), 16)
+    return escape.group(0) if 0xD800 <= code <= 0xDFFF else chr(code)  # half a surrogate pair is no character
 
 
 def _phonetic(si: ElementTree.Element) -> set[ElementTree.Element]:
@@ -307,7 +313,9 @@ def _rows(
             end, done = len(buffer), True
             if stop is not None and (buffer.strip() or not in_order or expected > stop.row):
                 raise UncleanCut(f"the rows before row {stop.row} do not end at its start")
-            if stop is None and not (_SHEET_DATA_END.search(buffer) or _SHEET_DATA_EMPTY.search(buffer)):
+            read_rows = expected != (1 if start is None else start.row)
+            ended = _SHEET_DATA_END.search(buffer) or _SHEET_DATA_EMPTY.search(buffer)
+            if stop is None and not ended and (read_rows or _SHEET_DATA_START.search(buffer)):
                 # The sheet's XML stops before `</sheetData>`: a file cut short. Its rows so far
                 # would be imported as if they were all; the file is refused instead.
                 raise ValueError("the sheet's XML ends before its rows do (the file is cut short)")
@@ -620,7 +628,7 @@ def _value(kind: str, style: str, inner: str, strings: list[str], dates: DateSty
         number = float(raw)
         return _serial_date(number, epoch, dates[style]) if style in dates else number
     if kind == "s":
-        return _shared_string(strings, raw)
+        return _shared_string(strings, raw) if raw else None  # <v></v>: empty, as calamine reads it
     if kind == "b":
         return raw.strip() == "1"
     if kind == "d":

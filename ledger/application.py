@@ -780,7 +780,7 @@ class Ledger(Application[UUID]):
                 if r.loan_id not in recorded
             ]
             return []
-        if record is None and existing is not None and not existing.is_file_customer(file_id):
+        if record is None and existing is not None and not self._is_file_customer(existing, file_id):
             # Loan rows with no customer row go to the file's customer only: the ledger's customer
             # with that ID was registered (or re-keyed from another file ID), and may be anyone.
             report.issues += [
@@ -867,6 +867,17 @@ class Ledger(Application[UUID]):
             existing.import_loans(customer_id, terms_list)
             aggregates.append(existing)
         return aggregates
+
+    def _is_file_customer(self, customer: Customer, file_id: int) -> bool:
+        """Whether `customer` is the lender's file customer `file_id`: re-keyed from it, or imported
+        under it (its history holds imported loans, or its first event imported it; only loan rows
+        without a customer row ask, so reading that event is rare)."""
+        if customer.is_file_customer(file_id):
+            return True
+        if customer.source_customer_id is not None or customer.customer_id != file_id:
+            return False
+        first = next(iter(self.events.get(customer.id, limit=1)), None)
+        return isinstance(first, Customer.HistoryImported)
 
     def _customer_for_file_id(self, file_id: int, known: set[UUID]) -> Customer | None:
         """The ledger's customer for a file's Customer ID: the one it was re-keyed to, or the one holding the ID."""

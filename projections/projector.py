@@ -282,9 +282,10 @@ class Projector:
             "SELECT t.position, {same}, %s::regclass::oid FROM (SELECT 1) one LEFT JOIN {} t ON t.projection = %s"
         ).format(self._tracking, same=read_model.same_store(self._events_table))
         self._track = sql.SQL(
-            "INSERT INTO {} (projection, position, events_table, originator_id, originator_version) VALUES (%s, %s, %s, %s, %s)"
-            " ON CONFLICT (projection) DO UPDATE SET position = EXCLUDED.position, events_table = EXCLUDED.events_table,"
-            " originator_id = EXCLUDED.originator_id, originator_version = EXCLUDED.originator_version"
+            "INSERT INTO {} (projection, position, events_table, originator_id, originator_version, identified_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (projection) DO UPDATE SET position = EXCLUDED.position,"
+            " events_table = EXCLUDED.events_table, originator_id = EXCLUDED.originator_id,"
+            " originator_version = EXCLUDED.originator_version, identified_at = EXCLUDED.identified_at"
         ).format(self._tracking)
         self._unlock = sql.SQL("SELECT pg_advisory_unlock(%s), (SELECT max(notification_id) FROM {})").format(
             sql.Identifier(self._events_table)
@@ -445,7 +446,8 @@ class Projector:
             if changed_customers:
                 cur.execute(self._customer_versions, (changed_customers, changed_at))
             self._apply_jobs(cur, page.jobs)
-            cur.execute(self._track, (PROJECTION, position, self._events_oid, *(page.last or (None, None))))
+            identity = (*page.last, position) if page.last else (None, None, None)
+            cur.execute(self._track, (PROJECTION, position, self._events_oid, *identity))
             if self.schema == read_model.SCHEMA:
                 cur.execute("SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, changes_notice(position, changed)))
                 cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(position)))

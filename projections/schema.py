@@ -71,6 +71,8 @@ CREATE TABLE IF NOT EXISTS {s}.tracking (
 -- (a new table OID, the same events: the read model still holds).
 ALTER TABLE {s}.tracking ADD COLUMN IF NOT EXISTS originator_id uuid;
 ALTER TABLE {s}.tracking ADD COLUMN IF NOT EXISTS originator_version bigint;
+-- Where that event is: a projector of an earlier version moves `position` and leaves the three alone.
+ALTER TABLE {s}.tracking ADD COLUMN IF NOT EXISTS identified_at bigint;
 """
 
 
@@ -120,13 +122,14 @@ def drop(conn: psycopg.Connection, schema: str) -> None:
 
 def same_store(events_table: str, tracking: str = "t") -> sql.Composable:
     """SQL for whether the tracking row `tracking` was made from the store in `events_table` (whose
-    name is also the query's first parameter): the store still holds the event at its position,
-    the same aggregate at the same version. An emptied store, one recreated or truncated (its IDs
+    name is also the query's first parameter): the store still holds the event tracking names
+    (the one at its position when a projector of this version last moved it), the same aggregate
+    at the same version. An emptied store, one recreated or truncated (its IDs
     counting from 1 again), does not; one dumped and restored does, under a new table OID. A row
     written before it recorded that event (or at position 0) compares the table's OID instead."""
     t = sql.Identifier(tracking)
     return sql.SQL(
-        "CASE WHEN {t}.originator_id IS NULL THEN {t}.events_table IS NOT DISTINCT FROM to_regclass(%s)::oid"
-        " ELSE EXISTS (SELECT 1 FROM {events} e WHERE e.notification_id = {t}.position"
+        "CASE WHEN {t}.identified_at IS NULL THEN {t}.events_table IS NOT DISTINCT FROM to_regclass(%s)::oid"
+        " ELSE EXISTS (SELECT 1 FROM {events} e WHERE e.notification_id = {t}.identified_at"
         " AND e.originator_id = {t}.originator_id AND e.originator_version = {t}.originator_version) END"
     ).format(t=t, events=sql.Identifier(events_table))

@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection, errors, sql
 from psycopg.rows import dict_row
 
 from ledger.policy import LoanFacts
@@ -96,12 +96,15 @@ async def projection_position(conn: AsyncConnection[Any], events_table: str = "l
     """The last event of the store `events_table` names that the read model has applied: 0 when
     the read model was made from another store (the store was emptied or recreated, and the
     projector has not yet emptied the read model to replay the new one)."""
-    cur = await conn.execute(
-        sql.SQL("SELECT position, {same} FROM readmodel.tracking t WHERE projection = 'ledger'").format(
-            same=read_model.same_store(events_table)
-        ),
-        (events_table,),
-    )
+    try:
+        cur = await conn.execute(
+            sql.SQL("SELECT position, {same} FROM readmodel.tracking t WHERE projection = 'ledger'").format(
+                same=read_model.same_store(events_table)
+            ),
+            (events_table,),
+        )
+    except errors.UndefinedTable:  # no event store at all (dropped, not yet made again): nothing of it is applied
+        return 0
     row = await cur.fetchone()
     return int(row[0]) if row and row[1] else 0
 

@@ -46,6 +46,26 @@ def test_a_store_dumped_and_restored_keeps_its_read_model(stack: Stack, client: 
     assert register(client)[1] == "current"
 
 
+def test_a_position_moved_by_an_earlier_projector_keeps_the_read_model(stack: Stack, client: TestClient) -> None:
+    """During a rolling deploy a projector of the version before moves `position` and leaves the
+    recorded event alone: that event is still in the store, so nothing is emptied."""
+    customers = [register(client)[0] for _ in range(2)]
+    stack.stop_worker()
+    try:
+        later = register(client)[0]  # recorded, not projected
+        with stack.connect() as conn:
+            conn.execute("UPDATE readmodel.tracking SET position = (SELECT max(notification_id) FROM ledger_events)")
+            before = conn.execute("SELECT count(*) FROM readmodel.customers").fetchone()
+        notices = catch_up_in_process(stack)
+        with stack.connect() as conn:
+            assert conn.execute("SELECT count(*) FROM readmodel.customers").fetchone() == before
+        assert notices == []  # no page to apply, and nothing emptied
+    finally:
+        stack.start_worker()
+    assert [client.get(f"/customers/{c}").status_code for c in customers] == [200, 200]
+    assert client.get(f"/customers/{later}").status_code == 404  # the earlier projector skipped it, as it claimed
+
+
 def test_a_command_after_the_store_is_emptied_in_place_waits_for_the_new_stores_projection(
     stack: Stack, client: TestClient
 ) -> None:

@@ -419,6 +419,11 @@ def test_loan_rows_without_a_customer_row_go_only_to_the_files_customer(ledger: 
     extended = run_import(ledger, [], [loan_row(2, 7, 60)])
     assert (extended["loans_imported"], extended["issues"]) == (1, [])
     assert [t.loan_id for t in ledger.get_customer(7).loans] == [50, 60]
+    # And for customer 8, imported with no loans at all: theirs too.
+    run_import(ledger, [customer_row(2, 8, "9000000008")], [])
+    later_loans = run_import(ledger, [], [loan_row(2, 8, 70)])
+    assert (later_loans["loans_imported"], later_loans["issues"]) == (1, [])
+    assert [t.loan_id for t in ledger.get_customer(8).loans] == [70]
 
 
 def test_a_file_customer_rekeyed_and_refused_for_its_phone_is_not_reported_as_rekeyed(ledger: Ledger) -> None:

@@ -348,3 +348,18 @@ def test_a_strict_open_xml_workbook_is_read_by_calamine_not_taken_for_an_empty_s
     customers = REPO / "data" / "customer_data.xlsx"
     with pytest.raises(UnreadableFile, match="missing column"):  # read (by calamine) as far as its header
         read_history(customers, strict)
+
+
+def test_odd_but_readable_sheets_are_read_as_calamine_reads_them(tmp_path: Path) -> None:
+    source = _table(tmp_path / "source.xlsx", 3, write_only=True)
+    with zipfile.ZipFile(source) as package:
+        sheet = package.read("xl/worksheets/sheet1.xml").decode()
+    spaced = _replaced(
+        source, tmp_path / "spaced.xlsx", {"xl/worksheets/sheet1.xml": sheet.replace("</sheetData>", "</sheetData >")}
+    )
+    assert _streamed(spaced) == _streamed(source) != []
+    bare = sheet[: sheet.index("<sheetData")] + "</worksheet>"  # a worksheet with no sheetData at all: empty
+    assert _streamed(_replaced(source, tmp_path / "bare.xlsx", {"xl/worksheets/sheet1.xml": bare})) == []
+    epoch = datetime(1899, 12, 30)
+    assert xlsx_stream._value("s", "", "<v></v>", ["a"], {}, epoch) is None  # an empty string cell, read cell by cell
+    assert xlsx_stream._unescape_excel("Ab_xD800_c_x0041_") == "Ab_xD800_cA"  # half a surrogate pair stays as written
