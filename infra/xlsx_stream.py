@@ -36,9 +36,8 @@ _ATTRIBUTE = re.compile(r'\s([rst])="([^"]*)"')
 _VALUE = re.compile(rf"<{_NS}v>([^<]*)</{_NS}v>")  # text only: XML escapes its "<"
 _TEXT = re.compile(rf"<{_NS}t\b[^<>]*>([^<]*)</{_NS}t>")
 _ROW_END = re.compile(rf"</{_NS}row>")
-_SHEET_DATA_END = re.compile(rf"</{_NS}sheetData\s*>")
+_SHEET_DATA_END = re.compile(rf"</{_NS}sheetData\s*>|<{_NS}sheetData\s*/>")  # or a sheet with no rows at all
 _SHEET_DATA_START = re.compile(rf"<{_NS}sheetData\b")
-_SHEET_DATA_EMPTY = re.compile(rf"<{_NS}sheetData\s*/>")  # a sheet with no rows at all
 
 _MAIN = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
 _STRICT = b"http://purl.oclc.org/ooxml/spreadsheetml/main"  # the Strict Open XML namespace
@@ -314,8 +313,7 @@ def _rows(
             if stop is not None and (buffer.strip() or not in_order or expected > stop.row):
                 raise UncleanCut(f"the rows before row {stop.row} do not end at its start")
             read_rows = expected != (1 if start is None else start.row)
-            ended = _SHEET_DATA_END.search(buffer) or _SHEET_DATA_EMPTY.search(buffer)
-            if stop is None and not ended and (read_rows or _SHEET_DATA_START.search(buffer)):
+            if stop is None and not _SHEET_DATA_END.search(buffer) and (read_rows or _SHEET_DATA_START.search(buffer)):
                 # The sheet's XML stops before `</sheetData>`: a file cut short. Its rows so far
                 # would be imported as if they were all; the file is refused instead.
                 raise ValueError("the sheet's XML ends before its rows do (the file is cut short)")

@@ -872,10 +872,12 @@ class Ledger(Application[UUID]):
         """Whether `customer` is the lender's file customer `file_id`: re-keyed from it, or imported
         under it (its history holds imported loans, or its first event imported it; only loan rows
         without a customer row ask, so reading that event is rare)."""
-        if customer.is_file_customer(file_id):
-            return True
-        if customer.source_customer_id is not None or customer.customer_id != file_id:
+        if customer.source_customer_id is not None:
+            return customer.source_customer_id == file_id
+        if customer.customer_id != file_id:
             return False
+        if customer.imported_source_ids():
+            return True
         first = next(iter(self.events.get(customer.id, limit=1)), None)
         return isinstance(first, Customer.HistoryImported)
 

@@ -281,13 +281,6 @@ class Customer(Aggregate):
     def imported_source_ids(self) -> set[int]:
         return {loan.source_loan_id for loan in self.loans if loan.source_loan_id is not None}
 
-    def is_file_customer(self, file_id: int) -> bool:
-        """Whether this is the lender's file customer `file_id`: imported under that ID (its history
-        holds imported loans), or re-keyed from it."""
-        if self.source_customer_id is not None:
-            return self.source_customer_id == file_id
-        return self.customer_id == file_id and bool(self.imported_source_ids())
-
     def same_person(self, first_name: str, last_name: str, phone_number: str) -> bool:
         return (self.first_name, self.last_name, self.phone_number) == (first_name, last_name, phone_number)
 

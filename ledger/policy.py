@@ -51,8 +51,8 @@ def monthly_installment(principal: Decimal, annual_rate: Decimal, tenure: int) -
     exact_r = Fraction(annual_rate) / 1200
     exact_growth = (1 + exact_r) ** tenure
     exact_paise = Fraction(principal) * exact_r * exact_growth / (exact_growth - 1) * 100
-    whole, rest = divmod(exact_paise.numerator, exact_paise.denominator)
-    return Decimal(whole + (2 * rest >= exact_paise.denominator)).scaleb(-2)
+    n, d = exact_paise.numerator, exact_paise.denominator
+    return Decimal((2 * n + d) // (2 * d)).scaleb(-2)  # floor(paise + 1/2): half up, as credit_score rounds
 
 
 _HALF = Decimal("0.5")

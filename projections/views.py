@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
+from functools import cache
 from typing import Any
 from uuid import UUID
 
@@ -92,17 +93,19 @@ async def import_job(conn: AsyncConnection[Any], job_id: UUID) -> dict[str, Any]
     return await cur.fetchone()
 
 
+@cache
+def _position_query(events_table: str) -> sql.Composed:
+    return sql.SQL("SELECT position, {same} FROM readmodel.tracking t WHERE projection = 'ledger'").format(
+        same=read_model.same_store(events_table)
+    )
+
+
 async def projection_position(conn: AsyncConnection[Any], events_table: str = "ledger_events") -> int:
     """The last event of the store `events_table` names that the read model has applied: 0 when
     the read model was made from another store (the store was emptied or recreated, and the
     projector has not yet emptied the read model to replay the new one)."""
     try:
-        cur = await conn.execute(
-            sql.SQL("SELECT position, {same} FROM readmodel.tracking t WHERE projection = 'ledger'").format(
-                same=read_model.same_store(events_table)
-            ),
-            (events_table,),
-        )
+        cur = await conn.execute(_position_query(events_table), (events_table,))
     except errors.UndefinedTable:  # no event store at all (dropped, not yet made again): nothing of it is applied
         return 0
     row = await cur.fetchone()
