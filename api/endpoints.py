@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,8 @@ from ledger.policy import CreditHistory, CreditScore, LoanRequest, credit_histor
 from ledger.schedule import amortization
 from projections import views
 from workers import tasks
+
+log = logging.getLogger(__name__)
 
 SavedT = TypeVar("SavedT", bound=Saved)
 
@@ -555,6 +558,13 @@ async def loan_history(request: Request) -> Response:
     return json(events)
 
 
+def _unreachable(what: str, error: Exception) -> schemas.Check:
+    """A failed check says what failed and where to look. The error's own text (hosts, ports,
+    user names) goes to the API's log, not to whoever can reach `/ready`."""
+    log.warning("/ready: %s did not answer: %s: %s", what, type(error).__name__, error)
+    return schemas.Check(ok=False, detail=f"{what} did not answer ({type(error).__name__}); the API's log has the error")
+
+
 async def ready(request: Request) -> Response:
     """Ready when PostgreSQL, Redis and a worker answer and the projection is within its lag
     bound and not stalled (behind at one position for READY_STALL_SECONDS)."""
@@ -574,17 +584,17 @@ async def ready(request: Request) -> Response:
                 lag = int(row[0]) - position
         checks["postgres"] = schemas.Check(ok=True)
     except Exception as error:
-        checks["postgres"] = schemas.Check(ok=False, detail=f"{type(error).__name__}: {error}")
+        checks["postgres"] = _unreachable("PostgreSQL", error)
     try:
         await run_in_threadpool(tasks.redis_client().ping)
         checks["redis"] = schemas.Check(ok=True)
     except Exception as error:
-        checks["redis"] = schemas.Check(ok=False, detail=f"{type(error).__name__}: {error}")
+        checks["redis"] = _unreachable("Redis", error)
     try:
         replies = await run_in_threadpool(tasks.ping_workers)
         checks["worker"] = schemas.Check(ok=bool(replies), detail=f"{replies} worker(s) answered")
     except Exception as error:
-        checks["worker"] = schemas.Check(ok=False, detail=f"{type(error).__name__}: {error}")
+        checks["worker"] = _unreachable("Celery's broker", error)
     bound, stall = svc.settings.ready_max_lag, svc.settings.ready_stall_seconds
     if lag is None:
         checks["projection"] = schemas.Check(ok=False, detail="unknown: PostgreSQL did not answer")

@@ -25,6 +25,7 @@ from infra.logs import JsonFormatter
 from infra.stack import free_port
 from tests.integration.conftest import TODAY, Stack, wait_healthy
 from tests.integration.test_import import follow, start
+from workers import tasks
 
 _phones = iter(range(9_600_100_000, 9_600_200_000))
 
@@ -228,6 +229,23 @@ def test_health_and_readiness_say_which_check_failed(stack: Stack, client: TestC
     assert not_ready.json()["status"] == "not ready"
     assert not_ready.json()["checks"]["worker"] == {"ok": False, "detail": "0 worker(s) answered"}
     assert not_ready.json()["checks"]["postgres"]["ok"] is True
+
+
+def test_readiness_names_a_failed_service_without_its_address(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://:s3cret@127.0.0.1:1/0")  # nothing listens on port 1
+    tasks.redis_client.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="api.endpoints"):
+            not_ready = client.get("/ready")
+    finally:
+        tasks.redis_client.cache_clear()  # the next one is made after monkeypatch restores REDIS_URL
+    assert not_ready.status_code == 503
+    redis_check = not_ready.json()["checks"]["redis"]
+    assert redis_check == {"ok": False, "detail": "Redis did not answer (ConnectionError); the API's log has the error"}
+    assert "127.0.0.1" not in not_ready.text and "s3cret" not in not_ready.text
+    assert any("Redis did not answer" in r.getMessage() and "127.0.0.1:1" in r.getMessage() for r in caplog.records)
 
 
 def test_metrics_are_in_the_prometheus_text_format(client: TestClient, imported: dict[str, Any]) -> None:
