@@ -14,6 +14,7 @@ from psycopg_pool import ConnectionPool
 from infra.config import Settings
 from ledger.application import Ledger
 from projections import schema as read_model
+from projections.projector import lock_holder
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +179,13 @@ def _append_in_binary(recorder: object) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(settings: Settings, key: int = IMPORT_LOCK, *, wait: bool = False) -> Iterator[bool]:
+def exclusive(settings: Settings, key: int = IMPORT_LOCK, *, wait: bool = False) -> Iterator[psycopg.Connection | None]:
     """Hold a session advisory lock (by default: the one import at a time) while the block runs;
-    yields False if someone else holds it (with `wait`, waits for it). The lock dies with its
-    connection, so a killed worker frees it."""
-    with connect(settings, autocommit=True) as conn:
+    yields the connection that holds it, or None if someone else holds it (with `wait`, waits for
+    it). The lock dies with its connection: a killed worker frees it, and a holder whose host
+    vanished frees it within about a minute (`projections.projector.lock_holder`). So a long
+    holder checks with `still_held` that its connection is alive, or the lock may be another's."""
+    with lock_holder(settings.database_url) as conn:
         if wait:
             conn.execute("SELECT pg_advisory_lock(%s)", (key,))
             acquired = True
@@ -190,7 +193,16 @@ def exclusive(settings: Settings, key: int = IMPORT_LOCK, *, wait: bool = False)
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
             acquired = bool(row and row[0])
         try:
-            yield acquired
+            yield conn if acquired else None
         finally:
             if acquired:
-                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                try:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                except psycopg.OperationalError:  # the session ended, and the lock with it
+                    log.warning("the connection holding lock %d was gone when the lock was to be released", key)
+
+
+def still_held(conn: psycopg.Connection) -> None:
+    """Raise psycopg.OperationalError unless `conn`, which holds an advisory lock, is still alive
+    (the server ended its session, say: its locks went with it)."""
+    conn.execute("SELECT 1")

@@ -22,13 +22,19 @@ app.conf.update(
     task_serializer="json",
     accept_content=["json"],
     broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=None,  # a Redis outage of any length: the worker waits, it never exits
     broker_connection_timeout=2,
     broker_transport_options={"visibility_timeout": 3600, "socket_timeout": 2, "socket_connect_timeout": 2},
     task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
     worker_hijack_root_logger=False,
     beat_schedule={
-        "catch-up": {"task": "workers.tasks.catch_up", "schedule": settings.projection_poll_seconds},
-        "resume-imports": {"task": "workers.tasks.resume_imports", "schedule": 60.0},
+        # Each expires at its next: after a time with no worker, one of each runs, not every one sent meanwhile.
+        "catch-up": {
+            "task": "workers.tasks.catch_up",
+            "schedule": settings.projection_poll_seconds,
+            "options": {"expires": settings.projection_poll_seconds},
+        },
+        "resume-imports": {"task": "workers.tasks.resume_imports", "schedule": 60.0, "options": {"expires": 60.0}},
     },
 )
 

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+import redis
 from starlette.testclient import TestClient
 
 from infra.config import REPO_ROOT
+from infra.postgres import IMPORT_LOCK
 from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS
 from ledger.policy import LoanRequest
+from projections.projector import LOCK_KEY
 from tests.integration.conftest import Stack, write_xlsx
+from workers import tasks
 
 DATA = REPO_ROOT / "data"
 
@@ -303,3 +312,99 @@ def test_events_are_appended_in_binary_and_read_back_intact(stack: Stack, import
     with stack.connect() as conn:
         row = conn.execute("SELECT state FROM ledger_events WHERE topic LIKE '%%Customer.HistoryImported' LIMIT 1").fetchone()
     assert row is not None and bytes(row[0]).startswith(b"{") and b'"loans":[' in bytes(row[0])
+
+
+# Runs of an import task: killed, copied, or cut off from their lock
+
+
+@contextmanager
+def holding(stack: Stack, key: int) -> Iterator[psycopg.Connection]:
+    """Hold an advisory lock from the test, the way a worker would."""
+    with stack.connect() as conn:
+        conn.autocommit = True
+        conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+        try:
+            yield conn
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def test_an_import_that_kills_its_worker_process_three_times_fails_and_says_so(
+    stack: Stack, client: TestClient, imported: dict[str, Any]
+) -> None:
+    """Celery delivers a task whose process died again at once, and would for ever; the job would
+    stay queued and hold the import lock from every later import. The fourth run fails it."""
+    r = redis.Redis.from_url(stack.settings.redis_url)
+    # The projection lock held here stops each run where it brings the read model up to date.
+    with holding(stack, LOCK_KEY):
+        job_id = start(client)
+        killed: list[int] = []
+        for run in (1, 2, 3):
+            pid = wait_for(
+                lambda run=run: (
+                    r.hget(f"ledger:import-runs:{job_id}", "runs") == str(run).encode()
+                    and int(r.hget(f"ledger:import-runs:{job_id}", "pid") or 0)
+                ),
+                f"run {run} of the import",
+            )
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        assert len(set(killed)) == 3  # three processes, each killed running it
+    report = follow(client, job_id)
+    assert report["state"] == "failed", report
+    assert "stopped its worker process 3 times without finishing" in report["summary"]["error"]
+    assert not r.exists(f"ledger:import-runs:{job_id}")
+    assert tasks.resume_imports() == 0  # a failed job is not resumed
+    after = follow(client, start(client))  # the import lock is free: the next import runs
+    assert after["state"] == "completed", after
+
+
+def test_resume_queues_no_second_copy_of_an_import_whose_task_is_waiting(
+    stack: Stack, client: TestClient, imported: dict[str, Any]
+) -> None:
+    """An import waiting for the import lock retries every 2 s; each minute's resume used to queue
+    another copy of it, and every copy retried."""
+    r = redis.Redis.from_url(stack.settings.redis_url)
+    with holding(stack, IMPORT_LOCK):
+        job_id = start(client)
+        wait_for(lambda: r.exists(f"ledger:import-alive:{job_id}"), "the task to start")
+        wait_for(lambda: client.get(f"/imports/{job_id}").json()["state"] == "queued", "the job in the read model")
+        assert [tasks.resume_imports() for _ in range(3)] == [0, 0, 0]
+        time.sleep(2.5)  # a retry of the waiting copy renews its mark
+        assert tasks.resume_imports() == 0
+        assert r.ttl(f"ledger:import-alive:{job_id}") > tasks.IMPORT_ALIVE_SECONDS - 5
+        # A worker that starts queues it all the same: it may be the one whose copy was killed.
+        assert tasks.resume_imports(everyone=True) == 1
+    report = follow(client, job_id)
+    assert report["state"] == "completed", report
+
+
+def test_an_import_whose_lock_session_ended_stops_and_resumes(stack: Stack, client: TestClient, imported: dict[str, Any]) -> None:
+    """The import lock lives in a session of its own. Ended under a running import (by an
+    administrator, an idle timeout, a proxy), the lock is free for another copy of the job: the
+    run stops at its next batch and its retry takes the lock again."""
+    log_before = len(stack.worker_log())
+    with holding(stack, LOCK_KEY) as conn:
+        job_id = start(client)
+        holder = wait_for(
+            lambda: conn.execute(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 AND objid = %s AND granted",
+                (IMPORT_LOCK,),
+            ).fetchone(),
+            "the import to take its lock",
+        )
+        conn.execute("SELECT pg_terminate_backend(%s)", (holder[0],))
+    report = follow(client, job_id)
+    assert report["state"] == "completed", report
+    assert report["summary"]["customers_already_present"] == 300
+    log = stack.worker_log()[log_before:]
+    assert f"import {job_id}: the database is away or the job ran twice" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]

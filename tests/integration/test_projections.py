@@ -14,7 +14,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from infra.config import Settings
-from infra.postgres import build_ledger
+from infra.postgres import build_ledger, exclusive
 from ledger.application import Ledger
 from ledger.domain import ImportJob
 from ledger.policy import LoanRequest
@@ -300,6 +300,25 @@ def test_inserts_take_the_table_lock_whatever_the_environment_says(stack: Stack,
     app, pool = build_ledger(stack.settings)
     try:
         assert app.recorder.datastore.enable_db_functions is False  # type: ignore[attr-defined]
+    finally:
+        pool.close()
+        app.close()
+
+
+def test_sessions_that_hold_locks_have_the_server_probe_their_peer(stack: Stack) -> None:
+    """A worker whose host vanishes holds the projection lock (every catch-up then does nothing)
+    or the import lock until the server notices: after two hours and more with the kernel's
+    keepalive defaults, about a minute with these."""
+    probes = "SELECT current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_interval'), current_setting('tcp_keepalives_count')"
+    app, pool = build_ledger(stack.settings)
+    try:
+        with Projector(app, stack.settings.database_url) as projector, projector.connect() as conn:
+            assert conn.execute(probes).fetchone() == ("30", "10", "3")
+        with exclusive(stack.settings) as lock:
+            assert lock is not None
+            assert lock.execute(probes).fetchone() == ("30", "10", "3")
+        with stack.connect() as plain:  # what the server gives a session by default, for contrast
+            assert plain.execute(probes).fetchone() != ("30", "10", "3")
     finally:
         pool.close()
         app.close()
