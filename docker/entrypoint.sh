@@ -7,7 +7,7 @@
 # Anything else is run as given (for example `ledger status`).
 set -eu
 case "${1:-api}" in
-    init|api|worker|beat|setup|import|rebuild|status)
+    init|api|worker|beat|setup|import|import-report|rebuild|status)
         exec ledger "$@" ;;
     *)
         exec "$@" ;;

@@ -44,6 +44,11 @@ def configure_logging(level: int = logging.INFO) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    # Each catch-up (every PROJECTION_POLL_SECONDS from beat, and after commands) would write three
+    # lines: beat's "Sending due task", the worker's "received" and "succeeded". Their warnings
+    # and errors (a task that failed or retries) still show; the tasks log their own work.
+    for name in ("celery.beat", "celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # The API logs every request itself (`ledger.access`, with its request ID and duration): with
     # no handler, uvicorn skips its own access line, which said the same again at the same cost.
     access = logging.getLogger("uvicorn.access")

@@ -125,7 +125,7 @@ def ensure_redis_server() -> str:
         )
     say("redis-server is missing: installing it with apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "redis-server"]):
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             raise StackError(f"could not install redis-server ({' '.join(command)}):\n{result.stderr[-2000:]}")

@@ -39,7 +39,9 @@ def docker_compose() -> str:
         pytest.fail("docker-compose is needed to validate the compose file: apt-get install docker-compose")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, capture_output=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "docker-compose"], env=env, check=True, capture_output=True)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-compose"], env=env, check=True, capture_output=True
+    )
     found = shutil.which("docker-compose")
     assert found, "apt-get installed docker-compose but it is not on PATH"
     return found
@@ -85,6 +87,21 @@ def test_every_service_waits_for_what_it_needs(compose: dict[str, Any]) -> None:
     assert services["init"]["restart"] == "no"
     # `--scale worker=3` needs a worker with no fixed name or published port.
     assert "container_name" not in services["worker"] and "ports" not in services["worker"]
+
+
+def test_the_database_is_healthy_only_once_it_answers_over_tcp_with_room_for_the_services(compose: dict[str, Any]) -> None:
+    db = compose["services"]["db"]
+    # The image's first, initialising server listens on its Unix socket alone.
+    assert "pg_isready -h 127.0.0.1 " in db["healthcheck"]["test"][1]
+    # Four API processes hold up to about 40 connections each; PostgreSQL's default is 100.
+    setting = db["command"][db["command"].index("-c") + 1]
+    assert setting.startswith("max_connections=") and int(setting.split("=")[1]) >= 300
+
+
+def test_the_entrypoint_runs_every_ledger_command(stack: Stack) -> None:
+    for command in ("setup", "import", "import-report", "rebuild", "status"):
+        result = run_entrypoint(stack, command, "--help")
+        assert result.returncode == 0 and f"ledger {command}" in result.stdout, (command, result.stderr)
 
 
 def test_the_containers_run_the_ledger_commands_that_make_run_runs(compose: dict[str, Any]) -> None:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
+import pytest
+
+from infra.logs import configure_logging
 from workers import tasks
 from workers.celery_app import app
 
@@ -27,3 +33,20 @@ def test_beat_messages_expire_when_the_next_one_is_due() -> None:
         "catch-up": True,
         "resume-imports": True,
     }
+
+
+def test_a_routine_catch_up_writes_no_log_line_and_a_failed_task_does(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging()
+        logging.getLogger("celery.beat").info("Scheduler: Sending due task catch-up (workers.tasks.catch_up)")
+        logging.getLogger("celery.worker.strategy").info("Task workers.tasks.catch_up[1] received")
+        logging.getLogger("celery.app.trace").info("Task workers.tasks.catch_up[1] succeeded in 0.01s: 2")
+        logging.getLogger("celery.app.trace").error("Task workers.tasks.import_history[2] raised unexpected: ValueError()")
+        logging.getLogger("celery.apps.worker").info("celery@host ready.")
+        lines = [json.loads(line)["message"] for line in capsys.readouterr().err.splitlines()]
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    assert lines == ["Task workers.tasks.import_history[2] raised unexpected: ValueError()", "celery@host ready."]
