@@ -22,8 +22,10 @@ from infra.config import REPO_ROOT, Settings
 from infra.postgres import build_ledger, connect, exclusive, setup_schema
 
 
-def bar(done: int, total: int, label: str, width: int = 30) -> None:
-    share = done / total if total else 1.0
+def bar(done: int, total: int, label: str, width: int = 30, *, finished: bool = False) -> None:
+    """A progress bar on stderr. A total not yet known (0: a job still queued) shows an empty
+    bar until the work is `finished`."""
+    share = done / total if total else float(finished)
     filled = int(width * share)
     print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr, flush=True)
 
@@ -54,8 +56,9 @@ def follow_import(settings: Settings, job_id: UUID, timeout: float = 3600) -> di
     while time.monotonic() < deadline:
         row = _job_row(settings, job_id)
         if row is not None:
-            bar(row["rows_done"], row["total_rows"], f"import {row['state']:<9}")
-            if row["state"] in ("completed", "failed"):
+            finished = row["state"] in ("completed", "failed")
+            bar(row["rows_done"], row["total_rows"], f"import {row['state']:<9}", finished=finished)
+            if finished:
                 print(file=sys.stderr)
                 return row
         time.sleep(0.3)

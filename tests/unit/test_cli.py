@@ -81,3 +81,16 @@ def test_a_job_id_that_is_not_a_uuid_is_a_usage_error_not_a_traceback(capsys: py
         main(["import-report", "not-a-uuid"])
     assert exited.value.code == 2
     assert "argument job_id: not a job ID (a UUID such as" in capsys.readouterr().err
+
+
+def test_a_progress_bar_with_no_total_yet_is_empty_until_the_work_is_finished(capsys: pytest.CaptureFixture[str]) -> None:
+    from infra.cli import bar
+
+    bar(0, 0, "import queued", width=4)
+    bar(0, 0, "import completed", width=4, finished=True)
+    bar(1, 4, "import running", width=4)
+    assert capsys.readouterr().err.split("\r")[1:] == [
+        "import queued [....] 0/0",
+        "import completed [####] 0/0",
+        "import running [#...] 1/4",
+    ]
