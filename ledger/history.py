@@ -152,6 +152,13 @@ def _checked_decimal(value: float | int | str, column: str) -> Decimal:
         raise _BadCell(f"{column} is not a number: {value!r}") from None
     if not number.is_finite():
         raise _BadCell(f"{column} is not a number: {value!r}")
+    if isinstance(value, float) and number.copy_abs() < LARGEST and number != number.quantize(SMALLEST):
+        # A formula's binary rounding (0.1 + 0.2 is 0.30000000000000004): the sheet shows, and a
+        # user typing it keeps, 15 significant digits, so that is the value the lender sees. Only
+        # digits past the 15th go; a number with more decimals than allowed in those is refused.
+        shown = Decimal(f"{value:.15g}")
+        if shown == shown.quantize(SMALLEST):
+            return plain(shown, SMALLEST)
     # copy_abs, not abs: abs rounds to the context, and "1E+1000000" would raise Overflow
     if number.copy_abs() >= LARGEST or number != number.quantize(SMALLEST):
         raise _BadCell(f"{column} must be below {LARGEST:,} with at most 6 decimals, got {value!r}")

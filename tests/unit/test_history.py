@@ -212,3 +212,16 @@ def test_a_negative_zero_reads_as_zero_whichever_comes_first() -> None:
         forget_shared_values()  # the shared values start empty, as at the start of a file
         payments = [parse_loan("l.xlsx", 2 + n, LOAN | {"Monthly payment": value}) for n, value in enumerate((first, second))]
         assert [str(p.monthly_payment) for p in payments if not isinstance(p, RowIssue)] == ["0.0", "0.0"]
+
+
+def test_a_formulas_binary_rounding_reads_as_the_number_the_sheet_shows() -> None:
+    """Excel shows (and keeps, when typed) 15 significant digits; a formula's result can carry
+    binary noise past them, which used to refuse the row for having more than 6 decimals."""
+    loan = parse_loan("l.xlsx", 2, LOAN | {"Interest Rate": 0.1 + 0.2, "Monthly payment": 8791.59 * 1.1})
+    assert not isinstance(loan, RowIssue), loan
+    assert (str(loan.interest_rate), str(loan.monthly_payment)) == ("0.3", "9670.749")
+    assert (repr(0.1 + 0.2), repr(8791.59 * 1.1)) == ("0.30000000000000004", "9670.749000000002")  # the noise
+    # More decimals than allowed within the 15 digits shown are refused as before.
+    issue = parse_loan("l.xlsx", 3, LOAN | {"Interest Rate": 1 / 3})
+    assert isinstance(issue, RowIssue)
+    assert issue.reason == "Interest Rate must be below 1,000,000,000,000,000 with at most 6 decimals, got 0.3333333333333333"
