@@ -27,6 +27,23 @@ class JsonFormatter(logging.Formatter):
         return _encode(entry).decode()
 
 
+ROUTINE_TASKS = frozenset({"workers.tasks.catch_up", "workers.tasks.resume_imports"})
+
+
+class RoutineTasks(logging.Filter):
+    """Drops Celery's INFO lines about the periodic tasks: each catch-up (every
+    PROJECTION_POLL_SECONDS from beat, and after commands) wrote three, beat's "Sending due task"
+    and the worker's "received" and "succeeded". Their warnings and errors still show, and so
+    does every line about an import or a rebuild (received, retry, succeeded, failed)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        args = record.args  # Celery's worker: a dict with the task's name; beat: (entry, task name)
+        names = [args.get("name")] if isinstance(args, dict) else list(args or ())
+        return not any(isinstance(name, str) and name in ROUTINE_TASKS for name in names)
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """Route every logger (uvicorn's and Celery's included) through one JSON handler on stderr."""
     # The JSON lines carry none of the caller's file, line, thread or process: skip gathering them
@@ -44,11 +61,10 @@ def configure_logging(level: int = logging.INFO) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
-    # Each catch-up (every PROJECTION_POLL_SECONDS from beat, and after commands) would write three
-    # lines: beat's "Sending due task", the worker's "received" and "succeeded". Their warnings
-    # and errors (a task that failed or retries) still show; the tasks log their own work.
     for name in ("celery.beat", "celery.worker.strategy", "celery.app.trace"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logger = logging.getLogger(name)
+        logger.filters[:] = [f for f in logger.filters if not isinstance(f, RoutineTasks)]
+        logger.addFilter(RoutineTasks())
     # The API logs every request itself (`ledger.access`, with its request ID and duration): with
     # no handler, uvicorn skips its own access line, which said the same again at the same cost.
     access = logging.getLogger("uvicorn.access")

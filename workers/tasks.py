@@ -13,7 +13,8 @@ from uuid import UUID
 import psycopg
 import redis
 from celery import Task
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
+from celery.worker import state as worker_state
 from eventsourcing import persistence
 from eventsourcing.persistence import RecordConflictError
 
@@ -74,12 +75,16 @@ def catch_up() -> int | None:
 IMPORT_RETRY_SECONDS = 2
 DATABASE_AWAY = (psycopg.OperationalError, persistence.OperationalError, persistence.InterfaceError)
 # Runs of one import that may end with their worker process killed (out of memory, a crash in a
-# reader) before the job is failed: Celery delivers such a task again at once, and for ever.
+# reader) before the job is failed: Celery delivers such a task again at once, and for ever. A run
+# cut short by a worker that was asked to stop (SIGTERM, then SIGKILL at the end of the grace
+# period: a deploy, a restart) does not count (`_stopping_is_not_dying`).
 IMPORT_KILLED_RUNS = 3
-# While a copy of an import task waits, retries or runs, it renews this mark (at least every
-# minute: each retry, each batch, and the longest file read there is is well under it), and
-# `resume_imports` queues no other copy of its job.
+# While a copy of an import task waits, retries or runs, it renews this mark (each retry, each
+# batch), and `resume_imports` queues no other copy of its job. A run held up for longer (reading
+# huge files, or waiting behind a rebuild to settle) gets a second copy, which waits for the lock
+# and then finds the job finished.
 IMPORT_ALIVE_SECONDS = 120
+_unforgotten: set[str] = set()  # jobs whose count this process could not delete (Redis away)
 
 
 def _runs_key(job_id: str) -> str:
@@ -100,6 +105,13 @@ def _redis_quietly(what: str, call: Callable[[redis.Redis], T]) -> T | None:
         return None
 
 
+def _forget_runs(job_id: str) -> None:
+    if _redis_quietly("forget the import's runs", lambda r: r.delete(_runs_key(job_id))) is None:
+        _unforgotten.add(job_id)  # deleted before this process counts the job's next run
+    else:
+        _unforgotten.discard(job_id)
+
+
 @celery.task(bind=True, max_retries=None)
 def import_history(self: Task, job_id: str, customers_path: str, loans_path: str) -> dict[str, Any]:
     """Run one import job. Delivered twice, or resumed after a worker died, it is safe:
@@ -111,6 +123,7 @@ def import_history(self: Task, job_id: str, customers_path: str, loans_path: str
     try:
         with exclusive(settings) as lock:
             if lock is None:  # another import runs (or this one, delivered twice): try again shortly
+                log.info("import %s waits for the import before it", job_id)
                 raise self.retry(countdown=IMPORT_RETRY_SECONDS)
 
             def batch_done(done: int, total: int) -> None:
@@ -121,19 +134,23 @@ def import_history(self: Task, job_id: str, customers_path: str, loans_path: str
                 _redis_quietly("mark the import alive", lambda r: r.set(_alive_key(job_id), 1, ex=IMPORT_ALIVE_SECONDS))
                 trigger_catch_up()
 
+            if job_id in _unforgotten:
+                _forget_runs(job_id)
             runs = _redis_quietly("count the import's runs", lambda r: _count_run(r, job_id))
             if runs is not None and runs > IMPORT_KILLED_RUNS:
+                _forget_runs(job_id)
+                if _ledger().get_import_job(UUID(job_id)).finished:  # delivered again after it finished
+                    return {"state": "finished"}
                 reason = (
                     f"the import stopped its worker process {IMPORT_KILLED_RUNS} times without finishing"
                     " (killed: out of memory?); see the worker's log, then import the files again"
                 )
-                log.error("import %s: %s", job_id, reason)
+                log.error("import %s failed: %s", job_id, reason)
                 _ledger().fail_import(UUID(job_id), reason)
-                _redis_quietly("forget the import's runs", lambda r: r.delete(_runs_key(job_id)))
                 trigger_catch_up()
                 return {"state": "failed", "error": reason}
             try:
-                return run_import(
+                result = run_import(
                     _ledger(),
                     UUID(job_id),
                     Path(customers_path),
@@ -143,22 +160,42 @@ def import_history(self: Task, job_id: str, customers_path: str, loans_path: str
                     settle=lambda: projector().catch_up(wait=True),
                     split_size=settings.import_split_size,
                 )
-            except (*DATABASE_AWAY, RecordConflictError):
-                raise  # the database went away, or another copy of this job ran beside this one: again, below
-            except Exception as error:  # a bug or bad data that no retry can mend: say so on the job
+            except DATABASE_AWAY:
+                raise  # again, below
+            except Exception as error:
+                if isinstance(error, RecordConflictError) and not _lock_held(lock):
+                    raise RunAgain(f"the import lock's session ended, and another copy may have run: {error}") from error
+                # A bug or bad data that no retry can mend: say so on the job.
                 log.exception("import %s failed", job_id)
                 _ledger().fail_import(UUID(job_id), f"the import stopped: {type(error).__name__}: {error}")
                 raise
             finally:
                 # Every end this process lives to see; a run that kills it leaves its count.
-                _redis_quietly("forget the import's runs", lambda r: r.delete(_runs_key(job_id)))
+                _forget_runs(job_id)
                 trigger_catch_up()
-    except (*DATABASE_AWAY, RecordConflictError) as error:
+            if result["state"] == "failed":  # files refused: the job says why, and so does the log
+                log.warning("import %s failed: %s", job_id, result.get("error"))
+            else:
+                log.info("import %s %s", job_id, result["state"])
+            return result
+    except (*DATABASE_AWAY, RunAgain) as error:
         # The job stays running, and this task takes it up again (skipping what it recorded) as soon
         # as the database answers: after 2, 4, 8, 16, 32 s, then every minute.
         countdown = min(IMPORT_RETRY_SECONDS * 2 ** min(self.request.retries, 5), 60)
         log.warning("import %s: the database is away or the job ran twice (%s); trying again in %d s", job_id, error, countdown)
         raise self.retry(countdown=countdown) from error
+
+
+class RunAgain(Exception):
+    """This run of an import stopped where a later one resumes."""
+
+
+def _lock_held(lock: psycopg.Connection) -> bool:
+    try:
+        still_held(lock)
+    except DATABASE_AWAY:
+        return False
+    return True
 
 
 def _count_run(r: redis.Redis, job_id: str) -> int:
@@ -171,13 +208,30 @@ def _count_run(r: redis.Redis, job_id: str) -> int:
     return runs
 
 
+@worker_shutting_down.connect
+def _stopping_is_not_dying(**_: object) -> None:
+    """A worker asked to stop finishes its tasks, or is killed at the end of its grace period: the
+    imports it is running are not counted as runs that killed their process. (In the worker's
+    main process, which knows which tasks its pool runs.)"""
+    for request in list(worker_state.active_requests):
+        if request.name == import_history.name and request.args:
+            _redis_quietly("uncount a stopped import's run", _uncounter(str(request.args[0])))
+
+
+def _uncounter(job_id: str) -> Callable[[redis.Redis], object]:
+    return lambda r: r.hincrby(_runs_key(job_id), "runs", -1)
+
+
 @celery.task
 def resume_imports(everyone: bool = False) -> int:
     """Queue again every unfinished import that no copy of its task is looking after (see
     IMPORT_ALIVE_SECONDS): a job whose worker was killed resumes here. How many it queued.
 
     With `everyone`, queue each one: a worker that starts may be the one that was killed, and the
-    mark its copy left must not keep the job waiting."""
+    mark its copy left must not keep the job waiting. It catches up first, so that the jobs read
+    include those requested while no worker ran."""
+    if everyone:
+        projector().catch_up()
     with connect(Settings.from_env()) as conn:
         jobs = conn.execute(
             "SELECT job_id, customers_file, loans_file FROM readmodel.import_jobs WHERE state IN ('queued', 'running')"
@@ -187,6 +241,7 @@ def resume_imports(everyone: bool = False) -> int:
     for job_id, customers_file, loans_file in jobs:
         if _redis_quietly("see whether the import is alive", _claimer(str(job_id), everyone)) is not False:
             import_history.apply_async((str(job_id), customers_file, loans_file))
+            log.info("import %s is unfinished and no copy of its task was seen lately: queued again", job_id)
             queued += 1
     return queued
 

@@ -15,10 +15,11 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from eventsourcing.persistence import RecordConflictError
 from starlette.testclient import TestClient
 
 from infra.config import REPO_ROOT
-from infra.postgres import IMPORT_LOCK
+from infra.postgres import IMPORT_LOCK, build_ledger
 from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS
 from ledger.policy import LoanRequest
 from projections.projector import LOCK_KEY
@@ -361,7 +362,7 @@ def test_an_import_that_kills_its_worker_process_three_times_fails_and_says_so(
     report = follow(client, job_id)
     assert report["state"] == "failed", report
     assert "stopped its worker process 3 times without finishing" in report["summary"]["error"]
-    assert not r.exists(f"ledger:import-runs:{job_id}")
+    wait_for(lambda: not r.exists(f"ledger:import-runs:{job_id}"), "the count to be forgotten", timeout=10)
     assert tasks.resume_imports() == 0  # a failed job is not resumed
     after = follow(client, start(client))  # the import lock is free: the next import runs
     assert after["state"] == "completed", after
@@ -408,3 +409,50 @@ def test_an_import_whose_lock_session_ended_stops_and_resumes(stack: Stack, clie
     log = stack.worker_log()[log_before:]
     assert f"import {job_id}: the database is away or the job ran twice" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_worker_stopped_mid_import_does_not_count_it_as_a_run_that_killed_its_process(
+    stack: Stack, client: TestClient, imported: dict[str, Any]
+) -> None:
+    """A deploy stops the worker (SIGTERM), waits, then kills it: three deploys during one import
+    must not fail it as if it had killed its worker three times."""
+    r = redis.Redis.from_url(stack.settings.redis_url)
+    with holding(stack, LOCK_KEY):
+        job_id = start(client)
+        runs = f"ledger:import-runs:{job_id}"
+        wait_for(lambda: r.hget(runs, "runs") == b"1", "the import to run")
+        assert stack.worker is not None
+        os.kill(stack.worker.pid, signal.SIGTERM)  # the worker's main process: a warm shutdown begins
+        wait_for(lambda: r.hget(runs, "runs") == b"0", "the stopping worker to take the run off the count", timeout=10)
+        stack.stop_worker(signal.SIGKILL)  # the end of the grace period
+    stack.start_worker()  # resumes the job
+    report = follow(client, job_id)
+    assert report["state"] == "completed", report
+    wait_for(lambda: not r.exists(runs), "the count to be forgotten once the run ended", timeout=10)
+
+
+def test_a_conflict_while_the_import_holds_its_lock_fails_the_job_instead_of_retrying_for_ever(
+    stack: Stack, client: TestClient, imported: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conflict the import could not absorb, with its lock still held (so no second copy ran
+    beside it), is a fault no retry mends: the job says so."""
+    app, pool = build_ledger(stack.settings)
+    try:
+        job_id, _ = app.request_import(str(DATA / "customer_data.xlsx"), str(DATA / "loan_data.xlsx"))
+    finally:
+        pool.close()
+        app.close()
+
+    def conflict(*args: object, **kwargs: object) -> dict[str, Any]:
+        raise RecordConflictError("a conflict the import could not absorb")
+
+    monkeypatch.setattr(tasks, "run_import", conflict)
+    tasks._ledger.cache_clear()  # this module's database, not an earlier one's
+    try:
+        with pytest.raises(RecordConflictError):
+            tasks.import_history(str(job_id), str(DATA / "customer_data.xlsx"), str(DATA / "loan_data.xlsx"))
+    finally:
+        tasks._ledger.cache_clear()
+    report = follow(client, str(job_id), timeout=15)
+    assert report["state"] == "failed", report
+    assert report["summary"]["error"] == "the import stopped: RecordConflictError: a conflict the import could not absorb"

@@ -314,7 +314,7 @@ def test_sessions_that_hold_locks_have_the_server_probe_their_peer(stack: Stack)
     try:
         with Projector(app, stack.settings.database_url) as projector, projector.connect() as conn:
             assert conn.execute(probes).fetchone() == ("30", "10", "3")
-        with exclusive(stack.settings) as lock:
+        with exclusive(stack.settings, wait=True) as lock:
             assert lock is not None
             assert lock.execute(probes).fetchone() == ("30", "10", "3")
         with stack.connect() as plain:  # what the server gives a session by default, for contrast

@@ -35,18 +35,32 @@ def test_beat_messages_expire_when_the_next_one_is_due() -> None:
     }
 
 
-def test_a_routine_catch_up_writes_no_log_line_and_a_failed_task_does(capsys: pytest.CaptureFixture[str]) -> None:
+def test_routine_tasks_write_no_log_line_and_imports_and_failures_do(capsys: pytest.CaptureFixture[str]) -> None:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    beat, received, trace = (logging.getLogger(n) for n in ("celery.beat", "celery.worker.strategy", "celery.app.trace"))
     try:
         configure_logging()
-        logging.getLogger("celery.beat").info("Scheduler: Sending due task catch-up (workers.tasks.catch_up)")
-        logging.getLogger("celery.worker.strategy").info("Task workers.tasks.catch_up[1] received")
-        logging.getLogger("celery.app.trace").info("Task workers.tasks.catch_up[1] succeeded in 0.01s: 2")
-        logging.getLogger("celery.app.trace").error("Task workers.tasks.import_history[2] raised unexpected: ValueError()")
+        configure_logging()  # configured twice (the API, then uvicorn's reload): still one filter each
+        beat.info("Scheduler: Sending due task %s (%s)", "catch-up", "workers.tasks.catch_up")
+        beat.info("Scheduler: Sending due task %s (%s)", "resume-imports", "workers.tasks.resume_imports")
+        received.info("Task %(name)s[%(id)s] received", {"name": "workers.tasks.catch_up", "id": "1"})
+        trace.info("Task %(name)s[%(id)s] succeeded", {"name": "workers.tasks.catch_up", "id": "1"})
+        trace.info("Task %(name)s[%(id)s] succeeded", {"name": "workers.tasks.resume_imports", "id": "2"})
+        received.info("Task %(name)s[%(id)s] received", {"name": "workers.tasks.import_history", "id": "3"})
+        trace.info("Task %(name)s[%(id)s] retry: %(exc)s", {"name": "workers.tasks.import_history", "id": "3", "exc": "Retry"})
+        trace.info("Task %(name)s[%(id)s] succeeded", {"name": "workers.tasks.import_history", "id": "3"})
+        trace.error("Task %(name)s[%(id)s] raised unexpected", {"name": "workers.tasks.catch_up", "id": "4"})
         logging.getLogger("celery.apps.worker").info("celery@host ready.")
         lines = [json.loads(line)["message"] for line in capsys.readouterr().err.splitlines()]
+        assert [len(logger.filters) for logger in (beat, received, trace)] == [1, 1, 1]
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
-    assert lines == ["Task workers.tasks.import_history[2] raised unexpected: ValueError()", "celery@host ready."]
+    assert lines == [
+        "Task workers.tasks.import_history[3] received",
+        "Task workers.tasks.import_history[3] retry: Retry",
+        "Task workers.tasks.import_history[3] succeeded",
+        "Task workers.tasks.catch_up[4] raised unexpected",
+        "celery@host ready.",
+    ]
