@@ -138,8 +138,10 @@ def import_history(self: Task, job_id: str, customers_path: str, loans_path: str
                 _forget_runs(job_id)
             runs = _redis_quietly("count the import's runs", lambda r: _count_run(r, job_id))
             if runs is not None and runs > IMPORT_KILLED_RUNS:
-                _forget_runs(job_id)
+                # The count is forgotten only once the job is failed: should the database be away
+                # meanwhile, the retry finds it still over the line.
                 if _ledger().get_import_job(UUID(job_id)).finished:  # delivered again after it finished
+                    _forget_runs(job_id)
                     return {"state": "finished"}
                 reason = (
                     f"the import stopped its worker process {IMPORT_KILLED_RUNS} times without finishing"
@@ -147,6 +149,7 @@ def import_history(self: Task, job_id: str, customers_path: str, loans_path: str
                 )
                 log.error("import %s failed: %s", job_id, reason)
                 _ledger().fail_import(UUID(job_id), reason)
+                _forget_runs(job_id)
                 trigger_catch_up()
                 return {"state": "failed", "error": reason}
             try:
@@ -214,12 +217,25 @@ def _stopping_is_not_dying(**_: object) -> None:
     imports it is running are not counted as runs that killed their process. (In the worker's
     main process, which knows which tasks its pool runs.)"""
     for request in list(worker_state.active_requests):
-        if request.name == import_history.name and request.args:
-            _redis_quietly("uncount a stopped import's run", _uncounter(str(request.args[0])))
+        if request.name == import_history.name and request.args and request.worker_pid:
+            _redis_quietly("uncount a stopped import's run", _uncounter(str(request.args[0]), request.worker_pid))
 
 
-def _uncounter(job_id: str) -> Callable[[redis.Redis], object]:
-    return lambda r: r.hincrby(_runs_key(job_id), "runs", -1)
+# Takes a run off the count only if the count's last run is the one this pool process runs, and
+# once: a second SIGTERM (Celery signals shutting down on each), a copy that waits for the lock
+# (it has not counted itself) or a count already forgotten changes nothing.
+_UNCOUNT = """
+local runs = tonumber(redis.call('HGET', KEYS[1], 'runs') or '0')
+if runs > 0 and redis.call('HGET', KEYS[1], 'pid') == ARGV[1] then
+    redis.call('HSET', KEYS[1], 'pid', '')
+    return redis.call('HINCRBY', KEYS[1], 'runs', -1)
+end
+return false
+"""
+
+
+def _uncounter(job_id: str, pid: int) -> Callable[[redis.Redis], object]:
+    return lambda r: r.eval(_UNCOUNT, 1, _runs_key(job_id), str(pid))
 
 
 @celery.task
@@ -231,7 +247,10 @@ def resume_imports(everyone: bool = False) -> int:
     mark its copy left must not keep the job waiting. It catches up first, so that the jobs read
     include those requested while no worker ran."""
     if everyone:
-        projector().catch_up()
+        try:
+            projector().catch_up()
+        except Exception:  # the jobs the read model has are resumed all the same; beat's next run sees the rest
+            log.warning("could not catch up before resuming the unfinished imports", exc_info=True)
     with connect(Settings.from_env()) as conn:
         jobs = conn.execute(
             "SELECT job_id, customers_file, loans_file FROM readmodel.import_jobs WHERE state IN ('queued', 'running')"

@@ -11,10 +11,12 @@ from datetime import date
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import psycopg
 import pytest
 import redis
+from celery.exceptions import Retry
 from eventsourcing.persistence import RecordConflictError
 from starlette.testclient import TestClient
 
@@ -424,6 +426,9 @@ def test_a_worker_stopped_mid_import_does_not_count_it_as_a_run_that_killed_its_
         assert stack.worker is not None
         os.kill(stack.worker.pid, signal.SIGTERM)  # the worker's main process: a warm shutdown begins
         wait_for(lambda: r.hget(runs, "runs") == b"0", "the stopping worker to take the run off the count", timeout=10)
+        os.kill(stack.worker.pid, signal.SIGTERM)  # Celery signals shutting down again: the run is off once
+        time.sleep(0.5)
+        assert r.hget(runs, "runs") == b"0"
         stack.stop_worker(signal.SIGKILL)  # the end of the grace period
     stack.start_worker()  # resumes the job
     report = follow(client, job_id)
@@ -456,3 +461,56 @@ def test_a_conflict_while_the_import_holds_its_lock_fails_the_job_instead_of_ret
     report = follow(client, str(job_id), timeout=15)
     assert report["state"] == "failed", report
     assert report["summary"]["error"] == "the import stopped: RecordConflictError: a conflict the import could not absorb"
+
+
+def test_a_conflict_after_the_lock_session_ended_is_run_again_not_failed(
+    stack: Stack, client: TestClient, imported: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With its lock's session gone, another copy of the job may have run beside this one: the
+    conflict is theirs to share, and the run stops where a later one resumes."""
+    app, pool = build_ledger(stack.settings)
+    try:
+        job_id, _ = app.request_import(str(DATA / "customer_data.xlsx"), str(DATA / "loan_data.xlsx"))
+    finally:
+        pool.close()
+        app.close()
+
+    def conflict_after_losing_the_lock(*args: object, **kwargs: object) -> dict[str, Any]:
+        with stack.connect() as conn:
+            holder = conn.execute(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 AND objid = %s AND granted",
+                (IMPORT_LOCK,),
+            ).fetchone()
+            assert holder is not None
+            conn.execute("SELECT pg_terminate_backend(%s)", (holder[0],))
+        raise RecordConflictError("another copy's events")
+
+    monkeypatch.setattr(tasks, "run_import", conflict_after_losing_the_lock)
+    tasks._ledger.cache_clear()
+    try:
+        with pytest.raises(Retry) as raised:  # called directly, the task's retry raises
+            tasks.import_history(str(job_id), str(DATA / "customer_data.xlsx"), str(DATA / "loan_data.xlsx"))
+    finally:
+        tasks._ledger.cache_clear()
+    assert isinstance(raised.value.__cause__, tasks.RunAgain), repr(raised.value.__cause__)
+    time.sleep(1.5)  # the read model would show a failure by now
+    assert client.get(f"/imports/{job_id}").json()["state"] == "queued"
+
+
+def test_a_job_over_the_kill_count_keeps_its_count_until_it_is_failed(
+    stack: Stack, client: TestClient, imported: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database away just when the job is to be failed: the retry must still find it over the
+    line, not start a fresh count of three more kills."""
+    r = redis.Redis.from_url(stack.settings.redis_url)
+    job_id = "00000000-0000-4000-8000-00000000f00d"
+    r.hset(f"ledger:import-runs:{job_id}", mapping={"runs": tasks.IMPORT_KILLED_RUNS, "pid": 1})
+
+    class DatabaseAway:
+        def get_import_job(self, job: UUID) -> None:
+            raise psycopg.OperationalError("the database is away")
+
+    monkeypatch.setattr(tasks, "_ledger", DatabaseAway)
+    with pytest.raises(Retry):
+        tasks.import_history(job_id, "c.xlsx", "l.xlsx")
+    assert r.hget(f"ledger:import-runs:{job_id}", "runs") == str(tasks.IMPORT_KILLED_RUNS + 1).encode()
