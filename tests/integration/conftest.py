@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import date
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,17 @@ def client(stack: Stack) -> Iterator[TestClient]:
     app = create_app(stack.settings, clock=FixedClock(TODAY))
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
+
+
+def registered_without_trigger(stack: Stack, phone: str) -> int:
+    """A customer registered by an application of this process: nobody asks a worker to project
+    it, so only the periodic catch-up (beat) does. Their customer ID."""
+    app, pool = build_ledger(stack.settings)
+    try:
+        return app.register_customer("Ola", "Nwosu", 45, phone, Decimal(70_000)).customer.customer_id
+    finally:
+        pool.close()
+        app.close()
 
 
 def catch_up_in_process(stack: Stack) -> list[str]:

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,8 @@ import pytest
 import yaml
 
 from infra.config import REPO_ROOT
-from infra.postgres import build_ledger
 from infra.stack import free_port
-from tests.integration.conftest import Stack, wait_healthy
+from tests.integration.conftest import Stack, registered_without_trigger, wait_healthy
 
 APP_SERVICES = ("init", "api", "worker", "beat")
 ENTRYPOINT = REPO_ROOT / "docker" / "entrypoint.sh"
@@ -222,14 +220,8 @@ def test_the_api_and_worker_entrypoints_serve_commands_with_read_your_writes(con
 
 
 def test_the_beat_entrypoint_schedules_the_catch_up(stack: Stack, containers: dict[str, Any]) -> None:
-    app, pool = build_ledger(stack.settings)
-    try:
-        # Recorded with no trigger: only beat's periodic catch-up, run by the entrypoint's worker, projects it.
-        registration = app.register_customer("Bea", "Tee", 51, "9555000002", Decimal(70_000))
-    finally:
-        pool.close()
-        app.close()
-    customer_id = registration.customer.customer_id
+    # Recorded with no trigger: only beat's periodic catch-up, run by the entrypoint's worker, projects it.
+    customer_id = registered_without_trigger(stack, "9555000002")
     found = stack.wait_for(f"SELECT count(*) FROM readmodel.customers WHERE customer_id = {customer_id}", 1, timeout=20)
     logs = {name: (containers["logs"] / f"{name}.log").read_text()[-2000:] for name in ("beat", "worker")}
     assert found == 1, logs

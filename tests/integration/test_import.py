@@ -436,29 +436,40 @@ def test_a_worker_stopped_mid_import_does_not_count_it_as_a_run_that_killed_its_
     wait_for(lambda: not r.exists(runs), "the count to be forgotten once the run ended", timeout=10)
 
 
-def test_a_conflict_while_the_import_holds_its_lock_fails_the_job_instead_of_retrying_for_ever(
-    stack: Stack, client: TestClient, imported: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A conflict the import could not absorb, with its lock still held (so no second copy ran
-    beside it), is a fault no retry mends: the job says so."""
+def requested_job(stack: Stack) -> str:
+    """An import of the reference files requested, with no task sent for it."""
     app, pool = build_ledger(stack.settings)
     try:
         job_id, _ = app.request_import(str(DATA / "customer_data.xlsx"), str(DATA / "loan_data.xlsx"))
     finally:
         pool.close()
         app.close()
+    return str(job_id)
+
+
+def run_task_in_process(job_id: str, monkeypatch: pytest.MonkeyPatch, run_import: Callable[..., dict[str, Any]]) -> None:
+    """The import task, run here with `run_import` in place of the import itself."""
+    monkeypatch.setattr(tasks, "run_import", run_import)
+    tasks._ledger.cache_clear()  # this module's database, not an earlier one's
+    try:
+        tasks.import_history(job_id, str(DATA / "customer_data.xlsx"), str(DATA / "loan_data.xlsx"))
+    finally:
+        tasks._ledger.cache_clear()
+
+
+def test_a_conflict_while_the_import_holds_its_lock_fails_the_job_instead_of_retrying_for_ever(
+    stack: Stack, client: TestClient, imported: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conflict the import could not absorb, with its lock still held (so no second copy ran
+    beside it), is a fault no retry mends: the job says so."""
+    job_id = requested_job(stack)
 
     def conflict(*args: object, **kwargs: object) -> dict[str, Any]:
         raise RecordConflictError("a conflict the import could not absorb")
 
-    monkeypatch.setattr(tasks, "run_import", conflict)
-    tasks._ledger.cache_clear()  # this module's database, not an earlier one's
-    try:
-        with pytest.raises(RecordConflictError):
-            tasks.import_history(str(job_id), str(DATA / "customer_data.xlsx"), str(DATA / "loan_data.xlsx"))
-    finally:
-        tasks._ledger.cache_clear()
-    report = follow(client, str(job_id), timeout=15)
+    with pytest.raises(RecordConflictError):
+        run_task_in_process(job_id, monkeypatch, conflict)
+    report = follow(client, job_id, timeout=15)
     assert report["state"] == "failed", report
     assert report["summary"]["error"] == "the import stopped: RecordConflictError: a conflict the import could not absorb"
 
@@ -468,12 +479,7 @@ def test_a_conflict_after_the_lock_session_ended_is_run_again_not_failed(
 ) -> None:
     """With its lock's session gone, another copy of the job may have run beside this one: the
     conflict is theirs to share, and the run stops where a later one resumes."""
-    app, pool = build_ledger(stack.settings)
-    try:
-        job_id, _ = app.request_import(str(DATA / "customer_data.xlsx"), str(DATA / "loan_data.xlsx"))
-    finally:
-        pool.close()
-        app.close()
+    job_id = requested_job(stack)
 
     def conflict_after_losing_the_lock(*args: object, **kwargs: object) -> dict[str, Any]:
         with stack.connect() as conn:
@@ -485,13 +491,8 @@ def test_a_conflict_after_the_lock_session_ended_is_run_again_not_failed(
             conn.execute("SELECT pg_terminate_backend(%s)", (holder[0],))
         raise RecordConflictError("another copy's events")
 
-    monkeypatch.setattr(tasks, "run_import", conflict_after_losing_the_lock)
-    tasks._ledger.cache_clear()
-    try:
-        with pytest.raises(Retry) as raised:  # called directly, the task's retry raises
-            tasks.import_history(str(job_id), str(DATA / "customer_data.xlsx"), str(DATA / "loan_data.xlsx"))
-    finally:
-        tasks._ledger.cache_clear()
+    with pytest.raises(Retry) as raised:  # called directly, the task's retry raises
+        run_task_in_process(job_id, monkeypatch, conflict_after_losing_the_lock)
     assert isinstance(raised.value.__cause__, tasks.RunAgain), repr(raised.value.__cause__)
     time.sleep(1.5)  # the read model would show a failure by now
     assert client.get(f"/imports/{job_id}").json()["state"] == "queued"

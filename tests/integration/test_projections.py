@@ -20,7 +20,7 @@ from ledger.domain import ImportJob
 from ledger.policy import LoanRequest
 from projections import schema as read_model
 from projections.projector import REBUILD_PAGE_SIZE, STORE_RECREATED, Projector, rebuild
-from tests.integration.conftest import Stack, catch_up_in_process
+from tests.integration.conftest import Stack, catch_up_in_process, registered_without_trigger
 from tests.integration.test_import import follow, start
 
 TABLES = {
@@ -244,17 +244,9 @@ def test_a_failed_page_leaves_nothing_half_applied_and_the_next_run_completes_it
 
 
 def test_events_written_without_a_trigger_are_projected_by_the_periodic_catch_up(stack: Stack, history: None) -> None:
-    app, pool = build_ledger(stack.settings)
-    try:
-        # The application records events; nobody asks a worker to project them.
-        registration = app.register_customer("Ola", "Nwosu", 45, "9600000003", Decimal(70_000))
-    finally:
-        pool.close()
-        app.close()
+    customer_id = registered_without_trigger(stack, "9600000003")
     started = time.monotonic()
-    found = stack.wait_for(
-        f"SELECT count(*) FROM readmodel.customers WHERE customer_id = {registration.customer.customer_id}", 1, timeout=15
-    )
+    found = stack.wait_for(f"SELECT count(*) FROM readmodel.customers WHERE customer_id = {customer_id}", 1, timeout=15)
     assert found == 1, "beat's periodic catch-up did not project the event"
     assert time.monotonic() - started < 15
 
