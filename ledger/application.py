@@ -72,6 +72,18 @@ INSERT_RETRY_SECONDS = 0.2
 MAX_ROWS_PER_SAVE = 2000
 
 
+def _another_writer(error: RecordConflictError) -> bool:
+    """Whether a conflict is another writer's: a unique key the save met (an aggregate's version
+    recorded first). Any other integrity error (a NOT NULL or CHECK the stored events broke, in a
+    store whose schema was changed by hand) is a fault no retry mends, not contention to answer
+    503 about after every try. The recorder's error names the database's in its cause."""
+    sqlstate = getattr(error.__cause__, "sqlstate", None)
+    return sqlstate is None or sqlstate == UNIQUE_VIOLATION
+
+
+UNIQUE_VIOLATION = "23505"  # SQLSTATE
+
+
 def _back_off(attempt: int) -> None:
     """After a version conflict: someone else just saved; let them get clear before reloading."""
     time.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
@@ -456,7 +468,9 @@ class Ledger(Application[UUID]):
                 return Booking(response=response)
             try:
                 saved = self._save_once(*to_save)
-            except RecordConflictError:
+            except RecordConflictError as error:
+                if not _another_writer(error):
+                    raise
                 _back_off(n)
                 continue
             except DATABASE_AWAY as error:
@@ -731,7 +745,9 @@ class Ledger(Application[UUID]):
         job = None
         try:
             saving.result()
-        except RecordConflictError:
+        except RecordConflictError as error:
+            if not _another_writer(error):
+                raise
             if not self._recorded(planned.last_event):  # else the batch went in, its answer lost (see _save_once)
                 planned = self._store_again(job_id, planned, plan)
                 job = cast(ImportJob, planned.aggregates[-1])
@@ -748,8 +764,8 @@ class Ledger(Application[UUID]):
             try:
                 self._save_once(*planned.aggregates)
                 return planned
-            except RecordConflictError:
-                if attempt == SAVE_ATTEMPTS - 1:
+            except RecordConflictError as error:
+                if attempt == SAVE_ATTEMPTS - 1 or not _another_writer(error):
                     raise
         raise AssertionError("unreachable")
 

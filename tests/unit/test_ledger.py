@@ -10,8 +10,9 @@ from decimal import Decimal as D
 from typing import Any
 from uuid import UUID, uuid4, uuid5
 
+import psycopg
 import pytest
-from eventsourcing.persistence import OperationalError, RecordConflictError
+from eventsourcing.persistence import IntegrityError, OperationalError, RecordConflictError
 
 from ledger.application import Ledger
 from ledger.domain import (
@@ -174,6 +175,41 @@ def test_a_command_whose_save_meets_a_database_outage_says_it_may_have_been_reco
         ledger.register_customer("Bob", "Roy", 40, "9876543211", D(90_000))
     with pytest.raises(OutcomeUnknown, match=r"import job .* may have been"):
         ledger.request_import("/x/c.xlsx", "/x/l.xlsx")
+
+
+def test_an_integrity_error_that_is_no_conflict_is_raised_at_once_not_answered_as_contention(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store whose schema was changed by hand refuses the events with a NOT NULL violation: that
+    is no concurrent writer, and retrying it for 503 "contention" hid the fault."""
+    customer_id = ledger.register_customer("Ann", "Lee", 30, "9876543210", D(100_000)).customer.customer_id
+    job_id, _ = ledger.request_import("/x/customers.xlsx", "/x/loans.xlsx", uuid4())
+    calls = []
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        try:
+            raise psycopg.errors.NotNullViolation('null value in column "channel" of relation "ledger_events"')
+        except psycopg.Error as error:
+            raise IntegrityError(str(error)) from error  # as the library's PostgreSQL recorder does
+
+    monkeypatch.setattr(ledger.recorder, "insert_events", refuse)
+    with pytest.raises(IntegrityError, match="null value"):
+        ledger.book_loan(customer_id, LoanRequest(D(10_000), D(14), 6))
+    assert len(calls) == 1
+    # An import: its job's start goes in, its batch is refused once, not planned and saved 200 times.
+    monkeypatch.undo()
+    real = ledger.recorder.insert_events
+    inserts = []
+
+    def start_then_refuse(events: Any, **kwargs: Any) -> Any:
+        inserts.append(1)
+        return real(events, **kwargs) if len(inserts) == 1 else refuse()
+
+    monkeypatch.setattr(ledger.recorder, "insert_events", start_then_refuse)
+    with pytest.raises(IntegrityError, match="null value"):
+        ledger.import_history(job_id, [customer_row(2, 7, "9000000007")], [loan_row(2, 7, 50)], [], batch_size=2)
+    assert len(inserts) == 2
 
 
 def test_a_snapshot_the_database_cannot_take_leaves_the_booking_recorded_and_answered(
