@@ -335,6 +335,15 @@ class Projector:
                 if attempt == 2:  # a fresh connection failed too: the database is away
                     raise
                 # The kept connection may have died with a server restart: once more, on a new one.
+            except psycopg.errors.UndefinedColumn:
+                self.close()
+                if attempt == 2:
+                    raise
+                # Tables made by an earlier version (its rebuild, during a rolling deploy) lack a
+                # column this one reads: add what is missing (the DDL only adds), then once more.
+                log.warning("the read model %s lacks columns this version needs: adding them", self.schema, exc_info=True)
+                with self.connect() as conn:
+                    read_model.create(conn, self.schema)
             except BaseException:
                 self.close()
                 raise

@@ -314,3 +314,33 @@ def test_sessions_that_hold_locks_have_the_server_probe_their_peer(stack: Stack)
     finally:
         pool.close()
         app.close()
+
+
+def test_a_read_model_made_by_an_earlier_version_gets_the_columns_this_one_reads(stack: Stack, history: None) -> None:
+    """A rebuild by the version before (a rolling deploy) makes tracking without the columns that
+    say where its event is: this version's projector adds them and goes on, rather than failing
+    on every run until someone runs `ledger setup`."""
+    tracked = ("identified_at", "originator_id", "originator_version")
+    stack.stop_worker()
+    try:
+        with stack.connect() as conn:
+            conn.execute("ALTER TABLE readmodel.tracking " + ", ".join(f"DROP COLUMN {c}" for c in tracked))
+            conn.commit()
+        customer_id = registered_without_trigger(stack, "9600000009")
+        app, pool = build_ledger(stack.settings)
+        try:
+            with Projector(app, stack.settings.database_url) as projector:
+                assert projector.catch_up() == 2  # the registration's two events (the customer, its phone's claim)
+        finally:
+            pool.close()
+            app.close()
+        with stack.connect() as conn:
+            assert conn.execute("SELECT count(*) FROM readmodel.customers WHERE customer_id = %s", (customer_id,)).fetchone() == (
+                1,
+            )
+            columns = conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = 'readmodel' AND table_name = 'tracking'"
+            ).fetchall()
+            assert set(tracked) <= {name for (name,) in columns}
+    finally:
+        stack.start_worker()
