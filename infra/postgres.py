@@ -202,7 +202,11 @@ def exclusive(settings: Settings, key: int = IMPORT_LOCK, *, wait: bool = False)
                     log.warning("the connection holding lock %d was gone when the lock was to be released", key)
 
 
-def still_held(conn: psycopg.Connection) -> None:
-    """Raise psycopg.OperationalError unless `conn`, which holds an advisory lock, is still alive
-    (the server ended its session, say: its locks went with it)."""
-    conn.execute("SELECT 1")
+def still_held(conn: psycopg.Connection) -> bool:
+    """Whether `conn`, which holds an advisory lock, is still alive (the server may have ended its
+    session, and its locks went with it)."""
+    try:
+        conn.execute("SELECT 1")
+    except psycopg.OperationalError:
+        return False
+    return True

@@ -105,6 +105,14 @@ def _redis_quietly(what: str, call: Callable[[redis.Redis], T]) -> T | None:
         return None
 
 
+def _mark_alive(job_id: str, *, unless_marked: bool = False) -> bool | None:
+    """Mark a copy of the job's task alive for IMPORT_ALIVE_SECONDS; with `unless_marked`, only if
+    no copy is. Whether it marked it (None: Redis did not answer)."""
+    return _redis_quietly(
+        "mark the import alive", lambda r: bool(r.set(_alive_key(job_id), 1, nx=unless_marked, ex=IMPORT_ALIVE_SECONDS))
+    )
+
+
 def _forget_runs(job_id: str) -> None:
     if _redis_quietly("forget the import's runs", lambda r: r.delete(_runs_key(job_id))) is None:
         _unforgotten.add(job_id)  # deleted before this process counts the job's next run
@@ -118,7 +126,7 @@ def import_history(self: Task, job_id: str, customers_path: str, loans_path: str
     one import at a time (advisory lock; another waits its turn), and the import skips what is
     already recorded. A job whose runs kill their worker process IMPORT_KILLED_RUNS times fails."""
     settings = Settings.from_env()
-    _redis_quietly("mark the import alive", lambda r: r.set(_alive_key(job_id), 1, ex=IMPORT_ALIVE_SECONDS))
+    _mark_alive(job_id)
 
     try:
         with exclusive(settings) as lock:
@@ -130,8 +138,9 @@ def import_history(self: Task, job_id: str, customers_path: str, loans_path: str
                 log.info("import %s: %d/%d rows", job_id, done, total)
                 # The lock's session ended (the server restarted, or ended it): another copy may
                 # hold the lock now. Stop here; the retry below resumes after this batch.
-                still_held(lock)
-                _redis_quietly("mark the import alive", lambda r: r.set(_alive_key(job_id), 1, ex=IMPORT_ALIVE_SECONDS))
+                if not still_held(lock):
+                    raise RunAgain("the import lock's session ended")
+                _mark_alive(job_id)
                 trigger_catch_up()
 
             if job_id in _unforgotten:
@@ -163,10 +172,10 @@ def import_history(self: Task, job_id: str, customers_path: str, loans_path: str
                     settle=lambda: projector().catch_up(wait=True),
                     split_size=settings.import_split_size,
                 )
-            except DATABASE_AWAY:
+            except (*DATABASE_AWAY, RunAgain):
                 raise  # again, below
             except Exception as error:
-                if isinstance(error, RecordConflictError) and not _lock_held(lock):
+                if isinstance(error, RecordConflictError) and not still_held(lock):
                     raise RunAgain(f"the import lock's session ended, and another copy may have run: {error}") from error
                 # A bug or bad data that no retry can mend: say so on the job.
                 log.exception("import %s failed", job_id)
@@ -193,14 +202,6 @@ class RunAgain(Exception):
     """This run of an import stopped where a later one resumes."""
 
 
-def _lock_held(lock: psycopg.Connection) -> bool:
-    try:
-        still_held(lock)
-    except DATABASE_AWAY:
-        return False
-    return True
-
-
 def _count_run(r: redis.Redis, job_id: str) -> int:
     """This run, counted with the runs before it that did not end (their process was killed);
     the hash also names the process running it (`pid`)."""
@@ -218,7 +219,7 @@ def _stopping_is_not_dying(**_: object) -> None:
     main process, which knows which tasks its pool runs.)"""
     for request in list(worker_state.active_requests):
         if request.name == import_history.name and request.args and request.worker_pid:
-            _redis_quietly("uncount a stopped import's run", _uncounter(str(request.args[0]), request.worker_pid))
+            _uncount(str(request.args[0]), request.worker_pid)
 
 
 # Takes a run off the count only if the count's last run is the one this pool process runs, and
@@ -234,8 +235,8 @@ return false
 """
 
 
-def _uncounter(job_id: str, pid: int) -> Callable[[redis.Redis], object]:
-    return lambda r: r.eval(_UNCOUNT, 1, _runs_key(job_id), str(pid))
+def _uncount(job_id: str, pid: int) -> None:
+    _redis_quietly("uncount a stopped import's run", lambda r: r.eval(_UNCOUNT, 1, _runs_key(job_id), str(pid)))
 
 
 @celery.task
@@ -258,17 +259,11 @@ def resume_imports(everyone: bool = False) -> int:
         ).fetchall()
     queued = 0
     for job_id, customers_file, loans_file in jobs:
-        if _redis_quietly("see whether the import is alive", _claimer(str(job_id), everyone)) is not False:
+        if _mark_alive(str(job_id), unless_marked=not everyone) is not False:
             import_history.apply_async((str(job_id), customers_file, loans_file))
             log.info("import %s is unfinished and no copy of its task was seen lately: queued again", job_id)
             queued += 1
     return queued
-
-
-def _claimer(job_id: str, everyone: bool) -> Callable[[redis.Redis], bool]:
-    """Whether no copy of the job's task was alive (with `everyone`: True); then the caller,
-    which queues one, marks it alive."""
-    return lambda r: bool(r.set(_alive_key(job_id), 1, nx=not everyone, ex=IMPORT_ALIVE_SECONDS))
 
 
 @worker_ready.connect
