@@ -6,6 +6,7 @@ the same file both ways and compares.
 
 from __future__ import annotations
 
+import re
 import zipfile
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
@@ -363,3 +364,54 @@ def test_odd_but_readable_sheets_are_read_as_calamine_reads_them(tmp_path: Path)
     epoch = datetime(1899, 12, 30)
     assert xlsx_stream._value("s", "", "<v></v>", ["a"], {}, epoch) is None  # an empty string cell, read cell by cell
     assert xlsx_stream._unescape_excel("Ab_xD800_c_x0041_") == "Ab_xD800_cA"  # half a surrogate pair stays as written
+
+
+def _odd_forms(sheet: str) -> dict[str, str]:
+    """The sheet's rows written in other forms XML allows, each the same cells to a reader."""
+    start, end = sheet.index("<sheetData>"), sheet.index("</sheetData>")
+    rows = sheet[start:end]
+    middle = rows.index('<row r="50"')
+    row_end = rows.index("</row>", middle)
+    return {
+        "single quotes": rows.replace('"', "'"),
+        "spaces around =": re.sub(r'(\w)="', r'\1 = "', rows),
+        "a newline or a tab after the name": rows.replace("<c ", "<c\n").replace(' t="', '\tt="').replace("<row ", "<row\r\n"),
+        # one cell of one row among plain rows: the faster readers must not read the chunk without it
+        "one cell with a newline after its name": rows[:middle] + rows[middle:row_end].replace("<c ", "<c\n", 1) + rows[row_end:],
+    }
+
+
+def test_rows_and_cells_in_every_form_xml_allows_read_as_calamine_reads_them(tmp_path: Path) -> None:
+    # Attributes in single quotes or with spaces around "=", and other whitespace after a tag's
+    # name, are XML as valid as Excel's own; single quotes used to read a row's strings as empty
+    # and its number as the row after the one before.
+    source = _table(tmp_path / "source.xlsx", 99, write_only=True)
+    with zipfile.ZipFile(source) as package:
+        sheet = package.read("xl/worksheets/sheet1.xml").decode()
+    expected = _streamed(source)
+    assert len(expected) == 100 and expected[49][3] == date(2020, 1, 1 + 49 % 28)
+    for form, rows in _odd_forms(sheet).items():
+        odd = sheet[: sheet.index("<sheetData>")] + rows + sheet[sheet.index("</sheetData>") :]
+        path = _replaced(source, tmp_path / "odd.xlsx", {"xl/worksheets/sheet1.xml": odd})
+        streamed = _streamed(path)
+        assert streamed == expected, form
+        assert _typed(streamed) == _typed(_calamine(path)), form
+
+
+def test_a_phonetic_run_in_an_inline_string_is_not_part_of_the_text(tmp_path: Path) -> None:
+    # A Japanese name's reading (<rPh>) is shown above it in Excel; it is not in the cell's text,
+    # as it is not in a shared string's (see _shared_strings).
+    source = _table(tmp_path / "source.xlsx", 1, write_only=True)
+    rows = (
+        '<row r="1"><c r="A1" t="inlineStr"><is><r><t>山田</t></r><rPh sb="0" eb="2"><t>ヤマダ</t></rPh>'
+        '<phoneticPr fontId="1"/></is></c><c r="B1" t="inlineStr"><is><t>太郎</t><rPh sb="0" eb="2"><t>タロウ</t></rPh></is></c>'
+        "</row>"
+    )
+    path = _with_sheet_xml(source, tmp_path / "phonetic.xlsx", rows)
+    assert _streamed(path) == [["山田", "太郎"]] == _calamine(path)
+    # 40,000 phonetic runs that never close: each is looked at up to the next, not to the cell's end
+    unclosed = "<is><t>Ann</t>" + "<rPh><t>A</t>" * 40_000 + "</is>"
+    began = monotonic()
+    text = xlsx_stream._value("inlineStr", "", unclosed, [], {}, datetime(1899, 12, 30))
+    assert monotonic() - began < 10  # linear: milliseconds; quadratic: minutes
+    assert text.startswith("AnnA")  # an unclosed run is not a run: its text stays, as the cell holds it
