@@ -27,21 +27,21 @@ _NS = r"(?:[\w.-]+:)?"  # SpreadsheetML written with a namespace prefix (<x:row>
 # The general patterns below never backtrack across an element's end: a row's (or a cell's)
 # content is taken possessively up to the next row (cell) tag, so a crafted sheet full of unclosed
 # rows or cells is read in linear time instead of scanning to the end again from each one.
-_ROW = re.compile(rf"<{_NS}row\b([^<>]*?)(?:/>|>((?:[^<]++|<(?!/?{_NS}row\b))*+)</{_NS}row>)")
+_ROW = re.compile(rf"<{_NS}row\b([^<>]*?)(?:/>|>((?:[^<]++|<(?!/?{_NS}row\b))*+)</{_NS}row\s*+>)")
 # XML lets an attribute's value be in single quotes, with spaces around its "=": rows and cells
 # written so are read by `_parse`, whose patterns these are. The faster readers take `r="..."`
 # only; they find fewer cells than the chunk's "<c " then, and send it on to `_parse`.
 _ROW_NUMBER = re.compile(r"""\sr\s*+=\s*+(["'])(\d+)\1""")
 # A cell: its reference when it comes first (as every writer seen puts it), its other attributes
 # (few distinct strings in a sheet, so what they say is worked out once each), its content.
-_CELL = re.compile(rf'<{_NS}c(?: r="([A-Z]+)\d+")?([^<>]*?)(?:/>|>((?:[^<]++|<(?!/?{_NS}c\b))*+)</{_NS}c>)')
+_CELL = re.compile(rf'<{_NS}c(?: r="([A-Z]+)\d+")?([^<>]*?)(?:/>|>((?:[^<]++|<(?!/?{_NS}c\b))*+)</{_NS}c\s*+>)')
 _ATTRIBUTE = re.compile(r"""\s([rst])\s*+=\s*+(?:"([^"]*)"|'([^']*)')""")
-_VALUE = re.compile(rf"<{_NS}v>([^<]*)</{_NS}v>")  # text only: XML escapes its "<"
-_TEXT = re.compile(rf"<{_NS}t\b[^<>]*>([^<]*)</{_NS}t>")
+_VALUE = re.compile(rf"<{_NS}v\b[^<>]*+>([^<]*+)</{_NS}v\s*+>")  # text only: XML escapes its "<"
+_TEXT = re.compile(rf"<{_NS}t\b[^<>]*+>([^<]*+)</{_NS}t\s*+>")
 # A phonetic run (<rPh>, the reading of East Asian text) is a hint shown above the text, not part
 # of it. Taken possessively up to its end or the next <rPh>, so unclosed ones are read in linear time.
-_PHONETIC = re.compile(rf"<{_NS}rPh\b(?:[^<]++|<(?!/?{_NS}rPh\b))*+</{_NS}rPh>")
-_ROW_END = re.compile(rf"</{_NS}row>")
+_PHONETIC = re.compile(rf"<{_NS}rPh\b(?:[^<]++|<(?!/?{_NS}rPh\b))*+</{_NS}rPh\s*+>")
+_ROW_END = re.compile(rf"</{_NS}row\s*+>")
 _SHEET_DATA_END = re.compile(rf"</{_NS}sheetData\s*>|<{_NS}sheetData\s*/>")  # or a sheet with no rows at all
 _SHEET_DATA_START = re.compile(rf"<{_NS}sheetData\b")
 
@@ -384,6 +384,8 @@ def _then_none(chunks: Iterator[str]) -> Iterator[str | None]:
 def _last_row_end(buffer: str) -> int:
     """Where the last closed row in the buffer ends (0: none closed yet)."""
     ends = list(_ROW_END.finditer(buffer, max(0, buffer.rfind("row>") - 40)))
+    if not ends:  # no row closed yet, or the last closed `</row >`: look through the whole buffer
+        ends = list(_ROW_END.finditer(buffer))
     return ends[-1].end() if ends else 0
 
 

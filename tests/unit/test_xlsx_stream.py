@@ -376,15 +376,18 @@ def _odd_forms(sheet: str) -> dict[str, str]:
         "single quotes": rows.replace('"', "'"),
         "spaces around =": re.sub(r'(\w)="', r'\1 = "', rows),
         "a newline or a tab after the name": rows.replace("<c ", "<c\n").replace(' t="', '\tt="').replace("<row ", "<row\r\n"),
+        "spaces before an end tag's '>'": rows.replace("</c>", "</c >").replace("</row>", "</row\n>").replace("</t>", "</t >"),
+        "a value's tag with a space": rows.replace("<v>", "<v >").replace("</v>", "</v >"),
         # one cell of one row among plain rows: the faster readers must not read the chunk without it
         "one cell with a newline after its name": rows[:middle] + rows[middle:row_end].replace("<c ", "<c\n", 1) + rows[row_end:],
     }
 
 
 def test_rows_and_cells_in_every_form_xml_allows_read_as_calamine_reads_them(tmp_path: Path) -> None:
-    # Attributes in single quotes or with spaces around "=", and other whitespace after a tag's
-    # name, are XML as valid as Excel's own; single quotes used to read a row's strings as empty
-    # and its number as the row after the one before.
+    # Attributes in single quotes or with spaces around "=", other whitespace after a tag's name,
+    # and spaces before an end tag's ">" are XML as valid as Excel's own. They used to read as
+    # nothing (the whole sheet, or a cell), or a row's strings as empty and its number as the row
+    # after the one before.
     source = _table(tmp_path / "source.xlsx", 99, write_only=True)
     with zipfile.ZipFile(source) as package:
         sheet = package.read("xl/worksheets/sheet1.xml").decode()
