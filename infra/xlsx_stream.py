@@ -36,8 +36,11 @@ _ROW_NUMBER = re.compile(r"""\sr\s*+=\s*+(["'])(\d+)\1""")
 # (few distinct strings in a sheet, so what they say is worked out once each), its content.
 _CELL = re.compile(rf'<{_NS}c(?: r="([A-Z]+)\d+")?([^<>]*?)(?:/>|>((?:[^<]++|<(?!/?{_NS}c\b))*+)</{_NS}c\s*+>)')
 _ATTRIBUTE = re.compile(r"""\s([rst])\s*+=\s*+(?:"([^"]*)"|'([^']*)')""")
-_VALUE = re.compile(rf"<{_NS}v\b[^<>]*+>([^<]*+)</{_NS}v\s*+>")  # text only: XML escapes its "<"
-_TEXT = re.compile(rf"<{_NS}t\b[^<>]*+>([^<]*+)</{_NS}t\s*+>")
+# An element's characters: text (XML escapes its "<"), and CDATA sections, whose text is as written.
+_CDATA = re.compile(r"<!\[CDATA\[((?:[^\]]++|\](?!\]>))*+)\]\]>")
+_CHARACTERS = r"((?:[^<]++|<!\[CDATA\[(?:[^\]]++|\](?!\]>))*+\]\]>)*+)"
+_VALUE = re.compile(rf"<{_NS}v\b[^<>]*+>{_CHARACTERS}</{_NS}v\s*+>")
+_TEXT = re.compile(rf"<{_NS}t\b[^<>]*+>{_CHARACTERS}</{_NS}t\s*+>")
 # A phonetic run (<rPh>, the reading of East Asian text) is a hint shown above the text, not part
 # of it. Taken possessively up to its end or the next <rPh>, so unclosed ones are read in linear time.
 _PHONETIC = re.compile(rf"<{_NS}rPh\b(?:[^<]++|<(?!/?{_NS}rPh\b))*+</{_NS}rPh\s*+>")
@@ -601,7 +604,13 @@ def _parse(text: str, last: int, strings: list[str], dates: DateStyles, epoch: d
             index = _column_index(column or reference) if (column or reference) else len(cells)
             if index > len(cells):
                 cells.extend([None] * (index - len(cells)))
-            if kind == "n" and style not in dates and inner.startswith("<v>") and inner.endswith("</v>"):
+            if (
+                kind == "n"
+                and style not in dates
+                and inner.startswith("<v>")
+                and inner.endswith("</v>")
+                and "<" not in inner[3:-4]
+            ):
                 cells.append(float(inner[3:-4]))  # most cells: a plain number
             else:
                 cells.append(_value(kind, style, inner, strings, dates, epoch))
@@ -631,9 +640,9 @@ def _value(kind: str, style: str, inner: str, strings: list[str], dates: DateSty
         if inner.startswith("<is><t>") and inner.endswith("</t></is>") and "<" not in inner[7:-9]:
             text = inner[7:-9]
         else:
-            text = "".join(_TEXT.findall(_PHONETIC.sub("", inner) if "rPh" in inner else inner))
+            return "".join(map(_characters, _TEXT.findall(_PHONETIC.sub("", inner) if "rPh" in inner else inner)))
         return unescape(text) if "&" in text else text
-    raw = inner[3:-4] if inner.startswith("<v>") and inner.endswith("</v>") else _first_value(inner)
+    raw = _characters(inner[3:-4]) if inner.startswith("<v>") and inner.endswith("</v>") else _first_value(inner)
     if raw is None:
         return None
     if kind == "n":
@@ -645,7 +654,7 @@ def _value(kind: str, style: str, inner: str, strings: list[str], dates: DateSty
         return raw.strip() == "1"
     if kind == "d":
         return _iso_date(raw)
-    return unescape(raw)  # "str" (a formula's text) and "e" (an error such as #N/A)
+    return raw  # "str" (a formula's text) and "e" (an error such as #N/A)
 
 
 def _shared_string(strings: list[str], index: str) -> str:
@@ -657,7 +666,15 @@ def _shared_string(strings: list[str], index: str) -> str:
 
 def _first_value(inner: str) -> str | None:
     found = _VALUE.search(inner)
-    return found.group(1) if found else None
+    return _characters(found.group(1)) if found else None
+
+
+def _characters(content: str) -> str:
+    """An element's text as XML reads it: escapes replaced, CDATA sections' text as written."""
+    if "<" not in content:
+        return unescape(content) if "&" in content else content
+    parts = _CDATA.split(content)  # text, a section's text, text, ...
+    return "".join(part if i % 2 else unescape(part) for i, part in enumerate(parts))
 
 
 @lru_cache(maxsize=65_536)

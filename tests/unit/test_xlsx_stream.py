@@ -378,6 +378,9 @@ def _odd_forms(sheet: str) -> dict[str, str]:
         "a newline or a tab after the name": rows.replace("<c ", "<c\n").replace(' t="', '\tt="').replace("<row ", "<row\r\n"),
         "spaces before an end tag's '>'": rows.replace("</c>", "</c >").replace("</row>", "</row\n>").replace("</t>", "</t >"),
         "a value's tag with a space": rows.replace("<v>", "<v >").replace("</v>", "</v >"),
+        "text in CDATA sections": re.sub(r"<t>([^<]*)</", r"<t><![CDATA[\1]]></", rows),
+        # calamine reads a value in a CDATA section as empty: compared with the plain sheet only
+        "values in CDATA sections": re.sub(r"<v>([^<]*)</", r"<v><![CDATA[\1]]></", rows),
         # one cell of one row among plain rows: the faster readers must not read the chunk without it
         "one cell with a newline after its name": rows[:middle] + rows[middle:row_end].replace("<c ", "<c\n", 1) + rows[row_end:],
     }
@@ -385,7 +388,7 @@ def _odd_forms(sheet: str) -> dict[str, str]:
 
 def test_rows_and_cells_in_every_form_xml_allows_read_as_calamine_reads_them(tmp_path: Path) -> None:
     # Attributes in single quotes or with spaces around "=", other whitespace after a tag's name,
-    # and spaces before an end tag's ">" are XML as valid as Excel's own. They used to read as
+    # spaces before an end tag's ">", and CDATA sections are XML as valid as Excel's own. They used to read as
     # nothing (the whole sheet, or a cell), or a row's strings as empty and its number as the row
     # after the one before.
     source = _table(tmp_path / "source.xlsx", 99, write_only=True)
@@ -397,8 +400,9 @@ def test_rows_and_cells_in_every_form_xml_allows_read_as_calamine_reads_them(tmp
         odd = sheet[: sheet.index("<sheetData>")] + rows + sheet[sheet.index("</sheetData>") :]
         path = _replaced(source, tmp_path / "odd.xlsx", {"xl/worksheets/sheet1.xml": odd})
         streamed = _streamed(path)
-        assert streamed == expected, form
-        assert _typed(streamed) == _typed(_calamine(path)), form
+        assert _typed(streamed) == _typed(expected), form
+        if form != "values in CDATA sections":
+            assert _typed(streamed) == _typed(_calamine(path)), form
 
 
 def test_a_phonetic_run_in_an_inline_string_is_not_part_of_the_text(tmp_path: Path) -> None:
