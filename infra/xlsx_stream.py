@@ -6,6 +6,8 @@ chunks and picks the cells out with regular expressions (the C engine does the s
 only the rows being read are in memory. It yields what calamine yields, the same Python types
 for the same cells: a number is a float, a date-formatted number a date (a datetime when it has
 a time of day), a shared or inline string a str, a boolean a bool, an error its text ("#N/A").
+One difference: a percentage-formatted number is a `ledger.history.Percent`, a float that
+calamine cannot tell apart (it does not read formats), so that a rate reads as the sheet shows it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from functools import lru_cache
 from html import unescape
 from typing import IO, Any, NamedTuple
 from xml.etree import ElementTree
+
+from ledger.history import Percent
 
 CHUNK = 1 << 20  # decompressed characters read at a time
 LONGEST_ROW = 32 << 20  # characters: a sheet with a longer row is refused, not held whole
@@ -55,12 +59,15 @@ _PKG_REL = "{http://schemas.openxmlformats.org/package/2006/relationships}"
 # Built-in number formats that show a date or time (ECMA-376 part 1, 18.8.30).
 _DATE_FORMAT_IDS = {*range(14, 23), *range(27, 37), *range(45, 48), *range(50, 59)}
 _ELAPSED_FORMAT_ID = 46  # [h]:mm:ss
+_PERCENT_FORMAT_IDS = {9, 10}  # 0% and 0.00%
 _DATE_CODE = re.compile(r"[dmyhs]", re.I)
 _ELAPSED = re.compile(r"\[(?:h+|m+|s+)\]", re.I)  # [h]:mm shows a duration, as calamine reads it
-_NOT_A_DATE_PART = re.compile(r'"[^"]*"|\[[^\]]*\]|\\.|_.|\*.')  # quoted text, [colours], escapes
+_LITERAL_PART = re.compile(r'"[^"]*"|\[[^\]]*\]|\\.|_.|\*.')  # quoted text, [colours], escapes
 
 
-DateStyles = dict[str, bool]  # style index -> shows elapsed time (a duration)
+# A style index (a cell's s="…") -> how its number cells read: "date", "duration" (elapsed time,
+# [h]:mm) or "percent" (8.50%: a ledger.history.Percent, which a rate reads as the percentage shown).
+NumberStyles = dict[str, str]
 
 
 class NotXlsx(Exception):
@@ -192,13 +199,13 @@ def _sheet_blocks(package: zipfile.ZipFile, start: Cut | None, stop: Cut | None)
                 raise UncleanCut("no sheet to cut")
             return
         strings = _shared_strings(package, names)
-        dates = _date_styles(package, names)
+        styles = _number_styles(package, names)
         epoch = datetime(1904, 1, 1) if date1904 else datetime(1899, 12, 30)
         with package.open(sheet) as stream:
             first = start.offset if start else 0
             _skip(stream, first)
             chunks = _chunks(stream, None if stop is None else stop.offset - first)
-            yield from _rows(chunks, strings, dates, epoch, start, stop)
+            yield from _rows(chunks, strings, styles, epoch, start, stop)
 
 
 def _first_sheet(package: zipfile.ZipFile) -> tuple[str | None, bool]:
@@ -252,9 +259,8 @@ def _phonetic(si: ElementTree.Element) -> set[ElementTree.Element]:
     return {t for rph in si.iter(f"{_MAIN}rPh") for t in rph.iter(f"{_MAIN}t")}
 
 
-def _date_styles(package: zipfile.ZipFile, names: set[str]) -> DateStyles:
-    """The cell style indexes (a cell's s="…") whose number format shows a date or a time, each
-    with whether it shows elapsed time ([h]:mm, a duration) rather than a moment."""
+def _number_styles(package: zipfile.ZipFile, names: set[str]) -> NumberStyles:
+    """The cell style indexes whose number format shows a date or a time, a duration, or a percentage."""
     if "xl/styles.xml" not in names:
         return {}
     styles = ElementTree.fromstring(package.read("xl/styles.xml"))
@@ -262,19 +268,27 @@ def _date_styles(package: zipfile.ZipFile, names: set[str]) -> DateStyles:
     xfs = styles.find(f"{_MAIN}cellXfs")
     if xfs is None:
         return {}
-    dated: DateStyles = {}
+    styled: NumberStyles = {}
     for index, xf in enumerate(xfs.findall(f"{_MAIN}xf")):
         fmt = int(xf.get("numFmtId", "0"))
         if fmt in custom:
-            if _is_date_code(custom[fmt]):
-                dated[str(index)] = bool(_ELAPSED.search(custom[fmt]))
+            code = _LITERAL_PART.sub("", custom[fmt])
+            if _DATE_CODE.search(code):
+                styled[str(index)] = "duration" if _ELAPSED.search(custom[fmt]) else "date"
+            elif "%" in code:
+                styled[str(index)] = "percent"
         elif fmt in _DATE_FORMAT_IDS:
-            dated[str(index)] = fmt == _ELAPSED_FORMAT_ID
-    return dated
+            styled[str(index)] = "duration" if fmt == _ELAPSED_FORMAT_ID else "date"
+        elif fmt in _PERCENT_FORMAT_IDS:
+            styled[str(index)] = "percent"
+    return styled
 
 
-def _is_date_code(code: str) -> bool:
-    return bool(_DATE_CODE.search(_NOT_A_DATE_PART.sub("", code)))
+def _styled(number: float, epoch: datetime, how: str) -> date | datetime | time | timedelta | float:
+    """A number cell of a style in NumberStyles, as `how` says to read it."""
+    if how == "percent":
+        return Percent(number)
+    return _serial_date(number, epoch, how == "duration")
 
 
 def _skip(stream: IO[bytes], length: int) -> None:
@@ -306,7 +320,7 @@ def _chunks(stream: IO[bytes], length: int | None = None) -> Iterator[str]:
 def _rows(
     chunks: Iterator[str],
     strings: list[str],
-    dates: DateStyles,
+    styles: NumberStyles,
     epoch: datetime,
     start: Cut | None = None,  # the chunks start at this cut: the first row read must be its row
     stop: Cut | None = None,  # the chunks end at this cut (see `first_sheet_blocks`)
@@ -335,7 +349,7 @@ def _rows(
                 continue
         text = buffer[:end]
         plain = _plain(text)
-        table = _parse_table(text, strings, dates, epoch) if plain else None
+        table = _parse_table(text, strings, styles, epoch) if plain else None
         # A Table's rows carry the file's numbers; the rows before it must have too (none went
         # back or repeated a number), so that a row's number is its position either way.
         if table is not None and in_order and table.numbers[0] >= expected:
@@ -346,9 +360,9 @@ def _rows(
             yield table
             expected = table.numbers[-1] + 1
         else:
-            parsed: Iterable[tuple[int, list[Any]]] | None = _parse_plain(text, strings, dates, epoch) if plain else None
+            parsed: Iterable[tuple[int, list[Any]]] | None = _parse_plain(text, strings, styles, epoch) if plain else None
             if parsed is None:
-                parsed = _parse(text, expected - 1, strings, dates, epoch)
+                parsed = _parse(text, expected - 1, strings, styles, epoch)
             for number, cells in parsed:
                 if cut_row is not None:
                     _check_cut(cut_row, number)
@@ -413,11 +427,11 @@ _FORM_CELL = re.compile(r'<c r="([A-Z]++)\d++"([^<>]*+)>(<v>|<is><t>)[^<]*+(?:</
 _VALUE_FORMS = {"<v>": "<v>([^<]*+)</v>", "<is><t>": "<is><t>([^<]*+)</t></is>"}
 
 
-def _parse_table(text: str, strings: list[str], dates: DateStyles, epoch: datetime) -> Table | None:
-    return _parse_alike(text, strings, dates, epoch) or _parse_cells(text, strings, dates, epoch)
+def _parse_table(text: str, strings: list[str], styles: NumberStyles, epoch: datetime) -> Table | None:
+    return _parse_alike(text, strings, styles, epoch) or _parse_cells(text, strings, styles, epoch)
 
 
-def _parse_alike(text: str, strings: list[str], dates: DateStyles, epoch: datetime) -> Table | None:
+def _parse_alike(text: str, strings: list[str], styles: NumberStyles, epoch: datetime) -> Table | None:
     """Rows that repeat the first row's cells exactly (letters, style, type, form), each cell
     in its row (a back reference to the row's number): one match a row, a group a value. About
     twice as fast as splitting at every cell, which takes any other chunk."""
@@ -445,12 +459,12 @@ def _parse_alike(text: str, strings: list[str], dates: DateStyles, epoch: dateti
             for (_, attributes, form), values in zip(cells, columns[1:], strict=True)
         ],
         strings,
-        dates,
+        styles,
         epoch,
     )
 
 
-def _parse_cells(text: str, strings: list[str], dates: DateStyles, epoch: datetime) -> Table | None:
+def _parse_cells(text: str, strings: list[str], styles: NumberStyles, epoch: datetime) -> Table | None:
     parts = _VALUE_CELL.split(text)  # one flat list: what comes before a cell, then its 5 groups
     cells = len(parts) // 6
     if not cells or cells != text.count("<c "):
@@ -466,7 +480,7 @@ def _parse_cells(text: str, strings: list[str], dates: DateStyles, epoch: dateti
         return None
     places = [_column_index(column) for column in letters[:width]]
     by_column = [(attributes[k::width], values[k::width], texts[k::width]) for k in range(width)]
-    return _table(firsts, places, by_column, strings, dates, epoch)
+    return _table(firsts, places, by_column, strings, styles, epoch)
 
 
 def _table(
@@ -474,7 +488,7 @@ def _table(
     places: list[int],
     by_column: Sequence[tuple[Sequence[str], Sequence[Any], Sequence[Any]]],
     strings: list[str],
-    dates: DateStyles,
+    styles: NumberStyles,
     epoch: datetime,
 ) -> Table | None:
     """The rows as a Table: each column's cell attributes, <v> texts and inline texts converted
@@ -485,7 +499,7 @@ def _table(
     table: list[Any] = [(None,) * len(numbers)] * (places[-1] + 1)  # columns the rows leave out read as empty
     try:
         for place, (attributes, values, texts) in zip(places, by_column, strict=True):
-            column = _column(attributes, values, texts, strings, dates, epoch)
+            column = _column(attributes, values, texts, strings, styles, epoch)
             if column is None:
                 return None
             table[place] = column
@@ -502,15 +516,17 @@ def _column(
     values: Sequence[Any],  # a <v>'s text, None where the cell is an inline string
     texts: Sequence[Any],  # an inline string's text, None where the cell has a <v>
     strings: list[str],
-    dates: DateStyles,
+    styles: NumberStyles,
     epoch: datetime,
 ) -> list[Any] | None:
     """A column's values when its cells are all numbers, all dates or all strings of one kind."""
-    kinds = {kind + _date_kind(style, dates) for _, style, kind in map(_attributes, set(attributes))}
+    kinds = {kind + _style_kind(style, styles) for _, style, kind in map(_attributes, set(attributes))}
     if kinds == {"n"}:
         return list(map(float, values))
     if kinds == {"n/date"} or kinds == {"n/duration"}:
         return list(map(_date_reader(epoch, kinds == {"n/duration"}), values))
+    if kinds == {"n/percent"}:
+        return list(map(Percent, map(float, values)))
     if kinds == {"s"}:
         if "" in values:  # string cells with no value are empty
             return [strings[int(v)] if v else None for v in values]
@@ -526,10 +542,9 @@ def forget_cached_dates() -> None:
     _serial_date.cache_clear()
 
 
-def _date_kind(style: str, dates: DateStyles) -> str:
-    if style not in dates:
-        return ""
-    return "/duration" if dates[style] else "/date"
+def _style_kind(style: str, styles: NumberStyles) -> str:
+    how = styles.get(style)
+    return "" if how is None else "/" + how
 
 
 @lru_cache(maxsize=4)
@@ -551,7 +566,7 @@ def _plain(text: str) -> bool:
 _NOT_PLAIN_CELL = re.compile(r"<c[>/\t\n\r]")
 
 
-def _parse_plain(text: str, strings: list[str], dates: DateStyles, epoch: datetime) -> list[tuple[int, list[Any]]] | None:
+def _parse_plain(text: str, strings: list[str], styles: NumberStyles, epoch: datetime) -> list[tuple[int, list[Any]]] | None:
     found = _PLAIN_CELL.findall(text)
     if len(found) != text.count("<c "):
         return None  # some cell has another form
@@ -573,8 +588,9 @@ def _parse_plain(text: str, strings: list[str], dates: DateStyles, epoch: dateti
         if kind == "" or kind == "n":
             if not value:
                 cells.append(None)
-            elif style and style in dates:
-                cells.append(_serial_date(float(value), epoch, dates[style]))
+            elif style and style in styles:
+                how = styles[style]  # `_styled`, inline: most dates of a sheet not read as a table come here
+                cells.append(Percent(value) if how == "percent" else _serial_date(float(value), epoch, how == "duration"))
             else:
                 cells.append(float(value))
         elif kind == "s":
@@ -592,7 +608,7 @@ def _parse_plain(text: str, strings: list[str], dates: DateStyles, epoch: dateti
     return rows
 
 
-def _parse(text: str, last: int, strings: list[str], dates: DateStyles, epoch: datetime) -> Iterator[tuple[int, list[Any]]]:
+def _parse(text: str, last: int, strings: list[str], styles: NumberStyles, epoch: datetime) -> Iterator[tuple[int, list[Any]]]:
     """The rows in `text`, numbered; a row without its number follows the one before (`last`)."""
     for attributes, content in _ROW.findall(text):
         numbered = _ROW_NUMBER.search(attributes)
@@ -606,14 +622,14 @@ def _parse(text: str, last: int, strings: list[str], dates: DateStyles, epoch: d
                 cells.extend([None] * (index - len(cells)))
             if (
                 kind == "n"
-                and style not in dates
+                and style not in styles
                 and inner.startswith("<v>")
                 and inner.endswith("</v>")
                 and "<" not in inner[3:-4]
             ):
                 cells.append(float(inner[3:-4]))  # most cells: a plain number
             else:
-                cells.append(_value(kind, style, inner, strings, dates, epoch))
+                cells.append(_value(kind, style, inner, strings, styles, epoch))
         yield number, cells
 
 
@@ -635,7 +651,7 @@ def _column_index(letters: str) -> int:
     return index - 1
 
 
-def _value(kind: str, style: str, inner: str, strings: list[str], dates: DateStyles, epoch: datetime) -> Any:
+def _value(kind: str, style: str, inner: str, strings: list[str], styles: NumberStyles, epoch: datetime) -> Any:
     if kind == "inlineStr":
         if inner.startswith("<is><t>") and inner.endswith("</t></is>") and "<" not in inner[7:-9]:
             text = inner[7:-9]
@@ -647,7 +663,7 @@ def _value(kind: str, style: str, inner: str, strings: list[str], dates: DateSty
         return None
     if kind == "n":
         number = float(raw)
-        return _serial_date(number, epoch, dates[style]) if style in dates else number
+        return _styled(number, epoch, styles[style]) if style in styles else number
     if kind == "s":
         return _shared_string(strings, raw) if raw else None  # <v></v>: empty, as calamine reads it
     if kind == "b":

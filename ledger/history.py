@@ -95,6 +95,13 @@ class _BadCell(ValueError):
 Cell = object
 
 
+class Percent(float):
+    """A number cell whose format shows it as a percentage (8.50%, holding 0.085), as the .xlsx
+    reader gives it. Only a rate reads it as the percentage shown; anywhere else it is its number."""
+
+    __slots__ = ()
+
+
 def check_header(file: str, header: list[Cell], expected: tuple[str, ...]) -> dict[str, int]:
     """Map each expected column to its position, or refuse the file naming what is missing."""
     names = [str(c).strip() if c is not None else "" for c in header]
@@ -170,6 +177,22 @@ def _checked_decimal(value: float | int | str, column: str) -> Decimal:
     return number.copy_abs() if number.is_zero() else number
 
 
+def _rate(value: Cell) -> Decimal:
+    """The Interest Rate, an annual percentage: a cell formatted as one reads as what it shows."""
+    if type(value) is Percent:
+        return _checked_percent(value)
+    return _decimal(value, "Interest Rate")
+
+
+@lru_cache(maxsize=4096)
+def _checked_percent(value: float) -> Decimal:
+    """A percentage cell's value times 100, by moving its decimal point: 0.085 is 8.5, where
+    0.085 * 100 is 8.500000000000002. Its 15 significant digits, as for a formula (above)."""
+    if not math.isfinite(value):
+        raise _BadCell(f"Interest Rate is not a number: {value!r}")
+    return _checked_decimal(format(Decimal(f"{value:.15g}").scaleb(2), "f"), "Interest Rate")
+
+
 def forget_shared_ids() -> None:
     """Empty the cache that shares repeated IDs and dates (the larger one), keeping the decimals'."""
     _shared.cache_clear()
@@ -180,6 +203,7 @@ def forget_shared_values() -> None:
     tens of MB that an import's writing phase can use)."""
     _shared.cache_clear()
     _checked_decimal.cache_clear()
+    _checked_percent.cache_clear()
 
 
 def _text(value: Cell, column: str) -> str:
@@ -266,7 +290,7 @@ def parse_loan(file: str, row: int, cells: Mapping[str, Cell]) -> LoanRecord | R
         tenure = _integer(cells["Tenure"], "Tenure")
         if not 1 <= tenure <= LONGEST_TENURE:
             raise _BadCell(f"Tenure must be 1 to {LONGEST_TENURE} months, got {tenure}")
-        rate = _decimal(cells["Interest Rate"], "Interest Rate")
+        rate = _rate(cells["Interest Rate"])
         if not 0 <= rate <= 100:
             raise _BadCell(f"Interest Rate must be between 0 and 100, got {rate}")
         payment = _decimal(cells["Monthly payment"], "Monthly payment")
@@ -318,6 +342,12 @@ def _numbers(column: Column, name: str) -> list[Decimal] | None:
     return list(map(_checked_decimal, column, repeat(name)))
 
 
+def _rates(column: Column) -> list[Decimal] | None:
+    if set(map(type, column)) == {Percent}:
+        return list(map(_checked_percent, cast(Sequence[float], column)))
+    return _numbers(column, "Interest Rate")
+
+
 def _dates(column: Column) -> list[date] | None:
     return list(map(_shared, column)) if set(map(type, column)) == {date} else None
 
@@ -352,7 +382,7 @@ def parse_loan_columns(numbers: list[int], columns: Mapping[str, Column]) -> lis
         tenures = _whole_numbers(columns["Tenure"])
         paid = _whole_numbers(columns["EMIs paid on Time"])
         amounts = _numbers(columns["Loan Amount"], "Loan Amount")
-        rates = _numbers(columns["Interest Rate"], "Interest Rate")
+        rates = _rates(columns["Interest Rate"])
         payments = _numbers(columns["Monthly payment"], "Monthly payment")
         starts = _dates(columns["Date of Approval"])
         ends = _dates(columns["End Date"])

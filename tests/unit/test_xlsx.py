@@ -7,11 +7,13 @@ import re
 import zipfile
 from collections.abc import Callable
 from datetime import date
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import openpyxl
 import pytest
+from openpyxl.cell import WriteOnlyCell
 
 from infra import xlsx, xlsx_stream
 from infra.importer import run_import
@@ -230,3 +232,59 @@ def test_a_cell_naming_a_shared_string_the_workbook_lacks_says_so(tmp_path: Path
     customers = _write(tmp_path / "c.xlsx", CUSTOMER_COLUMNS, [CUSTOMER])
     with pytest.raises(xlsx.UnreadableFile, match=r"damaged\.xlsx: .*a cell refers to shared string 999, but the workbook has 0"):
         read_history(customers, damaged)
+
+
+def _rates_written(path: Path, formats: Callable[[int], str | None]) -> Path:
+    """`_loan`'s rows with each Interest Rate written as `formats(n)` asks: "%" formats hold the
+    rate / 100, as a lender typing 8.25% holds 0.0825; None the rate itself with no format."""
+    book = openpyxl.Workbook(write_only=True)
+    sheet = book.create_sheet()
+    sheet.append(list(LOAN_COLUMNS))
+    for n in range(1, 3_001):
+        row = _loan(n)
+        shown = formats(n)
+        if shown is not None:
+            is_percent = shown.endswith("%")
+            rate = WriteOnlyCell(sheet, value=cast(float, row[4]) / 100 if is_percent else row[4])
+            rate.number_format = shown
+            row[4] = rate
+        sheet.append(row)
+    book.save(path)
+    return path
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_rate_formatted_as_a_percentage_reads_as_the_percentage_the_sheet_shows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, split: bool
+) -> None:
+    # A cell showing 8.25% holds 0.0825: read as its number, every loan's rate was a hundredth of
+    # what the lender sees. A format that writes "%" as text ("0.00"%"") holds the rate itself.
+    customers = _write(tmp_path / "c.xlsx", CUSTOMER_COLUMNS, [CUSTOMER])
+    plain = _rates_written(tmp_path / "plain.xlsx", lambda n: None)
+    every = _rates_written(tmp_path / "every.xlsx", lambda n: "0.00%")  # one style: a column at a time
+    mixed = _rates_written(tmp_path / "mixed.xlsx", lambda n: ["0.00%", "0%", '0.00"%"', "0.000%", None][n % 5])
+    monkeypatch.setattr(xlsx_stream, "CHUNK", 4096)  # "every": runs of rows read a column at a time
+    split_size = 1 if split else None  # the helper process reads the second half
+    halves: list[Path] = []
+    read_halves = xlsx._read_halves
+    monkeypatch.setattr(xlsx, "_read_halves", lambda path, *rest: halves.append(path) or read_halves(path, *rest))
+    _, expected, expected_issues = read_history(customers, plain, split_size=split_size)
+    assert len(expected) == 3_000 - 6 and {loan.interest_rate for loan in expected} >= {Decimal("8.25"), Decimal("9.5")}
+    for path in (every, mixed):
+        _, loans, issues = read_history(customers, path, split_size=split_size)
+        assert [(ln.row, ln.interest_rate) for ln in loans] == [(ln.row, ln.interest_rate) for ln in expected], path.name
+        # the same rows refused for the same reasons (a rate of 101% shown as the percentage, 101)
+        assert [(i.row, i.reason) for i in issues] == [(i.row, i.reason.replace("101.0", "101")) for i in expected_issues]
+    assert len(halves) == (3 if split else 0)
+    with zipfile.ZipFile(every) as package:  # the formats are Excel's own: built-in 0.00% and 0%
+        assert 'numFmtId="10"' in package.read("xl/styles.xml").decode()
+
+
+def test_a_percentage_cell_anywhere_but_a_rate_is_its_number() -> None:
+    cells = dict(zip(LOAN_COLUMNS, LOAN, strict=True))
+    as_percent = {**cells, "Loan Amount": xlsx_stream.Percent(100000.0), "Interest Rate": xlsx_stream.Percent(0.12)}
+    loan = parse_loan("l.xlsx", 2, as_percent)
+    assert not isinstance(loan, RowIssue)
+    assert (loan.amount, loan.interest_rate) == (100000, 12)
+    wrong = parse_loan("l.xlsx", 3, {**cells, "Interest Rate": xlsx_stream.Percent(0.081234567)})  # 8.1234567%
+    assert isinstance(wrong, RowIssue) and "at most 6 decimals" in wrong.reason

@@ -422,3 +422,35 @@ def test_a_phonetic_run_in_an_inline_string_is_not_part_of_the_text(tmp_path: Pa
     text = xlsx_stream._value("inlineStr", "", unclosed, [], {}, datetime(1899, 12, 30))
     assert monotonic() - began < 10  # linear: milliseconds; quadratic: minutes
     assert text.startswith("AnnA")  # an unclosed run is not a run: its text stays, as the cell holds it
+
+
+@pytest.mark.parametrize("form", ["as written", "single quotes", "read a column at a time"])
+def test_a_number_shown_as_a_percentage_is_a_percent_of_the_number_calamine_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    # calamine does not read formats: the value is the same float, marked as shown as a percentage
+    formats = ["0%", "0.00%", "0.000%", "[Red]0.00%;-0.00%", '0.00"%"', "0.00\\%", "General"]
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["Rate"] * len(formats))
+    for n in range(1, 301):
+        for column, shown in enumerate(formats, start=1):
+            sheet.cell(row=n + 1, column=column, value=n / 1000).number_format = shown
+    path = tmp_path / "rates.xlsx"
+    book.save(path)
+    if form == "single quotes":
+        with zipfile.ZipFile(path) as package:
+            xml = package.read("xl/worksheets/sheet1.xml").decode()
+        start, end = xml.index("<sheetData>"), xml.index("</sheetData>")
+        xml = xml[:start] + xml[start:end].replace('"', "'") + xml[end:]
+        path = _replaced(path, tmp_path / "quoted.xlsx", {"xl/worksheets/sheet1.xml": xml})
+    if form == "read a column at a time":
+        monkeypatch.setattr(xlsx_stream, "CHUNK", 4096)
+        assert any(type(block) is xlsx_stream.Table for block in xlsx_stream.first_sheet_blocks(str(path)))
+    streamed = _streamed(path)
+    assert streamed[1:] == _calamine(path)[1:]  # the same numbers
+    percent = [True, True, True, True, False, False, False]  # "%" in quotes or escaped is text
+    for row in streamed[1:]:
+        assert [type(value) is xlsx_stream.Percent for value in row] == percent
+        assert all(type(value) in (float, xlsx_stream.Percent) for value in row)
