@@ -35,6 +35,7 @@ from infra.postgres import build_ledger, setup_schema
 from ledger.application import Ledger
 from ledger.ports import FixedClock
 from projections.projector import NOTIFY_CHANNEL, Projector
+from workers import tasks
 
 TODAY = date(2026, 11, 22)
 
@@ -209,6 +210,17 @@ def registered_without_trigger(stack: Stack, phone: str) -> int:
     finally:
         pool.close()
         app.close()
+
+
+def forget_task_state() -> None:
+    """Close what the worker's tasks keep in this process when a test runs them here (their
+    application and projector, for one module's database), so that the next run opens its own."""
+    if tasks.projector.cache_info().currsize:
+        tasks.projector().close()
+    if tasks._ledger.cache_info().currsize:
+        tasks._ledger().close()
+    tasks.projector.cache_clear()
+    tasks._ledger.cache_clear()
 
 
 def catch_up_in_process(stack: Stack) -> list[str]:

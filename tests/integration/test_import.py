@@ -25,7 +25,7 @@ from infra.postgres import IMPORT_LOCK, build_ledger
 from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS
 from ledger.policy import LoanRequest
 from projections.projector import LOCK_KEY
-from tests.integration.conftest import Stack, write_xlsx
+from tests.integration.conftest import Stack, forget_task_state, write_xlsx
 from workers import tasks
 
 DATA = REPO_ROOT / "data"
@@ -450,11 +450,11 @@ def requested_job(stack: Stack) -> str:
 def run_task_in_process(job_id: str, monkeypatch: pytest.MonkeyPatch, run_import: Callable[..., dict[str, Any]]) -> None:
     """The import task, run here with `run_import` in place of the import itself."""
     monkeypatch.setattr(tasks, "run_import", run_import)
-    tasks._ledger.cache_clear()  # this module's database, not an earlier one's
+    forget_task_state()  # this module's database, not an earlier one's
     try:
         tasks.import_history(job_id, str(DATA / "customer_data.xlsx"), str(DATA / "loan_data.xlsx"))
     finally:
-        tasks._ledger.cache_clear()
+        forget_task_state()
 
 
 def test_a_conflict_while_the_import_holds_its_lock_fails_the_job_instead_of_retrying_for_ever(

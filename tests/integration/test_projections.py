@@ -20,8 +20,9 @@ from ledger.domain import ImportJob
 from ledger.policy import LoanRequest
 from projections import schema as read_model
 from projections.projector import REBUILD_PAGE_SIZE, STORE_RECREATED, Projector, rebuild
-from tests.integration.conftest import Stack, catch_up_in_process, registered_without_trigger
+from tests.integration.conftest import Stack, catch_up_in_process, forget_task_state, registered_without_trigger
 from tests.integration.test_import import follow, start
+from workers import tasks
 
 TABLES = {
     "customers": "customer_id",
@@ -343,4 +344,50 @@ def test_a_read_model_made_by_an_earlier_version_gets_the_columns_this_one_reads
             ).fetchall()
             assert set(tracked) <= {name for (name,) in columns}
     finally:
+        stack.start_worker()
+
+
+def test_commands_during_a_catch_up_queue_no_run_and_what_they_commit_is_applied_before_it_ends(
+    stack: Stack, history: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trigger a command sets stays set until the run it queued ends: a command meanwhile
+    queues no run of its own (it would only find the lock taken, or its events applied). What it
+    commits after the run's last read is applied by the run's look once the trigger is cleared,
+    not left for beat. After the run, a command queues one again."""
+    stack.stop_worker()  # nothing else consumes the queue or advances the projection meanwhile
+    broker = tasks.redis_client()
+    real_catch_up = Projector.catch_up
+    during: dict[str, Any] = {}
+
+    def the_run_then_a_command(projector: Projector, *args: Any, **kwargs: Any) -> int | None:
+        applied = real_catch_up(projector, *args, **kwargs)
+        if not during:  # the run itself, not its look after clearing the trigger
+            during["flag"] = broker.exists(tasks.PENDING_KEY)
+            queued = broker.llen("celery")
+            # A command committing after the run's last read, then asking for a run as every command does
+            during["customer"] = registered_without_trigger(stack, "9600000011")
+            during["triggered"] = tasks.trigger_catch_up()
+            during["queued"] = broker.llen("celery") - queued
+        return applied
+
+    monkeypatch.setattr(Projector, "catch_up", the_run_then_a_command)
+    forget_task_state()  # this module's database
+    try:
+        broker.set(tasks.PENDING_KEY, 1, ex=30)  # as the command that queued this run left it
+        tasks.catch_up()
+        assert during["flag"] == 1 and during["triggered"] is True
+        assert during["queued"] == 0  # the running run applies it: no run queued
+        with stack.connect() as conn:
+            projected = conn.execute("SELECT count(*) FROM readmodel.customers WHERE customer_id = %s", (during["customer"],))
+            assert projected.fetchone() == (1,)  # by the run's last look, as it ended
+            assert (
+                conn.execute("SELECT max(notification_id) FROM ledger_events").fetchone()
+                == conn.execute("SELECT position FROM readmodel.tracking").fetchone()
+            )
+        assert not broker.exists(tasks.PENDING_KEY)
+        queued = broker.llen("celery")
+        assert tasks.trigger_catch_up() and broker.llen("celery") == queued + 1  # the run over, a command queues one
+    finally:
+        broker.delete("celery", tasks.PENDING_KEY)
+        forget_task_state()
         stack.start_worker()
