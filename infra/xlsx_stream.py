@@ -275,7 +275,7 @@ def _number_styles(package: zipfile.ZipFile, names: set[str]) -> NumberStyles:
             code = _LITERAL_PART.sub("", custom[fmt])
             if _DATE_CODE.search(code):
                 styled[str(index)] = "duration" if _ELAPSED.search(custom[fmt]) else "date"
-            elif "%" in code:
+            elif "%" in code.split(";", 1)[0]:  # as positive numbers show: `0.00;-0.00%` scales only negatives
                 styled[str(index)] = "percent"
         elif fmt in _DATE_FORMAT_IDS:
             styled[str(index)] = "duration" if fmt == _ELAPSED_FORMAT_ID else "date"
@@ -559,7 +559,7 @@ def _date_reader(epoch: datetime, duration: bool) -> Callable[[str], date | date
 def _plain(text: str) -> bool:
     """Whether the chunk may go to the faster readers, which count a chunk's cells by "<c " and send
     it on to `_parse` when they find fewer: every cell must be written `<c ...` for that count."""
-    return ":c " not in text and _NOT_PLAIN_CELL.search(text) is None
+    return ":c" not in text and _NOT_PLAIN_CELL.search(text) is None  # ":c": a prefixed cell, however written
 
 
 # <c>, <c/>, or other whitespace than a space after a cell's name (one pattern: faster than three `in`)
@@ -610,6 +610,8 @@ def _parse_plain(text: str, strings: list[str], styles: NumberStyles, epoch: dat
 
 def _parse(text: str, last: int, strings: list[str], styles: NumberStyles, epoch: datetime) -> Iterator[tuple[int, list[Any]]]:
     """The rows in `text`, numbered; a row without its number follows the one before (`last`)."""
+    if "<![CDATA[" in text:
+        _check_cdata(text)
     for attributes, content in _ROW.findall(text):
         numbered = _ROW_NUMBER.search(attributes)
         number = int(numbered.group(2)) if numbered else last + 1
@@ -683,6 +685,17 @@ def _shared_string(strings: list[str], index: str) -> str:
 def _first_value(inner: str) -> str | None:
     found = _VALUE.search(inner)
     return _characters(found.group(1)) if found else None
+
+
+def _check_cdata(text: str) -> None:
+    """Refuse a CDATA section that is not closed, or whose text holds "<": the patterns here would
+    take it for markup (a row's or a cell's end), or look for its end from every one again."""
+    start = text.find("<![CDATA[")
+    while start >= 0:
+        end = text.find("]]>", start + 9)
+        if end < 0 or text.find("<", start + 9, end) >= 0:
+            raise ValueError("the sheet holds a CDATA section that is not closed or holds '<'; save the file again from Excel")
+        start = text.find("<![CDATA[", end + 3)
 
 
 def _characters(content: str) -> str:

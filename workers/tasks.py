@@ -58,7 +58,11 @@ def trigger_catch_up() -> bool:
     """Ask a worker to catch up, unless a request is already waiting. False when Redis is unreachable."""
     try:
         if redis_client().set(PENDING_KEY, 1, nx=True, ex=30):
-            catch_up.apply_async()
+            try:
+                catch_up.apply_async()
+            except Exception:  # a trigger set with no run queued would hold back the next 30 s of them
+                _redis_quietly("clear the catch-up trigger", lambda r: r.delete(PENDING_KEY))
+                raise
     except Exception:  # Redis down: the events are safe in PostgreSQL and beat catches up later.
         log.warning("could not reach Redis to trigger the projection", exc_info=True)
         return False
@@ -77,8 +81,11 @@ def catch_up() -> int | None:
     try:
         applied = run.catch_up()
     finally:
-        redis_client().delete(PENDING_KEY)
-    run.catch_up_if_behind()
+        _redis_quietly("clear the catch-up trigger", lambda r: r.delete(PENDING_KEY))  # else it expires in 30 s
+    if applied is None:  # another runner held the lock: this one's position says nothing
+        run.catch_up()
+    else:
+        run.catch_up_if_behind()
     return applied
 
 

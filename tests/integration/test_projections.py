@@ -391,3 +391,16 @@ def test_commands_during_a_catch_up_queue_no_run_and_what_they_commit_is_applied
         broker.delete("celery", tasks.PENDING_KEY)
         forget_task_state()
         stack.start_worker()
+
+
+def test_a_trigger_whose_run_could_not_be_queued_is_cleared(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set with no run queued, it would keep every command of the next 30 s from queueing one."""
+    broker = tasks.redis_client()
+    broker.delete(tasks.PENDING_KEY)
+
+    def broker_gone(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("the broker went away between the flag and the message")
+
+    monkeypatch.setattr(tasks.catch_up, "apply_async", broker_gone)
+    assert tasks.trigger_catch_up() is False  # the command answers that the read model is behind
+    assert not broker.exists(tasks.PENDING_KEY)

@@ -429,7 +429,8 @@ def test_a_number_shown_as_a_percentage_is_a_percent_of_the_number_calamine_read
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
 ) -> None:
     # calamine does not read formats: the value is the same float, marked as shown as a percentage
-    formats = ["0%", "0.00%", "0.000%", "[Red]0.00%;-0.00%", '0.00"%"', "0.00\\%", "General"]
+    # "%" in quotes or escaped is text; a code shows its first section for positive numbers
+    formats = ["0%", "0.00%", "0.000%", "[Red]0.00%;-0.00%", '0.00"%"', "0.00\\%", "General", "0.00;-0.00%", '0.00"%";0.00%']
     book = openpyxl.Workbook()
     sheet = book.active
     assert sheet is not None
@@ -450,7 +451,36 @@ def test_a_number_shown_as_a_percentage_is_a_percent_of_the_number_calamine_read
         assert any(type(block) is xlsx_stream.Table for block in xlsx_stream.first_sheet_blocks(str(path)))
     streamed = _streamed(path)
     assert streamed[1:] == _calamine(path)[1:]  # the same numbers
-    percent = [True, True, True, True, False, False, False]  # "%" in quotes or escaped is text
+    percent = [True, True, True, True, False, False, False, False, False]
     for row in streamed[1:]:
         assert [type(value) is xlsx_stream.Percent for value in row] == percent
         assert all(type(value) in (float, xlsx_stream.Percent) for value in row)
+
+
+def test_cells_with_a_namespace_prefix_and_a_newline_after_it_read_as_calamine_reads_them(tmp_path: Path) -> None:
+    source = _table(tmp_path / "source.xlsx", 3, write_only=True)
+    with zipfile.ZipFile(source) as package:
+        sheet = package.read("xl/worksheets/sheet1.xml").decode()
+    start, end = sheet.index("<sheetData>"), sheet.index("</sheetData>")
+    rows = sheet[start:end].replace("<c ", "<x:c\n").replace("</c>", "</x:c>")
+    head = sheet[:start].replace(
+        "<worksheet ", '<worksheet xmlns:x="http://schemas.openxmlformats.org/spreadsheetml/2006/main" ', 1
+    )
+    path = _replaced(source, tmp_path / "prefixed.xlsx", {"xl/worksheets/sheet1.xml": head + rows + sheet[end:]})
+    assert _typed(_streamed(path)) == _typed(_streamed(source)) == _typed(_calamine(path))
+
+
+@pytest.mark.parametrize("section", ["<![CDATA[a</row>b]]>", "<![CDATA[never closed"])
+def test_a_cdata_section_holding_markup_or_never_closed_is_refused_not_misread(tmp_path: Path, section: str) -> None:
+    # "</row>" in a CDATA section is text, which the patterns would take for the row's end (a
+    # row read as empty); an unclosed one would be looked for from every start again.
+    source = _table(tmp_path / "source.xlsx", 1, write_only=True)
+    cells = f'<row r="1"><c r="A1" t="inlineStr"><is><t>{section}</t></is></c></row><row r="2"><c r="A2"><v>2</v></c></row>'
+    path = _with_sheet_xml(source, tmp_path / "cdata.xlsx", cells)
+    with pytest.raises(ValueError, match="CDATA"):
+        _streamed(path)
+    crafted = '<row r="1"><c r="A1" t="inlineStr"><is>' + "<t><![CDATA[x" * 40_000 + "</is></c></row>"
+    began = monotonic()
+    with pytest.raises(ValueError, match="CDATA"):
+        list(xlsx_stream._parse(crafted, 0, [], {}, datetime(1899, 12, 30)))
+    assert monotonic() - began < 10  # linear: milliseconds; quadratic: minutes
