@@ -78,5 +78,7 @@ class Settings:
             # The library's stored-function insert takes no lock: pinned off, whatever the process
             # environment says (the library reads LEDGER_POSTGRES_... before POSTGRES_...).
             "LEDGER_POSTGRES_ENABLE_DB_FUNCTIONS": "n",
+            # Each save's events in one statement that takes the same lock (infra.postgres).
+            "LEDGER_APPLICATION_RECORDER_TOPIC": "infra.postgres:OrderedInsertRecorder",
             "CREATE_TABLE": "y" if create_table else "n",
         }

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
+from typing import Any
 from uuid import UUID
 
 import psycopg
+from eventsourcing.persistence import ProgrammingError, StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from psycopg import sql
+from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool
 
 from infra.config import Settings
@@ -158,6 +162,69 @@ def build_ledger(settings: Settings, pool_size: int = 4) -> tuple[Ledger, Connec
     )
     _append_in_binary(app.recorder)
     return app, pool
+
+
+class OrderedInsertRecorder(PostgresApplicationRecorder):
+    """The library's recorder, inserting each save's events in one statement: a stored function
+    that takes the table lock, NOTIFYs the library's channel and inserts the events, committed as
+    the statement ends.
+
+    The library's insert sends the same steps in a pipeline (BEGIN, SET LOCAL lock_timeout, LOCK
+    TABLE, NOTIFY, INSERT, sync, COMMIT), and holds the table's lock from LOCK TABLE to COMMIT,
+    across round trips: every save of every process waits its turn behind it. Here the lock lasts
+    as long as the function and its commit. Same lock, same order: events still commit in
+    notification-ID order, so the projection never passes over one still to commit. (The
+    library's own stored function, POSTGRES_ENABLE_DB_FUNCTIONS, takes no lock: off, config.py.)
+
+    `ledger setup` creates the function with the tables. A process that finds it missing (a store
+    an earlier version set up) says so, and writes the library's way until it starts again.
+    """
+
+    def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events") -> None:
+        super().__init__(datastore, events_table_name=events_table_name)
+        function = sql.Identifier(datastore.schema, f"{self.events_table_name}_insert_in_order")
+        self.sql_create_statements.append(
+            sql.SQL(
+                "CREATE OR REPLACE FUNCTION {function}(events {schema}.{event}[]) RETURNS SETOF bigint"
+                " LANGUAGE plpgsql AS $body$ BEGIN"
+                " SET LOCAL lock_timeout = '{lock_timeout}s';"
+                " LOCK TABLE {schema}.{table} IN EXCLUSIVE MODE;"
+                " NOTIFY {channel};"
+                " RETURN QUERY INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state)"
+                " SELECT originator_id, originator_version, topic, state FROM unnest(events) RETURNING notification_id;"
+                " END; $body$"
+            ).format(
+                function=function,
+                schema=sql.Identifier(datastore.schema),
+                event=sql.Identifier(self.stored_event_type_name),
+                lock_timeout=datastore.lock_timeout,
+                table=sql.Identifier(self.events_table_name),
+                channel=sql.Identifier(self.channel_name),
+            )
+        )
+        # Its events in psycopg's binary format (%b), as `_append_in_binary` sends the library's.
+        self._insert_in_order = sql.SQL("SELECT * FROM {}(%b)").format(function).as_string()
+        self._without_function = False
+
+    def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        """Undecorated: `Ledger` makes the retries, knowing which inserts were tried again."""
+        if not stored_events or self._without_function:
+            return self._pipelined(stored_events, **kwargs)
+        events = [self.construct_pg_stored_event(e.originator_id, e.originator_version, e.topic, e.state) for e in stored_events]
+        try:
+            with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cursor:
+                cursor.execute(self._insert_in_order, (events,), prepare=True)
+                return [int(row[0]) for row in cursor.fetchall()]
+        except ProgrammingError as error:
+            if not isinstance(error.__cause__, psycopg.errors.UndefinedFunction):
+                raise
+            log.warning("the event store has no function to insert in order (run `ledger setup`): inserting the library's way")
+            self._without_function = True
+            return self._pipelined(stored_events, **kwargs)
+
+    def _pipelined(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        library = PostgresApplicationRecorder.insert_events
+        return getattr(library, "__wrapped__", library)(self, stored_events, **kwargs)
 
 
 def _append_in_binary(recorder: object) -> None:

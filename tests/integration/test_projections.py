@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -14,8 +15,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from infra.config import Settings
-from infra.postgres import build_ledger, exclusive
-from ledger.application import Ledger
+from infra.postgres import OrderedInsertRecorder, build_ledger, exclusive, setup_schema
+from ledger.application import Ledger, PhoneNumberTaken
 from ledger.domain import ImportJob
 from ledger.policy import LoanRequest
 from projections import schema as read_model
@@ -293,6 +294,63 @@ def test_inserts_take_the_table_lock_whatever_the_environment_says(stack: Stack,
     app, pool = build_ledger(stack.settings)
     try:
         assert app.recorder.datastore.enable_db_functions is False  # type: ignore[attr-defined]
+    finally:
+        pool.close()
+        app.close()
+
+
+def test_a_save_waits_for_the_event_stores_table_lock_and_a_plain_insert_would_not(stack: Stack) -> None:
+    """Events commit in notification-ID order because each save, one statement of a stored function
+    (infra.postgres.OrderedInsertRecorder), takes the table's EXCLUSIVE lock first: a session holding
+    ROW SHARE, which an INSERT alone passes, holds the save back until it lets go."""
+    app, pool = build_ledger(stack.settings)
+    try:
+        assert isinstance(app.recorder, OrderedInsertRecorder)
+        saved: list[int] = []
+        with stack.connect() as holder, holder.transaction():
+            holder.execute("LOCK TABLE ledger_events IN ROW SHARE MODE")
+            with stack.connect() as other, other.transaction(force_rollback=True):  # an INSERT alone is not held back
+                other.execute(
+                    "INSERT INTO ledger_events (originator_id, originator_version, topic, state) VALUES (%s, 1, 'x', '')",
+                    (uuid4(),),
+                )
+            saving = threading.Thread(
+                target=lambda: saved.append(
+                    app.register_customer("Ana", "Paz", 40, "9600000012", Decimal(60_000)).customer.customer_id
+                )
+            )
+            saving.start()
+            saving.join(timeout=1.5)
+            assert saving.is_alive() and not saved  # waiting for the table's lock
+        saving.join(timeout=15)
+        assert saved and not app.recorder._without_function  # recorded, by the function, once the lock was free
+    finally:
+        pool.close()
+        app.close()
+
+
+def test_a_store_set_up_without_the_insert_function_is_written_the_librarys_way(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An event store an earlier version set up has no such function: saves go the library's way
+    (the same lock, in a pipeline) and say so, until `ledger setup` makes it."""
+    with stack.connect() as conn:
+        conn.execute("DROP FUNCTION ledger_events_insert_in_order")
+    app, pool = build_ledger(stack.settings)
+    try:
+        app.register_customer("Ivo", "Lind", 52, "9600000013", Decimal(65_000))
+        assert app.recorder._without_function  # type: ignore[attr-defined]
+        with pytest.raises(PhoneNumberTaken):  # a conflict is still one
+            app.register_customer("Eva", "Lind", 50, "9600000013", Decimal(65_000))
+        assert "run `ledger setup`" in caplog.text
+    finally:
+        pool.close()
+        app.close()
+        setup_schema(stack.settings)
+    app, pool = build_ledger(stack.settings)
+    try:
+        app.register_customer("Eva", "Lind", 50, "9600000014", Decimal(65_000))
+        assert not app.recorder._without_function  # type: ignore[attr-defined]
     finally:
         pool.close()
         app.close()
