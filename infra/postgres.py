@@ -203,7 +203,7 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
             )
         )
         # Its events in psycopg's binary format (%b), as `_append_in_binary` sends the library's.
-        self._insert_in_order = sql.SQL("SELECT * FROM {}(%b)").format(function).as_string()
+        self._insert_in_order = sql.SQL("SELECT * FROM {}(%b) AS appended_notification_id").format(function).as_string()
         self._without_function = False
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:

@@ -3,9 +3,11 @@
 This is the fault of a server that crashes, or a network that breaks, just after a commit: the
 transaction is durable but the client never hears so. The proxy passes every byte through and
 reads the server's messages as they pass. Once armed, it drops the connection instead of
-forwarding the answer `COMMIT` to a transaction that inserted rows. `appends` counts the cuts of
-the event store's appends: an INSERT returning `notification_id` (the other cuts are the read
-model's pages). A cut can also start an outage: every open connection breaks and new ones
+forwarding the answer `COMMIT` to a transaction that inserted rows, or the answer to a statement
+that committed on its own having appended events (the event store's insert function, whose rows
+are `appended_notification_id`s: the proxy holds its answer back until the server says it
+committed, then drops the connection). `appends` counts the cuts of the event store's appends: an
+INSERT returning `notification_id`, or that function (the other cuts are the read model's pages). A cut can also start an outage: every open connection breaks and new ones
 are refused until `restore()`, as when PostgreSQL goes down just after a commit."""
 
 from __future__ import annotations
@@ -112,11 +114,13 @@ class CommitAnswerCutter:
         """Forward the server's messages whole, noting what the current transaction did."""
         buffer = b""
         negotiating = True  # before authentication, a lone b"N" refuses SSL or GSS encryption
-        inserted = appended = returns_positions = False
+        inserted = appended = returns_positions = appends_alone = False
+        scanned = 0  # the buffer's messages before this were read (and those before `held` forwarded)
+        held: int | None = None  # where the answer of an append that commits on its own starts
         try:
             while chunk := server.recv(65536):
                 buffer += chunk
-                forward = 0
+                forward = scanned
                 while True:
                     if negotiating and buffer[forward : forward + 1] == b"N":
                         forward += 1
@@ -133,19 +137,30 @@ class CommitAnswerCutter:
                         negotiating = False
                     elif kind == b"T":  # RowDescription
                         returns_positions = b"notification_id\x00" in body
+                        appends_alone = b"appended_notification_id\x00" in body  # the insert function
                     elif kind == b"C":  # CommandComplete
                         tag = body.rstrip(b"\x00")
                         if tag.startswith(b"INSERT"):
                             inserted, appended = True, appended or returns_positions
+                        elif tag.startswith(b"SELECT") and appends_alone:
+                            inserted = appended = True
+                            held = forward if held is None else held
                         elif tag == b"COMMIT" and inserted and self._take_cut(appended):
-                            client.sendall(buffer[:forward])
+                            client.sendall(buffer[: forward if held is None else held])
                             return  # the commit is durable; its answer is lost with the connection
-                        returns_positions = False
-                    elif kind == b"Z" and body == b"I":  # ReadyForQuery, outside a transaction
-                        inserted = appended = False
+                        returns_positions = appends_alone = False
+                    elif kind == b"Z":  # ReadyForQuery
+                        if body == b"I" and held is not None and self._take_cut(True):
+                            client.sendall(buffer[:held])
+                            return  # the statement committed on its own; its answer is lost
+                        held = None  # in a transaction, its COMMIT is the answer to cut
+                        if body == b"I":  # outside a transaction
+                            inserted = appended = False
                     forward = end
-                client.sendall(buffer[:forward])
-                buffer = buffer[forward:]
+                upto = forward if held is None else held
+                client.sendall(buffer[:upto])
+                buffer, scanned = buffer[upto:], forward - upto
+                held = None if held is None else 0
         except OSError:
             pass
         finally:
