@@ -185,9 +185,9 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
         function = sql.Identifier(datastore.schema, f"{self.events_table_name}_insert_in_order")
         self.sql_create_statements.append(
             sql.SQL(
-                "CREATE OR REPLACE FUNCTION {function}(events {schema}.{event}[]) RETURNS SETOF bigint"
+                "CREATE OR REPLACE FUNCTION {function}(events {schema}.{event}[], lock_timeout text) RETURNS SETOF bigint"
                 " LANGUAGE plpgsql AS $body$ BEGIN"
-                " SET LOCAL lock_timeout = '{lock_timeout}s';"
+                " PERFORM set_config('lock_timeout', lock_timeout, true);"
                 " LOCK TABLE {schema}.{table} IN EXCLUSIVE MODE;"
                 " NOTIFY {channel};"
                 " RETURN QUERY INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state)"
@@ -197,23 +197,27 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
                 function=function,
                 schema=sql.Identifier(datastore.schema),
                 event=sql.Identifier(self.stored_event_type_name),
-                lock_timeout=datastore.lock_timeout,
                 table=sql.Identifier(self.events_table_name),
                 channel=sql.Identifier(self.channel_name),
             )
         )
-        # Its events in psycopg's binary format (%b), as `_append_in_binary` sends the library's.
-        self._insert_in_order = sql.SQL("SELECT * FROM {}(%b) AS appended_notification_id").format(function).as_string()
+        # Its events in psycopg's binary format (%b), as `_append_in_binary` sends the library's; the
+        # lock timeout this process was given (POSTGRES_LOCK_TIMEOUT), as the library sets it.
+        self._insert_in_order = sql.SQL("SELECT * FROM {}(%b, %s) AS appended_notification_id").format(function).as_string()
+        self._lock_timeout = f"{datastore.lock_timeout}s"
         self._without_function = False
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         """Undecorated: `Ledger` makes the retries, knowing which inserts were tried again."""
-        if not stored_events or self._without_function:
+        if not stored_events:
+            return None
+        if self._without_function:
             return self._pipelined(stored_events, **kwargs)
         events = [self.construct_pg_stored_event(e.originator_id, e.originator_version, e.topic, e.state) for e in stored_events]
         try:
             with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cursor:
-                cursor.execute(self._insert_in_order, (events,), prepare=True)
+                assert conn.autocommit  # the statement commits, and frees the lock, as it ends
+                cursor.execute(self._insert_in_order, (events, self._lock_timeout), prepare=True)
                 return [int(row[0]) for row in cursor.fetchall()]
         except ProgrammingError as error:
             if not isinstance(error.__cause__, psycopg.errors.UndefinedFunction):

@@ -12,6 +12,7 @@ from uuid import uuid4
 
 import psycopg
 import pytest
+from eventsourcing.persistence import OperationalError, StoredEvent
 from starlette.testclient import TestClient
 
 from infra.config import Settings
@@ -324,6 +325,36 @@ def test_a_save_waits_for_the_event_stores_table_lock_and_a_plain_insert_would_n
             assert saving.is_alive() and not saved  # waiting for the table's lock
         saving.join(timeout=15)
         assert saved and not app.recorder._without_function  # recorded, by the function, once the lock was free
+    finally:
+        pool.close()
+        app.close()
+
+
+def test_a_save_keeps_to_the_lock_timeout_its_process_was_given(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """POSTGRES_LOCK_TIMEOUT is the process's, as in the library's insert: not whatever `ledger
+    setup` was given when it made the function."""
+    monkeypatch.setenv("POSTGRES_LOCK_TIMEOUT", "1")
+    app, pool = build_ledger(stack.settings)
+    outcome: list[BaseException] = []
+
+    def save() -> None:
+        try:
+            OrderedInsertRecorder.insert_events(app.recorder, [StoredEvent(uuid4(), 1, "test:Nothing", b"{}")])  # type: ignore[arg-type]
+        except BaseException as error:
+            outcome.append(error)
+
+    try:
+        with stack.connect() as holder, holder.transaction():
+            holder.execute("LOCK TABLE ledger_events IN EXCLUSIVE MODE")
+            started = time.monotonic()
+            saving = threading.Thread(target=save)
+            saving.start()
+            saving.join(timeout=10)
+            waited = time.monotonic() - started
+        saving.join(timeout=10)
+        assert 0.9 < waited < 10, waited  # it gave up after its second, while the lock was still held
+        assert outcome and isinstance(outcome[0], OperationalError)
+        assert isinstance(outcome[0].__cause__, psycopg.errors.LockNotAvailable)
     finally:
         pool.close()
         app.close()

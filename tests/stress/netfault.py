@@ -5,8 +5,8 @@ transaction is durable but the client never hears so. The proxy passes every byt
 reads the server's messages as they pass. Once armed, it drops the connection instead of
 forwarding the answer `COMMIT` to a transaction that inserted rows, or the answer to a statement
 that committed on its own having appended events (the event store's insert function, whose rows
-are `appended_notification_id`s: the proxy holds its answer back until the server says it
-committed, then drops the connection). `appends` counts the cuts of the event store's appends: an
+are `appended_notification_id`s: the proxy holds back its CommandComplete until the server says it
+committed, then drops the connection; the client has its rows but never the statement's end). `appends` counts the cuts of the event store's appends: an
 INSERT returning `notification_id`, or that function (the other cuts are the read model's pages). A cut can also start an outage: every open connection breaks and new ones
 are refused until `restore()`, as when PostgreSQL goes down just after a commit."""
 
@@ -149,7 +149,10 @@ class CommitAnswerCutter:
                             client.sendall(buffer[: forward if held is None else held])
                             return  # the commit is durable; its answer is lost with the connection
                         returns_positions = appends_alone = False
+                    elif kind == b"E":  # an error ends the statement: what it described is over
+                        returns_positions = appends_alone = False
                     elif kind == b"Z":  # ReadyForQuery
+                        returns_positions = appends_alone = False
                         if body == b"I" and held is not None and self._take_cut(True):
                             client.sendall(buffer[:held])
                             return  # the statement committed on its own; its answer is lost
