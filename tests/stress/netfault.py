@@ -27,6 +27,8 @@ class CommitAnswerCutter:
         self.appends = 0
         self._armed = 0
         self._outage = False  # the next cut starts an outage
+        self._appends_only = False  # cut only the event store's appends, not the read model's pages
+        self._skip = 0  # commits to let through before the first cut
         self.down = False
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
@@ -36,12 +38,15 @@ class CommitAnswerCutter:
         credentials, _, rest = database_url.rpartition("@")
         return f"{credentials}@127.0.0.1:{self.port}/{rest.split('/', 1)[1]}"
 
-    def arm(self, times: int = 1, *, outage: bool = False) -> None:
+    def arm(self, times: int = 1, *, outage: bool = False, appends_only: bool = False, skip: int = 0) -> None:
         """Lose the answers to the next `times` commits of transactions that inserted rows; with
-        `outage`, the cut also breaks every connection and refuses new ones until `restore()`."""
+        `outage`, the cut also breaks every connection and refuses new ones until `restore()`;
+        with `appends_only`, only the event store's appends count; `skip` of them pass first."""
         with self._lock:
             self._armed += times
             self._outage = outage
+            self._appends_only = appends_only
+            self._skip = skip
 
     def restore(self) -> None:
         self.down = False
@@ -87,7 +92,10 @@ class CommitAnswerCutter:
 
     def _take_cut(self, append: bool) -> bool:
         with self._lock:
-            if self._armed == 0:
+            if self._armed == 0 or (self._appends_only and not append):
+                return False
+            if self._skip > 0:
+                self._skip -= 1
                 return False
             self._armed -= 1
             self.cuts += 1
