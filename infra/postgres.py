@@ -9,8 +9,9 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-from eventsourcing.persistence import ProgrammingError, StoredEvent
-from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.persistence import InterfaceError, OperationalError, ProgrammingError, StoredEvent
+from eventsourcing.postgres import PostgresAggregateRecorder, PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.utils import retry
 from psycopg import sql
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool
@@ -206,6 +207,7 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
         self._insert_in_order = sql.SQL("SELECT * FROM {}(%b, %s) AS appended_notification_id").format(function).as_string()
         self._lock_timeout = f"{datastore.lock_timeout}s"
         self._without_function = False
+        self._select_latest: dict[str, str] = {}  # by snapshot table
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         """Undecorated: `Ledger` makes the retries, knowing which inserts were tried again."""
@@ -225,6 +227,39 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
             log.warning("the event store has no function to insert in order (run `ledger setup`): inserting the library's way")
             self._without_function = True
             return self._pipelined(stored_events, **kwargs)
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)  # as the library's select_events
+    def select_latest(
+        self, originator_id: UUID, snapshots: PostgresAggregateRecorder
+    ) -> tuple[StoredEvent | None, list[StoredEvent]]:
+        """An aggregate's latest snapshot in `snapshots` (None if it has none) and its events after
+        that snapshot, in one statement (so from one moment of the database) and one round trip:
+        the library's repository makes two, the snapshot's, then the events'."""
+        statement = self._select_latest.get(snapshots.events_table_name)
+        if statement is None:
+            statement = self._select_latest[snapshots.events_table_name] = (
+                sql.SQL(
+                    "WITH snapshot AS (SELECT originator_version, topic, state FROM {schema}.{snapshots}"
+                    " WHERE originator_id = %(id)s ORDER BY originator_version DESC LIMIT 1)"
+                    " SELECT true, originator_version, topic, state FROM snapshot"
+                    " UNION ALL SELECT false, originator_version, topic, state FROM {schema}.{events}"
+                    " WHERE originator_id = %(id)s AND originator_version > COALESCE((SELECT originator_version FROM snapshot), 0)"
+                    " ORDER BY 1 DESC, 2"
+                )
+                .format(
+                    schema=sql.Identifier(self.datastore.schema),
+                    snapshots=sql.Identifier(snapshots.events_table_name),
+                    events=sql.Identifier(self.events_table_name),
+                )
+                .as_string()
+            )
+        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cursor:
+            cursor.execute(statement, {"id": originator_id}, prepare=True)
+            rows = cursor.fetchall()
+        stored = [StoredEvent(originator_id, version, topic, bytes(state)) for _, version, topic, state in rows]
+        if rows and rows[0][0]:
+            return stored[0], stored[1:]
+        return None, stored
 
     def _pipelined(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         library = PostgresApplicationRecorder.insert_events

@@ -13,10 +13,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from uuid import UUID, uuid4
 
-from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent, ProjectorFunction, project_aggregate
+from eventsourcing.application import (
+    AggregateNotFoundError,
+    Application,
+    ProcessingEvent,
+    ProjectorFunction,
+    Repository,
+    project_aggregate,
+)
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import (
     InterfaceError,
@@ -251,6 +258,30 @@ class _ProcessingEvent(ProcessingEvent[UUID]):
         super().collect_events(*others, **kwargs)
 
 
+class LatestReader(Protocol):
+    def select_latest(self, originator_id: UUID, snapshots: Any) -> tuple[StoredEvent | None, list[StoredEvent]]:
+        """The aggregate's latest snapshot in the `snapshots` recorder (None if none), and its events after it."""
+        ...
+
+
+class _Repository(Repository[UUID]):
+    """The library's repository, reading an aggregate's latest snapshot and the events after it in
+    one round trip when the recorder can (PostgreSQL's, `infra.postgres`), rather than its two:
+    one read fewer in every command."""
+
+    def _reconstruct_aggregate(self, aggregate_id: UUID, version: int | None, projector_func: ProjectorFunction[Any, Any]) -> Any:
+        recorder = self.event_store.recorder
+        if version is not None or self.snapshot_store is None or not hasattr(recorder, "select_latest"):
+            return super()._reconstruct_aggregate(aggregate_id, version, projector_func)
+        snapshot, events = cast("LatestReader", recorder).select_latest(aggregate_id, self.snapshot_store.recorder)
+        domain_events: list[Any] = [] if snapshot is None else [self.snapshot_store.mapper.to_domain_event(snapshot)]
+        domain_events += map(self.event_store.mapper.to_domain_event, events)
+        aggregate = projector_func(None, domain_events)
+        if aggregate is None:  # as the library says it
+            raise AggregateNotFoundError(f"Aggregate {aggregate_id!r} version {version!r} not found.")
+        return aggregate
+
+
 class _Inserts(threading.local):
     retried = False  # whether this thread's last save tried its insert again
 
@@ -337,6 +368,19 @@ class Ledger(Application[UUID]):
             for aggregate_id, aggregate in processing_event.aggregates.items():
                 self.repository.cache.put(aggregate_id, aggregate)
         self._take_snapshots(processing_event)
+
+    def construct_repository(self) -> Repository[UUID]:
+        """The library's repository with its settings, reading snapshot and events at once."""
+        library = super().construct_repository()
+        repository = _Repository(
+            event_store=library.event_store,
+            snapshot_store=library.snapshot_store,
+            fastforward=library.fastforward,
+            fastforward_skipping=library.fastforward_skipping,
+            deepcopy_from_cache=library.deepcopy_from_cache,
+        )
+        repository.cache = library.cache
+        return repository
 
     def construct_mapper(self) -> Mapper[Any]:
         return self.factory.mapper(transcoder=self.construct_transcoder(), mapper_class=TypedMapper)

@@ -12,13 +12,14 @@ from uuid import uuid4
 
 import psycopg
 import pytest
+from eventsourcing.application import Repository, project_aggregate
 from eventsourcing.persistence import OperationalError, StoredEvent
 from starlette.testclient import TestClient
 
 from infra.config import Settings
 from infra.postgres import OrderedInsertRecorder, build_ledger, exclusive, setup_schema
 from ledger.application import Ledger, PhoneNumberTaken
-from ledger.domain import ImportJob
+from ledger.domain import Customer, CustomerNotFound, ImportJob, customer_uuid
 from ledger.policy import LoanRequest
 from projections import schema as read_model
 from projections.projector import REBUILD_PAGE_SIZE, STORE_RECREATED, Projector, rebuild
@@ -382,6 +383,51 @@ def test_a_store_set_up_without_the_insert_function_is_written_the_librarys_way(
     try:
         app.register_customer("Eva", "Lind", 50, "9600000014", Decimal(65_000))
         assert not app.recorder._without_function  # type: ignore[attr-defined]
+    finally:
+        pool.close()
+        app.close()
+
+
+def test_a_command_reads_a_customers_latest_snapshot_and_later_events_in_one_statement(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The library's repository reads a snapshot, then the events after it: two round trips in
+    every command. On PostgreSQL one statement reads both (OrderedInsertRecorder.select_latest),
+    and the customer it gives is the one the library's two reads give."""
+    app, pool = build_ledger(stack.settings)
+    try:
+        recorder = app.recorder
+        assert isinstance(recorder, OrderedInsertRecorder) and app.snapshots is not None
+        snapshots = app.snapshots.recorder
+        customer_id = app.register_customer("Ada", "Snap", 40, "9600000015", Decimal(10_000_000)).customer.customer_id
+        uuid = customer_uuid(customer_id)
+        request = LoanRequest(Decimal(10_000), Decimal(16), 12)
+
+        def library_read() -> Customer:
+            return Repository._reconstruct_aggregate(app.repository, uuid, None, project_aggregate)
+
+        # no snapshot yet: every event
+        app.book_loan(customer_id, request, None)
+        assert recorder.select_latest(uuid, snapshots) == (None, recorder.select_events(uuid))
+        for _ in range(48):  # the 50th event: a snapshot at 50, and no event after it
+            app.book_loan(customer_id, request, None)
+        snapshot, after = recorder.select_latest(uuid, snapshots)
+        assert snapshot is not None and snapshot.originator_version == 50 and after == []
+        assert snapshot == snapshots.select_events(uuid, desc=True, limit=1)[0]
+        for _ in range(3):
+            app.book_loan(customer_id, request, None)
+        snapshot, after = recorder.select_latest(uuid, snapshots)
+        assert snapshot is not None and snapshot.originator_version == 50
+        assert after == recorder.select_events(uuid, gt=50) and [e.originator_version for e in after] == [51, 52, 53]
+
+        # a command's read goes through it alone, and gives what the library's reads give
+        monkeypatch.setattr(snapshots, "select_events", lambda *a, **k: pytest.fail("the snapshot read on its own"))
+        customer = app.get_customer(customer_id)
+        assert customer.version == 53 and len(customer.loans) == 52
+        monkeypatch.undo()
+        assert vars(customer) == vars(library_read())
+        with pytest.raises(CustomerNotFound):
+            app.get_customer(10**9)
     finally:
         pool.close()
         app.close()
