@@ -276,7 +276,12 @@ class _Repository(Repository[UUID]):
         snapshot, events = cast("LatestReader", recorder).select_latest(aggregate_id, self.snapshot_store.recorder)
         domain_events: list[Any] = [] if snapshot is None else [self.snapshot_store.mapper.to_domain_event(snapshot)]
         domain_events += map(self.event_store.mapper.to_domain_event, events)
-        aggregate = projector_func(None, domain_events)
+        if projector_func is project_aggregate:  # the library's, less its runtime-Protocol assert: 14 µs an event
+            aggregate = None
+            for event in domain_events:
+                aggregate = event.mutate(aggregate)
+        else:
+            aggregate = projector_func(None, domain_events)
         if aggregate is None:  # as the library says it
             raise AggregateNotFoundError(f"Aggregate {aggregate_id!r} version {version!r} not found.")
         return aggregate
