@@ -137,6 +137,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             await watcher.stop()
             shared.close()
             await pool.close()
+            app.state.services.commands.shutdown(wait=True)  # a command under way ends before its pools close
             sync_pool.close()
             ledger.close()
 
