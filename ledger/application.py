@@ -431,7 +431,7 @@ class Ledger(Application[UUID]):
         done = self._command(
             attempt,
             idempotency_key,
-            hashlib.sha256(json.dumps(["register", *fingerprint]).encode()).hexdigest(),
+            lambda: hashlib.sha256(json.dumps(["register", *fingerprint]).encode()).hexdigest(),
             busy=f"phone number {phone_number} is being registered by too many requests at once; try again",
         )
         customer = self.get_customer(done.response["customer_id"]) if done.replayed else registered[0]
@@ -491,7 +491,7 @@ class Ledger(Application[UUID]):
         return self._command(
             attempt,
             idempotency_key,
-            request_fingerprint(customer_id, request),
+            lambda: request_fingerprint(customer_id, request),
             busy=f"customer {customer_id} is being changed by too many requests at once; try again",
         )
 
@@ -499,12 +499,14 @@ class Ledger(Application[UUID]):
         self,
         attempt: Callable[[], tuple[list[Aggregate], dict[str, Any]]],
         idempotency_key: str | None,
-        fingerprint: str,
+        fingerprinted: Callable[[], str],
         busy: str,
     ) -> Booking:
         """Run `attempt` (it loads aggregates, decides, and returns what to save and the answer)
         until its save meets no concurrent change, reloading and deciding again after a conflict.
-        With an Idempotency-Key the answer is saved under the key, and a repeat gets it back."""
+        With an Idempotency-Key the answer is saved under the key with the request's fingerprint
+        (`fingerprinted()`, computed only then), and a repeat gets it back."""
+        fingerprint = "" if idempotency_key is None else fingerprinted()
         for n in range(SAVE_ATTEMPTS):
             if idempotency_key is not None:
                 earlier = self._idempotent_response(idempotency_key, fingerprint)
@@ -609,7 +611,7 @@ class Ledger(Application[UUID]):
         return self._command(
             attempt,
             idempotency_key,
-            hashlib.sha256(f"repayment:{loan_id}:{paid_on}".encode()).hexdigest(),
+            lambda: hashlib.sha256(f"repayment:{loan_id}:{paid_on}".encode()).hexdigest(),
             busy=f"loan {loan_id} is being changed by too many requests at once; try again",
         )
 
