@@ -134,12 +134,16 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         try:
             yield
         finally:
-            await watcher.stop()
-            shared.close()
-            await pool.close()
-            app.state.services.commands.shutdown(wait=True)  # a command under way ends before its pools close
-            sync_pool.close()
-            ledger.close()
+            try:
+                await watcher.stop()
+                shared.close()
+                await pool.close()
+            finally:
+                # A command whose caller was cancelled may still be running: it ends before the
+                # pools it writes through close.
+                await asyncio.to_thread(app.state.services.commands.shutdown)
+                sync_pool.close()
+                ledger.close()
 
     routes = [
         *starlette_routes(),

@@ -207,7 +207,7 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
         self._insert_in_order = sql.SQL("SELECT * FROM {}(%b, %s) AS appended_notification_id").format(function).as_string()
         self._lock_timeout = f"{datastore.lock_timeout}s"
         self._without_function = False
-        self._select_latest: dict[str, str] = {}  # by snapshot table
+        self._select_latest: dict[tuple[str, str], str] = {}  # by the snapshots' schema and table
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         """Undecorated: `Ledger` makes the retries, knowing which inserts were tried again."""
@@ -234,22 +234,27 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
     ) -> tuple[StoredEvent | None, list[StoredEvent]]:
         """An aggregate's latest snapshot in `snapshots` (None if it has none) and its events after
         that snapshot, in one statement (so from one moment of the database) and one round trip:
-        the library's repository makes two, the snapshot's, then the events'."""
-        statement = self._select_latest.get(snapshots.events_table_name)
+        the library's repository makes two, the snapshot's, then the events'. (Snapshots kept in
+        another database are read the library's way.)"""
+        if snapshots.datastore is not self.datastore:
+            latest = snapshots.select_events(originator_id, desc=True, limit=1)
+            snapshot = latest[0] if latest else None
+            return snapshot, list(self.select_events(originator_id, gt=snapshot.originator_version if snapshot else None))
+        key = (snapshots.datastore.schema, snapshots.events_table_name)
+        statement = self._select_latest.get(key)
         if statement is None:
-            statement = self._select_latest[snapshots.events_table_name] = (
+            statement = self._select_latest[key] = (
                 sql.SQL(
-                    "WITH snapshot AS (SELECT originator_version, topic, state FROM {schema}.{snapshots}"
+                    "WITH snapshot AS (SELECT originator_version, topic, state FROM {snapshots}"
                     " WHERE originator_id = %(id)s ORDER BY originator_version DESC LIMIT 1)"
                     " SELECT true, originator_version, topic, state FROM snapshot"
-                    " UNION ALL SELECT false, originator_version, topic, state FROM {schema}.{events}"
+                    " UNION ALL SELECT false, originator_version, topic, state FROM {events}"
                     " WHERE originator_id = %(id)s AND originator_version > COALESCE((SELECT originator_version FROM snapshot), 0)"
                     " ORDER BY 1 DESC, 2"
                 )
                 .format(
-                    schema=sql.Identifier(self.datastore.schema),
-                    snapshots=sql.Identifier(snapshots.events_table_name),
-                    events=sql.Identifier(self.events_table_name),
+                    snapshots=sql.Identifier(*key),
+                    events=sql.Identifier(self.datastore.schema, self.events_table_name),
                 )
                 .as_string()
             )

@@ -428,6 +428,14 @@ def test_a_command_reads_a_customers_latest_snapshot_and_later_events_in_one_sta
         assert vars(customer) == vars(library_read())
         with pytest.raises(CustomerNotFound):
             app.get_customer(10**9)
+
+        # snapshots kept through another datastore (another application's) cannot be joined: read the library's way
+        other = Ledger(stack.settings.eventsourcing_env())
+        try:
+            assert other.snapshots is not None and other.snapshots.recorder.datastore is not recorder.datastore  # type: ignore[attr-defined]
+            assert recorder.select_latest(uuid, other.snapshots.recorder) == (snapshot, after)  # type: ignore[arg-type]
+        finally:
+            other.close()
     finally:
         pool.close()
         app.close()
