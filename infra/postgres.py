@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 from uuid import UUID
@@ -178,8 +179,12 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
     library's own stored function, POSTGRES_ENABLE_DB_FUNCTIONS, takes no lock: off, config.py.)
 
     `ledger setup` creates the function with the tables. A process that finds it missing (a store
-    an earlier version set up) says so, and writes the library's way until it starts again.
+    an earlier version set up) says so, and writes the library's way, looking for the function
+    again every FUNCTION_RETRY_SECONDS: once `ledger setup` has made it, saves go through it
+    without a restart.
     """
+
+    FUNCTION_RETRY_SECONDS = 60.0
 
     def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events") -> None:
         super().__init__(datastore, events_table_name=events_table_name)
@@ -207,6 +212,7 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
         self._insert_in_order = sql.SQL("SELECT * FROM {}(%b, %s) AS appended_notification_id").format(function).as_string()
         self._lock_timeout = f"{datastore.lock_timeout}s"
         self._without_function = False
+        self._function_missing_since = 0.0
         self._select_latest: dict[tuple[str, str], str] = {}  # by the snapshots' schema and table
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
@@ -214,7 +220,9 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
         if not stored_events:
             return None
         if self._without_function:
-            return self._pipelined(stored_events, **kwargs)
+            if time.monotonic() - self._function_missing_since < self.FUNCTION_RETRY_SECONDS:
+                return self._pipelined(stored_events, **kwargs)
+            self._without_function = False  # look again: `ledger setup` may have made it since
         events = [self.construct_pg_stored_event(e.originator_id, e.originator_version, e.topic, e.state) for e in stored_events]
         try:
             with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cursor:
@@ -226,6 +234,7 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
                 raise
             log.warning("the event store has no function to insert in order (run `ledger setup`): inserting the library's way")
             self._without_function = True
+            self._function_missing_since = time.monotonic()
             return self._pipelined(stored_events, **kwargs)
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)  # as the library's select_events
