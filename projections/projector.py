@@ -295,10 +295,8 @@ class Projector:
             " events_table = EXCLUDED.events_table, originator_id = EXCLUDED.originator_id,"
             " originator_version = EXCLUDED.originator_version, identified_at = EXCLUDED.identified_at"
         ).format(self._tracking)
-        self._unlock = sql.SQL("SELECT pg_advisory_unlock(%s), (SELECT max(notification_id) FROM {})").format(
-            sql.Identifier(self._events_table)
-        )
         self._last = sql.SQL("SELECT max(notification_id) FROM {}").format(sql.Identifier(self._events_table))
+        self._unlock = sql.SQL("SELECT pg_advisory_unlock(%s), ({})").format(self._last)
         self._conn: psycopg.Connection | None = None
         self._position = 0
         self._events_oid = 0
