@@ -430,6 +430,14 @@ def test_a_command_reads_a_customers_latest_snapshot_and_later_events_in_one_sta
         assert customer.version == 53 and len(customer.loans) == 52
         monkeypatch.undo()
         assert vars(customer) == vars(library_read())
+        seen: list[int] = []
+
+        def counting(aggregate: Any, events: Any) -> Any:  # a projector function of the caller's own
+            events = list(events)
+            seen.extend(e.originator_version for e in events)
+            return project_aggregate(aggregate, events)
+
+        assert vars(app.repository.get(uuid, projector_func=counting)) == vars(customer) and seen == [50, 51, 52, 53]
         with pytest.raises(CustomerNotFound):
             app.get_customer(10**9)
 
