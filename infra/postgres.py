@@ -211,18 +211,18 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
         # lock timeout this process was given (POSTGRES_LOCK_TIMEOUT), as the library sets it.
         self._insert_in_order = sql.SQL("SELECT * FROM {}(%b, %s) AS appended_notification_id").format(function).as_string()
         self._lock_timeout = f"{datastore.lock_timeout}s"
-        self._without_function = False
-        self._function_missing_since = 0.0
+        self._function_missing_since: float | None = None  # when the function was last found missing
         self._select_latest: dict[tuple[str, str], str] = {}  # by the snapshots' schema and table
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         """Undecorated: `Ledger` makes the retries, knowing which inserts were tried again."""
         if not stored_events:
             return None
-        if self._without_function:
-            if time.monotonic() - self._function_missing_since < self.FUNCTION_RETRY_SECONDS:
+        missing_since = self._function_missing_since
+        if missing_since is not None:
+            if time.monotonic() - missing_since < self.FUNCTION_RETRY_SECONDS:
                 return self._pipelined(stored_events, **kwargs)
-            self._without_function = False  # look again: `ledger setup` may have made it since
+            self._function_missing_since = None  # look again: `ledger setup` may have made it since
         events = [self.construct_pg_stored_event(e.originator_id, e.originator_version, e.topic, e.state) for e in stored_events]
         try:
             with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cursor:
@@ -233,7 +233,6 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
             if not isinstance(error.__cause__, psycopg.errors.UndefinedFunction):
                 raise
             log.warning("the event store has no function to insert in order (run `ledger setup`): inserting the library's way")
-            self._without_function = True
             self._function_missing_since = time.monotonic()
             return self._pipelined(stored_events, **kwargs)
 
@@ -274,6 +273,11 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
         if rows and rows[0][0]:
             return stored[0], stored[1:]
         return None, stored
+
+    @property
+    def _without_function(self) -> bool:
+        """Whether saves go the library's way: the function was missing when last looked for."""
+        return self._function_missing_since is not None
 
     def _pipelined(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         library = PostgresApplicationRecorder.insert_events
