@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 from uuid import uuid4
 
 import psycopg
@@ -159,6 +159,83 @@ def test_a_bulk_load_defers_the_indexes_until_it_is_finished(stack: Stack, histo
         loaded = snapshot(conn, "bulk_test")
         assert loaded == snapshot(conn, "plain_test")
         assert len(loaded["customers"]) > 20 and len(loaded["loans"]) > 50
+
+
+class _Counting(psycopg.Cursor[Any]):
+    """A cursor that keeps the statements it sends (one for each row of an `executemany`)."""
+
+    sent: ClassVar[list[str]] = []
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        self.sent.append(str(query))
+        return super().execute(query, params, **kwargs)
+
+    def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
+        params_seq = list(params_seq)
+        self.sent += [str(query)] * len(params_seq)
+        super().executemany(query, params_seq, **kwargs)
+
+
+def test_a_small_page_of_new_customers_and_loans_is_one_statement_and_writes_what_the_pipeline_wrote(
+    stack: Stack, history: None
+) -> None:
+    """After a command, a page of registrations and bookings commits in one statement: its rows,
+    the versions of customers who already had one, the tracking position. Applied page by page
+    (50 events each) over the whole store and two new pages, it gives the tables the pipelined
+    INSERTs give, to the character and the cent."""
+    app, pool = build_ledger(stack.settings)
+    try:
+        awkward = app.register_customer("Zoë \\ O'Brien", 'Tab\there "quoted"', 61, "9600000021", Decimal("123456.78"))
+        plain = app.register_customer("Lee", "Ng", 40, "9600000022", Decimal(80_000))
+        new_id, plain_id = awkward.customer.customer_id, plain.customer.customer_id
+        registered = app.recorder.max_notification_id()
+        terms = LoanRequest(amount=Decimal("100000.05"), interest_rate=Decimal("11.75"), tenure=7)
+        for customer_id in (new_id, 14, plain_id):  # 14: an imported customer, whose version moves
+            assert app.book_loan(customer_id, terms, None).response["loan_approved"]
+    finally:
+        pool.close()
+        app.close()
+    tasks.trigger_catch_up()  # the live read model gets them too, for the tests after this one
+    with ledger_and_read_models(stack, one_statement=False, pipelined=False) as (app, conn):
+        stored = conn.execute(
+            "SELECT notification_id, originator_id, originator_version, topic, state FROM ledger_events ORDER BY notification_id"
+        ).fetchall()
+        before = [event for event in stored if event[0] <= registered]
+        pages = [before[i : i + 50] for i in range(0, len(before), 50)]
+        pages.append([event for event in stored if event[0] > registered])  # the three bookings
+        fast = Projector(app, stack.settings.database_url, schema="one_statement")
+        with psycopg.connect(stack.settings.database_url, autocommit=True, cursor_factory=_Counting) as counted:
+            fast._prepare(counted)
+            for page in pages:
+                _Counting.sent = []
+                fast.apply_page(counted, fast.collect(page))
+            assert len(_Counting.sent) == 1, _Counting.sent  # the bookings' page
+        slow = Projector(app, stack.settings.database_url, schema="pipelined")
+        with psycopg.connect(stack.settings.database_url, autocommit=False, cursor_factory=_Counting) as in_transaction:
+            slow._prepare(in_transaction)
+            for page in pages:
+                _Counting.sent = []
+                slow.apply_page(in_transaction, slow.collect(page))
+            assert len(_Counting.sent) == 5, _Counting.sent  # three INSERTs, the versions, the tracking
+        written = snapshot(conn, "one_statement")
+        assert written == snapshot(conn, "pipelined")
+        customers = {
+            row[0]: row
+            for row in conn.execute(
+                "SELECT customer_id, first_name, last_name, monthly_income, version FROM one_statement.customers"
+            )
+        }
+        assert customers[new_id][1:4] == ("Zoë \\ O'Brien", 'Tab\there "quoted"', Decimal("123456.78"))
+        assert registered < customers[new_id][4] < customers[14][4] < customers[plain_id][4] <= stored[-1][0]
+        assert written["tracking"][0][1] == stored[-1][0]
+        booked = conn.execute(
+            "SELECT customer_id, loan_amount, interest_rate FROM one_statement.loans WHERE origin = 'booked' AND customer_id = ANY(%s)",
+            ([new_id, 14, plain_id],),
+        ).fetchall()
+        # The rates a customer's score sets: 11.75 for 14, the slab's 12 for the new customers
+        assert sorted(booked) == [(14, Decimal("100000.05"), Decimal("11.75"))] + [
+            (customer_id, Decimal("100000.05"), Decimal("12")) for customer_id in sorted((new_id, plain_id))
+        ]
 
 
 class _Decoded(Projector):
