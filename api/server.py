@@ -16,36 +16,42 @@ _NOT_HTTP = encoder.encode(
 
 
 class _OneWrite:
-    """A connection's transport whose writes in one turn of the event loop go out as one.
+    """A connection's transport that sends a write with the one after it, if that comes in the
+    same turn of the event loop.
 
     uvicorn writes a response's status line and headers, then its body: two system calls, two
-    TCP segments, and a client woken twice. Both are written in the same turn of the loop (no
-    await between them yields), so holding writes until the end of the turn joins them.
+    TCP segments, and a client woken twice. Both are written in the same turn (no await between
+    them yields), so the headers are held until the body's write, which sends both at once,
+    before anything else the turn does. A write with none after it in its turn (a HEAD answer's
+    headers, the last part of a body sent in parts) goes at the end of the turn.
     """
 
-    __slots__ = ("_loop", "_pending", "_transport")
+    __slots__ = ("_held", "_loop", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
-        self._pending: list[bytes] = []
+        self._held: bytes | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._pending:
+        held, self._held = self._held, None
+        if held is None:
+            self._held = bytes(data)  # a copy of a buffer the caller may reuse
             self._loop.call_soon(self._flush)
-        self._pending.append(bytes(data))
+        else:
+            self._transport.writelines((held, data))  # one writev
 
     def writelines(self, lines: Any) -> None:
         for line in lines:
             self.write(line)
 
     def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if pending and not self._transport.is_closing():  # closed by the client meanwhile: nobody to send to
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():  # closed by the client meanwhile: nobody to send to
+            self._transport.write(held)
 
     def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+        return self._transport.get_write_buffer_size() + len(self._held or b"")
 
     def write_eof(self) -> None:
         self._flush()
@@ -56,10 +62,12 @@ class _OneWrite:
         self._transport.close()
 
     def abort(self) -> None:
-        self._pending = []
+        self._held = None
         self._transport.abort()
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not the transport's (and, in a copy with no slots set, no recursion)
+            raise AttributeError(name)
         return getattr(self._transport, name)
 
 
