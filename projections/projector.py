@@ -299,9 +299,10 @@ class Projector:
         # A page of a few new customers and loans (what commands record) is one statement, its own
         # transaction: the rows, the customers' versions, the tracking position and the notices
         # together. Its rows come as JSON arrays, which PostgreSQL reads as each column's text.
-        # Sent as separate statements in a pipeline, the same page cost the worker and the server
-        # about twice the CPU (psycopg's work and PostgreSQL's for each of seven and more statements).
-        notices = sql.SQL("pg_notify(%s, %s), pg_notify(%s, %s)" if schema == read_model.SCHEMA else "NULL")
+        # As seven statements and more in a pipeline, psycopg's work for each was most of the
+        # worker's share of a booking (bench/README.md, item 19).
+        self._live = schema == read_model.SCHEMA  # the API listens to this schema's notices
+        notices = sql.SQL("pg_notify(%s, %s), pg_notify(%s, %s)" if self._live else "NULL")
         self._small_page = sql.SQL(
             "WITH customers AS ("
             "INSERT INTO {0}.customers ({customer_columns})"
@@ -461,7 +462,7 @@ class Projector:
             with conn.transaction():  # new tables, as a rebuild makes: the API's kept answers go with the old
                 read_model.drop(conn, self.schema)
                 read_model.create(conn, self.schema)
-                if self.schema == read_model.SCHEMA:  # a position no changes notice describes: drop them all
+                if self._live:  # a position no changes notice describes: drop them all
                     conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(STORE_RECREATED)))
             position = None
         self._position = int(position or 0)
@@ -490,7 +491,7 @@ class Projector:
         changed_customers, changed_at = page.customer_versions()
         identity = (*page.last, position) if page.last else (None, None, None)
         if small and conn.autocommit and not (page.repayments or page.jobs or self.bulk_load):
-            notices = (CHANGES_CHANNEL, changes_notice(position, changed), NOTIFY_CHANNEL, str(position))
+            notices = (CHANGES_CHANNEL, changes_notice(position, changed), NOTIFY_CHANNEL, str(position)) if self._live else ()
             conn.execute(
                 self._small_page,
                 (
@@ -502,7 +503,7 @@ class Projector:
                     position,
                     self._events_oid,
                     *identity,
-                    *(notices if self.schema == read_model.SCHEMA else ()),
+                    *notices,
                 ),
             )
             self._position = position
@@ -527,7 +528,7 @@ class Projector:
                 cur.execute(self._customer_versions, (changed_customers, changed_at))
             self._apply_jobs(cur, page.jobs)
             cur.execute(self._track, (PROJECTION, position, self._events_oid, *identity))
-            if self.schema == read_model.SCHEMA:
+            if self._live:
                 cur.execute("SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, changes_notice(position, changed)))
                 cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(position)))
         self._position = position
