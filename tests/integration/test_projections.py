@@ -203,20 +203,21 @@ def test_a_small_page_of_new_customers_and_loans_is_one_statement_and_writes_wha
         before = [event for event in stored if event[0] <= registered]
         pages = [before[i : i + 50] for i in range(0, len(before), 50)]
         pages.append([event for event in stored if event[0] > registered])  # the three bookings
-        fast = Projector(app, stack.settings.database_url, schema="one_statement")
-        with psycopg.connect(stack.settings.database_url, autocommit=True, cursor_factory=_Counting) as counted:
-            fast._prepare(counted)
-            for page in pages:
-                _Counting.sent = []
-                fast.apply_page(counted, fast.collect(page))
-            assert len(_Counting.sent) == 1, _Counting.sent  # the bookings' page
-        slow = Projector(app, stack.settings.database_url, schema="pipelined")
-        with psycopg.connect(stack.settings.database_url, autocommit=False, cursor_factory=_Counting) as in_transaction:
-            slow._prepare(in_transaction)
-            for page in pages:
-                _Counting.sent = []
-                slow.apply_page(in_transaction, slow.collect(page))
-            assert len(_Counting.sent) == 5, _Counting.sent  # three INSERTs, the versions, the tracking
+
+        def last_page_statements(schema: str, autocommit: bool) -> list[str]:
+            """Apply every page into `schema`: the statements the last one sent."""
+            projector = Projector(app, stack.settings.database_url, schema=schema)
+            with psycopg.connect(stack.settings.database_url, autocommit=autocommit, cursor_factory=_Counting) as applying:
+                projector._prepare(applying)
+                for page in pages:
+                    _Counting.sent = []
+                    projector.apply_page(applying, projector.collect(page))
+            return _Counting.sent
+
+        one = last_page_statements("one_statement", autocommit=True)
+        assert len(one) == 1, one  # the bookings' page
+        pipelined = last_page_statements("pipelined", autocommit=False)  # in a transaction: the pipeline
+        assert len(pipelined) == 5, pipelined  # three INSERTs, the versions, the tracking
         written = snapshot(conn, "one_statement")
         assert written == snapshot(conn, "pipelined")
         customers = {
