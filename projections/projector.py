@@ -315,16 +315,15 @@ class Projector:
             " (r->>5)::integer, (r->>6)::numeric, (r->>7)::date, (r->>8)::date, (r->>9)::integer,"
             " (r->>10)::integer, r->>11"
             " FROM jsonb_array_elements(%s) r"
-            "), versions AS ("
-            # unnest, whose row count the planner reads from the arrays: a join over JSON rows it
-            # would plan for 100 of them, scanning every customer.
-            "UPDATE {0}.customers c SET version = v.position FROM unnest(%s::bigint[], %s::bigint[]) AS v (customer_id, position)"
-            " WHERE c.customer_id = v.customer_id AND c.version < v.position"
-            "), tracked AS ({track}) SELECT {notices}"
+            # The versions as a pipelined page updates them: over `unnest`, whose row count the
+            # planner reads from the arrays (a join over JSON rows it would plan for 100 of them,
+            # scanning every customer).
+            "), versions AS ({versions}), tracked AS ({track}) SELECT {notices}"
         ).format(
             s,
             customer_columns=sql.SQL(self._customers.columns),
             loan_columns=sql.SQL(self._loans.columns),
+            versions=self._customer_versions,
             track=self._track,
             notices=notices,
         )
