@@ -114,7 +114,7 @@ def _fields(struct: type[msgspec.Struct]) -> tuple[_Field, ...]:
 
 
 def decode(body: bytes, struct: type[S], aliases: dict[str, str] | None = None, *, empty_ok: bool = False) -> S:
-    raw = {} if empty_ok and not body.strip() else parse_json(body)
+    raw = {} if empty_ok and not body else parse_json(body)  # no body at all; whitespace is not JSON
     if not isinstance(raw, dict):
         raise ApiError(400, "malformed_json", "The request body must be a JSON object")
     for alias, name in (aliases or {}).items():

@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from api.errors import ApiError
-from api.schemas import LoanRequestBody, RegisterRequest
+from api.schemas import ImportRequest, LoanRequestBody, RegisterRequest
 from api.validation import decode
 
 
@@ -130,3 +130,11 @@ def test_a_name_may_hold_joiners_among_letters_that_show() -> None:
     }
     request = decode(msgspec.json.encode(fields), RegisterRequest)
     assert (request.first_name, request.last_name) == ("\u0d28\u0d4d\u200d", "Das\u200b")
+
+
+def test_an_optional_body_may_be_absent_but_whitespace_is_not_json() -> None:
+    assert decode(b"", ImportRequest, empty_ok=True) == decode(b"{}", ImportRequest)
+    for raw in (b"\r\n", b"  "):
+        with pytest.raises(ApiError) as raised:
+            decode(raw, ImportRequest, empty_ok=True)
+        assert (raised.value.status, raised.value.code) == (400, "malformed_json")
