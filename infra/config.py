@@ -13,6 +13,7 @@ from infra.xlsx_split import SPLIT_SIZE
 from ledger.ports import Clock, FixedClock, SystemClock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+APPLICATION_NAME = "LEDGER"  # `ledger.application.Ledger.name`, upper-cased as the library prefixes its settings
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,18 @@ class Settings:
         return FixedClock(self.today) if self.today else SystemClock()
 
     def eventsourcing_env(self, create_table: bool = False) -> dict[str, str]:
-        """The eventsourcing library's POSTGRES_* settings, from DATABASE_URL."""
+        """The eventsourcing library's settings: the event store's from DATABASE_URL, and the ones
+        the ledger's own SQL relies on, pinned.
+
+        The library reads its settings from the process environment too, and an application's
+        name before the plain one (`LEDGER_POSTGRES_SCHEMA` before `POSTGRES_SCHEMA`). Each is
+        given here under the application's name, so a variable meant for something else
+        (`POSTGRES_SCHEMA` or `LEDGER_POSTGRES_DBNAME` in a deployment's environment) cannot move
+        the events away from the database and tables that the projection, the ID sequences and
+        the insert function use.
+        """
         parts = conninfo_to_dict(self.database_url)
-        return {
+        settings = {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
             "POSTGRES_DBNAME": str(parts.get("dbname", "ledger")),
             "POSTGRES_HOST": str(parts.get("host", "127.0.0.1")),
@@ -69,16 +79,20 @@ class Settings:
             "POSTGRES_PASSWORD": str(parts.get("password", "")),
             "POSTGRES_POOL_SIZE": str(self.db_pool_size),
             "POSTGRES_CONNECT_TIMEOUT": "2",
+            # The tables in the search path's schema, keyed by UUIDs: what the SQL of infra.postgres
+            # and projections.projector names.
+            "POSTGRES_SCHEMA": "",
+            "ORIGINATOR_ID_TYPE": "uuid",
             # No ping before each use (a round trip per command): a connection broken by a server
             # restart fails once and the recorder retries on a fresh one, and the API re-checks
             # every pooled connection when its LISTEN connection comes back (api/app.py).
             "POSTGRES_PRE_PING": "n",
             # Inserts take the table lock, so events commit in notification-ID order and the
             # projection, which reads past its position, never passes over one still to commit.
-            # The library's stored-function insert takes no lock: pinned off, whatever the process
-            # environment says (the library reads LEDGER_POSTGRES_... before POSTGRES_...).
-            "LEDGER_POSTGRES_ENABLE_DB_FUNCTIONS": "n",
+            # The library's stored-function insert takes no lock: pinned off.
+            "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
             # Each save's events in one statement that takes the same lock (infra.postgres).
-            "LEDGER_APPLICATION_RECORDER_TOPIC": "infra.postgres:OrderedInsertRecorder",
+            "APPLICATION_RECORDER_TOPIC": "infra.postgres:OrderedInsertRecorder",
             "CREATE_TABLE": "y" if create_table else "n",
         }
+        return {f"{APPLICATION_NAME}_{key}": value for key, value in settings.items()}

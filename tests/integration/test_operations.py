@@ -20,9 +20,12 @@ import httpx2 as httpx
 import pytest
 from starlette.testclient import TestClient
 
+from api.app import create_app
 from infra.config import REPO_ROOT
 from infra.logs import JsonFormatter
+from infra.postgres import OrderedInsertRecorder
 from infra.stack import free_port
+from ledger.ports import FixedClock
 from tests.integration.conftest import TODAY, Stack, wait_healthy
 from tests.integration.test_import import follow, start
 from workers import tasks
@@ -246,6 +249,41 @@ def test_readiness_names_a_failed_service_without_its_address(
     assert redis_check == {"ok": False, "detail": "Redis did not answer (ConnectionError); the API's log has the error"}
     assert "127.0.0.1" not in not_ready.text and "s3cret" not in not_ready.text
     assert any("Redis did not answer" in r.getMessage() and "127.0.0.1:1" in r.getMessage() for r in caplog.records)
+
+
+def test_the_event_store_is_where_database_url_says_whatever_the_library_finds_in_the_environment(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The eventsourcing library reads its settings from the process environment as well, the
+    application's name first. Variables meant for something else must not move the API's events
+    away from the store that the projection, the worker and the ID sequences use."""
+    stray = {
+        "POSTGRES_SCHEMA": "elsewhere",
+        "LEDGER_POSTGRES_SCHEMA": "elsewhere",
+        "LEDGER_POSTGRES_DBNAME": "nowhere",
+        "LEDGER_POSTGRES_PORT": "1",
+        "LEDGER_ORIGINATOR_ID_TYPE": "text",
+        "LEDGER_POSTGRES_ENABLE_DB_FUNCTIONS": "y",
+        "LEDGER_APPLICATION_RECORDER_TOPIC": "eventsourcing.postgres:PostgresApplicationRecorder",
+    }
+    for name, value in stray.items():
+        monkeypatch.setenv(name, value)
+    with TestClient(create_app(stack.settings, clock=FixedClock(TODAY)), raise_server_exceptions=False) as client:
+        recorder = client.app.state.services.ledger.recorder  # type: ignore[attr-defined]
+        assert type(recorder) is OrderedInsertRecorder and recorder.datastore.schema == "public"
+        with stack.connect() as conn:
+            events = conn.execute("SELECT max(notification_id) FROM ledger_events").fetchone()
+        customer_id = new_customer(client)  # read back from the read model: the worker projected it
+        assert client.get(f"/customers/{customer_id}").status_code == 200
+        assert book(client, customer_id)["loan_approved"] is True
+    with stack.connect() as conn:  # the events are in the store's table, after those before
+        topics = conn.execute("SELECT topic FROM ledger_events WHERE notification_id > %s ORDER BY notification_id", events)
+        assert [topic.rsplit(":", 1)[1] for (topic,) in topics] == [
+            "Customer.Registered",
+            "PhoneNumber.Claimed",
+            "Customer.LoanBooked",
+            "Loan.Booked",
+        ]
 
 
 def test_metrics_are_in_the_prometheus_text_format(client: TestClient, imported: dict[str, Any]) -> None:
