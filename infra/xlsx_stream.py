@@ -53,8 +53,13 @@ _SHEET_DATA_END = re.compile(rf"</{_NS}sheetData\s*>|<{_NS}sheetData\s*/>")  # o
 _SHEET_DATA_START = re.compile(rf"<{_NS}sheetData\b")
 
 _MAIN = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
-_STRICT = b"http://purl.oclc.org/ooxml/spreadsheetml/main"  # the Strict Open XML namespace
-_REL = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}"
+# Excel's "Strict Open XML Spreadsheet" names the same elements in other namespaces. The sheet's
+# XML is read without regard to namespaces; the workbook, shared strings and styles by these.
+_STRICT = "{http://purl.oclc.org/ooxml/spreadsheetml/main}"
+_REL_IDS = (
+    "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}id",
+    "{http://purl.oclc.org/ooxml/officeDocument/relationships}id",
+)
 _PKG_REL = "{http://schemas.openxmlformats.org/package/2006/relationships}"
 # Built-in number formats that show a date or time (ECMA-376 part 1, 18.8.30).
 _DATE_FORMAT_IDS = {*range(14, 23), *range(27, 37), *range(45, 48), *range(50, 59)}
@@ -130,20 +135,13 @@ def _package(path: str) -> zipfile.ZipFile:
     if "xl/workbook.xml" not in package.namelist():
         package.close()
         raise NotXlsx(path)
-    with package.open("xl/workbook.xml") as workbook:
-        head = workbook.read(4096)
-    if _STRICT in head and _MAIN.encode()[1:-1] not in head:
-        # Excel's "Strict Open XML" saves other namespaces, which this reader does not look for:
-        # calamine reads them (the whole sheet at once).
-        package.close()
-        raise NotXlsx(path)
     return package
 
 
 def sheet_size(path: str) -> int:
     """The length in bytes of the first sheet's XML (0 when there is no sheet)."""
     with _package(path) as package:
-        sheet, _ = _first_sheet(package)
+        sheet, _, _ = _first_sheet(package)
         return package.getinfo(sheet).file_size if sheet in package.namelist() else 0
 
 
@@ -156,7 +154,7 @@ def find_cut(path: str, fraction: float = 0.5) -> Cut | None:
     (None when there is none before the sheet's data ends). Only the reader before the cut can
     tell whether the rows before it ended there cleanly (UncleanCut)."""
     with _package(path) as package:
-        sheet, _ = _first_sheet(package)
+        sheet, _, _ = _first_sheet(package)
         if sheet is None or sheet not in package.namelist():
             return None
         with package.open(sheet) as stream:
@@ -193,13 +191,13 @@ def _flat(blocks: Iterator[Block]) -> Iterator[list[Any]]:
 def _sheet_blocks(package: zipfile.ZipFile, start: Cut | None, stop: Cut | None) -> Iterator[Block]:
     with package:
         names = set(package.namelist())
-        sheet, date1904 = _first_sheet(package)
+        sheet, date1904, main = _first_sheet(package)
         if sheet is None or sheet not in names:
             if stop is not None:
                 raise UncleanCut("no sheet to cut")
             return
-        strings = _shared_strings(package, names)
-        styles = _number_styles(package, names)
+        strings = _shared_strings(package, names, main)
+        styles = _number_styles(package, names, main)
         epoch = datetime(1904, 1, 1) if date1904 else datetime(1899, 12, 30)
         with package.open(sheet) as stream:
             first = start.offset if start else 0
@@ -208,34 +206,36 @@ def _sheet_blocks(package: zipfile.ZipFile, start: Cut | None, stop: Cut | None)
             yield from _rows(chunks, strings, styles, epoch, start, stop)
 
 
-def _first_sheet(package: zipfile.ZipFile) -> tuple[str | None, bool]:
+def _first_sheet(package: zipfile.ZipFile) -> tuple[str | None, bool, str]:
+    """The first sheet's part, whether dates count from 1904, and the SpreadsheetML namespace."""
     workbook = ElementTree.fromstring(package.read("xl/workbook.xml"))
-    properties = workbook.find(f"{_MAIN}workbookPr")
+    main = _STRICT if workbook.tag == f"{_STRICT}workbook" else _MAIN
+    properties = workbook.find(f"{main}workbookPr")
     date1904 = properties is not None and properties.get("date1904") in ("1", "true")
-    first = workbook.find(f"{_MAIN}sheets/{_MAIN}sheet")
+    first = workbook.find(f"{main}sheets/{main}sheet")
     if first is None:
-        return None, date1904
+        return None, date1904, main
     target = None
-    rel_id = first.get(f"{_REL}id")
+    rel_id = next((first.get(name) for name in _REL_IDS if first.get(name) is not None), None)
     rels = ElementTree.fromstring(package.read("xl/_rels/workbook.xml.rels"))
     for rel in rels.iter(f"{_PKG_REL}Relationship"):
         if rel.get("Id") == rel_id:
             target = rel.get("Target", "")
     if target is None:
-        return None, date1904
+        return None, date1904, main
     path = target.lstrip("/") if target.startswith("/") else posixpath.normpath(posixpath.join("xl", target))
-    return path, date1904
+    return path, date1904, main
 
 
-def _shared_strings(package: zipfile.ZipFile, names: set[str]) -> list[str]:
+def _shared_strings(package: zipfile.ZipFile, names: set[str], main: str) -> list[str]:
     if "xl/sharedStrings.xml" not in names:
         return []
     strings = []
     with package.open("xl/sharedStrings.xml") as stream:
         for _, element in ElementTree.iterparse(stream):
-            if element.tag == f"{_MAIN}si":
+            if element.tag == f"{main}si":
                 # Rich text has several runs; phonetic hints (rPh) are not part of the text.
-                text = "".join(t.text or "" for t in element.iter(f"{_MAIN}t") if t not in _phonetic(element))
+                text = "".join(t.text or "" for t in element.iter(f"{main}t") if t not in _phonetic(element, main))
                 strings.append(_unescape_excel(text) if "_x" in text else text)
                 element.clear()
     return strings
@@ -255,21 +255,21 @@ def _excel_character(escape: re.Match[str]) -> str:
     return escape.group(0) if 0xD800 <= code <= 0xDFFF else chr(code)  # half a surrogate pair is no character
 
 
-def _phonetic(si: ElementTree.Element) -> set[ElementTree.Element]:
-    return {t for rph in si.iter(f"{_MAIN}rPh") for t in rph.iter(f"{_MAIN}t")}
+def _phonetic(si: ElementTree.Element, main: str) -> set[ElementTree.Element]:
+    return {t for rph in si.iter(f"{main}rPh") for t in rph.iter(f"{main}t")}
 
 
-def _number_styles(package: zipfile.ZipFile, names: set[str]) -> NumberStyles:
+def _number_styles(package: zipfile.ZipFile, names: set[str], main: str) -> NumberStyles:
     """The cell style indexes whose number format shows a date or a time, a duration, or a percentage."""
     if "xl/styles.xml" not in names:
         return {}
     styles = ElementTree.fromstring(package.read("xl/styles.xml"))
-    custom = {int(fmt.get("numFmtId", "-1")): fmt.get("formatCode", "") for fmt in styles.iter(f"{_MAIN}numFmt")}
-    xfs = styles.find(f"{_MAIN}cellXfs")
+    custom = {int(fmt.get("numFmtId", "-1")): fmt.get("formatCode", "") for fmt in styles.iter(f"{main}numFmt")}
+    xfs = styles.find(f"{main}cellXfs")
     if xfs is None:
         return {}
     styled: NumberStyles = {}
-    for index, xf in enumerate(xfs.findall(f"{_MAIN}xf")):
+    for index, xf in enumerate(xfs.findall(f"{main}xf")):
         fmt = int(xf.get("numFmtId", "0"))
         if fmt in custom:
             code = _LITERAL_PART.sub("", custom[fmt])
@@ -620,8 +620,6 @@ def _parse(text: str, last: int, strings: list[str], styles: NumberStyles, epoch
         for column, attributes, inner in _CELL.findall(content):
             reference, style, kind = _attributes(attributes)
             index = _column_index(column or reference) if (column or reference) else len(cells)
-            if index > len(cells):
-                cells.extend([None] * (index - len(cells)))
             if (
                 kind == "n"
                 and style not in styles
@@ -629,9 +627,14 @@ def _parse(text: str, last: int, strings: list[str], styles: NumberStyles, epoch
                 and inner.endswith("</v>")
                 and "<" not in inner[3:-4]
             ):
-                cells.append(float(inner[3:-4]))  # most cells: a plain number
+                value = float(inner[3:-4])  # most cells: a plain number
             else:
-                cells.append(_value(kind, style, inner, strings, styles, epoch))
+                value = _value(kind, style, inner, strings, styles, epoch)
+            if index >= len(cells):
+                cells.extend([None] * (index - len(cells)))
+                cells.append(value)
+            else:  # a cell written after one to its right: in its own column, as calamine places it
+                cells[index] = value
         yield number, cells
 
 

@@ -330,10 +330,9 @@ def test_excel_escapes_in_shared_strings_are_decoded_as_calamine_decodes_them(tm
     assert _streamed(path) == [["Garcia\r", "A_x0041_B", "plain_x_"]] == _calamine(path)
 
 
-def test_a_strict_open_xml_workbook_is_read_by_calamine_not_taken_for_an_empty_sheet(tmp_path: Path) -> None:
-    source = _table(tmp_path / "source.xlsx", 3, write_only=False)
-    strict = tmp_path / "strict.xlsx"
-    with zipfile.ZipFile(source) as package, zipfile.ZipFile(strict, "w", zipfile.ZIP_DEFLATED) as out:
+def _strict(source: Path, target: Path) -> Path:
+    """`source` saved as Excel's "Strict Open XML Spreadsheet" names its parts' elements."""
+    with zipfile.ZipFile(source) as package, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out:
         for item in package.infolist():
             text = package.read(item.filename).decode()
             text = text.replace(
@@ -344,11 +343,52 @@ def test_a_strict_open_xml_workbook_is_read_by_calamine_not_taken_for_an_empty_s
                 "http://purl.oclc.org/ooxml/officeDocument/relationships",
             )
             out.writestr(item, text)
-    with pytest.raises(NotXlsx):
-        first_sheet_rows(str(strict))
-    customers = REPO / "data" / "customer_data.xlsx"
-    with pytest.raises(UnreadableFile, match="missing column"):  # read (by calamine) as far as its header
-        read_history(customers, strict)
+    return target
+
+
+def test_a_strict_open_xml_workbook_is_streamed_with_its_strings_dates_and_percentages(tmp_path: Path) -> None:
+    """Its workbook, shared strings and styles name their elements in Strict's namespace: read by
+    those names, its sheet reads as the same workbook saved the usual way, a rate shown as a
+    percentage included (calamine, which reads no formats, would give its fraction)."""
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["Name", "Start", "Rate"])
+    for n in range(1, 4):
+        sheet.append([f"name {n}", date(2020, 1, n), n / 100])
+        sheet.cell(row=n + 1, column=3).number_format = "0.00%"
+    book.save(tmp_path / "usual.xlsx")
+    strict = _strict(tmp_path / "usual.xlsx", tmp_path / "strict.xlsx")
+    with zipfile.ZipFile(strict) as package:
+        assert "purl.oclc.org/ooxml/spreadsheetml/main" in package.read("xl/styles.xml").decode()
+    streamed = _streamed(strict)
+    assert _typed(streamed) == _typed(_streamed(tmp_path / "usual.xlsx"))
+    assert streamed[1] == ["name 1", date(2020, 1, 1), xlsx_stream.Percent(0.01)]
+    assert type(streamed[1][2]) is xlsx_stream.Percent
+    assert streamed[1:] == _calamine(strict)[1:]  # the same values as calamine reads, the percentage marked
+
+
+def test_a_strict_open_xml_history_imports_as_the_same_files_saved_the_usual_way(tmp_path: Path) -> None:
+    """The reference files (their names in shared strings) saved as Strict Open XML."""
+    customers, loans = REPO / "data" / "customer_data.xlsx", REPO / "data" / "loan_data.xlsx"
+    with zipfile.ZipFile(_strict(customers, tmp_path / "c.xlsx")) as package:
+        assert "purl.oclc.org/ooxml/spreadsheetml/main" in package.read("xl/sharedStrings.xml").decode()
+    strict = read_history(_strict(customers, tmp_path / "c.xlsx"), _strict(loans, tmp_path / "l.xlsx"))
+    assert strict == read_history(customers, loans)
+    assert (len(strict[0]), len(strict[1]), strict[2]) == (300, 782, [])
+
+
+def test_a_cell_written_after_one_to_its_right_is_read_in_its_own_column(tmp_path: Path) -> None:
+    """Excel writes a row's cells left to right; other writers need not. Each cell goes in the
+    column its reference names, as calamine places it, not after the cells read before it."""
+    source = _table(tmp_path / "source.xlsx", 1, write_only=True)
+    rows = (
+        '<row r="1"><c r="A1"><v>1</v></c><c r="B1"><v>2</v></c><c r="C1"><v>3</v></c><c r="D1"><v>4</v></c></row>'
+        '<row r="2"><c r="C2"><v>30</v></c><c r="A2"><v>10</v></c><c r="D2"><v>40</v></c><c r="B2"><v>20</v></c></row>'
+        '<row r="3"><c r="D3"><v>400</v></c><c r="B3" t="inlineStr"><is><t>b</t></is></c></row>'
+    )
+    path = _with_sheet_xml(source, tmp_path / "unordered.xlsx", rows)
+    assert _streamed(path) == [[1, 2, 3, 4], [10, 20, 30, 40], [None, "b", None, 400]] == _calamine(path)
 
 
 def test_odd_but_readable_sheets_are_read_as_calamine_reads_them(tmp_path: Path) -> None:
