@@ -860,11 +860,15 @@ class Ledger(Application[UUID]):
                 for r in rows
             ]
             return []
-        rekey = (
+        differs = (
             record is not None
             and existing is not None
             and not existing.same_person(record.first_name, record.last_name, record.phone_number)
         )
+        # A customer imported under this file ID before is the file's customer, however its row
+        # reads now (a name or a phone number corrected since): only someone else holding the ID
+        # (registered before the first import) sends the file's customer to a new ID.
+        rekey = differs and existing is not None and not self._is_file_customer(existing, file_id)
         if record is not None and (existing is None or rekey) and phone_uuid(record.phone_number) in known:
             reason = f"Phone Number {record.phone_number} already belongs to another customer"
             report.issues.append(RowIssue(labels[0], record.row, reason))
@@ -883,6 +887,15 @@ class Ledger(Application[UUID]):
                 report.rekeyed_customers.append({"row": record.row, "file_customer_id": file_id, "customer_id": customer_id})
             elif record is not None:
                 report.customers_already_present += 1
+                if differs:
+                    report.issues.append(
+                        RowIssue(
+                            labels[0],
+                            record.row,
+                            f"Customer ID {file_id} was imported before with another name or phone number:"
+                            " the ledger keeps what it recorded, and the row's loans go to that customer",
+                        )
+                    )
         elif record is None:
             report.issues += [
                 RowIssue(

@@ -433,6 +433,29 @@ def test_a_file_customer_whose_id_was_taken_is_rekeyed_with_its_loans_and_reimpo
     assert (again["customers_already_present"], again["loans_already_present"]) == (1, 1)
 
 
+def test_a_reimported_customer_whose_name_or_phone_changed_is_the_same_customer_not_a_new_one(ledger: Ledger) -> None:
+    """A customer imported under a file's Customer ID is that file customer, whatever its row says
+    in a later file: the ledger keeps what it recorded, says so, and adds only the new loans."""
+    customers, loans = [customer_row(2, 7, "9000000007"), customer_row(3, 8, "9000000008")], [loan_row(2, 7, 50)]
+    run_import(ledger, customers, loans)
+    corrected = [
+        CustomerRecord(2, 7, "F", "Smith", 40, "9200000007", D(50_000), D(1_800_000)),  # other surname and phone
+        CustomerRecord(3, 8, "Fay", "L", 40, "9000000008", D(50_000), D(1_800_000)),  # another first name
+    ]
+    events = ledger.recorder.max_notification_id() or 0
+    again = run_import(ledger, corrected, [loan_row(2, 7, 50), loan_row(3, 7, 51), loan_row(4, 8, 52)])
+    assert again["rekeyed_customers"] == [] and again["rekeyed_loans"] == []
+    assert (again["customers_imported"], again["customers_already_present"]) == (0, 2)
+    assert (again["loans_imported"], again["loans_already_present"]) == (2, 1)
+    kept = "was imported before with another name or phone number: the ledger keeps what it recorded"
+    assert [(i["row"], kept in i["reason"]) for i in again["issues"]] == [(2, True), (3, True)]  # type: ignore[attr-defined]
+    seven, eight = ledger.get_customer(7), ledger.get_customer(8)
+    assert (seven.last_name, seven.phone_number, [t.loan_id for t in seven.loans]) == ("L", "9000000007", [50, 51])
+    assert (eight.first_name, [t.loan_id for t in eight.loans]) == ("F", [52])
+    new_events = ledger.recorder.select_notifications(events, 100, inclusive_of_start=False)
+    assert not any("PhoneNumber" in n.topic or "FileCustomer" in n.topic for n in new_events)  # no phone claimed, no ID moved
+
+
 def test_loan_rows_without_a_customer_row_go_only_to_the_files_customer(ledger: Ledger) -> None:
     """A loan row whose Customer ID has no customer row belongs to the lender's customer with that
     ID: never to a customer registered (or re-keyed) with it, however the IDs fall."""
