@@ -113,7 +113,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         schemas.RepaymentRequest,
         {
             201: (schemas.RepaymentResponse, "Recorded"),
-            400: (E, "Invalid request, or a date before the loan started or in the future"),
+            400: (
+                E,
+                "Invalid request, or a date before the loan started, in the future, or before the last installment was paid",
+            ),
             404: (E, "Unknown loan"),
             409: (E, "The loan is closed"),
             422: (E, "Idempotency-Key reused with a different request"),

@@ -590,6 +590,11 @@ class Ledger(Application[UUID]):
                 raise InvalidRepayment(f"paid_on {day} is before the loan started on {loan.start_date}")
             if day > today:
                 raise InvalidRepayment(f"paid_on {day} is in the future (today is {today})")
+            if loan.last_paid_on is not None and day < loan.last_paid_on:
+                # Installments are paid in turn: an earlier date would make a late one on time.
+                raise InvalidRepayment(
+                    f"paid_on {day} is before installment {loan.emis_paid}, which was paid on {loan.last_paid_on}"
+                )
             installment = amortization(loan.amount, loan.interest_rate, loan.tenure, loan.monthly_installment, loan.start_date)[
                 loan.emis_paid
             ]

@@ -354,6 +354,9 @@ class Loan(Aggregate):
         self.emis_paid = emis_paid
         self.emis_paid_on_time = emis_paid_on_time
         self.source_loan_id = source_loan_id
+        # The day the last installment recorded here was paid (an imported loan's file says how
+        # many were paid, not when).
+        self.last_paid_on: date | None = None
 
     @classmethod
     def book(cls, customer_id: int, terms: LoanTerms) -> Loan:
@@ -431,6 +434,7 @@ class Loan(Aggregate):
     ) -> None:
         self.emis_paid = emis_paid
         self.emis_paid_on_time = emis_paid_on_time
+        self.last_paid_on = paid_on
 
 
 class PhoneNumber(Aggregate):

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,29 @@ def test_an_imported_loan_takes_repayments_and_its_trail_starts_in_its_customers
     assert [e["type"] for e in after] == ["Customer.HistoryImported", "Loan.Opened", "Loan.RepaymentRecorded"]
     assert after[1]["data"]["emis_paid"] == 126 and after[2]["data"]["installment"] == 127
     assert client.get("/customers/28/history").json()[-1]["type"] == "Customer.RepaymentRecorded"
+
+
+def test_a_repayment_dated_before_the_last_one_paid_is_a_400_and_records_nothing(stack: Stack, client: TestClient) -> None:
+    """Installments are paid in turn: one dated before the last payment would be counted on time."""
+    with stack.connect() as conn:
+        row = conn.execute(
+            "SELECT loan_id FROM readmodel.loans WHERE origin = 'imported' AND loan_id <> 5152"
+            " AND tenure - emis_paid >= 2 AND end_date > %s AND start_date < %s ORDER BY loan_id DESC LIMIT 1",
+            (TODAY, TODAY - timedelta(days=60)),
+        ).fetchone()
+    assert row is not None
+    loan_id = row[0]
+    first = client.post(f"/loans/{loan_id}/repayments", json={"paid_on": (TODAY - timedelta(days=10)).isoformat()})
+    assert first.status_code == 201, first.text
+    earlier = (TODAY - timedelta(days=30)).isoformat()
+    refused = client.post(f"/loans/{loan_id}/repayments", json={"paid_on": earlier})
+    assert refused.status_code == 400
+    assert f"which was paid on {(TODAY - timedelta(days=10)).isoformat()}" in refused.json()["error"]["message"]
+    assert [e["type"] for e in client.get(f"/loans/{loan_id}/history").json()][-1] == "Loan.RepaymentRecorded"
+    assert len(client.get(f"/loans/{loan_id}/history").json()) == 3  # the history, the opening, one repayment
+    assert (
+        client.post(f"/loans/{loan_id}/repayments", json={"paid_on": (TODAY - timedelta(days=10)).isoformat()}).status_code == 201
+    )
 
 
 # Schedules

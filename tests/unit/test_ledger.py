@@ -400,7 +400,7 @@ def test_repayments_count_on_time_or_late_and_the_last_one_closes_the_loan() -> 
         ledger.record_repayment(loan_id, date(2026, 1, 11))
     first = ledger.record_repayment(loan_id, date(2026, 1, 10)).response  # due 2026-02-10: early is on time
     clock._today = date(2026, 6, 1)
-    late = ledger.record_repayment(loan_id).response  # due 2026-03-10, paid 2026-06-01
+    late = ledger.record_repayment(loan_id, date(2026, 3, 20)).response  # due 2026-03-10
     last = ledger.record_repayment(loan_id, date(2026, 4, 10), "pay-3").response  # due 2026-04-10: on the day
     assert [(r["installment"], r["on_time"], r["repayments_left"]) for r in (first, late, last)] == [
         (1, True, 2),
@@ -416,6 +416,26 @@ def test_repayments_count_on_time_or_late_and_the_last_one_closes_the_loan() -> 
     history = ledger.get_customer(customer_id).credit_history(date(2026, 6, 1))
     assert (history.current_loans, history.completed_loans, history.emis_due, history.emis_paid_on_time) == (0, 1, 3, 2)
     assert sum(r["amount"] for r in (first, late, last)) > D(30_000)
+
+
+def test_installments_are_paid_in_turn_so_none_is_dated_before_the_one_paid_before_it() -> None:
+    """A repayment dated before the last one recorded would make an installment paid late look on
+    time (and lift the credit score): refused, and nothing is recorded."""
+    clock = FixedClock(date(2026, 6, 1))
+    ledger = Ledger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, clock=clock)
+    customer_id = ledger.register_customer("Ann", "Lee", 30, "9876543210", D(100_000)).customer.customer_id
+    clock._today = date(2026, 1, 10)
+    loan_id = ledger.book_loan(customer_id, LoanRequest(D(30_000), D(12), 3)).response["loan_id"]
+    clock._today = date(2026, 6, 1)
+    late = ledger.record_repayment(loan_id, date(2026, 3, 1)).response  # due 2026-02-10
+    assert (late["installment"], late["on_time"]) == (1, False)
+    with pytest.raises(InvalidRepayment, match="before installment 1, which was paid on 2026-03-01"):
+        ledger.record_repayment(loan_id, date(2026, 2, 28))  # installment 2, due 2026-03-10: it would be on time
+    loan = ledger.repository.get(loan_uuid(loan_id))
+    assert (loan.version, loan.emis_paid) == (2, 1)
+    same_day = ledger.record_repayment(loan_id, date(2026, 3, 1)).response
+    assert (same_day["installment"], same_day["on_time"]) == (2, True)
+    assert ledger.repository.get(loan_uuid(loan_id)).last_paid_on == date(2026, 3, 1)  # read back from its events
 
 
 def test_a_file_customer_whose_id_was_taken_is_rekeyed_with_its_loans_and_reimport_adds_nothing(ledger: Ledger) -> None:
