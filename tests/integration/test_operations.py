@@ -190,8 +190,11 @@ def test_a_booked_loans_schedule_is_exact_to_the_cent(client: TestClient) -> Non
 
 
 def test_an_imported_loans_schedule_follows_the_files_payment(client: TestClient, imported: dict[str, Any]) -> None:
-    schedule = client.get("/loans/5930/schedule").json()  # 900,000 at 8.2% over 129 months, paying 15,344; 114 paid
-    rows = schedule["installments"]
+    response = client.get("/loans/5930/schedule")  # 900,000 at 8.2% over 129 months, paying 15,344; 114 paid
+    schedule, rows = response.json(), response.json()["installments"]
+    # In cents, as every answer gives money, though the file spells the payment 15344.0
+    money = re.findall(r'"(?:payment|interest|principal|balance)":([-0-9.eE+]+)', response.text)
+    assert len(money) == 4 * 129 and all(re.fullmatch(r"-?[0-9]+\.[0-9]{2}", m) for m in money), money[:8]
     assert schedule["monthly_installment"] == 15344
     paying = [r["payment"] for r in rows if r["payment"]]
     # The file's payment is above the 8.2% EMI: the loan is repaid early, by a smaller last payment.
