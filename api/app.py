@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -77,6 +77,16 @@ async def database_unavailable(request: Request, exc: Exception) -> Response:
     return error_response(
         503, "database_unavailable", "The database is unavailable; try again shortly", headers={"Retry-After": "1"}
     )
+
+
+# What the access log and the metrics count for a request whose client left before its body
+# arrived (nginx's number for it): nothing is answered, and nothing went wrong on this side.
+CLIENT_GONE = 499
+
+
+async def client_gone(request: Request, exc: Exception) -> Response:
+    log.info("the client went away before its request's body arrived: %s %s", request.method, request.url.path)
+    return Response(status_code=CLIENT_GONE)
 
 
 async def unexpected(request: Request, exc: Exception) -> Response:
@@ -163,6 +173,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             PoolTimeout: database_unavailable,
             persistence.OperationalError: database_unavailable,
             persistence.InterfaceError: database_unavailable,
+            ClientDisconnect: client_gone,
             Exception: unexpected,
         },
     )

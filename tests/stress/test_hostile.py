@@ -213,5 +213,26 @@ def test_a_request_that_is_not_http_gets_a_json_400(served: Served, request_byte
     assert json.loads(body) == {"error": {"code": "bad_request", "message": "The request is not valid HTTP/1.1", "details": None}}
 
 
+def test_a_client_gone_before_its_body_arrived_is_logged_as_such_not_as_a_server_error(served: Served) -> None:
+    """Nothing is answered and nothing went wrong here: the access log and the metrics count 499,
+    and no traceback is logged (it was logged as an unexpected error, and counted as a 500)."""
+    logged = len(served.log("api"))
+    with socket.create_connection(("127.0.0.1", served.port), timeout=5) as conn:
+        conn.sendall(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.5)  # the app is waiting for the rest of the body
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in served.log("api")[logged:].splitlines() if line.startswith("{")]
+        gone = [line for line in lines if line.get("message") == "request" and line.get("path") == "/register"]
+        if gone or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert [line["status"] for line in gone] == [499], lines
+    assert not [line for line in lines if line.get("level") == "error" or "Traceback" in json.dumps(line)]
+    assert any("went away before its request's body arrived" in line.get("message", "") for line in lines)
+    metrics = httpx.get(f"{served.base}/metrics", timeout=5).text
+    assert 'ledger_http_requests_total{method="POST",route="/register",status="500"}' not in metrics
+
+
 def test_a_health_check_still_answers_after_the_abuse(served: Served) -> None:
     assert httpx.get(f"{served.base}/health", timeout=5).json() == {"status": "ok"}
