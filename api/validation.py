@@ -8,7 +8,7 @@ the check cannot drift apart.
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from functools import cache
 from typing import Any, TypeVar
@@ -117,10 +117,15 @@ def decode(body: bytes, struct: type[S], aliases: dict[str, str] | None = None, 
     raw = {} if empty_ok and not body else parse_json(body)  # no body at all; whitespace is not JSON
     if not isinstance(raw, dict):
         raise ApiError(400, "malformed_json", "The request body must be a JSON object")
-    for alias, name in (aliases or {}).items():
-        if name not in raw and alias in raw:
-            raw[name] = raw.pop(alias)
     errors: list[dict[str, str]] = []
+    sent_as: dict[str, str] = {}  # a field sent under its alias: errors name what was sent
+    for alias, name in (aliases or {}).items():
+        if alias in raw and name in raw:
+            if raw.pop(alias) != raw[name]:  # two values: which one the client meant is not for us to guess
+                errors.append({"field": alias, "message": f"{alias} is an alias of {name}, which has another value"})
+        elif alias in raw:
+            raw[name] = raw.pop(alias)
+            sent_as[name] = alias
     values: dict[str, Any] = {}
     for field in _fields(struct):
         if field.encode_name not in raw:
@@ -128,6 +133,8 @@ def decode(body: bytes, struct: type[S], aliases: dict[str, str] | None = None, 
                 errors.append({"field": field.encode_name, "message": "This field is required"})
             continue
         value = raw[field.encode_name]
+        if sent_as:
+            field = replace(field, encode_name=sent_as.get(field.encode_name, field.encode_name))
         if field.is_decimal and (isinstance(value, (str, bool)) or value is None):
             errors.append(
                 {

@@ -25,11 +25,25 @@ def test_every_bad_field_is_reported() -> None:
     assert [d["field"] for d in raised.value.details] == ["customer_id", "loan_amount", "interest_rate", "tenure"]
 
 
-def test_the_alias_fills_the_field_only_when_it_is_missing() -> None:
+def test_the_alias_fills_the_field_and_may_repeat_its_value() -> None:
     body = b'{"first_name": "A", "last_name": "B", "age": 20, "monthly_salary": 5000, "phone_number": "9000000000"}'
     assert decode(body, RegisterRequest, {"monthly_salary": "monthly_income"}).monthly_income == Decimal(5000)
-    both = b'{"first_name": "A", "last_name": "B", "age": 20, "monthly_income": 7000, "monthly_salary": 5000, "phone_number": 9000000000}'
-    assert decode(both, RegisterRequest, {"monthly_salary": "monthly_income"}).monthly_income == Decimal(7000)
+    same = b'{"first_name": "A", "last_name": "B", "age": 20, "monthly_income": 7000, "monthly_salary": 7000.0, "phone_number": 9000000000}'
+    assert decode(same, RegisterRequest, {"monthly_salary": "monthly_income"}).monthly_income == Decimal(7000)
+
+
+def test_a_field_and_its_alias_with_two_values_are_refused_and_an_alias_error_names_the_alias() -> None:
+    aliases = {"monthly_salary": "monthly_income"}
+    both = b'{"first_name": "A", "last_name": "B", "age": 20, "monthly_income": 7000, "monthly_salary": 1e400, "phone_number": 9000000000}'
+    with pytest.raises(ApiError) as raised:
+        decode(both, RegisterRequest, aliases)
+    assert raised.value.details == [
+        {"field": "monthly_salary", "message": "monthly_salary is an alias of monthly_income, which has another value"}
+    ]
+    alone = b'{"first_name": "A", "last_name": "B", "age": 20, "monthly_salary": -5, "phone_number": 9000000000}'
+    with pytest.raises(ApiError) as raised:
+        decode(alone, RegisterRequest, aliases)
+    assert [d["field"] for d in raised.value.details] == ["monthly_salary"]
 
 
 @pytest.mark.parametrize("raw", [b"", b"   ", b"[]", b"{", b"1"])
