@@ -225,8 +225,10 @@ def _date(value: Cell, column: str) -> date:
     if isinstance(value, date):
         return _shared(value)  # type: ignore[no-any-return]
     if isinstance(value, str):
-        try:
-            return _shared(date.fromisoformat(value.strip()[:10]))  # type: ignore[no-any-return]
+        text = value.strip()
+        try:  # an ISO date, or an ISO date and time (a time of day is dropped, as a datetime cell's is)
+            day = date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text).date()
+            return _shared(day)  # type: ignore[no-any-return]
         except ValueError:
             pass
     raise _BadCell(f"{column} is not a date: {value!r}")

@@ -79,6 +79,8 @@ def test_bad_customer_cells_are_named(column: str, value: object, reason: str) -
         ({"EMIs paid on Time": 130.0}, "EMIs paid on Time (130) is more than the Tenure (129)"),
         ({"End Date": date(2017, 3, 8)}, "End Date 2017-03-08 is before Date of Approval 2017-03-09"),
         ({"Date of Approval": "yesterday"}, "Date of Approval is not a date"),
+        ({"Date of Approval": "2017-03-09junk"}, "Date of Approval is not a date: '2017-03-09junk'"),
+        ({"End Date": "2030-01-01 25:00"}, "End Date is not a date"),
         ({"Monthly payment": float("nan")}, "Monthly payment is not a number"),
     ],
 )
@@ -86,6 +88,12 @@ def test_bad_loan_cells_are_named(change: dict[str, object], reason: str) -> Non
     issue = parse_loan("l.xlsx", 9, LOAN | change)
     assert isinstance(issue, RowIssue)
     assert issue.reason.startswith(reason)
+
+
+@pytest.mark.parametrize("text", ["2017-03-09", " 2017-03-09 ", "2017-03-09 00:00:00", "2017-03-09T10:30:00"])
+def test_a_date_written_as_iso_text_reads_as_that_day(text: str) -> None:
+    loan = parse_loan("l.xlsx", 9, LOAN | {"Date of Approval": text})
+    assert not isinstance(loan, RowIssue) and loan.start_date == date(2017, 3, 9)
 
 
 def test_a_header_without_the_expected_columns_refuses_the_file() -> None:
