@@ -22,10 +22,13 @@ Name = Annotated[
     Meta(
         min_length=1,
         max_length=100,
-        # At least one character that shows: not a space, a control, or an invisible format
-        # character (zero-width spaces and joiners, the byte-order mark, a soft hyphen).
-        pattern=r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f\u00ad\u180e\u200b-\u200f\u2060-\u206f\ufeff][^\x00-\x1f\x7f-\x9f]*$(?!\n)",
-        description="Non-blank, at most 100 characters, no control characters",
+        # No control character (C0, DEL, C1), line or paragraph separator, or bidirectional
+        # embedding, override or isolate (which would show the name, or text after it, reordered),
+        # and at least one character that shows: not a space, or an invisible format character
+        # (zero-width spaces and joiners, the byte-order mark, a soft hyphen). As the import checks
+        # names (ledger.history.CONTROL).
+        pattern=r"^[^\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069]*[^\s\x00-\x1f\x7f-\x9f\u00ad\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff][^\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069]*$(?!\n)",
+        description="Non-blank, at most 100 characters, no control characters, line separators or bidirectional overrides",
     ),
 ]
 Id = Annotated[int, Meta(ge=1, le=BIGINT)]

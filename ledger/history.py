@@ -55,7 +55,8 @@ LAST_DATE = date(9999, 12, 31)
 _SAFE_START = date(LAST_DATE.year - LONGEST_TENURE // 12 - 1, 1, 1)  # any tenure fits after it
 PHONES = (10**9, 10**15 - 1)  # 10 to 15 digits: the import's bounds and the API's (api.schemas.Phone)
 SMALLEST = Decimal("0.000001")
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
+# C0, DEL and C1; line and paragraph separators; bidirectional embeddings, overrides and isolates
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069]")
 
 
 class UnreadableFile(Exception):

@@ -58,6 +58,7 @@ def test_a_reference_loan_row_reads_exactly() -> None:
         ("Customer ID", "abc", "Customer ID is not a whole number"),
         ("Customer ID", 1.5, "Customer ID is not a whole number"),
         ("First Name", None, "First Name is empty"),
+        ("Last Name", "Garcia\u202e", "Last Name contains control characters"),
         ("Phone Number", 12345.0, "Phone Number must have 10 to 15 digits"),
         ("Monthly Salary", -1.0, "Monthly Salary must be above 0"),
         ("Approved Limit", "n/a", "Approved Limit is not a number"),

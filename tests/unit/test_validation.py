@@ -118,13 +118,22 @@ def test_bytes_that_are_not_utf8_and_deep_nesting_are_malformed(raw: bytes, mess
         ("first_name", "Bob\n"),
         ("first_name", "a\x85b"),  # C1 controls are control characters too
         ("last_name", "\x9b"),
+        ("first_name", "Asha\u202eayi"),  # a right-to-left override: the name shows reversed
+        ("last_name", "Iyer\u2066"),  # a bidirectional isolate
+        ("first_name", "A\u2028B"),  # a line separator
     ],
 )
-def test_a_last_newline_or_a_c1_control_is_refused(field: str, value: str) -> None:
+def test_a_last_newline_a_c1_control_or_a_bidirectional_override_is_refused(field: str, value: str) -> None:
     fields = {"first_name": "A", "last_name": "B", "age": 30, "monthly_income": 1000, "phone_number": "9000000000", field: value}
     with pytest.raises(ApiError) as raised:
         decode(msgspec.json.encode(fields), RegisterRequest)
     assert [d["field"] for d in raised.value.details] == [field]
+
+
+def test_names_in_any_script_with_accents_and_joiners_inside_are_taken() -> None:
+    for first, last in [("Zoë", "Ñúñez"), ("محمد", "علي"), ("अ\u200dनु", "O'Brien-Smith")]:
+        fields = {"first_name": first, "last_name": last, "age": 30, "monthly_income": 1000, "phone_number": "9000000000"}
+        assert decode(msgspec.json.encode(fields), RegisterRequest).first_name == first
 
 
 def test_a_phone_string_with_a_leading_zero_is_refused_saying_why() -> None:
