@@ -104,18 +104,24 @@ class Percent(float):
 
 
 def check_header(file: str, header: list[Cell], expected: tuple[str, ...]) -> dict[str, int]:
-    """Map each expected column to its position, or refuse the file naming what is missing."""
+    """Map each expected column to its position, or refuse the file naming what is missing.
+    Names match whatever their case and spacing ("customer id", "Customer  ID ")."""
     names = [str(c).strip() if c is not None else "" for c in header]
-    positions = {name: i for i, name in enumerate(names) if name}
-    missing = [col for col in expected if col not in positions]
+    keys = [_column_key(name) for name in names]
+    positions = {key: i for i, key in enumerate(keys) if key}
+    missing = [col for col in expected if _column_key(col) not in positions]
     if missing:
         raise UnreadableFile(
             f"{file}: missing column(s) {', '.join(missing)}; found {', '.join(n for n in names if n) or 'none'}"
         )
-    repeated = [col for col in expected if names.count(col) > 1]
+    repeated = [col for col in expected if keys.count(_column_key(col)) > 1]
     if repeated:  # which of them holds the values? Not a guess to make for the lender.
         raise UnreadableFile(f"{file}: column(s) {', '.join(repeated)} appear more than once in the header")
-    return {col: positions[col] for col in expected}
+    return {col: positions[_column_key(col)] for col in expected}
+
+
+def _column_key(name: str) -> str:
+    return " ".join(name.split()).casefold()
 
 
 def _integer(value: Cell, column: str) -> int:

@@ -101,12 +101,15 @@ def test_a_header_without_the_expected_columns_refuses_the_file() -> None:
     with pytest.raises(UnreadableFile, match="missing column\\(s\\) Age, Approved Limit"):
         check_header("c.xlsx", ["Customer ID", "First Name", "Last Name", "Phone Number", "Monthly Salary"], CUSTOMER_COLUMNS)
     assert check_header("c.xlsx", [" Customer ID ", *CUSTOMER_COLUMNS[1:]], CUSTOMER_COLUMNS)["Customer ID"] == 0
+    # however the header spells their case and spaces
+    header = ["customer id", "FIRST NAME", "Last  Name", *CUSTOMER_COLUMNS[3:]]
+    assert check_header("c.xlsx", header, CUSTOMER_COLUMNS) == {column: n for n, column in enumerate(CUSTOMER_COLUMNS)}
 
 
 def test_a_header_that_names_a_column_twice_refuses_the_file() -> None:
     # Which of the two holds the values? The last one used to win, silently.
     with pytest.raises(UnreadableFile, match="column\\(s\\) Loan Amount appear more than once in the header"):
-        check_header("l.xlsx", [*LOAN_COLUMNS, "Notes", " Loan Amount"], LOAN_COLUMNS)
+        check_header("l.xlsx", [*LOAN_COLUMNS, "Notes", " loan amount"], LOAN_COLUMNS)
 
 
 @pytest.mark.parametrize(
