@@ -495,12 +495,10 @@ async def loan_schedule(request: Request) -> Response:
             schemas.ScheduleRow(
                 number=row.number,
                 due_date=row.due_date,
-                # An imported loan's figures are the file's, spelled as it spelled them (111111.0):
-                # in cents, as every other answer gives money.
-                payment=to_money(row.payment),
-                interest=to_money(row.interest),
-                principal=to_money(row.principal),
-                balance=to_money(row.balance),
+                payment=row.payment,
+                interest=row.interest,
+                principal=row.principal,
+                balance=row.balance,
                 paid=paid,
                 on_time=on_time,
                 paid_on=paid_on,

@@ -30,6 +30,9 @@ class Installment:
 
 
 def amortization(amount: Decimal, annual_rate: Decimal, tenure: int, payment: Decimal, start: date) -> list[Installment]:
+    # An imported loan's payment is the file's, which may hold fractions of a cent (8884.875) or
+    # spell its cents otherwise (15344.0): what is paid is in cents.
+    payment = to_money(payment)
     monthly_rate = annual_rate / Decimal(1200)
     balance = to_money(amount)
     rows: list[Installment] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import date
+from decimal import ROUND_HALF_UP
 from decimal import Decimal as D
 from fractions import Fraction
 
@@ -266,6 +267,19 @@ def test_the_schedule_repays_exactly_the_amount_whatever_the_payment(
     assert rows[-1].balance == 0
     assert all(r.payment == r.interest + r.principal for r in rows)
     assert [r.number for r in rows] == list(range(1, tenure + 1))
+
+
+@pytest.mark.parametrize("payment", [D("8884.875"), D("8884.0"), D("8884.123456")])
+def test_a_files_payment_is_paid_in_cents_and_the_schedule_still_adds_up(payment: D) -> None:
+    """An imported loan's monthly payment is the file's: fractions of a cent, or cents spelled
+    otherwise. What is paid is in cents, each balance is the one before less its principal, and
+    the principals add up to the amount."""
+    rows = amortization(D(100_000), D(12), 12, payment, date(2026, 1, 15))
+    assert all(r.payment == r.payment.quantize(D("0.01")) and r.principal.as_tuple().exponent == -2 for r in rows)
+    assert rows[0].payment == payment.quantize(D("0.01"), rounding=ROUND_HALF_UP)
+    assert sum(r.principal for r in rows) == D(100_000) and rows[-1].balance == 0
+    balances = [D(100_000), *(r.balance for r in rows)]
+    assert all(before - r.principal == after for before, r, after in zip(balances, rows, balances[1:], strict=False))
 
 
 def test_a_schedule_at_the_computed_emi() -> None:
