@@ -891,16 +891,7 @@ class Ledger(Application[UUID]):
                 aggregates.append(FileCustomer.link(file_id, customer_id))
                 report.rekeyed_customers.append({"row": record.row, "file_customer_id": file_id, "customer_id": customer_id})
             elif record is not None:
-                report.customers_already_present += 1
-                if differs:
-                    report.issues.append(
-                        RowIssue(
-                            labels[0],
-                            record.row,
-                            f"Customer ID {file_id} was imported before with another name or phone number:"
-                            " the ledger keeps what it recorded, and the row's loans go to that customer",
-                        )
-                    )
+                report.customers_already_present += 1  # as recorded, however the row reads now
         elif record is None:
             report.issues += [
                 RowIssue(

@@ -85,7 +85,8 @@ class LoanClosed(DomainError):
 
 
 class InvalidRepayment(DomainError):
-    """A repayment the calendar does not allow (before the loan started, or in the future)."""
+    """A repayment the calendar does not allow: before the loan started, in the future, or before
+    the installment before it was paid."""
 
 
 class Contention(DomainError):
