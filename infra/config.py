@@ -10,10 +10,10 @@ from pathlib import Path
 from psycopg.conninfo import conninfo_to_dict
 
 from infra.xlsx_split import SPLIT_SIZE
+from ledger.application import Ledger
 from ledger.ports import Clock, FixedClock, SystemClock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-APPLICATION_NAME = "LEDGER"  # `ledger.application.Ledger.name`, upper-cased as the library prefixes its settings
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,11 @@ class Settings:
 
         The library reads its settings from the process environment too, and an application's
         name before the plain one (`LEDGER_POSTGRES_SCHEMA` before `POSTGRES_SCHEMA`). Each is
-        given here under the application's name, so a variable meant for something else
-        (`POSTGRES_SCHEMA` or `LEDGER_POSTGRES_DBNAME` in a deployment's environment) cannot move
-        the events away from the database and tables that the projection, the ID sequences and
-        the insert function use.
+        given here under both names, so a variable meant for something else (`POSTGRES_SCHEMA` or
+        `LEDGER_POSTGRES_DBNAME` in a deployment's environment) cannot move the events away from
+        the database and tables that the projection, the ID sequences and the insert function
+        use. The library's tuning settings not given here (`POSTGRES_LOCK_TIMEOUT`,
+        `POSTGRES_MAX_OVERFLOW`, ...) still come from the environment.
         """
         parts = conninfo_to_dict(self.database_url)
         settings = {
@@ -77,6 +78,7 @@ class Settings:
             "POSTGRES_PORT": str(parts.get("port", "5432")),
             "POSTGRES_USER": str(parts.get("user", "ledger")),
             "POSTGRES_PASSWORD": str(parts.get("password", "")),
+            "POSTGRES_GET_PASSWORD_TOPIC": "",  # the password is the URL's, not a function's
             "POSTGRES_POOL_SIZE": str(self.db_pool_size),
             "POSTGRES_CONNECT_TIMEOUT": "2",
             # The tables in the search path's schema, keyed by UUIDs: what the SQL of infra.postgres
@@ -95,4 +97,4 @@ class Settings:
             "APPLICATION_RECORDER_TOPIC": "infra.postgres:OrderedInsertRecorder",
             "CREATE_TABLE": "y" if create_table else "n",
         }
-        return {f"{APPLICATION_NAME}_{key}": value for key, value in settings.items()}
+        return settings | {f"{Ledger.name.upper()}_{key}": value for key, value in settings.items()}

@@ -292,12 +292,14 @@ def test_the_event_store_is_where_database_url_says_whatever_the_library_finds_i
         "LEDGER_ORIGINATOR_ID_TYPE": "text",
         "LEDGER_POSTGRES_ENABLE_DB_FUNCTIONS": "y",
         "LEDGER_APPLICATION_RECORDER_TOPIC": "eventsourcing.postgres:PostgresApplicationRecorder",
+        "POSTGRES_GET_PASSWORD_TOPIC": "os:getcwd",  # a password from a function, not the URL
     }
     for name, value in stray.items():
         monkeypatch.setenv(name, value)
     with TestClient(create_app(stack.settings, clock=FixedClock(TODAY)), raise_server_exceptions=False) as client:
         recorder = client.app.state.services.ledger.recorder  # type: ignore[attr-defined]
         assert type(recorder) is OrderedInsertRecorder and recorder.datastore.schema == "public"
+        assert recorder.datastore.pool.get_password_func is None  # this test's server takes any password
         with stack.connect() as conn:
             events = conn.execute("SELECT max(notification_id) FROM ledger_events").fetchone()
         customer_id = new_customer(client)  # read back from the read model: the worker projected it
