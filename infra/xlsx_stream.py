@@ -633,7 +633,7 @@ def _parse(text: str, last: int, strings: list[str], styles: NumberStyles, epoch
             if index >= len(cells):
                 cells.extend([None] * (index - len(cells)))
                 cells.append(value)
-            else:  # a cell written after one to its right: in its own column, as calamine places it
+            elif value is not None:  # written after a cell to its right: in its own column, as calamine places it
                 cells[index] = value
         yield number, cells
 

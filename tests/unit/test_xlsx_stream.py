@@ -361,11 +361,19 @@ def test_a_strict_open_xml_workbook_is_streamed_with_its_strings_dates_and_perce
     strict = _strict(tmp_path / "usual.xlsx", tmp_path / "strict.xlsx")
     with zipfile.ZipFile(strict) as package:
         assert "purl.oclc.org/ooxml/spreadsheetml/main" in package.read("xl/styles.xml").decode()
+        sheet_xml = package.read("xl/worksheets/sheet1.xml").decode()
+    # Excel's Strict files write a date as ISO text in a `t="d"` cell, not as a serial number
+    sheet_xml, dated = re.subn(
+        r'<c r="B4"( s="\d+")?(?: t="n")?><v>[^<]*</v></c>', r'<c r="B4"\1 t="d"><v>2020-01-03T00:00:00</v></c>', sheet_xml
+    )
+    assert dated == 1
+    strict = _replaced(strict, tmp_path / "strict_d.xlsx", {"xl/worksheets/sheet1.xml": sheet_xml})
     streamed = _streamed(strict)
     assert _typed(streamed) == _typed(_streamed(tmp_path / "usual.xlsx"))
     assert streamed[1] == ["name 1", date(2020, 1, 1), xlsx_stream.Percent(0.01)]
     assert type(streamed[1][2]) is xlsx_stream.Percent
-    assert streamed[1:] == _calamine(strict)[1:]  # the same values as calamine reads, the percentage marked
+    assert streamed[1:3] == _calamine(strict)[1:3]  # the same values as calamine reads, the percentage marked
+    # (calamine gives the `t="d"` cell's midnight as a datetime, this reader as a date, as it gives a serial date)
 
 
 def test_a_strict_open_xml_history_imports_as_the_same_files_saved_the_usual_way(tmp_path: Path) -> None:
@@ -386,9 +394,10 @@ def test_a_cell_written_after_one_to_its_right_is_read_in_its_own_column(tmp_pat
         '<row r="1"><c r="A1"><v>1</v></c><c r="B1"><v>2</v></c><c r="C1"><v>3</v></c><c r="D1"><v>4</v></c></row>'
         '<row r="2"><c r="C2"><v>30</v></c><c r="A2"><v>10</v></c><c r="D2"><v>40</v></c><c r="B2"><v>20</v></c></row>'
         '<row r="3"><c r="D3"><v>400</v></c><c r="B3" t="inlineStr"><is><t>b</t></is></c></row>'
+        '<row r="4"><c r="A4"><v>7</v></c><c r="B4"><v>8</v></c><c r="A4"/></row>'  # an empty cell again: it holds 7
     )
     path = _with_sheet_xml(source, tmp_path / "unordered.xlsx", rows)
-    assert _streamed(path) == [[1, 2, 3, 4], [10, 20, 30, 40], [None, "b", None, 400]] == _calamine(path)
+    assert _streamed(path) == [[1, 2, 3, 4], [10, 20, 30, 40], [None, "b", None, 400], [7, 8]] == _calamine(path)
 
 
 def test_odd_but_readable_sheets_are_read_as_calamine_reads_them(tmp_path: Path) -> None:
