@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-from ledger.history import PHONES
+from ledger.history import NOT_IN_NAMES, PHONES
 from ledger.policy import LONGEST_TENURE
 
 BIGINT = 2**63 - 1
@@ -22,12 +22,11 @@ Name = Annotated[
     Meta(
         min_length=1,
         max_length=100,
-        # No control character (C0, DEL, C1), line or paragraph separator, or bidirectional
-        # embedding, override or isolate (which would show the name, or text after it, reordered),
-        # and at least one character that shows: not a space, or an invisible format character
-        # (zero-width spaces and joiners, the byte-order mark, a soft hyphen). As the import checks
-        # names (ledger.history.CONTROL).
-        pattern=r"^[^\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069]*[^\s\x00-\x1f\x7f-\x9f\u00ad\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff][^\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069]*$(?!\n)",
+        # None of the characters the import refuses in names either (ledger.history.NOT_IN_NAMES:
+        # controls, line separators, bidirectional overrides), and at least one that shows: not a
+        # space, or an invisible format character (zero-width spaces and joiners, the byte-order
+        # mark, a soft hyphen).
+        pattern=(rf"^[^{NOT_IN_NAMES}]*[^\s{NOT_IN_NAMES}\u00ad\u180e\u200b-\u200f\u2060-\u206f\ufeff][^{NOT_IN_NAMES}]*$(?!\n)"),
         description="Non-blank, at most 100 characters, no control characters, line separators or bidirectional overrides",
     ),
 ]
@@ -62,7 +61,7 @@ class RegisterRequest(Struct):
     monthly_income: Annotated[
         Decimal,
         Meta(
-            description="Monthly income (at most 2 decimals); `monthly_salary` is accepted as an alias",
+            description="Monthly income (at most 2 decimals); `monthly_salary` is accepted as an alias (both: only with one value)",
             extra_json_schema={"exclusiveMinimum": 0, "maximum": 1_000_000_000_000, "multipleOf": 0.01},
         ),
     ]

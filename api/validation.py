@@ -121,7 +121,8 @@ def decode(body: bytes, struct: type[S], aliases: dict[str, str] | None = None, 
     sent_as: dict[str, str] = {}  # a field sent under its alias: errors name what was sent
     for alias, name in (aliases or {}).items():
         if alias in raw and name in raw:
-            if raw.pop(alias) != raw[name]:  # two values: which one the client meant is not for us to guess
+            given = raw.pop(alias)
+            if given != raw[name] or isinstance(given, bool):  # two values (true == 1 in Python): not ours to choose
                 errors.append({"field": alias, "message": f"{alias} is an alias of {name}, which has another value"})
         elif alias in raw:
             raw[name] = raw.pop(alias)

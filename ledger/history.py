@@ -55,8 +55,11 @@ LAST_DATE = date(9999, 12, 31)
 _SAFE_START = date(LAST_DATE.year - LONGEST_TENURE // 12 - 1, 1, 1)  # any tenure fits after it
 PHONES = (10**9, 10**15 - 1)  # 10 to 15 digits: the import's bounds and the API's (api.schemas.Phone)
 SMALLEST = Decimal("0.000001")
-# C0, DEL and C1; line and paragraph separators; bidirectional embeddings, overrides and isolates
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069]")
+# What a name may not hold (the API's names too, api.schemas.Name), as a regex character range:
+# C0, DEL and C1 controls; line and paragraph separators; bidirectional embeddings, overrides and
+# isolates (which show a name, or the text after it, reordered).
+NOT_IN_NAMES = r"\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069"
+CONTROL = re.compile(f"[{NOT_IN_NAMES}]")
 
 
 class UnreadableFile(Exception):
@@ -218,7 +221,7 @@ def _text(value: Cell, column: str) -> str:
     if not text:
         raise _BadCell(f"{column} is empty")
     if CONTROL.search(text):
-        raise _BadCell(f"{column} contains control characters")
+        raise _BadCell(f"{column} contains control characters, line separators or bidirectional overrides")
     if len(text) > 100:
         raise _BadCell(f"{column} is longer than 100 characters")
     return text
@@ -234,8 +237,10 @@ def _date(value: Cell, column: str) -> date:
     if isinstance(value, str):
         text = value.strip()
         try:  # an ISO date, or an ISO date and time (a time of day is dropped, as a datetime cell's is)
-            day = date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text).date()
-            return _shared(day)  # type: ignore[no-any-return]
+            if len(text) == 10:
+                return _shared(date.fromisoformat(text))  # type: ignore[no-any-return]
+            if text[10:11] in ("T", " ") and text[4:5] == "-":  # not any separator, nor a week date
+                return _shared(datetime.fromisoformat(text).date())  # type: ignore[no-any-return]
         except ValueError:
             pass
     raise _BadCell(f"{column} is not a date: {value!r}")

@@ -232,6 +232,7 @@ def test_a_client_gone_before_its_body_arrived_is_logged_as_such_not_as_a_server
     assert any("went away before its request's body arrived" in line.get("message", "") for line in lines)
     metrics = httpx.get(f"{served.base}/metrics", timeout=5).text
     assert 'ledger_http_requests_total{method="POST",route="/register",status="500"}' not in metrics
+    assert 'ledger_http_requests_total{method="POST",route="/register",status="499"}' in metrics
 
 
 def test_a_health_check_still_answers_after_the_abuse(served: Served) -> None:

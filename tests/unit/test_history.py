@@ -82,6 +82,7 @@ def test_bad_customer_cells_are_named(column: str, value: object, reason: str) -
         ({"Date of Approval": "yesterday"}, "Date of Approval is not a date"),
         ({"Date of Approval": "2017-03-09junk"}, "Date of Approval is not a date: '2017-03-09junk'"),
         ({"End Date": "2030-01-01 25:00"}, "End Date is not a date"),
+        ({"Date of Approval": "2017-03-09j1234"}, "Date of Approval is not a date"),
         ({"Monthly payment": float("nan")}, "Monthly payment is not a number"),
     ],
 )

@@ -40,6 +40,9 @@ def test_a_field_and_its_alias_with_two_values_are_refused_and_an_alias_error_na
     assert raised.value.details == [
         {"field": "monthly_salary", "message": "monthly_salary is an alias of monthly_income, which has another value"}
     ]
+    boolean = b'{"first_name": "A", "last_name": "B", "age": 20, "monthly_income": 1, "monthly_salary": true, "phone_number": 9000000000}'
+    with pytest.raises(ApiError):
+        decode(boolean, RegisterRequest, aliases)
     alone = b'{"first_name": "A", "last_name": "B", "age": 20, "monthly_salary": -5, "phone_number": 9000000000}'
     with pytest.raises(ApiError) as raised:
         decode(alone, RegisterRequest, aliases)
