@@ -7,17 +7,17 @@ aggregate with the same integer ID fails on the event store's own constraint.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal
 from functools import lru_cache
 from hashlib import sha1
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 import msgspec
-from eventsourcing.domain import Aggregate, event
+from eventsourcing.domain import Aggregate, Snapshot, event
 
-from ledger.policy import CreditHistory, LoanFacts, credit_history
+from ledger.policy import CreditHistory, credit_history
 
 NAMESPACE = uuid5(NAMESPACE_URL, "https://credit-approval-ledger/ids")
 _NAMESPACE_BYTES = NAMESPACE.bytes
@@ -117,24 +117,45 @@ class LoanTerms(msgspec.Struct, frozen=True):
     emis_paid_on_time: int = 0
     source_loan_id: int | None = None
 
-    def facts(self) -> LoanFacts:
-        return LoanFacts(
-            loan_id=self.loan_id,
-            amount=self.amount,
-            tenure=self.tenure,
-            monthly_installment=self.monthly_installment,
-            start_date=self.start_date,
-            end_date=self.end_date,
-            emis_paid=self.emis_paid,
-            emis_paid_on_time=self.emis_paid_on_time,
-        )
-
     def as_dict(self) -> dict[str, Any]:
         return msgspec.structs.asdict(self)
 
 
+class CustomerState(TypedDict):
+    """A customer's attributes as its snapshot keeps them (`Customer.Snapshot`)."""
+
+    _created_on: datetime
+    _modified_on: datetime
+    customer_id: int
+    source_customer_id: int | None
+    first_name: str
+    last_name: str
+    age: int
+    phone_number: str
+    monthly_income: Decimal
+    approved_limit: Decimal
+    loans: list[LoanTerms]
+    class_version: NotRequired[int]
+
+
 class Customer(Aggregate):
     """A borrower: who they are, what they earn, the limit they were given and their loans."""
+
+    class Snapshot(Snapshot):
+        """The library's snapshot with the customer's attributes typed (`CustomerState`): the
+        mapper reads it straight into its loans, dates and Decimals, as it reads the events. The
+        library's untyped one went through its JSON hook, value by value: 21 ms of a 24 ms
+        booking for a customer with 1,000 loans."""
+
+        state: CustomerState  # type: ignore[assignment]
+
+        @classmethod
+        def take(cls, aggregate: Any) -> Any:
+            snapshot = super().take(aggregate)
+            unknown = snapshot.state.keys() - CustomerState.__annotations__.keys()
+            if unknown:  # a snapshot would read back without them
+                raise TypeError(f"Customer has attributes CustomerState does not declare: {sorted(unknown)}")
+            return snapshot
 
     class Registered(Aggregate.Created):
         customer_id: int
@@ -277,7 +298,7 @@ class Customer(Aggregate):
                 )
 
     def credit_history(self, today: date) -> CreditHistory:
-        return credit_history((loan.facts() for loan in self.loans), today)
+        return credit_history(self.loans, today)
 
     def imported_source_ids(self) -> set[int]:
         return {loan.source_loan_id for loan in self.loans if loan.source_loan_id is not None}

@@ -13,7 +13,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger.calendar import add_months, installments_due
-from ledger.policy import CreditHistory, LoanRequest, approved_limit, credit_score, decide, minimum_rate, monthly_installment
+from ledger.domain import LoanTerms
+from ledger.policy import (
+    CreditHistory,
+    LoanFacts,
+    LoanRequest,
+    approved_limit,
+    credit_history,
+    credit_score,
+    decide,
+    minimum_rate,
+    monthly_installment,
+)
 from ledger.schedule import amortization
 
 
@@ -294,3 +305,44 @@ def test_a_schedule_at_the_computed_emi() -> None:
     assert rows[-1].payment != D("8884.88")  # the last installment absorbs the rounding...
     assert abs(rows[-1].payment - D("8884.88")) < D("0.10")  # ...which is a few paise
     assert rows[-1].balance == 0
+
+
+@st.composite
+def loan_terms(draw: st.DrawFn) -> LoanTerms:
+    tenure = draw(st.integers(min_value=1, max_value=120))
+    start = draw(st.dates(min_value=date(2015, 1, 1), max_value=date(2026, 12, 31)))
+    paid = draw(st.integers(min_value=0, max_value=tenure + 2))  # an imported file may count more than the tenure
+    return LoanTerms(
+        loan_id=draw(st.integers(min_value=1, max_value=10**6)),
+        amount=draw(st.decimals(min_value=1, max_value=10**7, places=2)),
+        interest_rate=D(12),
+        tenure=tenure,
+        monthly_installment=draw(st.decimals(min_value=1, max_value=10**6, places=2)),
+        start_date=start,
+        end_date=add_months(start, draw(st.integers(min_value=0, max_value=tenure + 12))),
+        emis_paid=paid,
+        emis_paid_on_time=draw(st.integers(min_value=0, max_value=paid)),
+    )
+
+
+@given(st.lists(loan_terms(), max_size=30), st.dates(min_value=date(2015, 1, 1), max_value=date(2030, 12, 31)))
+def test_the_aggregates_loans_give_the_history_their_facts_give(loans: list[LoanTerms], today: date) -> None:
+    """The customer aggregate hands the policy its own loans, with no copy as `LoanFacts` (the
+    read model's rows): both must give the same history, repayments left and current loans included."""
+    facts = [
+        LoanFacts(
+            t.loan_id, t.amount, t.tenure, t.monthly_installment, t.start_date, t.end_date, t.emis_paid, t.emis_paid_on_time
+        )
+        for t in loans
+    ]
+    expected = CreditHistory(
+        loans_taken=len(facts),
+        completed_loans=sum(f.repayments_left == 0 for f in facts),
+        loans_this_year=sum(f.start_date.year == today.year for f in facts),
+        emis_due=sum(installments_due(f.start_date, f.tenure, today) for f in facts),
+        emis_paid_on_time=sum(min(f.emis_paid_on_time, installments_due(f.start_date, f.tenure, today)) for f in facts),
+        current_loans=sum(f.is_current(today) for f in facts),
+        current_debt=sum((f.amount for f in facts if f.is_current(today)), D(0)),
+        current_emis=sum((f.monthly_installment for f in facts if f.is_current(today)), D(0)),
+    )
+    assert credit_history(loans, today) == credit_history(facts, today) == expected
