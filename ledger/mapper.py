@@ -4,8 +4,9 @@ The library's JSONTranscoder walks every decoded object through a Python hook to
 tagged Decimals, dates and datetimes: about 40 µs an event, most of a rebuild's time. Every
 event whose fields all have concrete types (no `Any`) is instead encoded and decoded by msgspec
 against a TypedDict built from the event class's own annotations: one C call each way.
-Events with free-form fields (a snapshot's state, an idempotent response, an import summary)
-keep the library's tagged JSON, which round-trips any value it has a transcoding for. A stored
+Events with free-form fields (the library's own snapshot's state, an idempotent response, an
+import summary) keep the library's tagged JSON (a customer's snapshot declares its state's
+types: `ledger.domain.Customer.Snapshot`), which round-trips any value it has a transcoding for. A stored
 state in the tagged format (events written before this mapper among them) goes to the library;
 a plain one that does not match its class's types is an error, never a state of strings.
 
