@@ -15,7 +15,8 @@ from typing import Any, NotRequired, TypedDict
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 import msgspec
-from eventsourcing.domain import Aggregate, Snapshot, event
+from eventsourcing.domain import Aggregate, event
+from eventsourcing.domain import Snapshot as LibrarySnapshot
 
 from ledger.policy import CreditHistory, credit_history
 
@@ -141,7 +142,7 @@ class CustomerState(TypedDict):
 class Customer(Aggregate):
     """A borrower: who they are, what they earn, the limit they were given and their loans."""
 
-    class Snapshot(Snapshot):
+    class Snapshot(LibrarySnapshot):
         """The library's snapshot with the customer's attributes typed (`CustomerState`): the
         mapper reads it straight into its loans, dates and Decimals, as it reads the events. The
         library's untyped one went through its JSON hook, value by value: 21 ms of a 24 ms
