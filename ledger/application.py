@@ -29,6 +29,7 @@ from eventsourcing.persistence import (
     InterfaceError,
     JSONTranscoder,
     Mapper,
+    MapperDeserialisationError,
     OperationalError,
     RecordConflictError,
     Recording,
@@ -270,12 +271,29 @@ class _Repository(Repository[UUID]):
     one read fewer in every command."""
 
     def _reconstruct_aggregate(self, aggregate_id: UUID, version: int | None, projector_func: ProjectorFunction[Any, Any]) -> Any:
+        try:
+            return self._from_latest(aggregate_id, version, projector_func)
+        except MapperDeserialisationError:
+            if self.snapshot_store is None:
+                raise
+            # A snapshot is only a shortcut: one this version cannot read (written by another
+            # version of the code) must not make its aggregate unreadable. Its events say it all.
+            log.warning("the snapshot of %s could not be read: replaying its events", aggregate_id, exc_info=True)
+            return self._project(aggregate_id, version, list(self.event_store.get(aggregate_id, lte=version)), projector_func)
+
+    def _from_latest(self, aggregate_id: UUID, version: int | None, projector_func: ProjectorFunction[Any, Any]) -> Any:
         recorder = self.event_store.recorder
         if version is not None or self.snapshot_store is None or not hasattr(recorder, "select_latest"):
             return super()._reconstruct_aggregate(aggregate_id, version, projector_func)
         snapshot, events = cast("LatestReader", recorder).select_latest(aggregate_id, self.snapshot_store.recorder)
         domain_events: list[Any] = [] if snapshot is None else [self.snapshot_store.mapper.to_domain_event(snapshot)]
         domain_events += map(self.event_store.mapper.to_domain_event, events)
+        return self._project(aggregate_id, version, domain_events, projector_func)
+
+    @staticmethod
+    def _project(
+        aggregate_id: UUID, version: int | None, domain_events: list[Any], projector_func: ProjectorFunction[Any, Any]
+    ) -> Any:
         if projector_func is project_aggregate:  # the library's, less its runtime-Protocol assert: 14 µs an event
             aggregate = None
             for event in domain_events:
@@ -357,6 +375,8 @@ class Ledger(Application[UUID]):
             pass
         except DATABASE_AWAY:  # the command is recorded; a snapshot only saves reading
             log.warning("no snapshot of %s at version %s: the database stopped answering", aggregate_id, version, exc_info=True)
+        except Exception:  # nor anything else a snapshot meets: the aggregate reads from its events
+            log.exception("no snapshot of %s at version %s: taking it failed", aggregate_id, version)
 
     def _encode(self, *aggregates: Aggregate) -> tuple[_ProcessingEvent, list[StoredEvent]]:
         """The first half of `save` for the import: the aggregates' new events, collected and encoded."""

@@ -123,7 +123,9 @@ class LoanTerms(msgspec.Struct, frozen=True):
 
 
 class CustomerState(TypedDict):
-    """A customer's attributes as its snapshot keeps them (`Customer.Snapshot`)."""
+    """A customer's attributes as its snapshot keeps them (`Customer.Snapshot`). An attribute
+    added later must be `NotRequired` here: snapshots taken before it do not have it (one that
+    cannot be read is skipped, and the customer replayed from its events, at a cost)."""
 
     _created_on: datetime
     _modified_on: datetime

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import date
 from decimal import Decimal
 from uuid import uuid4
@@ -13,8 +14,10 @@ from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import Mapper, MapperDeserialisationError, StoredEvent
 
 from ledger.application import Ledger
-from ledger.domain import Customer, IdempotencyRecord, ImportJob, Loan, LoanTerms
+from ledger.domain import Customer, IdempotencyRecord, ImportJob, Loan, LoanTerms, customer_uuid
 from ledger.mapper import TypedMapper
+from ledger.policy import LoanRequest
+from ledger.ports import FixedClock
 
 
 def _ledger() -> Ledger:
@@ -187,3 +190,51 @@ def test_a_plain_state_records_its_class_version_and_an_older_one_is_upcast() ->
     )
     assert vars(old) == {**vars(started), "files_digest": ""}
     assert "class_version" not in vars(old)
+
+
+def _customer_with_a_snapshot(ledger: Ledger) -> int:
+    customer_id = ledger.register_customer("Ann", "Lee", 30, "9876543210", Decimal(10_000_000)).customer.customer_id
+    for _ in range(50):  # the 50th event takes a snapshot
+        ledger.book_loan(customer_id, LoanRequest(Decimal(10_000), Decimal(16), 24))
+    assert ledger.snapshots is not None and list(ledger.snapshots.get(customer_uuid(customer_id)))
+    return customer_id
+
+
+def test_a_snapshot_this_version_cannot_read_leaves_its_customer_readable_from_the_events(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Snapshots are a shortcut. One written by another version of the code (a rollback, old and
+    new processes side by side) must not make its customer unreadable, nor every command on it fail."""
+    ledger = Ledger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, clock=FixedClock(date(2026, 11, 22)))
+    customer_id = _customer_with_a_snapshot(ledger)
+    expected = vars(ledger.get_customer(customer_id))
+    assert ledger.snapshots is not None
+    decode = ledger.snapshots.mapper.to_domain_event
+
+    def unreadable(stored: StoredEvent) -> object:
+        if stored.topic.endswith("Snapshot"):
+            raise MapperDeserialisationError("missing required field `loans`")
+        return decode(stored)
+
+    monkeypatch.setattr(ledger.snapshots.mapper, "to_domain_event", unreadable)
+    with caplog.at_level(logging.WARNING, logger="ledger.application"):
+        assert vars(ledger.get_customer(customer_id)) == expected
+        booked = ledger.book_loan(customer_id, LoanRequest(Decimal(10_000), Decimal(16), 24))
+    assert booked.response["loan_approved"] is True
+    assert "could not be read: replaying its events" in caplog.text
+
+
+def test_a_snapshot_that_cannot_be_taken_does_not_fail_the_command_that_was_recorded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(cls: type, aggregate: object) -> object:
+        raise TypeError("Customer has attributes CustomerState does not declare: ['kyc']")
+
+    monkeypatch.setattr(Customer.Snapshot, "take", classmethod(refuse))
+    ledger = Ledger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, clock=FixedClock(date(2026, 11, 22)))
+    customer_id = ledger.register_customer("Ann", "Lee", 30, "9876543210", Decimal(10_000_000)).customer.customer_id
+    with caplog.at_level(logging.ERROR, logger="ledger.application"):
+        for _ in range(50):  # the 50th booking's save would take the snapshot
+            ledger.book_loan(customer_id, LoanRequest(Decimal(10_000), Decimal(16), 24))
+    assert ledger.get_customer(customer_id).version == 51 and len(ledger.get_customer(customer_id).loans) == 50
+    assert "no snapshot of" in caplog.text and "taking it failed" in caplog.text
