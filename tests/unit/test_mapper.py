@@ -39,6 +39,20 @@ def test_the_ledger_stores_its_events_with_the_typed_mapper() -> None:
     assert isinstance(_ledger().mapper, TypedMapper)
 
 
+def _imported(terms: LoanTerms, source_customer_id: int | None = None, monthly_income: Decimal = Decimal(50_000)) -> Customer:
+    return Customer.import_history(
+        customer_id=1,
+        first_name="Aarav",
+        last_name="Shah",
+        age=30,
+        phone_number="9876543210",
+        monthly_income=monthly_income,
+        approved_limit=Decimal("1800000"),
+        loans=[terms],
+        source_customer_id=source_customer_id,
+    )
+
+
 def test_typed_events_come_back_with_decimals_dates_and_nested_terms() -> None:
     mapper = _ledger().mapper
     terms = LoanTerms(
@@ -52,17 +66,7 @@ def test_typed_events_come_back_with_decimals_dates_and_nested_terms() -> None:
         emis_paid=3,
         emis_paid_on_time=2,
     )
-    customer = Customer.import_history(
-        customer_id=1,
-        first_name="Aarav",
-        last_name="Shah",
-        age=30,
-        phone_number="9876543210",
-        monthly_income=Decimal("50000"),
-        approved_limit=Decimal("1800000"),
-        loans=[terms],
-        source_customer_id=None,
-    )
+    customer = _imported(terms)
     customer.book_loan(terms)
     customer.record_repayment(7, date(2024, 2, 29), True)
     loan = Loan.book(customer_id=1, terms=terms)
@@ -85,17 +89,7 @@ def _customer_with_history() -> Customer:
     terms = LoanTerms(
         7, Decimal("100000.005"), Decimal("12.5"), 12, Decimal("8908.33"), date(2024, 1, 31), date(2025, 1, 31), 3, 2, 7007
     )
-    customer = Customer.import_history(
-        customer_id=1,
-        first_name="Aarav",
-        last_name="Shah",
-        age=30,
-        phone_number="9876543210",
-        monthly_income=Decimal("50000.50"),
-        approved_limit=Decimal("1800000"),
-        loans=[terms],
-        source_customer_id=11,
-    )
+    customer = _imported(terms, source_customer_id=11, monthly_income=Decimal("50000.50"))
     customer.book_loan(msgspec.structs.replace(terms, loan_id=8, source_loan_id=None, emis_paid=0, emis_paid_on_time=0))
     customer.record_repayment(8, date(2024, 2, 29), True)
     customer.collect_events()
