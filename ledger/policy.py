@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from datetime import date
 from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal, localcontext
 from fractions import Fraction
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from ledger.calendar import installments_due
 from ledger.money import to_money
+
+if TYPE_CHECKING:  # the domain's loans; ledger.domain imports this module
+    from ledger.domain import LoanTerms
 
 LONGEST_TENURE = 600  # months, for a loan requested through the API or imported from a file
 ONE_LAKH = Decimal(100_000)
@@ -66,26 +69,6 @@ def approved_limit(monthly_income: Decimal) -> Decimal:
     return lakhs * ONE_LAKH
 
 
-class LoanLike(Protocol):
-    """What the policy needs to know about one loan: `LoanFacts` (the read model's rows) and the
-    customer aggregate's `LoanTerms` both have it."""
-
-    @property
-    def amount(self) -> Decimal: ...
-    @property
-    def tenure(self) -> int: ...
-    @property
-    def monthly_installment(self) -> Decimal: ...
-    @property
-    def start_date(self) -> date: ...
-    @property
-    def end_date(self) -> date: ...
-    @property
-    def emis_paid(self) -> int: ...
-    @property
-    def emis_paid_on_time(self) -> int: ...
-
-
 @dataclass(frozen=True)
 class LoanFacts:
     """What the policy needs to know about one loan, as the read model has it."""
@@ -98,14 +81,6 @@ class LoanFacts:
     end_date: date
     emis_paid: int
     emis_paid_on_time: int
-
-    @property
-    def repayments_left(self) -> int:
-        return max(0, self.tenure - self.emis_paid)
-
-    def is_current(self, today: date) -> bool:
-        """Current: its end date is today or later and it has repayments left."""
-        return self.end_date >= today and self.repayments_left > 0
 
 
 @dataclass(frozen=True)
@@ -126,10 +101,11 @@ class CreditHistory:
         return cls(0, 0, 0, 0, 0, 0, Decimal(0), Decimal(0))
 
 
-def credit_history(loans: Iterable[LoanLike], today: date) -> CreditHistory:
-    """The history as of `today`. A loan's repayments left and whether it is current are worked
-    out here as `LoanFacts` defines them, so that the aggregate's own loans need no copy: a
-    customer with 1,000 loans decides a booking on them."""
+def credit_history(loans: Iterable[LoanFacts | LoanTerms], today: date) -> CreditHistory:
+    """The history as of `today`, from the read model's rows or the customer aggregate's own
+    loans (no copy of each: a customer with 1,000 loans decides a booking on them). A loan is
+    completed when it has no repayments left (tenure - EMIs paid), and current when it has some
+    and its end date is today or later."""
     loans_taken = completed = this_year = due = on_time = current = 0
     debt = emis = Decimal(0)
     for loan in loans:
@@ -142,7 +118,7 @@ def credit_history(loans: Iterable[LoanLike], today: date) -> CreditHistory:
         loan_due = installments_due(loan.start_date, loan.tenure, today)
         due += loan_due
         on_time += min(loan.emis_paid_on_time, loan_due)
-        if repayments_left > 0 and loan.end_date >= today:  # current (LoanFacts.is_current)
+        if repayments_left > 0 and loan.end_date >= today:  # current
             current += 1
             debt += loan.amount
             emis += loan.monthly_installment

@@ -335,14 +335,21 @@ def test_the_aggregates_loans_give_the_history_their_facts_give(loans: list[Loan
         )
         for t in loans
     ]
+
+    def repayments_left(f: LoanFacts) -> int:  # as SPEC.md defines them
+        return max(0, f.tenure - f.emis_paid)
+
+    def is_current(f: LoanFacts) -> bool:
+        return f.end_date >= today and repayments_left(f) > 0
+
     expected = CreditHistory(
         loans_taken=len(facts),
-        completed_loans=sum(f.repayments_left == 0 for f in facts),
+        completed_loans=sum(repayments_left(f) == 0 for f in facts),
         loans_this_year=sum(f.start_date.year == today.year for f in facts),
         emis_due=sum(installments_due(f.start_date, f.tenure, today) for f in facts),
         emis_paid_on_time=sum(min(f.emis_paid_on_time, installments_due(f.start_date, f.tenure, today)) for f in facts),
-        current_loans=sum(f.is_current(today) for f in facts),
-        current_debt=sum((f.amount for f in facts if f.is_current(today)), D(0)),
-        current_emis=sum((f.monthly_installment for f in facts if f.is_current(today)), D(0)),
+        current_loans=sum(is_current(f) for f in facts),
+        current_debt=sum((f.amount for f in facts if is_current(f)), D(0)),
+        current_emis=sum((f.monthly_installment for f in facts if is_current(f)), D(0)),
     )
     assert credit_history(loans, today) == credit_history(facts, today) == expected
