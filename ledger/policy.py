@@ -242,6 +242,11 @@ def decide(
             f"current loans ({to_money(history.current_debt)}) plus this loan ({to_money(request.amount)}) "
             f"exceed the approved limit ({to_money(limit)})"
         )
+    if installment <= 0:  # nothing would ever be paid until the last month, which would owe it all
+        reasons.append(
+            f"the monthly installment would be {installment}: {to_money(request.amount)} is too small "
+            f"to repay in cents over {request.tenure} months"
+        )
     if history.current_emis + installment > AFFORDABILITY_SHARE * monthly_income:
         reasons.append(
             f"monthly installments ({to_money(history.current_emis + installment)}) "

@@ -218,6 +218,21 @@ def test_a_refused_loan_books_nothing(stack: Stack, client: TestClient) -> None:
     assert client.get(f"/view-loans/{customer['customer_id']}").json() == []
 
 
+def test_a_loan_whose_emi_rounds_to_zero_is_refused_and_books_nothing(stack: Stack, client: TestClient) -> None:
+    customer = register(client, income=50_000)
+    before = count_rows(stack, "loans")
+    tiny = loan_body(customer["customer_id"], 0.01, 12, 600)
+    eligibility = client.post("/check-eligibility", json=tiny).json()
+    assert eligibility["approval"] is False
+    assert eligibility["monthly_installment"] == 0
+    assert "too small to repay in cents over 600 months" in eligibility["message"]
+    refused = client.post("/create-loan", json=tiny)
+    assert refused.status_code == 200
+    assert refused.json()["loan_id"] is None
+    assert refused.json()["message"] == eligibility["message"]
+    assert count_rows(stack, "loans") == before
+
+
 def test_numbers_spelled_with_many_zeros_are_stored_plainly_and_the_read_model_goes_on(client: TestClient) -> None:
     # JSON may spell 12,500 with 16,400 zeros after the point. Stored as given, PostgreSQL's
     # numeric (16,383 decimals at most) refused it, and the projection stopped at that event:

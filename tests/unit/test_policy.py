@@ -353,3 +353,15 @@ def test_the_aggregates_loans_give_the_history_their_facts_give(loans: list[Loan
         current_emis=sum((f.monthly_installment for f in facts if is_current(f)), D(0)),
     )
     assert credit_history(loans, today) == credit_history(facts, today) == expected
+
+
+def test_a_loan_whose_emi_rounds_to_zero_is_refused() -> None:
+    # 0.01 at 12% over 600 months: an EMI of 0.0001 rounds to 0.00, and no installment repays anything.
+    tiny = decide(CreditHistory.empty(), D(100_000), D(3_600_000), LoanRequest(D("0.01"), D(12), 600))
+    assert tiny.monthly_installment == D("0.00")
+    assert not tiny.approved
+    assert tiny.reasons == ("the monthly installment would be 0.00: 0.01 is too small to repay in cents over 600 months",)
+    # The smallest EMI that rounds up to a cent is approved.
+    cent = decide(CreditHistory.empty(), D(100_000), D(3_600_000), LoanRequest(D("0.50"), D(12), 600))
+    assert cent.monthly_installment == D("0.01")
+    assert cent.approved
