@@ -159,9 +159,10 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         *starlette_routes(),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
+        Route("/docs/", docs, methods=["GET"]),
         Mount("/docs/static", StaticFiles(directory=SWAGGER_STATIC), name="docs-static"),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         middleware=[Middleware(RequestObserver), Middleware(BodySizeLimit)],
@@ -177,6 +178,10 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             Exception: unexpected,
         },
     )
+    # Every path's slash variants are routes of their own; anything else (`/view-loan/1//`) is a
+    # 404, not the router's bare 307 to a Location built from the request's Host header.
+    app.router.redirect_slashes = False
+    return app
 
 
 def app_from_env() -> Starlette:

@@ -372,6 +372,14 @@ def test_unknown_path_is_a_404_in_the_error_shape(client: TestClient) -> None:
     assert_error(client.get("/no-such-thing"), 404, "not_found")
 
 
+def test_a_path_with_two_trailing_slashes_is_a_404_not_a_redirect_to_the_host_header(client: TestClient) -> None:
+    for method, path in [("GET", "/view-loan/1//"), ("POST", "/register//"), ("GET", "/api/view-loans/1//")]:
+        response = client.request(method, path, headers={"Host": "attacker.example"}, follow_redirects=False)
+        assert_error(response, 404, "not_found")
+        assert "location" not in response.headers
+    assert client.get("/docs/").status_code == 200
+
+
 def test_openapi_document_describes_every_endpoint(client: TestClient) -> None:
     document = client.get("/openapi.json").json()
     assert document["openapi"] == "3.1.0"
