@@ -8,7 +8,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
@@ -730,8 +730,10 @@ class Ledger(Application[UUID]):
             else:
                 file_customers[record.customer_id] = record
                 phones[record.phone_number] = record.row
-        # Which loan rows keep the file's Loan ID: the first row to use an ID keeps it.
-        first_use = _first_rows_of_repeated_ids(loans)
+        refused = {cid: why for cid, why in refused.items() if cid not in file_customers}  # no row accepted
+        # Which loan rows keep the file's Loan ID: the first row to use an ID keeps it, unless its
+        # customer's row was refused (then the row is refused too, and the next row keeps the ID).
+        first_use = _first_rows_of_repeated_ids(loans, refused)
 
         total_rows = len(customers) + len(loans) + len(issues)
         rows_done = len(report.issues)
@@ -747,7 +749,6 @@ class Ledger(Application[UUID]):
         # IDs at or below it need checking, and claim an aggregate of their own (see _import_unit).
         contested = self.ids.reserve_loan_ids_through(max(ln.loan_id for ln in loans)) if loans else 0
 
-        refused = {cid: why for cid, why in refused.items() if cid not in file_customers}  # no row accepted
         units: list[tuple[CustomerRecord | None, int, list[LoanRecord]]] = [
             (row, cid, loans_by_customer.pop(cid, [])) for cid, row in file_customers.items()
         ]
@@ -790,7 +791,7 @@ class Ledger(Application[UUID]):
         known = self.index.existing(_candidate_ids(units, plan.contested))
         taken = self.loans.taken({r.loan_id for _, _, rows in units for r in rows if r.loan_id <= plan.contested})
         claims = _Claims(plan.first_use, plan.contested, known, taken, _FreshLoanIds(self.ids))
-        claims.decide(r for _, _, rows in units for r in rows)
+        claims.decide(r for record, cid, rows in units if record is not None or cid not in plan.refused for r in rows)
         aggregates: list[Aggregate] = []
         for record, cid, loans in units:
             aggregates += self._import_unit(record, cid, loans, claims, plan, known, report)
@@ -1059,15 +1060,16 @@ class _Claims:
         return loan_id > self.contested or (loan_uuid(loan_id) not in self.known and loan_id not in self.taken)
 
 
-def _first_rows_of_repeated_ids(loans: Sequence[LoanRecord]) -> dict[int, int]:
-    """The first row of each Loan ID that several rows use. Only those: a dict of every ID of a
-    million-loan file takes 40 MB; the IDs sorted in a list take 8."""
+def _first_rows_of_repeated_ids(loans: Sequence[LoanRecord], refused: Container[int]) -> dict[int, int]:
+    """The first row of each Loan ID that several rows use, not counting the rows of the
+    customers in `refused`. Only those IDs: a dict of every ID of a million-loan file takes 40 MB;
+    the IDs sorted in a list take 8."""
     ids = sorted(loan.loan_id for loan in loans)
     repeated = {ids[i] for i in range(1, len(ids)) if ids[i] == ids[i - 1]}
     del ids
     first: dict[int, int] = {}
     for loan in loans:
-        if loan.loan_id in repeated:
+        if loan.loan_id in repeated and loan.customer_id not in refused:
             first.setdefault(loan.loan_id, loan.row)
     return first
 

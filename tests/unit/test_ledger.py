@@ -528,6 +528,25 @@ def test_two_file_rows_with_one_phone_number_keep_the_first_and_report_the_secon
     assert summary["customers_imported"] == 2 and summary["loans_imported"] == 1
 
 
+def test_a_repeated_loan_id_whose_first_row_is_refused_with_its_customer_stays_with_the_next_row(ledger: Ledger) -> None:
+    # Row 2's customer repeats a phone number: row 2 of the loans is refused with it, and loan 60
+    # stays with the row that is imported (row 3), as if row 2 had not been there. Loan 61 too.
+    # Customer 10 repeats a Loan ID of its own, in the batch (of 2) with customer 8's refused rows.
+    customers = [customer_row(2, 7, "9000000007"), customer_row(3, 8, "9000000007"), customer_row(4, 9, "9000000009")]
+    loans = [loan_row(2, 8, 60), loan_row(3, 9, 60), loan_row(4, 8, 61), loan_row(5, 7, 61), loan_row(6, 9, 62)]
+    summary = run_import(
+        ledger, [*customers, customer_row(5, 10, "9000000010")], [*loans, loan_row(7, 10, 63), loan_row(8, 10, 63)]
+    )
+    repeated = "Phone Number 9000000007 repeats row 2"
+    assert [i["row"] for i in summary["issues"]] == [3, 2, 4]  # type: ignore[attr-defined]
+    assert summary["issues"][0] == {"file": "customers.xlsx", "row": 3, "reason": repeated}  # type: ignore[index]
+    assert summary["rekeyed_loans"] == [{"row": 8, "customer_id": 10, "file_loan_id": 63, "loan_id": 64}]
+    assert [t.loan_id for t in ledger.get_customer(9).loans] == [60, 62]
+    assert [t.loan_id for t in ledger.get_customer(7).loans] == [61]
+    # No loan ID was drawn for the refused rows: the next booking takes the one after those used.
+    assert ledger.book_loan(7, LoanRequest(D(1000), D(14), 6)).response["loan_id"] == 65
+
+
 def test_the_loans_of_a_refused_customer_row_never_go_to_the_ledgers_customer_with_that_id(ledger: Ledger) -> None:
     early = ledger.register_customer("Early", "Bird", 30, "9111111111", D(10_000)).customer  # holds customer ID 1
     summary = run_import(ledger, [customer_row(2, 7, "9000000007"), customer_row(3, 1, "9000000007")], [loan_row(2, 1, 60)])
