@@ -272,7 +272,10 @@ def parse_customer(file: str, row: int, cells: Mapping[str, Cell]) -> CustomerRe
         customer_id = _id(cells["Customer ID"], "Customer ID")
         age = _integer(cells["Age"], "Age")
         _at_least(age, 0, "Age")
-        phone = str(_integer(cells["Phone Number"], "Phone Number"))
+        phone_cell = cells["Phone Number"]
+        if isinstance(phone_cell, str) and phone_cell.strip().startswith("0"):  # refused, as the API does: int() drops it
+            raise _BadCell(f"Phone Number must not start with 0 (10 to 15 digits), got {phone_cell.strip()!r}")
+        phone = str(_integer(phone_cell, "Phone Number"))
         if not PHONES[0] <= int(phone) <= PHONES[1]:
             raise _BadCell(f"Phone Number must have 10 to 15 digits, got {phone}")
         income = _decimal(cells["Monthly Salary"], "Monthly Salary")

@@ -60,6 +60,8 @@ def test_a_reference_loan_row_reads_exactly() -> None:
         ("First Name", None, "First Name is empty"),
         ("Last Name", "Garcia\u202e", "Last Name contains control characters"),
         ("Phone Number", 12345.0, "Phone Number must have 10 to 15 digits"),
+        ("Phone Number", "09876543210", "Phone Number must not start with 0 (10 to 15 digits), got '09876543210'"),
+        ("Phone Number", " 0987654321", "Phone Number must not start with 0"),
         ("Monthly Salary", -1.0, "Monthly Salary must be above 0"),
         ("Approved Limit", "n/a", "Approved Limit is not a number"),
     ],
@@ -238,3 +240,9 @@ def test_a_formulas_binary_rounding_reads_as_the_number_the_sheet_shows() -> Non
     issue = parse_loan("l.xlsx", 3, LOAN | {"Interest Rate": 1 / 3})
     assert isinstance(issue, RowIssue)
     assert issue.reason == "Interest Rate must be below 1,000,000,000,000,000 with at most 6 decimals, got 0.3333333333333333"
+
+
+def test_a_phone_number_written_as_text_reads_as_its_digits() -> None:
+    record = parse_customer("c.xlsx", 2, CUSTOMER | {"Phone Number": " 9876543210 "})
+    assert not isinstance(record, RowIssue)
+    assert record.phone_number == "9876543210"
