@@ -531,7 +531,9 @@ class Ledger(Application[UUID]):
             if idempotency_key is not None:
                 earlier = self._idempotent_response(idempotency_key, fingerprint)
                 if earlier is not None:
-                    return Booking(response=earlier, replayed=True)
+                    # The first request's events are committed, at or before the log's end now: a
+                    # replay, like a first answer, waits for the read model to show them.
+                    return Booking(response=earlier, replayed=True, last_position=self.recorder.max_notification_id())
             to_save, response = attempt()
             if idempotency_key is not None:
                 to_save.append(IdempotencyRecord.record(idempotency_key, fingerprint, response))

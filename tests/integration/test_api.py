@@ -10,6 +10,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from ledger.policy import monthly_installment
+from projections.projector import LOCK_KEY
 from tests.integration.conftest import Stack
 
 _phones = itertools.count(9_800_000_001)
@@ -282,6 +283,32 @@ def test_idempotency_key_replays_the_first_response_and_books_once(stack: Stack,
     other = client.post("/create-loan", json={**request, "tenure": 7}, headers=headers)
     error = assert_error(other, 422, "idempotency_key_reused")
     assert "different request" in error["message"]
+
+
+def test_a_replay_waits_for_the_read_model_as_the_first_answer_does(stack: Stack, client: TestClient) -> None:
+    # A client whose first answer was lost (or came back behind) retries with its key, then views.
+    customer = register(client, income=200_000)
+    request = loan_body(customer["customer_id"], 100_000, 15, 6)
+    headers = {"Idempotency-Key": f"lost-{customer['customer_id']}"}
+    with stack.connect() as held:
+        held.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))  # no projection runs meanwhile
+        first = client.post("/create-loan", json=request, headers=headers)
+        assert first.status_code == 201 and first.headers["X-Read-Model"] == "behind"
+        held.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+    replay = client.post("/create-loan", json=request, headers=headers)
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.headers["X-Read-Model"] == "current"
+    assert client.get(f"/view-loan/{replay.json()['loan_id']}").status_code == 200
+    # A registration's replay too.
+    body = {"first_name": "Ira", "last_name": "Das", "age": 33, "monthly_income": 45_000, "phone_number": next(_phones)}
+    keyed = {"Idempotency-Key": f"register-{body['phone_number']}"}
+    with stack.connect() as held:
+        held.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        assert client.post("/register", json=body, headers=keyed).headers["X-Read-Model"] == "behind"
+        held.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+    again = client.post("/register", json=body, headers=keyed)
+    assert again.headers["X-Read-Model"] == "current"
+    assert client.get(f"/customers/{again.json()['customer_id']}").status_code == 200
 
 
 def test_a_registration_sent_again_with_its_idempotency_key_answers_with_the_same_customer(
