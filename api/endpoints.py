@@ -431,9 +431,26 @@ async def import_status(request: Request) -> Response:
         ) from None
     async with svc.pool.connection() as conn:
         row = await views.import_job(conn, job_id)
-    if row is None:
+    if row is not None:
+        return json(job_view(row))
+    # Not in the read model yet (the projection may be busy with another import's report of
+    # many rows): the event store has the job from the moment POST /imports answered.
+    job = await in_thread(svc.commands, svc.ledger.find_import_job, job_id)
+    if job is None:
         raise ApiError(404, "import_not_found", f"import job {job_id} not found")
-    return json(job_view(row))
+    recorded = {
+        "job_id": job_id,
+        "state": job.state,
+        "customers_file": job.customers_file,
+        "loans_file": job.loans_file,
+        "total_rows": job.total_rows,
+        "rows_done": job.rows_done,
+        "issues": job.issues,
+        "summary": job.summary,
+        "requested_at": job.created_on,
+        "updated_at": job.modified_on,
+    }
+    return json(job_view(recorded), headers={PROJECTION_HEADER: "behind"})
 
 
 async def health(request: Request) -> Response:

@@ -682,6 +682,15 @@ class Ledger(Application[UUID]):
     def get_import_job(self, job_id: UUID) -> ImportJob:
         return self.repository.get(job_id)
 
+    def find_import_job(self, job_id: UUID) -> ImportJob | None:
+        """The job as the event store holds it; None when no job has this ID (another kind of
+        aggregate may)."""
+        try:
+            job = self.repository.get(job_id)
+        except AggregateNotFoundError:
+            return None
+        return job if isinstance(job, ImportJob) else None
+
     def fail_import(self, job_id: UUID, reason: str) -> Saved:
         job = self.get_import_job(job_id)
         job.fail(reason)

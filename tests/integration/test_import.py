@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 
 from infra.config import REPO_ROOT
 from infra.postgres import IMPORT_LOCK, build_ledger
+from ledger.domain import customer_uuid
 from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS
 from ledger.policy import LoanRequest
 from projections.projector import LOCK_KEY
@@ -280,9 +281,31 @@ def test_import_request_outside_the_import_directory_is_refused(client: TestClie
     assert response.json()["error"]["code"] == "validation_error"
 
 
-def test_import_job_status_errors(client: TestClient) -> None:
+def test_import_job_status_errors(client: TestClient, imported: dict[str, Any]) -> None:
     assert client.get("/imports/not-a-uuid").status_code == 400
     assert client.get("/imports/00000000-0000-0000-0000-000000000000").status_code == 404
+    # The ID of another kind of aggregate (a customer's) is no job either.
+    assert client.get(f"/imports/{customer_uuid(1)}").status_code == 404
+
+
+def test_a_job_the_read_model_does_not_show_yet_is_answered_from_the_event_store(
+    stack: Stack, client: TestClient, imported: dict[str, Any]
+) -> None:
+    """A big import's report can keep the projection busy for a while: the job that POST /imports
+    just accepted is found all the same, as the event store holds it."""
+    with holding(stack, LOCK_KEY):  # no projection runs meanwhile
+        accepted = client.post("/imports", json={"customers_file": "customer_data.xlsx", "loans_file": "loan_data.xlsx"})
+        assert accepted.status_code == 202 and accepted.headers["X-Read-Model"] == "behind"
+        job_id = accepted.json()["job_id"]
+        early = client.get(f"/imports/{job_id}")
+        assert early.status_code == 200 and early.headers["X-Read-Model"] == "behind"
+        assert early.json()["state"] == "queued"
+        assert (early.json()["customers_file"], early.json()["loans_file"]) == ("customer_data.xlsx", "loan_data.xlsx")
+    report = follow(client, job_id)
+    assert report["state"] == "completed", report
+    # Once projected, the read model's answer has the same requested_at as the event store's.
+    assert report["requested_at"] == early.json()["requested_at"]
+    assert "X-Read-Model" not in client.get(f"/imports/{job_id}").headers
 
 
 def test_check_eligibility_on_the_read_model_decides_as_the_customer_aggregate_does(
