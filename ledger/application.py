@@ -686,7 +686,7 @@ class Ledger(Application[UUID]):
         """The job as the event store holds it; None when no job has this ID (another kind of
         aggregate may)."""
         try:
-            job = self.repository.get(job_id)
+            job: Aggregate = self.repository.get(job_id)
         except AggregateNotFoundError:
             return None
         return job if isinstance(job, ImportJob) else None
