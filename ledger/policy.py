@@ -223,6 +223,13 @@ class Decision:
         return "Loan not approved: " + "; ".join(self.reasons)
 
 
+def _shown(amount: Decimal) -> str:
+    """An amount in a reason: to the cent, or as it is when it has more decimals (an imported
+    file's limit, income or loan), which is what the rule compared."""
+    cents = to_money(amount)
+    return str(cents) if cents == amount else f"{amount.normalize():f}"
+
+
 def decide(
     history: CreditHistory,
     monthly_income: Decimal,
@@ -239,8 +246,8 @@ def decide(
         reasons.append(f"credit score {credit.score} is 10 or below")
     if history.current_debt + request.amount > limit:
         reasons.append(
-            f"current loans ({to_money(history.current_debt)}) plus this loan ({to_money(request.amount)}) "
-            f"exceed the approved limit ({to_money(limit)})"
+            f"current loans ({_shown(history.current_debt)}) plus this loan ({_shown(request.amount)}) "
+            f"exceed the approved limit ({_shown(limit)})"
         )
     if installment <= 0:  # nothing would ever be paid until the last month, which would owe it all
         reasons.append(
@@ -249,8 +256,8 @@ def decide(
         )
     if history.current_emis + installment > AFFORDABILITY_SHARE * monthly_income:
         reasons.append(
-            f"monthly installments ({to_money(history.current_emis + installment)}) "
-            f"would exceed 50% of monthly income ({to_money(monthly_income)})"
+            f"monthly installments ({_shown(history.current_emis + installment)}) "
+            f"would exceed 50% of monthly income ({_shown(monthly_income)})"
         )
     return Decision(
         approved=not reasons,

@@ -365,3 +365,11 @@ def test_a_loan_whose_emi_rounds_to_zero_is_refused() -> None:
     cent = decide(CreditHistory.empty(), D(100_000), D(3_600_000), LoanRequest(D("0.50"), D(12), 600))
     assert cent.monthly_installment == D("0.01")
     assert cent.approved
+
+
+def test_a_reason_shows_an_imported_amounts_fraction_of_a_cent_which_the_rule_compared() -> None:
+    # An imported approved limit of 500000.555: a loan of 500000.56 is over it, by half a paisa.
+    over = decide(CreditHistory.empty(), D(100_000_000), D("500000.555"), LoanRequest(D("500000.56"), D(14), 600))
+    assert over.reasons == ("current loans (0.00) plus this loan (500000.56) exceed the approved limit (500000.555)",)
+    dear = decide(history(current_emis=D("0.004")), D("12345.678"), D(10_000_000), LoanRequest(D(100_000), D(14), 12))
+    assert dear.reasons == ("monthly installments (8978.714) would exceed 50% of monthly income (12345.678)",)
