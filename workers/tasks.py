@@ -263,10 +263,11 @@ def resume_imports(everyone: bool = False) -> int:
 
     With `everyone`, queue each one: a worker that starts may be the one that was killed, and the
     mark its copy left must not keep the job waiting. It catches up first, so that the jobs read
-    include those requested while no worker ran."""
+    include those requested while no worker ran: waiting for the projection lock, since a run
+    that holds it (beat's first catch-up, started beside this) may not have applied them yet."""
     if everyone:
         try:
-            projector().catch_up()
+            projector().catch_up(wait=True)
         except Exception:  # the jobs the read model has are resumed all the same; beat's next run sees the rest
             log.warning("could not catch up before resuming the unfinished imports", exc_info=True)
     with connect(Settings.from_env()) as conn:

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import date
 from decimal import Decimal
@@ -411,6 +412,25 @@ def test_resume_queues_no_second_copy_of_an_import_whose_task_is_waiting(
         assert tasks.resume_imports(everyone=True) == 1
     report = follow(client, job_id)
     assert report["state"] == "completed", report
+
+
+def test_a_starting_worker_resumes_a_job_that_another_projection_run_is_still_applying(
+    stack: Stack, client: TestClient, imported: dict[str, Any]
+) -> None:
+    """At a worker's start, beat's catch-up and the resumption run side by side: the resumption
+    must see the jobs requested while no worker ran even when the other run holds the lock."""
+    job_id = requested_job(stack)  # recorded, not yet in the read model, no task sent
+    forget_task_state()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            with holding(stack, LOCK_KEY):  # the other run
+                resumed = pool.submit(tasks.resume_imports, everyone=True)
+                time.sleep(0.5)
+                assert not resumed.done()  # it waits for the lock
+            assert resumed.result(timeout=30) == 1
+    finally:
+        forget_task_state()
+    assert follow(client, job_id)["state"] == "completed"
 
 
 def test_an_import_whose_lock_session_ended_stops_and_resumes(stack: Stack, client: TestClient, imported: dict[str, Any]) -> None:
