@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from infra.config import REPO_ROOT, Settings
+from infra.config import REPO_ROOT, ConfigError, Settings
 from infra.postgres import build_ledger, connect, exclusive, setup_schema
 
 
@@ -36,25 +41,48 @@ def _job_row(settings: Settings, job_id: UUID) -> dict[str, Any] | None:
         return cur.fetchone()
 
 
+class QueueUnavailable(RuntimeError):
+    """An import job recorded but not queued (it is failed, as POST /imports fails it)."""
+
+
 def start_import(settings: Settings, customers: Path, loans: Path) -> UUID:
     from workers import tasks
 
     ledger, pool = build_ledger(settings)
     try:
         job_id, _ = ledger.request_import(str(customers.resolve()), str(loans.resolve()))
+        try:
+            tasks.import_history.apply_async((str(job_id), str(customers.resolve()), str(loans.resolve())))
+        except Exception as error:
+            # Else a worker's periodic resumption would run it minutes later, unannounced.
+            ledger.fail_import(job_id, "the job could not be queued: Redis is unreachable")
+            raise QueueUnavailable(
+                f"import job {job_id} could not be queued, so it is marked failed: cannot reach Redis at"
+                f" {settings.redis_url} ({error}); check REDIS_URL, then import again"
+            ) from error
     finally:
         pool.close()
         ledger.close()
-    tasks.import_history.apply_async((str(job_id), str(customers.resolve()), str(loans.resolve())))
     tasks.trigger_catch_up()
     return job_id
 
 
+QUEUED_HINT_SECONDS = 30
+
+
 def follow_import(settings: Settings, job_id: UUID, timeout: float = 3600) -> dict[str, Any]:
     """Show the job's progress until it finishes; return its final row."""
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline, hinted = started + timeout, False
     while time.monotonic() < deadline:
         row = _job_row(settings, job_id)
+        if not hinted and time.monotonic() - started > QUEUED_HINT_SECONDS and (row is None or row["state"] == "queued"):
+            hinted = True
+            print(
+                f"\nstill queued after {QUEUED_HINT_SECONDS} s: is a worker running (`ledger worker`) on this"
+                " Redis? It waits for the import before it, if one runs.",
+                file=sys.stderr,
+            )
         if row is not None:
             finished = row["state"] in ("completed", "failed")
             bar(row["rows_done"], row["total_rows"], f"import {row['state']:<9}", finished=finished)
@@ -93,9 +121,22 @@ def _files(settings: Settings, args: argparse.Namespace) -> tuple[Path, Path]:
     )
 
 
+def _readable(*paths: Path, hint: str = "") -> None:
+    """Files an import is about to read, checked before anything starts: a missing one is named
+    with its whole path (the job's own report names files only)."""
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"no file {path}" + (f" ({hint})" if hint else ""))
+
+
+_IMPORT_DIR_HINT = "set IMPORT_DIR to the directory that holds customer_data.xlsx and loan_data.xlsx"
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    job_id = start_import(settings, *_files(settings, args))
+    files = _files(settings, args)
+    _readable(*files, hint="" if args.customers and args.loans else _IMPORT_DIR_HINT)
+    job_id = start_import(settings, *files)
     print(f"import job {job_id} queued", file=sys.stderr)
     row = follow_import(settings, job_id)
     print_report(row)
@@ -160,24 +201,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     with connect(settings) as conn:
         row = conn.execute("SELECT position FROM readmodel.tracking WHERE projection = 'ledger'").fetchone()
     position = int(row[0]) if row else 0
-    print(f"events recorded: {last}\nread model position: {position}\nlag: {last - position} events")
+    # Positions are notification IDs, which a rolled-back insert can skip: the lag is at most this many events.
+    print(f"last event position: {last}\nread model position: {position}\nlag: {last - position} events")
     return 0
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     """Schema, then the bundled history imported in this process, then the read model caught up.
 
-    Idempotent: a second run finds everything in place and adds nothing.
+    Idempotent: a second run finds every customer and loan in place and adds none (it records one
+    more import job, which reports them already present).
     """
     from infra.importer import run_import
     from projections.projector import Projector
 
     settings = Settings.from_env()
+    customers, loans = settings.import_dir / "customer_data.xlsx", settings.import_dir / "loan_data.xlsx"
+    if not args.no_import:
+        _readable(customers, loans, hint=f"{_IMPORT_DIR_HINT}, or use --no-import")
     setup_schema(settings)
     ledger, pool = build_ledger(settings)
     try:
         if not args.no_import:
-            customers, loans = settings.import_dir / "customer_data.xlsx", settings.import_dir / "loan_data.xlsx"
             job_id, _ = ledger.request_import(str(customers), str(loans))
             with exclusive(settings, wait=True), Projector(ledger, settings.database_url) as projector:
                 result = run_import(
@@ -222,25 +267,35 @@ def cmd_api(args: argparse.Namespace) -> int:
     Path(position_file).write_bytes(bytes(8))  # api.readyourwrites.SharedPosition: position 0
     # uvicorn stops gracefully on SIGTERM, then raises it again: leave through the `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "timeout_graceful_shutdown": 20,
+        "access_log": False,
+        # uvloop sets TCP_NODELAY on every connection; asyncio's default loop does not on the
+        # socket uvicorn binds for several workers, and each keep-alive answer then waits ~40 ms.
+        "loop": "uvloop",
+        "http": "api.server:JsonErrorsProtocol",  # httptools, answering unparsable requests in JSON
+    }
     try:
-        uvicorn.run(
-            "api.app:app_from_env",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            timeout_graceful_shutdown=20,
-            access_log=False,
-            # uvloop sets TCP_NODELAY on every connection; asyncio's default loop does not on the
-            # socket uvicorn binds for several workers, and each keep-alive answer then waits ~40 ms.
-            loop="uvloop",
-            http="api.server:JsonErrorsProtocol",  # httptools, answering unparsable requests in JSON
-        )
+        if args.workers == 1:
+            uvicorn.run("api.app:app_from_env", **options)  # exits 3 when the app cannot start
+            return 0
+        # uvicorn.run's supervisor returns normally when its processes cannot start (the database
+        # unreachable, say), and the command would exit 0: a process manager must see the failure.
+        from uvicorn.config import STARTUP_FAILURE, Config
+        from uvicorn.supervisors import Multiprocess
+
+        config = Config("api.app:app_from_env", **options)
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.run()
+        return STARTUP_FAILURE if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes) else 0
     finally:
         shutil.rmtree(shared, ignore_errors=True)
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
-    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -291,6 +346,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     processes: list[subprocess.Popen[bytes]] = []
     configured = {name for name in ("DATABASE_URL", "REDIS_URL") if os.environ.get(name)}
+    import_dir = Settings.from_env().import_dir
+    if not args.no_import:
+        _readable(
+            import_dir / "customer_data.xlsx", import_dir / "loan_data.xlsx", hint=f"{_IMPORT_DIR_HINT}, or use --no-import"
+        )
+    if _in_use(args.host, args.port):  # else another server's /health would pass for this one's
+        raise ConfigError(
+            f"{args.host}:{args.port} is already in use (another `ledger run`?): stop it, or choose another port"
+            " with --port or API_PORT"
+        )
     with services() as (database_url, redis_url):
         started = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
         os.environ.update(started)
@@ -330,6 +395,21 @@ def cmd_run(args: argparse.Namespace) -> int:
                     process.kill()
 
 
+def _in_use(host: str, port: int) -> bool:
+    """Whether a server listens on `host`:`port` already (a bind there fails as uvicorn's would)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror:
+        return False  # uvicorn says what is wrong with the host
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
 def wait_until_serving(base: str, server: subprocess.Popen[bytes], timeout: float = 120) -> bool:
     """Wait until `base`/health answers; False once `server` has exited. After `timeout` s it is
     given up on and True returned: the server is still starting, and its own log says why."""
@@ -358,10 +438,29 @@ def throwaway_hint(started: dict[str, str]) -> str:
     return f"Other `ledger` commands (status, rebuild, import) reach these servers with: export {exports}"
 
 
+def _count(variable: str, least: int = 1, most: int | None = None) -> Callable[[str], int]:
+    """An option's type: a whole number in range. Its default comes from `variable` as text, which
+    argparse converts only when the option is used: `--help` works whatever the environment holds."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            value = None
+        if value is None or value < least or (most is not None and value > most):
+            bounds = f"{least} to {most}" if most is not None else f"a whole number, at least {least}"
+            raise argparse.ArgumentTypeError(f"must be {bounds} (here or in {variable}), got {text!r}")
+        return value
+
+    return parse
+
+
 def _serving_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=os.environ.get("API_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("API_PORT", "8000")))
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("API_WORKERS", "2")), help="uvicorn worker processes")
+    parser.add_argument("--host", default=os.environ.get("API_HOST") or "127.0.0.1")
+    parser.add_argument("--port", type=_count("API_PORT", 1, 65535), default=os.environ.get("API_PORT") or "8000")
+    parser.add_argument(
+        "--workers", type=_count("API_WORKERS"), default=os.environ.get("API_WORKERS") or "2", help="uvicorn worker processes"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     api.set_defaults(func=cmd_api)
 
     worker = commands.add_parser("worker", help="run a Celery worker (projections, imports, rebuilds)")
-    worker.add_argument("--concurrency", type=int, default=int(os.environ.get("WORKER_CONCURRENCY", "2")))
+    worker.add_argument("--concurrency", type=_count("WORKER_CONCURRENCY"), default=os.environ.get("WORKER_CONCURRENCY") or "2")
     worker.set_defaults(func=cmd_worker)
 
     commands.add_parser("beat", help="run Celery beat (the periodic projection catch-up)").set_defaults(func=cmd_beat)
@@ -410,7 +509,46 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
 
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        Settings.from_env()  # every command needs the settings: a bad one is said before anything starts
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        explained = explain(error)
+        if explained is None:
+            raise
+        print(f"ledger {args.command}: {explained}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+
+
+def explain(error: BaseException) -> str | None:
+    """What an operator should read for an error a setting or an unreachable server causes (no
+    traceback: the message names what to check); None for any other error."""
+    from eventsourcing import persistence
+    from kombu.exceptions import OperationalError as BrokerUnreachable
+    from redis.exceptions import ConnectionError as RedisUnreachable
+
+    from infra.stack import StackError
+
+    if isinstance(error, (ConfigError, StackError, QueueUnavailable)):
+        return str(error)
+    settings_url = os.environ.get("DATABASE_URL") or "postgresql://ledger@127.0.0.1:5432/ledger"
+    if isinstance(error, psycopg.errors.UndefinedTable):
+        return f"the database has no ledger schema yet ({str(error).strip().splitlines()[0]}): run `ledger setup` first"
+    if isinstance(error, (psycopg.OperationalError, persistence.OperationalError, persistence.InterfaceError)):
+        return f"cannot reach PostgreSQL at {_where(settings_url)}: {str(error).strip().splitlines()[-1]} (check DATABASE_URL)"
+    if isinstance(error, (BrokerUnreachable, RedisUnreachable)):
+        redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+        return f"cannot reach Redis at {redis_url}: {error} (check REDIS_URL)"
+    return None
+
+
+def _where(url: str) -> str:
+    """A database URL's host, port and database, without its password."""
+    parts = conninfo_to_dict(url)
+    return f"{parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from infra.xlsx_split import SPLIT_SIZE
@@ -14,6 +17,53 @@ from ledger.application import Ledger
 from ledger.ports import Clock, FixedClock, SystemClock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used: its message names the variable and what it takes."""
+
+
+def _setting(env: Mapping[str, str], name: str, default: str) -> str:
+    return env.get(name) or default  # set but empty (compose passes `${NAME:-}`): the default
+
+
+def _whole(env: Mapping[str, str], name: str, default: int, least: int) -> int:
+    text = _setting(env, name, str(default)).strip()
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {text!r}") from None
+    if value < least:
+        raise ConfigError(f"{name} must be at least {least}, got {value}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float, least: float, *, above: bool = False) -> float:
+    text = _setting(env, name, str(default)).strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < least or (above and value == least):
+        raise ConfigError(f"{name} must be {'above' if above else 'at least'} {least:g} seconds, got {text}")
+    return value
+
+
+def _today(env: Mapping[str, str]) -> date | None:
+    text = env.get("LEDGER_TODAY", "").strip()
+    try:
+        return date.fromisoformat(text) if text else None
+    except ValueError:
+        raise ConfigError(f"LEDGER_TODAY must be an ISO date (2026-11-22) or empty, got {text!r}") from None
+
+
+def _database_url(env: Mapping[str, str]) -> str:
+    url = _setting(env, "DATABASE_URL", "postgresql://ledger@127.0.0.1:5432/ledger")
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError as error:
+        raise ConfigError(f"DATABASE_URL is not a PostgreSQL URL or connection string ({str(error).strip()}): {url!r}") from None
+    return url
 
 
 @dataclass(frozen=True)
@@ -36,22 +86,24 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        """The settings, each checked: a value that cannot be used raises ConfigError naming it.
+        A variable set but empty takes its default."""
         env = os.environ
-        today = env.get("LEDGER_TODAY")
         return cls(
-            database_url=env.get("DATABASE_URL", "postgresql://ledger@127.0.0.1:5432/ledger"),
-            redis_url=env.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
-            today=date.fromisoformat(today) if today else None,
-            read_your_writes_timeout=float(env.get("READ_YOUR_WRITES_TIMEOUT", "2.0")),
-            projection_poll_seconds=float(env.get("PROJECTION_POLL_SECONDS", "5")),
-            import_dir=Path(env.get("IMPORT_DIR", str(REPO_ROOT / "data"))),
-            import_batch_size=int(env.get("IMPORT_BATCH_SIZE", "500")),
-            projection_page_size=int(env.get("PROJECTION_PAGE_SIZE", "1000")),
-            ready_max_lag=int(env.get("READY_MAX_LAG", "1000")),
-            ready_stall_seconds=float(env.get("READY_STALL_SECONDS", "60")),
-            db_pool_size=int(env.get("DB_POOL_SIZE", "10")),
-            query_cache_size=int(env.get("QUERY_CACHE_SIZE", "20000")),
-            import_split_size=int(env.get("IMPORT_SPLIT_SIZE", str(SPLIT_SIZE))),
+            database_url=_database_url(env),
+            redis_url=_setting(env, "REDIS_URL", "redis://127.0.0.1:6379/0"),
+            today=_today(env),
+            read_your_writes_timeout=_seconds(env, "READ_YOUR_WRITES_TIMEOUT", 2.0, 0),
+            # Beat sends a catch-up this often: a tiny interval floods the queue.
+            projection_poll_seconds=_seconds(env, "PROJECTION_POLL_SECONDS", 5, 0.1),
+            import_dir=Path(_setting(env, "IMPORT_DIR", str(REPO_ROOT / "data"))),
+            import_batch_size=_whole(env, "IMPORT_BATCH_SIZE", 500, 1),
+            projection_page_size=_whole(env, "PROJECTION_PAGE_SIZE", 1000, 1),
+            ready_max_lag=_whole(env, "READY_MAX_LAG", 1000, 0),
+            ready_stall_seconds=_seconds(env, "READY_STALL_SECONDS", 60, 0, above=True),
+            db_pool_size=_whole(env, "DB_POOL_SIZE", 10, 1),
+            query_cache_size=_whole(env, "QUERY_CACHE_SIZE", 20_000, 0),
+            import_split_size=_whole(env, "IMPORT_SPLIT_SIZE", SPLIT_SIZE, 0),  # 0: every sheet split
             api_position_file=env.get("LEDGER_API_POSITION_FILE") or None,
         )
 

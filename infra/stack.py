@@ -68,7 +68,11 @@ class PostgresServer:
         if os.geteuid() == 0:
             shutil.chown(self.workdir, "postgres", "postgres")
         self.workdir.chmod(0o700)
-        self._run([_pg_binary("initdb"), "-D", str(self.data), "-U", "ledger", "--auth=trust", "-E", "UTF8", "--no-sync"])
+        try:
+            self._run([_pg_binary("initdb"), "-D", str(self.data), "-U", "ledger", "--auth=trust", "-E", "UTF8", "--no-sync"])
+        except BaseException:  # no binaries, initdb failed, Ctrl-C: nothing left behind
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
 
     @property
     def url(self) -> str:

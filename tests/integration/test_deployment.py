@@ -144,6 +144,17 @@ def test_the_image_is_multi_stage_non_root_and_healthchecked() -> None:
     assert {".git", ".venv", "**/__pycache__", ".env"} <= set(ignored)
 
 
+def test_compose_passes_every_setting_the_ledger_reads_from_dot_env(compose: dict[str, Any]) -> None:
+    # Every variable infra.config reads (but IMPORT_DIR, a path inside the image, and the one
+    # `ledger api` sets for its own processes), and the command line's.
+    source = (REPO_ROOT / "infra" / "config.py").read_text() + (REPO_ROOT / "infra" / "cli.py").read_text()
+    read = set(re.findall(r'(?:_setting|_whole|_seconds)\(env, "([A-Z_]+)"', source))
+    read |= set(re.findall(r'os\.environ\.get\("((?:API|WORKER)_[A-Z_]+)"\)', source)) | {"LEDGER_TODAY"}
+    assert {"READY_MAX_LAG", "QUERY_CACHE_SIZE", "API_WORKERS", "DATABASE_URL"} <= read  # the patterns still find them
+    passed = set(compose["x-app"]["environment"]) | {"IMPORT_DIR", "API_HOST", "API_PORT"}  # the port is mapped, not passed
+    assert read <= passed, f"not passed to the containers: {sorted(read - passed)}"
+
+
 def test_the_example_environment_holds_no_secret() -> None:
     example = (REPO_ROOT / ".env.example").read_text()
     assert "POSTGRES_PASSWORD=change-me" in example

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -558,3 +560,21 @@ def test_a_job_over_the_kill_count_keeps_its_count_until_it_is_failed(
     with pytest.raises(Retry):
         tasks.import_history(job_id, "c.xlsx", "l.xlsx")
     assert r.hget(f"ledger:import-runs:{job_id}", "runs") == str(tasks.IMPORT_KILLED_RUNS + 1).encode()
+
+
+def test_ledger_import_with_redis_unreachable_fails_its_job_and_says_so(stack: Stack) -> None:
+    """The job is recorded before it is queued: left queued, a worker's periodic resumption would
+    run it minutes after the command said it failed."""
+    env = {**stack.env, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    done = subprocess.run([sys.executable, "-m", "infra.cli", "import"], env=env, capture_output=True, timeout=120, cwd=REPO_ROOT)
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert "Traceback" not in err
+    assert "could not be queued, so it is marked failed: cannot reach Redis at redis://127.0.0.1:1/0" in err
+    job_id = UUID(err.split("import job ", 1)[1].split()[0])
+    ledger = stack.ledger()
+    try:
+        job = ledger.get_import_job(job_id)
+    finally:
+        ledger.close()
+    assert (job.state, job.summary) == ("failed", {"error": "the job could not be queued: Redis is unreachable"})

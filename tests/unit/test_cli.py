@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import http.server
+import os
+import socket
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from infra.cli import main, throwaway_hint, wait_until_serving
+from infra.stack import free_port
 
 
 def test_the_hint_gives_the_exports_for_the_throwaway_servers_started() -> None:
@@ -94,3 +99,98 @@ def test_a_progress_bar_with_no_total_yet_is_empty_until_the_work_is_finished(ca
         "import completed [####] 0/0",
         "import running [#...] 1/4",
     ]
+
+
+# Settings an operator got wrong, and servers that do not answer: a message that names them, no traceback.
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("READ_YOUR_WRITES_TIMEOUT", "x", "READ_YOUR_WRITES_TIMEOUT must be a number of seconds, got 'x'"),
+        ("PROJECTION_POLL_SECONDS", "0", "PROJECTION_POLL_SECONDS must be at least 0.1 seconds, got 0"),
+        ("LEDGER_TODAY", "22-11-2026", "LEDGER_TODAY must be an ISO date (2026-11-22) or empty, got '22-11-2026'"),
+        ("IMPORT_BATCH_SIZE", "0", "IMPORT_BATCH_SIZE must be at least 1, got 0"),
+        ("DB_POOL_SIZE", "ten", "DB_POOL_SIZE must be a whole number, got 'ten'"),
+        ("DATABASE_URL", "notaurl", "DATABASE_URL is not a PostgreSQL URL or connection string"),
+    ],
+)
+def test_a_bad_setting_is_named_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ledger status: {message}")
+    assert "Traceback" not in err
+
+
+def test_a_setting_set_but_empty_takes_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra.config import Settings
+
+    for variable in ("DB_POOL_SIZE", "READ_YOUR_WRITES_TIMEOUT", "LEDGER_TODAY", "IMPORT_BATCH_SIZE"):
+        monkeypatch.setenv(variable, "")
+    settings = Settings.from_env()
+    assert (settings.db_pool_size, settings.read_your_writes_timeout, settings.today, settings.import_batch_size) == (
+        10,
+        2.0,
+        None,
+        500,
+    )
+
+
+def test_help_works_whatever_the_serving_variables_hold(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("API_PORT", "abc")
+    monkeypatch.setenv("WORKER_CONCURRENCY", "two")
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    with pytest.raises(SystemExit) as refused:
+        main(["api"])
+    assert refused.value.code == 2
+    assert "argument --port: must be 1 to 65535 (here or in API_PORT), got 'abc'" in capsys.readouterr().err
+
+
+def test_run_refuses_a_port_another_server_listens_on_before_starting_anything(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["run", "--no-import", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port} is already in use" in err
+    assert "starting a throwaway" not in err  # no PostgreSQL or Redis started for nothing
+
+
+def test_run_and_import_name_a_missing_import_directory(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("IMPORT_DIR", str(tmp_path / "nowhere"))
+    assert main(["run", "--port", "1"]) == 2
+    assert main(["import"]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"no file {tmp_path / 'nowhere' / 'customer_data.xlsx'} (set IMPORT_DIR") == 2
+
+
+def test_an_unreachable_database_is_named_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://ledger:secret@127.0.0.1:1/ledger")
+    assert main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ledger status: cannot reach PostgreSQL at 127.0.0.1:1/ledger: ")
+    assert "secret" not in err and "Traceback" not in err
+
+
+def test_the_api_exits_with_a_failure_when_its_processes_cannot_start() -> None:
+    # Two uvicorn processes (the default): uvicorn's supervisor itself returns normally.
+    env = {**os.environ, "DATABASE_URL": "postgresql://ledger@127.0.0.1:1/ledger"}
+    done = subprocess.run(
+        [sys.executable, "-m", "infra.cli", "api", "--port", str(free_port()), "--workers", "2"],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr.decode()[-2000:]
