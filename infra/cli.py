@@ -535,8 +535,9 @@ def explain(error: BaseException) -> str | None:
     if isinstance(error, (ConfigError, StackError, QueueUnavailable)):
         return str(error)
     settings_url = os.environ.get("DATABASE_URL") or "postgresql://ledger@127.0.0.1:5432/ledger"
-    if isinstance(error, psycopg.errors.UndefinedTable):
-        return f"the database has no ledger schema yet ({str(error).strip().splitlines()[0]}): run `ledger setup` first"
+    missing = error if isinstance(error, psycopg.errors.UndefinedTable) else error.__cause__  # the library wraps it
+    if isinstance(missing, psycopg.errors.UndefinedTable):
+        return f"the database has no ledger schema yet ({str(missing).strip().splitlines()[0]}): run `ledger setup` first"
     if isinstance(error, (psycopg.OperationalError, persistence.OperationalError, persistence.InterfaceError)):
         return f"cannot reach PostgreSQL at {_where(settings_url)}: {str(error).strip().splitlines()[-1]} (check DATABASE_URL)"
     if isinstance(error, (BrokerUnreachable, RedisUnreachable)):

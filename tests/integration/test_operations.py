@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+import psycopg
 import pytest
 from starlette.testclient import TestClient
 
@@ -499,3 +500,20 @@ def test_make_tests_runner_stopped_early_tears_the_tests_down_and_stops_its_serv
     for port in (pg.group(1), redis.group(1)):
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", int(port))) != 0, f"something still listens on {port}"
+
+
+def test_commands_on_a_database_without_the_schema_say_to_run_setup(stack: Stack) -> None:
+    with stack.connect() as conn:
+        conn.execute("CREATE DATABASE no_schema_yet")
+    try:
+        env = {**stack.env, "DATABASE_URL": psycopg.conninfo.make_conninfo(stack.settings.database_url, dbname="no_schema_yet")}
+        for command in (["status"], ["rebuild"], ["import-report", "b5e7d356-e33a-446d-a371-c3e7cfd925e9"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "infra.cli", *command], env=env, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
+            )
+            assert done.returncode == 1, done.stderr
+            assert "Traceback" not in done.stderr
+            assert done.stderr.strip().endswith("run `ledger setup` first"), done.stderr
+    finally:
+        with stack.connect() as conn:
+            conn.execute("DROP DATABASE no_schema_yet")
