@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -58,7 +59,7 @@ def start_import(settings: Settings, customers: Path, loans: Path) -> UUID:
             ledger.fail_import(job_id, "the job could not be queued: Redis is unreachable")
             raise QueueUnavailable(
                 f"import job {job_id} could not be queued, so it is marked failed: cannot reach Redis at"
-                f" {settings.redis_url} ({error}); check REDIS_URL, then import again"
+                f" {redacted(settings.redis_url)} ({error}); check REDIS_URL, then import again"
             ) from error
     finally:
         pool.close()
@@ -396,17 +397,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _in_use(host: str, port: int) -> bool:
-    """Whether a server listens on `host`:`port` already (a bind there fails as uvicorn's would)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror:
-        return False  # uvicorn says what is wrong with the host
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    """Whether a server listens on `host`:`port` already: a bind there fails as uvicorn's would
+    (its `Config.bind_socket`: IPv6 when the host has a ':', the host's IPv4 address otherwise)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(address)
+            probe.bind((host, port))
         except OSError as error:
-            return error.errno == errno.EADDRINUSE
+            return error.errno == errno.EADDRINUSE  # anything else (an unknown host) uvicorn says itself
     return False
 
 
@@ -534,22 +532,37 @@ def explain(error: BaseException) -> str | None:
 
     if isinstance(error, (ConfigError, StackError, QueueUnavailable)):
         return str(error)
-    settings_url = os.environ.get("DATABASE_URL") or "postgresql://ledger@127.0.0.1:5432/ledger"
-    missing = error if isinstance(error, psycopg.errors.UndefinedTable) else error.__cause__  # the library wraps it
-    if isinstance(missing, psycopg.errors.UndefinedTable):
-        return f"the database has no ledger schema yet ({str(missing).strip().splitlines()[0]}): run `ledger setup` first"
-    if isinstance(error, (psycopg.OperationalError, persistence.OperationalError, persistence.InterfaceError)):
-        return f"cannot reach PostgreSQL at {_where(settings_url)}: {str(error).strip().splitlines()[-1]} (check DATABASE_URL)"
+    settings = Settings.from_env()  # checked by main() already
+    cause = error.__cause__ if isinstance(error, persistence.PersistenceError) else error  # the library wraps psycopg's
+    if isinstance(cause, psycopg.errors.UndefinedTable):
+        return f"the database has no ledger schema yet ({str(cause).strip().splitlines()[0]}): run `ledger setup` first"
+    # Unreachable: a connection that failed (no SQLSTATE: the server never answered a statement), or
+    # the library's pool that found none. A server that answered with an error (a lock timeout, a
+    # full disk) is not that: its traceback stays.
+    unreachable = isinstance(cause, psycopg.OperationalError) and cause.sqlstate is None
+    pool_timeout = isinstance(error, (persistence.OperationalError, persistence.InterfaceError)) and cause is None
+    if unreachable or pool_timeout:
+        reason = str(cause or error).strip().splitlines()[-1]
+        return f"cannot reach PostgreSQL at {_where(settings.database_url)}: {reason} (check DATABASE_URL)"
     if isinstance(error, (BrokerUnreachable, RedisUnreachable)):
-        redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
-        return f"cannot reach Redis at {redis_url}: {error} (check REDIS_URL)"
+        return f"cannot reach Redis at {redacted(settings.redis_url)}: {error} (check REDIS_URL)"
     return None
 
 
 def _where(url: str) -> str:
-    """A database URL's host, port and database, without its password."""
+    """A database URL's host, port and database, without its user or password."""
     parts = conninfo_to_dict(url)
-    return f"{parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+    return f"{parts.get('host', '127.0.0.1')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+
+
+def redacted(url: str) -> str:
+    """A URL without its password (Redis's `redis://:secret@host:6379/0`)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
 
 
 if __name__ == "__main__":

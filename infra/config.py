@@ -61,8 +61,11 @@ def _database_url(env: Mapping[str, str]) -> str:
     url = _setting(env, "DATABASE_URL", "postgresql://ledger@127.0.0.1:5432/ledger")
     try:
         conninfo_to_dict(url)
-    except psycopg.ProgrammingError as error:
-        raise ConfigError(f"DATABASE_URL is not a PostgreSQL URL or connection string ({str(error).strip()}): {url!r}") from None
+    except psycopg.ProgrammingError:  # its message and the URL may hold the password: neither is shown
+        raise ConfigError(
+            "DATABASE_URL is not a PostgreSQL URL or connection string (postgresql://user:password@host:5432/database;"
+            " a password with '@', ':', '/', '#' or '%' must be percent-encoded)"
+        ) from None
     return url
 
 

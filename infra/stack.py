@@ -65,10 +65,10 @@ class PostgresServer:
         self.data = self.workdir / "data"
         self.port = free_port()
         self.fast = fast
-        if os.geteuid() == 0:
-            shutil.chown(self.workdir, "postgres", "postgres")
-        self.workdir.chmod(0o700)
         try:
+            if os.geteuid() == 0:
+                shutil.chown(self.workdir, "postgres", "postgres")
+            self.workdir.chmod(0o700)
             self._run([_pg_binary("initdb"), "-D", str(self.data), "-U", "ledger", "--auth=trust", "-E", "UTF8", "--no-sync"])
         except BaseException:  # no binaries, initdb failed, Ctrl-C: nothing left behind
             shutil.rmtree(self.workdir, ignore_errors=True)

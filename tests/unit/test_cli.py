@@ -194,3 +194,39 @@ def test_the_api_exits_with_a_failure_when_its_processes_cannot_start() -> None:
         timeout=120,
     )
     assert done.returncode == 3, done.stderr.decode()[-2000:]
+
+
+def test_only_a_server_that_cannot_be_reached_is_explained_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    import psycopg
+    from eventsourcing import persistence
+
+    from infra.cli import explain
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://ledger:secret@db.example:6543/books")
+    refused = psycopg.OperationalError("connection refused")
+    assert explain(refused) == "cannot reach PostgreSQL at db.example:6543/books: connection refused (check DATABASE_URL)"
+    wrapped = persistence.OperationalError("connection refused")
+    wrapped.__cause__ = refused
+    assert explain(wrapped) == explain(refused)
+    assert explain(persistence.OperationalError("couldn't get a connection after 2.00 sec")) is not None  # the library's pool
+    # The server answered, with an error of its own: not a matter of reaching it, and the traceback stays.
+    for answered in (psycopg.errors.DiskFull("could not extend file"), psycopg.errors.LockNotAvailable("lock timeout")):
+        assert explain(answered) is None
+        library = persistence.OperationalError(str(answered))
+        library.__cause__ = answered
+        assert explain(library) is None
+
+
+def test_no_password_is_shown_in_a_message(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import redis
+
+    from infra.cli import explain
+
+    monkeypatch.setenv("REDIS_URL", "redis://:S3cretPw@127.0.0.1:1/0")
+    assert explain(redis.exceptions.ConnectionError("refused")) == (
+        "cannot reach Redis at redis://:***@127.0.0.1:1/0: refused (check REDIS_URL)"
+    )
+    monkeypatch.setenv("DATABASE_URL", "postgresql://ledger:50%off-Secret@db:5432/ledger")  # % not encoded
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert "DATABASE_URL is not a PostgreSQL URL" in err and "Secret" not in err
