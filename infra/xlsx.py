@@ -6,13 +6,25 @@ import logging
 import operator
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from python_calamine import CalamineWorkbook
 
 from infra.xlsx_split import SheetHelper, worth_splitting
-from infra.xlsx_stream import Block, Cut, NotXlsx, Table, UncleanCut, first_sheet_blocks, first_sheet_rows, forget_cached_dates
+from infra.xlsx_stream import (
+    Block,
+    Cut,
+    NotXlsx,
+    Table,
+    UncleanCut,
+    first_sheet_blocks,
+    first_sheet_rows,
+    forget_cached_dates,
+    sheet_rows,
+    sheets,
+)
 from ledger.domain import RowIssue
 from ledger.history import (
     CUSTOMER_COLUMNS,
@@ -154,6 +166,48 @@ def _read_part(
     return records, issues, positions
 
 
+HEADER_SEARCH_ROWS = 50  # rows of another sheet looked through for a header like the file's
+
+
+def check_sheets(path: Path, columns: tuple[str, ...]) -> None:
+    """The rows are read from the first sheet (.xlsx): refuse a workbook whose first sheet is hidden,
+    or whose other sheets hold rows of the same kind (a header with every one of `columns`), rather
+    than import rows the lender does not see, or leave rows out without a word. Other sheets
+    (notes, a summary) are left alone. Nothing to say about a file that is missing or is not an
+    .xlsx package: the reader says that."""
+    if not path.is_file():
+        return
+    try:
+        found = sheets(str(path))
+    except NotXlsx:
+        return
+    except Exception as error:
+        raise UnreadableFile(f"{path.name}: not a readable Excel workbook ({error})") from None
+    if found and found[0].state != "visible":
+        raise UnreadableFile(
+            f"{path.name}: its first sheet, {found[0].name!r}, is hidden, and the rows are read from the first"
+            " sheet: move the sheet that holds them first, or delete the hidden one"
+        )
+    for index, sheet in enumerate(found[1:], start=1):
+        try:
+            rows = [row for row in islice(sheet_rows(str(path), index), HEADER_SEARCH_ROWS) if not _blank(row)]
+        except Exception as error:
+            raise UnreadableFile(f"{path.name}: not a readable Excel workbook ({error})") from None
+        if any(_has_columns(path.name, row, columns) for row in rows):  # a title row or two may come first
+            raise UnreadableFile(
+                f"{path.name}: sheet {sheet.name!r} also has this file's columns, and only the first sheet"
+                f" ({found[0].name!r}) is read: put every row in the first sheet, or delete the other"
+            )
+
+
+def _has_columns(name: str, row: list[Any], columns: tuple[str, ...]) -> bool:
+    try:
+        check_header(name, list(row), columns)
+    except UnreadableFile:
+        return False
+    return True
+
+
 def header_of(path: Path, columns: tuple[str, ...]) -> tuple[int, list[int]]:
     """The header's row number (the first row that is not blank) and its columns' positions."""
     for number, row in enumerate(first_sheet_rows(str(path)), start=1):
@@ -226,6 +280,8 @@ def read_history(
     A loan sheet of `split_size` bytes of XML or more (None: infra.xlsx_split's SPLIT_SIZE) is
     read in two processes; the helper starts first, so that it reaches the sheet's middle while
     this process reads the customers."""
+    check_sheets(customers_path, CUSTOMER_COLUMNS)
+    check_sheets(loans_path, LOAN_COLUMNS)
     helper = _helper(loans_path, split_size)
     try:
         customers, customer_issues = _read(

@@ -188,10 +188,27 @@ def _flat(blocks: Iterator[Block]) -> Iterator[list[Any]]:
             expected += 1
 
 
-def _sheet_blocks(package: zipfile.ZipFile, start: Cut | None, stop: Cut | None) -> Iterator[Block]:
+class Sheet(NamedTuple):
+    name: str
+    state: str  # "visible", "hidden" or "veryHidden", as the workbook says
+    part: str | None  # its XML part in the package
+
+
+def sheets(path: str) -> list[Sheet]:
+    """The workbook's sheets in their order. Raises NotXlsx at once when the file is not an .xlsx package."""
+    with _package(path) as package:
+        return _sheets(package)[0]
+
+
+def sheet_rows(path: str, index: int) -> Iterator[list[Any]]:
+    """Sheet `index`'s rows from row 1, as `first_sheet_rows` gives the first sheet's."""
+    return _flat(_sheet_blocks(_package(path), None, None, index))
+
+
+def _sheet_blocks(package: zipfile.ZipFile, start: Cut | None, stop: Cut | None, index: int = 0) -> Iterator[Block]:
     with package:
         names = set(package.namelist())
-        sheet, date1904, main = _first_sheet(package)
+        sheet, date1904, main = _nth_sheet(package, index)
         if sheet is None or sheet not in names:
             if stop is not None:
                 raise UncleanCut("no sheet to cut")
@@ -208,23 +225,34 @@ def _sheet_blocks(package: zipfile.ZipFile, start: Cut | None, stop: Cut | None)
 
 def _first_sheet(package: zipfile.ZipFile) -> tuple[str | None, bool, str]:
     """The first sheet's part, whether dates count from 1904, and the SpreadsheetML namespace."""
+    return _nth_sheet(package, 0)
+
+
+def _nth_sheet(package: zipfile.ZipFile, index: int) -> tuple[str | None, bool, str]:
+    found, date1904, main = _sheets(package)
+    return (found[index].part if index < len(found) else None), date1904, main
+
+
+def _sheets(package: zipfile.ZipFile) -> tuple[list[Sheet], bool, str]:
+    """The sheets, whether dates count from 1904, and the SpreadsheetML namespace."""
     workbook = ElementTree.fromstring(package.read("xl/workbook.xml"))
     main = _STRICT if workbook.tag == f"{_STRICT}workbook" else _MAIN
     properties = workbook.find(f"{main}workbookPr")
     date1904 = properties is not None and properties.get("date1904") in ("1", "true")
-    first = workbook.find(f"{main}sheets/{main}sheet")
-    if first is None:
-        return None, date1904, main
-    target = None
-    rel_id = next((first.get(name) for name in _REL_IDS if first.get(name) is not None), None)
+    elements = workbook.findall(f"{main}sheets/{main}sheet")
+    if not elements:
+        return [], date1904, main
     rels = ElementTree.fromstring(package.read("xl/_rels/workbook.xml.rels"))
-    for rel in rels.iter(f"{_PKG_REL}Relationship"):
-        if rel.get("Id") == rel_id:
-            target = rel.get("Target", "")
-    if target is None:
-        return None, date1904, main
-    path = target.lstrip("/") if target.startswith("/") else posixpath.normpath(posixpath.join("xl", target))
-    return path, date1904, main
+    targets = {rel.get("Id"): rel.get("Target", "") for rel in rels.iter(f"{_PKG_REL}Relationship")}
+    found = []
+    for element in elements:
+        rel_id = next((element.get(name) for name in _REL_IDS if element.get(name) is not None), None)
+        target = targets.get(rel_id)
+        path = None
+        if target is not None:
+            path = target.lstrip("/") if target.startswith("/") else posixpath.normpath(posixpath.join("xl", target))
+        found.append(Sheet(element.get("name", ""), element.get("state", "visible"), path))
+    return found, date1904, main
 
 
 def _shared_strings(package: zipfile.ZipFile, names: set[str], main: str) -> list[str]:

@@ -20,7 +20,7 @@ from infra.importer import run_import
 from infra.xlsx import read_history
 from ledger.application import Ledger
 from ledger.domain import RowIssue
-from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS, parse_loan, parse_loan_columns
+from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS, UnreadableFile, parse_loan, parse_loan_columns
 
 CUSTOMER = [1, "Asha", "Iyer", 30, 9876543210, 50000, 1800000]
 LOAN = [1, 10, 100000, 12, 12, 8885, 6, "2024-01-01", "2025-01-01"]
@@ -288,3 +288,64 @@ def test_a_percentage_cell_anywhere_but_a_rate_is_its_number() -> None:
     assert (loan.amount, loan.interest_rate) == (100000, 12)
     wrong = parse_loan("l.xlsx", 3, {**cells, "Interest Rate": xlsx_stream.Percent(0.081234567)})  # 8.1234567%
     assert isinstance(wrong, RowIssue) and "at most 6 decimals" in wrong.reason
+
+
+# Sheets: the rows are read from the first, which must be visible, and no other may hold rows of the same kind.
+
+
+def _book(path: Path, sheets: list[tuple[str, str, list[list[object]]]]) -> Path:
+    """A workbook with these sheets in order: (title, state, rows)."""
+    book = openpyxl.Workbook()
+    assert book.active is not None
+    book.remove(book.active)
+    for title, state, rows in sheets:
+        sheet = book.create_sheet(title)
+        sheet.sheet_state = state  # type: ignore[assignment]
+        for row in rows:
+            sheet.append(row)
+    book.active = next(i for i, (_, state, _) in enumerate(sheets) if state == "visible")
+    book.save(path)
+    return path
+
+
+@pytest.mark.parametrize("state", ["hidden", "veryHidden"])
+def test_a_hidden_first_sheet_refuses_the_file_rather_than_import_rows_the_lender_does_not_see(
+    tmp_path: Path, state: str
+) -> None:
+    customers = _write(tmp_path / "c.xlsx", CUSTOMER_COLUMNS, [CUSTOMER])
+    old = [*LOAN[:2], 999_999, *LOAN[3:]]
+    loans = _book(
+        tmp_path / "l.xlsx", [("OldData", state, [list(LOAN_COLUMNS), old]), ("Loans", "visible", [list(LOAN_COLUMNS), LOAN])]
+    )
+    with pytest.raises(
+        UnreadableFile, match=r"l.xlsx: its first sheet, 'OldData', is hidden, and the rows are read from the first sheet"
+    ):
+        read_history(customers, loans)
+
+
+def test_rows_of_the_same_kind_on_another_sheet_refuse_the_file_rather_than_be_left_out(tmp_path: Path) -> None:
+    customers = _write(tmp_path / "c.xlsx", CUSTOMER_COLUMNS, [CUSTOMER])
+    later = [LOAN[0], 11, *LOAN[2:]]
+    title = ["Loans approved in 2024"]  # a title above the header, as a lender's sheet may have
+    loans = _book(
+        tmp_path / "l.xlsx",
+        [("2023", "visible", [list(LOAN_COLUMNS), LOAN]), ("2024", "visible", [title, [], list(LOAN_COLUMNS), later])],
+    )
+    with pytest.raises(
+        UnreadableFile, match=r"l.xlsx: sheet '2024' also has this file's columns, and only the first sheet \('2023'\) is read"
+    ):
+        read_history(customers, loans)
+
+
+def test_other_sheets_without_the_files_columns_are_left_alone(tmp_path: Path) -> None:
+    customers = _book(
+        tmp_path / "c.xlsx",
+        [
+            ("Customers", "visible", [list(CUSTOMER_COLUMNS), CUSTOMER]),
+            ("Notes", "visible", [["exported from the core banking system"], ["Customer ID", "comment"]]),
+            ("Empty", "hidden", []),
+        ],
+    )
+    loans = _write(tmp_path / "l.xlsx", LOAN_COLUMNS, [LOAN])
+    read_customers, read_loans, issues = read_history(customers, loans)
+    assert ([c.customer_id for c in read_customers], [ln.loan_id for ln in read_loans], issues) == ([1], [10], [])
