@@ -138,7 +138,13 @@ def _integer(value: Cell, column: str) -> int:
         return int(value)
     if isinstance(value, str) and _WHOLE.fullmatch(value.strip()):  # ASCII digits ("²".isdigit() too)
         return int(value.strip())
-    raise _BadCell(f"{column} is not a whole number: {value!r}")
+    raise _not_a("a whole number", value, column)
+
+
+def _not_a(kind: str, value: Cell, column: str) -> _BadCell:
+    if value is None:  # an empty cell, or a formula's whose result the file does not hold
+        return _BadCell(f"{column} is empty (or a formula with no saved value: open and save the file in Excel)")
+    return _BadCell(f"{column} is not {kind}: {value!r}")
 
 
 _WHOLE = re.compile(r"-?[0-9]{1,30}")  # more digits than an ID may have, few enough for int()
@@ -156,7 +162,7 @@ def _decimal(value: Cell, column: str) -> Decimal:
     if type(value) is float:  # a number cell: the common case, first
         return _checked_decimal(value, column)
     if isinstance(value, bool) or value is None or not isinstance(value, (float, int, str)):
-        raise _BadCell(f"{column} is not a number: {value!r}")
+        raise _not_a("a number", value, column)
     return _checked_decimal(value, column)
 
 
@@ -243,7 +249,7 @@ def _date(value: Cell, column: str) -> date:
                 return _shared(datetime.fromisoformat(text).date())  # type: ignore[no-any-return]
         except ValueError:
             pass
-    raise _BadCell(f"{column} is not a date: {value!r}")
+    raise _not_a("a date", value, column)
 
 
 def _at_least(number: int | Decimal, low: int, column: str) -> None:

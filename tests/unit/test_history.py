@@ -246,3 +246,11 @@ def test_a_phone_number_written_as_text_reads_as_its_digits() -> None:
     record = parse_customer("c.xlsx", 2, CUSTOMER | {"Phone Number": " 9876543210 "})
     assert not isinstance(record, RowIssue)
     assert record.phone_number == "9876543210"
+
+
+@pytest.mark.parametrize("column", ["Loan Amount", "Tenure", "Date of Approval", "Interest Rate"])
+def test_an_empty_cell_says_it_is_empty_and_names_the_formula_case(column: str) -> None:
+    # A formula whose workbook holds no saved value (written by a library, never opened in Excel) reads as empty.
+    issue = parse_loan("l.xlsx", 3, LOAN | {column: None})
+    assert isinstance(issue, RowIssue)
+    assert issue.reason == f"{column} is empty (or a formula with no saved value: open and save the file in Excel)"
