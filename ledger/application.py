@@ -720,6 +720,19 @@ class Ledger(Application[UUID]):
         job.check_files(files_digest)  # raises ImportFilesChanged: a run resuming it must read the same files
         earlier_runs = ImportReport.recorded_by(job)  # nothing, unless this run resumes the job
         labels = job.file_names
+        today = self.clock.today()
+        if any(loan.start_date > today for loan in loans):  # (a scan; the rows are copied only then)
+            # A file of history holds loans already approved: one dated later would count EMIs as
+            # paid before they are due, and as a current loan.
+            later = [loan for loan in loans if loan.start_date > today]
+            loans[:] = [loan for loan in loans if loan.start_date <= today]
+            issues = [
+                *issues,
+                *(
+                    RowIssue(labels[1], loan.row, f"Date of Approval {loan.start_date} is after today ({today})")
+                    for loan in later
+                ),
+            ]
         report = ImportReport(issues=list(issues))
         loans_by_customer: dict[int, list[LoanRecord]] = {}
         for loan in loans:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal as D
 from typing import Any
 from uuid import UUID, uuid4, uuid5
 
+import msgspec
 import psycopg
 import pytest
 from eventsourcing.persistence import IntegrityError, OperationalError, RecordConflictError
@@ -545,6 +546,23 @@ def test_a_repeated_loan_id_whose_first_row_is_refused_with_its_customer_stays_w
     assert [t.loan_id for t in ledger.get_customer(7).loans] == [61]
     # No loan ID was drawn for the refused rows: the next booking takes the one after those used.
     assert ledger.book_loan(7, LoanRequest(D(1000), D(14), 6)).response["loan_id"] == 65
+
+
+def test_a_loan_approved_after_today_is_refused_and_a_repeat_of_its_id_keeps_it(ledger: Ledger) -> None:
+    # Today is TODAY: a file of history cannot hold a loan approved later (its EMIs would count as
+    # paid before they were due, and it would count as a current loan).
+    later = msgspec.structs.replace(
+        loan_row(3, 7, 60), start_date=TODAY + timedelta(days=1), end_date=TODAY + timedelta(days=400)
+    )
+    summary = run_import(
+        ledger, [customer_row(2, 7, "9000000007"), customer_row(3, 8, "9000000008")], [later, loan_row(4, 8, 60)]
+    )
+    assert summary["issues"] == [
+        {"file": "loans.xlsx", "row": 3, "reason": f"Date of Approval {TODAY + timedelta(days=1)} is after today ({TODAY})"}
+    ]
+    assert (summary["loans_imported"], summary["rows_rejected"], summary["rekeyed_loans"]) == (1, 1, [])
+    assert ledger.get_customer(7).loans == []
+    assert [t.loan_id for t in ledger.get_customer(8).loans] == [60]
 
 
 def test_the_loans_of_a_refused_customer_row_never_go_to_the_ledgers_customer_with_that_id(ledger: Ledger) -> None:
