@@ -230,3 +230,32 @@ def test_no_password_is_shown_in_a_message(monkeypatch: pytest.MonkeyPatch, caps
     assert main(["status"]) == 2
     err = capsys.readouterr().err
     assert "DATABASE_URL is not a PostgreSQL URL" in err and "Secret" not in err
+
+
+def test_ctrl_c_says_interrupted_and_exits_130_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import infra.cli
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(infra.cli, "cmd_status", interrupted)
+    assert main(["status"]) == 130
+    assert capsys.readouterr().err == "\ninterrupted\n"
+
+
+def test_a_cluster_that_cannot_be_made_leaves_no_directory_behind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import tempfile
+
+    import infra.stack
+    from infra.stack import PostgresServer, StackError
+
+    def no_binaries(name: str) -> str:
+        raise StackError(f"PostgreSQL's {name} was not found")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(infra.stack, "_pg_binary", no_binaries)
+    with pytest.raises(StackError):
+        PostgresServer()
+    assert list(tmp_path.iterdir()) == []
