@@ -22,7 +22,7 @@ import msgspec
 from ledger.calendar import add_months
 from ledger.domain import RowIssue
 from ledger.money import plain
-from ledger.policy import LONGEST_TENURE
+from ledger.policy import LONGEST_TENURE, monthly_installment
 
 CUSTOMER_COLUMNS = (
     "Customer ID",
@@ -303,6 +303,27 @@ def parse_customer(file: str, row: int, cells: Mapping[str, Cell]) -> CustomerRe
         return RowIssue(file, row, str(bad), customer_id)
 
 
+FITS = Decimal("0.01")  # a payment within 1% of an EMI fits it
+
+
+def _not_a_fraction(amount: Decimal, rate: Decimal, tenure: int, payment: Decimal) -> None:
+    """A rate under 1 whose row's Monthly payment fits the EMI at 100 times it, and not at the
+    rate itself, is a percentage exported as a fraction (0.0925 for 9.25%) that lost its percent
+    format: refused, not guessed, since read as given it would be a rate 100 times too small."""
+    percent = rate.scaleb(2).normalize()
+    if _fits(payment, monthly_installment(amount, percent, tenure)) and not _fits(
+        payment, monthly_installment(amount, rate, tenure)
+    ):
+        raise _BadCell(
+            f"Interest Rate {rate} looks like a fraction: the Monthly payment {payment} fits {percent:f}% and not {rate}%;"
+            f" write {percent:f}, or format the cell as a percentage"
+        )
+
+
+def _fits(payment: Decimal, emi: Decimal) -> bool:
+    return abs(payment - emi) <= emi * FITS
+
+
 def parse_loan(file: str, row: int, cells: Mapping[str, Cell]) -> LoanRecord | RowIssue:
     try:
         customer_id = _shared(_id(cells["Customer ID"], "Customer ID"))
@@ -318,6 +339,8 @@ def parse_loan(file: str, row: int, cells: Mapping[str, Cell]) -> LoanRecord | R
             raise _BadCell(f"Interest Rate must be between 0 and 100, got {rate}")
         payment = _decimal(cells["Monthly payment"], "Monthly payment")
         _at_least(payment, 0, "Monthly payment")
+        if 0 < rate < 1:
+            _not_a_fraction(amount, rate, tenure, payment)
         paid = _integer(cells["EMIs paid on Time"], "EMIs paid on Time")
         _at_least(paid, 0, "EMIs paid on Time")
         if paid > tenure:
@@ -428,6 +451,8 @@ def parse_loan_columns(numbers: list[int], columns: Mapping[str, Column]) -> lis
     if min(tenures) < 1 or max(tenures) > LONGEST_TENURE or min(paid) < 0 or max(starts) > _SAFE_START:
         return None  # (a start after _SAFE_START may still be fine: the row check says)
     if min(amounts) <= 0 or min(rates) < 0 or max(rates) > 100 or min(payments) < 0:
+        return None
+    if min(rates) < 1 and any(0 < rate < 1 for rate in rates):  # perhaps fractions: the row check says
         return None
     if any(map(operator.gt, paid, tenures)) or any(map(operator.lt, ends, starts)):
         return None

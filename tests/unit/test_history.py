@@ -254,3 +254,25 @@ def test_an_empty_cell_says_it_is_empty_and_names_the_formula_case(column: str) 
     issue = parse_loan("l.xlsx", 3, LOAN | {column: None})
     assert isinstance(issue, RowIssue)
     assert issue.reason == f"{column} is empty (or a formula with no saved value: open and save the file in Excel)"
+
+
+def test_a_rate_written_as_a_fraction_that_lost_its_percent_format_is_refused_not_read_100_times_too_small() -> None:
+    # 100,000 over 12 months: the EMI is 8756.75 at 9.25% and 8337.51 at 0.0925%.
+    row = LOAN | {
+        "Loan Amount": 100_000.0,
+        "Tenure": 12.0,
+        "EMIs paid on Time": 3.0,
+        "Interest Rate": 0.0925,
+        "Monthly payment": 8760.0,
+    }
+    issue = parse_loan("l.xlsx", 4, row)
+    assert isinstance(issue, RowIssue)
+    assert issue.reason == (
+        "Interest Rate 0.0925 looks like a fraction: the Monthly payment 8760.0 fits 9.25% and not 0.0925%;"
+        " write 9.25, or format the cell as a percentage"
+    )
+    assert parse_loan_columns([4], {name: [value] for name, value in row.items()}) is None  # the row check decides
+    # A rate under 1% that its payment fits is a rate under 1%.
+    for rate, payment in ((0.0925, 8337.51), (0.5, 8356.0)):
+        record = parse_loan("l.xlsx", 4, row | {"Interest Rate": rate, "Monthly payment": payment})
+        assert not isinstance(record, RowIssue) and record.interest_rate == Decimal(str(rate))
