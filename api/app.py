@@ -158,6 +158,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     routes = [
         *starlette_routes(),
         Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/openapi.json/", openapi_json, methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
         Route("/docs/", docs, methods=["GET"]),
         Mount("/docs/static", StaticFiles(directory=SWAGGER_STATIC), name="docs-static"),

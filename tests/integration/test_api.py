@@ -405,6 +405,7 @@ def test_a_path_with_two_trailing_slashes_is_a_404_not_a_redirect_to_the_host_he
         assert_error(response, 404, "not_found")
         assert "location" not in response.headers
     assert client.get("/docs/").status_code == 200
+    assert client.get("/openapi.json/").json()["openapi"] == "3.1.0"
 
 
 def test_openapi_document_describes_every_endpoint(client: TestClient) -> None:
