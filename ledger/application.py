@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Collection, Container, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 from typing import Any, Protocol, cast
 from uuid import UUID, uuid4
@@ -721,15 +721,16 @@ class Ledger(Application[UUID]):
         earlier_runs = ImportReport.recorded_by(job)  # nothing, unless this run resumes the job
         labels = job.file_names
         today = self.clock.today()
-        if any(loan.start_date > today for loan in loans):  # (a scan; the rows are copied only then)
+        latest = today + timedelta(days=1)  # a day's grace: the file may come from a time zone ahead of this server's
+        if any(loan.start_date > latest for loan in loans):  # (a scan; the rows are copied only then)
             # A file of history holds loans already approved: one dated later would count EMIs as
             # paid before they are due, and as a current loan.
-            later = [loan for loan in loans if loan.start_date > today]
-            loans[:] = [loan for loan in loans if loan.start_date <= today]
+            later = [loan for loan in loans if loan.start_date > latest]
+            loans[:] = [loan for loan in loans if loan.start_date <= latest]
             issues = [
                 *issues,
                 *(
-                    RowIssue(labels[1], loan.row, f"Date of Approval {loan.start_date} is after today ({today})")
+                    RowIssue(labels[1], loan.row, f"Date of Approval {loan.start_date} is in the future (today is {today})")
                     for loan in later
                 ),
             ]
