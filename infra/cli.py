@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -115,11 +114,14 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference_files(settings: Settings) -> tuple[Path, Path]:
+    """The files an import reads by default: the two in IMPORT_DIR."""
+    return settings.import_dir / "customer_data.xlsx", settings.import_dir / "loan_data.xlsx"
+
+
 def _files(settings: Settings, args: argparse.Namespace) -> tuple[Path, Path]:
-    return (
-        Path(args.customers) if args.customers else settings.import_dir / "customer_data.xlsx",
-        Path(args.loans) if args.loans else settings.import_dir / "loan_data.xlsx",
-    )
+    customers, loans = _reference_files(settings)
+    return Path(args.customers) if args.customers else customers, Path(args.loans) if args.loans else loans
 
 
 def _readable(*paths: Path, hint: str = "") -> None:
@@ -217,7 +219,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from projections.projector import Projector
 
     settings = Settings.from_env()
-    customers, loans = settings.import_dir / "customer_data.xlsx", settings.import_dir / "loan_data.xlsx"
+    customers, loans = _reference_files(settings)
     if not args.no_import:
         _readable(customers, loans, hint=f"{_IMPORT_DIR_HINT}, or use --no-import")
     setup_schema(settings)
@@ -347,11 +349,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     processes: list[subprocess.Popen[bytes]] = []
     configured = {name for name in ("DATABASE_URL", "REDIS_URL") if os.environ.get(name)}
-    import_dir = Settings.from_env().import_dir
     if not args.no_import:
-        _readable(
-            import_dir / "customer_data.xlsx", import_dir / "loan_data.xlsx", hint=f"{_IMPORT_DIR_HINT}, or use --no-import"
-        )
+        _readable(*_reference_files(Settings.from_env()), hint=f"{_IMPORT_DIR_HINT}, or use --no-import")
     if _in_use(args.host, args.port):  # else another server's /health would pass for this one's
         raise ConfigError(
             f"{args.host}:{args.port} is already in use (another `ledger run`?): stop it, or choose another port"
@@ -368,9 +367,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             processes.append(_spawn([*ledger_cli, "worker"], env))
             processes.append(_spawn([*ledger_cli, "beat"], env))
             if not args.no_import:
-                job_id = start_import(
-                    settings, settings.import_dir / "customer_data.xlsx", settings.import_dir / "loan_data.xlsx"
-                )
+                job_id = start_import(settings, *_reference_files(settings))
                 print_report(follow_import(settings, job_id))
             server = _spawn(
                 [*ledger_cli, "api", "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)], env
@@ -556,13 +553,10 @@ def _where(url: str) -> str:
 
 
 def redacted(url: str) -> str:
-    """A URL without its password (Redis's `redis://:secret@host:6379/0`)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
+    """A broker URL without its password, as kombu shows one (`redis://:***@host:6379/0`)."""
+    from kombu.utils.url import sanitize_url
+
+    return sanitize_url(url, mask="***")
 
 
 if __name__ == "__main__":

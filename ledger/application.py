@@ -816,7 +816,7 @@ class Ledger(Application[UUID]):
         known = self.index.existing(_candidate_ids(units, plan.contested))
         taken = self.loans.taken({r.loan_id for _, _, rows in units for r in rows if r.loan_id <= plan.contested})
         claims = _Claims(plan.first_use, plan.contested, known, taken, _FreshLoanIds(self.ids))
-        claims.decide(r for record, cid, rows in units if record is not None or cid not in plan.refused for r in rows)
+        claims.decide(r for record, cid, rows in units if not plan.refuses(record, cid) for r in rows)
         aggregates: list[Aggregate] = []
         for record, cid, loans in units:
             aggregates += self._import_unit(record, cid, loans, claims, plan, known, report)
@@ -886,7 +886,7 @@ class Ledger(Application[UUID]):
         `known` holds which of the batch's candidate aggregates already exist."""
         labels = plan.labels
         existing = self._customer_for_file_id(file_id, known)
-        if record is None and file_id in plan.refused:
+        if plan.refuses(record, file_id):
             # The file's row for this customer was refused: its loans are not for whoever the ledger
             # knows by that ID. Those an earlier import of this file recorded are there all the same.
             refused_row, reason = plan.refused[file_id]
@@ -1035,6 +1035,10 @@ class _ImportPlan:
     contested: int  # IDs at or below this may already be held (see Ledger.import_history)
     labels: tuple[str, str]
     refused: dict[int, tuple[int, str]]  # Customer IDs whose rows were all refused -> one of them, and why
+
+    def refuses(self, record: CustomerRecord | None, file_id: int) -> bool:
+        """Whether a unit's loan rows go with its customer's refused row."""
+        return record is None and file_id in self.refused
 
 
 @dataclass(frozen=True)

@@ -450,9 +450,10 @@ def parse_loan_columns(numbers: list[int], columns: Mapping[str, Column]) -> lis
         return None
     if min(tenures) < 1 or max(tenures) > LONGEST_TENURE or min(paid) < 0 or max(starts) > _SAFE_START:
         return None  # (a start after _SAFE_START may still be fine: the row check says)
-    if min(amounts) <= 0 or min(rates) < 0 or max(rates) > 100 or min(payments) < 0:
+    lowest_rate = min(rates)
+    if min(amounts) <= 0 or lowest_rate < 0 or max(rates) > 100 or min(payments) < 0:
         return None
-    if min(rates) < 1 and any(0 < rate < 1 for rate in rates):  # perhaps fractions: the row check says
+    if lowest_rate < 1 and any(0 < rate < 1 for rate in rates):  # perhaps fractions: the row check says
         return None
     if any(map(operator.gt, paid, tenures)) or any(map(operator.lt, ends, starts)):
         return None
