@@ -61,7 +61,7 @@ from ledger.domain import (
     loan_uuid,
     phone_uuid,
 )
-from ledger.history import CustomerRecord, LoanRecord
+from ledger.history import CUSTOMER_COLUMNS, CustomerRecord, LoanRecord
 from ledger.mapper import TypedMapper
 from ledger.policy import Decision, LoanRequest, approved_limit, decide
 from ledger.ports import AggregateIndex, Clock, IdAllocator, InMemoryIds, LoanDirectory, SystemClock
@@ -890,13 +890,12 @@ class Ledger(Application[UUID]):
             # The file's row for this customer was refused: its loans are not for whoever the ledger
             # knows by that ID. Those an earlier import of this file recorded are there all the same.
             refused_row, reason = plan.refused[file_id]
-            recorded = existing.imported_source_ids() if existing is not None else set()
-            report.loans_already_present += sum(r.loan_id in recorded for r in rows)
-            report.issues += [
-                RowIssue(labels[1], r.row, f"its customer row {refused_row} was rejected: {reason}")
-                for r in rows
-                if r.loan_id not in recorded
-            ]
+            recorded = existing.imported_loans() if existing is not None else {}
+            for r in rows:
+                if r.loan_id in recorded:
+                    _count_recorded(r, recorded[r.loan_id], labels[1], report)
+                else:
+                    report.issues.append(RowIssue(labels[1], r.row, f"its customer row {refused_row} was rejected: {reason}"))
             return []
         if record is None and existing is not None and not self._is_file_customer(existing, file_id):
             # Loan rows with no customer row go to the file's customer only: the ledger's customer
@@ -937,7 +936,20 @@ class Ledger(Application[UUID]):
                 aggregates.append(FileCustomer.link(file_id, customer_id))
                 report.rekeyed_customers.append({"row": record.row, "file_customer_id": file_id, "customer_id": customer_id})
             elif record is not None:
-                report.customers_already_present += 1  # as recorded, however the row reads now
+                changed = _changes(_customer_figures(existing), _row_figures(record))
+                if changed:
+                    # The ledger keeps what it recorded; the row still names the customer its new loans go to.
+                    report.issues.append(
+                        RowIssue(
+                            labels[0],
+                            record.row,
+                            f"Customer ID {file_id} is already recorded with other details: {changed}. An imported"
+                            " customer is not changed: this row's details are not taken, and its loans not yet"
+                            " recorded are imported for the customer as recorded",
+                        )
+                    )
+                else:
+                    report.customers_already_present += 1
         elif record is None:
             report.issues += [
                 RowIssue(
@@ -951,11 +963,11 @@ class Ledger(Application[UUID]):
             assert record is not None
             aggregates.append(PhoneNumber.claim(record.phone_number, customer_id))
 
-        already = existing.imported_source_ids() if existing is not None else set()
+        already = existing.imported_loans() if existing is not None else {}
         terms_list: list[LoanTerms] = []
         for row in rows:
             if row.loan_id in already:
-                report.loans_already_present += 1
+                _count_recorded(row, already[row.loan_id], labels[1], report)
                 continue
             terms = self._imported_terms(row, claims)
             if terms.loan_id != row.loan_id:
@@ -998,7 +1010,7 @@ class Ledger(Application[UUID]):
             return customer.source_customer_id == file_id
         if customer.customer_id != file_id:
             return False
-        if customer.imported_source_ids():
+        if customer.imported_loans():
             return True
         first = next(iter(self.events.get(customer.id, limit=1)), None)
         return isinstance(first, Customer.HistoryImported)
@@ -1024,6 +1036,77 @@ class Ledger(Application[UUID]):
             emis_paid=row.emis_paid_on_time,
             emis_paid_on_time=row.emis_paid_on_time,
             source_loan_id=row.loan_id,
+        )
+
+
+def _row_figures(row: CustomerRecord | LoanRecord) -> dict[str, object]:
+    """A file row's figures under their column names, as `_customer_figures` and `_loan_figures`
+    name the recorded ones."""
+    if isinstance(row, CustomerRecord):
+        values: tuple[object, ...] = (
+            row.first_name,
+            row.last_name,
+            row.age,
+            row.phone_number,
+            row.monthly_income,
+            row.approved_limit,
+        )
+        return dict(zip(CUSTOMER_COLUMNS[1:], values, strict=True))
+    values = (row.amount, row.tenure, row.interest_rate, row.monthly_payment, row.start_date, row.end_date)
+    return dict(zip(_COMPARED_LOAN_COLUMNS, values, strict=True))
+
+
+# EMIs paid on Time is not compared: the repayments recorded since the import have added to it.
+_COMPARED_LOAN_COLUMNS = ("Loan Amount", "Tenure", "Interest Rate", "Monthly payment", "Date of Approval", "End Date")
+
+
+def _customer_figures(customer: Customer) -> dict[str, object]:
+    values = (
+        customer.first_name,
+        customer.last_name,
+        customer.age,
+        customer.phone_number,
+        customer.monthly_income,
+        customer.approved_limit,
+    )
+    return dict(zip(CUSTOMER_COLUMNS[1:], values, strict=True))
+
+
+def _loan_figures(terms: LoanTerms) -> dict[str, object]:
+    values = (terms.amount, terms.tenure, terms.interest_rate, terms.monthly_installment, terms.start_date, terms.end_date)
+    return dict(zip(_COMPARED_LOAN_COLUMNS, values, strict=True))
+
+
+def _changes(recorded: dict[str, object], row: dict[str, object]) -> str:
+    """Where a file row differs from what the ledger recorded for it ("" where nowhere)."""
+    return ", ".join(
+        f"{name} {_figure(recorded[name])} recorded, {_figure(value)} in this row"
+        for name, value in row.items()
+        if value != recorded[name]
+    )
+
+
+def _figure(value: object) -> str:
+    """A number as a person writes it (100000, 8.5: a cell read as 100000.0 is the same figure)."""
+    return f"{value.normalize():f}" if isinstance(value, Decimal) else str(value)
+
+
+def _count_recorded(row: LoanRecord, recorded: list[LoanTerms], label: str, report: ImportReport) -> None:
+    """A loan row whose Loan ID the customer's history holds already (from this file, or an earlier
+    import of it): already present when some loan recorded under that ID has the row's figures,
+    else reported, since a recorded loan is not changed."""
+    figures = _row_figures(row)
+    differences = [_changes(_loan_figures(terms), figures) for terms in recorded]
+    if "" in differences:
+        report.loans_already_present += 1
+    else:
+        report.issues.append(
+            RowIssue(
+                label,
+                row.row,
+                f"Loan ID {row.loan_id} is already recorded with other figures: {differences[0]}. An imported loan"
+                " is not changed: this row is not imported",
+            )
         )
 
 

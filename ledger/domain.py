@@ -303,8 +303,13 @@ class Customer(Aggregate):
     def credit_history(self, today: date) -> CreditHistory:
         return credit_history(self.loans, today)
 
-    def imported_source_ids(self) -> set[int]:
-        return {loan.source_loan_id for loan in self.loans if loan.source_loan_id is not None}
+    def imported_loans(self) -> dict[int, list[LoanTerms]]:
+        """The imported loans by the file's Loan ID (a file may give one customer a Loan ID twice)."""
+        loans: dict[int, list[LoanTerms]] = {}
+        for loan in self.loans:
+            if loan.source_loan_id is not None:
+                loans.setdefault(loan.source_loan_id, []).append(loan)
+        return loans
 
     def same_person(self, first_name: str, last_name: str, phone_number: str) -> bool:
         return (self.first_name, self.last_name, self.phone_number) == (first_name, last_name, phone_number)

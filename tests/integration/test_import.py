@@ -260,6 +260,50 @@ def test_a_later_import_adds_a_loan_to_a_customer_already_in_the_ledger(
     assert [e["type"] for e in client.get("/loans/96101/history").json()] == ["Customer.HistoryExtended"]
 
 
+def test_a_reimported_row_with_other_figures_is_reported_and_the_recorded_loan_kept(
+    stack: Stack, client: TestClient, imported: dict[str, Any]
+) -> None:
+    with stack.connect() as conn:
+        loan = conn.execute(
+            "SELECT customer_id, loan_id, loan_amount, tenure, interest_rate, monthly_installment, emis_paid_on_time,"
+            " start_date, end_date FROM readmodel.loans WHERE origin = 'imported' AND loan_id = source_loan_id"
+            " AND loan_id < 96000 ORDER BY loan_id DESC LIMIT 1"  # the reference file's: tests below add others
+        ).fetchone()
+        assert loan is not None
+        customer = conn.execute(
+            "SELECT customer_id, first_name, last_name, age, phone_number, monthly_income, approved_limit"
+            " FROM readmodel.customers WHERE customer_id = %s",
+            (loan[0],),
+        ).fetchone()
+        assert customer is not None
+    as_number = [int(v) if isinstance(v, Decimal) and v == int(v) else float(v) if isinstance(v, Decimal) else v for v in loan]
+    customers = write_xlsx(
+        stack.settings.import_dir / "test_same_customer.xlsx",
+        CUSTOMER_COLUMNS,
+        [[*customer[:4], int(customer[4]), *map(int, customer[5:])]],
+    )
+    edited = write_xlsx(
+        stack.settings.import_dir / "test_edited_loan.xlsx", LOAN_COLUMNS, [[*as_number[:2], as_number[2] + 1000, *as_number[3:]]]
+    )
+    before = client.get(f"/view-loan/{loan[1]}").json()
+    try:
+        report = follow(client, start(client, customers.name, edited.name))
+    finally:
+        customers.unlink()
+        edited.unlink()
+    summary = report["summary"]
+    assert (summary["customers_already_present"], summary["loans_already_present"], summary["loans_imported"]) == (1, 0, 0)
+    assert report["issues"] == [
+        {
+            "file": "test_edited_loan.xlsx",
+            "row": 2,
+            "reason": f"Loan ID {loan[1]} is already recorded with other figures: Loan Amount {loan[2].normalize():f}"
+            f" recorded, {(loan[2] + 1000).normalize():f} in this row. An imported loan is not changed: this row is not imported",
+        }
+    ]
+    assert client.get(f"/view-loan/{loan[1]}").json() == before
+
+
 def test_an_unreadable_file_fails_clearly_and_changes_nothing(stack: Stack, client: TestClient, imported: dict[str, Any]) -> None:
     not_excel = stack.settings.import_dir / "test_not_excel.xlsx"
     not_excel.write_text("Customer ID,First Name\n1,Ann\n")

@@ -456,7 +456,8 @@ def test_a_file_customer_whose_id_was_taken_is_rekeyed_with_its_loans_and_reimpo
 
 def test_a_reimported_customer_whose_name_or_phone_changed_is_the_same_customer_not_a_new_one(ledger: Ledger) -> None:
     """A customer imported under a file's Customer ID is that file customer, whatever its row says
-    in a later file: the ledger keeps what it recorded and adds only the new loans."""
+    in a later file: the ledger keeps what it recorded, adds only the new loans, and reports the
+    row's details it did not take."""
     customers, loans = [customer_row(2, 7, "9000000007"), customer_row(3, 8, "9000000008")], [loan_row(2, 7, 50)]
     run_import(ledger, customers, loans)
     corrected = [
@@ -466,14 +467,68 @@ def test_a_reimported_customer_whose_name_or_phone_changed_is_the_same_customer_
     events = ledger.recorder.max_notification_id() or 0
     again = run_import(ledger, corrected, [loan_row(2, 7, 50), loan_row(3, 7, 51), loan_row(4, 8, 52)])
     assert again["rekeyed_customers"] == [] and again["rekeyed_loans"] == []
-    assert (again["customers_imported"], again["customers_already_present"]) == (0, 2)
+    assert (again["customers_imported"], again["customers_already_present"]) == (0, 0)
     assert (again["loans_imported"], again["loans_already_present"]) == (2, 1)
-    assert (again["issues"], again["rows_rejected"]) == ([], 0)  # nothing refused: the rows are the customers recorded
+    not_taken = ". An imported customer is not changed: this row's details are not taken, and its loans not yet recorded are imported for the customer as recorded"
+    assert again["issues"] == [
+        {
+            "file": "customers.xlsx",
+            "row": 2,
+            "reason": "Customer ID 7 is already recorded with other details: Last Name L recorded, Smith in this row,"
+            " Phone Number 9000000007 recorded, 9200000007 in this row" + not_taken,
+        },
+        {
+            "file": "customers.xlsx",
+            "row": 3,
+            "reason": "Customer ID 8 is already recorded with other details: First Name F recorded, Fay in this row" + not_taken,
+        },
+    ]
     seven, eight = ledger.get_customer(7), ledger.get_customer(8)
     assert (seven.last_name, seven.phone_number, [t.loan_id for t in seven.loans]) == ("L", "9000000007", [50, 51])
     assert (eight.first_name, [t.loan_id for t in eight.loans]) == ("F", [52])
     new_events = ledger.recorder.select_notifications(events, 100, inclusive_of_start=False)
     assert not any("PhoneNumber" in n.topic or "FileCustomer" in n.topic for n in new_events)  # no phone claimed, no ID moved
+
+
+def test_a_reimported_loan_row_with_other_figures_is_reported_and_the_recorded_loan_kept(ledger: Ledger) -> None:
+    """Importing a file again adds nothing; a row whose figures changed since (a corrected amount,
+    a date) is not "already present": it is reported, and the recorded loan stays as it was."""
+    customers = [customer_row(2, 7, "9000000007")]
+    first = [loan_row(2, 7, 50), loan_row(3, 7, 51), loan_row(4, 7, 52), loan_row(5, 7, 52)]  # 52 twice: the second re-keyed
+    run_import(ledger, customers, first)
+    recorded = list(ledger.get_customer(7).loans)
+    edited = [
+        msgspec.structs.replace(first[0], amount=D("12000.50")),
+        msgspec.structs.replace(first[1], start_date=date(2020, 2, 1), end_date=date(2021, 2, 1)),
+        first[2],
+        msgspec.structs.replace(first[3], tenure=24),
+    ]
+    events = ledger.recorder.max_notification_id() or 0
+    again = run_import(ledger, customers, edited)
+    kept = ". An imported loan is not changed: this row is not imported"
+    assert again["issues"] == [
+        {
+            "file": "loans.xlsx",
+            "row": 2,
+            "reason": "Loan ID 50 is already recorded with other figures: Loan Amount 10000 recorded, 12000.5 in this row" + kept,
+        },
+        {
+            "file": "loans.xlsx",
+            "row": 3,
+            "reason": "Loan ID 51 is already recorded with other figures: Date of Approval 2020-01-01 recorded, 2020-02-01 in"
+            " this row, End Date 2021-01-01 recorded, 2021-02-01 in this row" + kept,
+        },
+        {
+            "file": "loans.xlsx",
+            "row": 5,
+            "reason": "Loan ID 52 is already recorded with other figures: Tenure 12 recorded, 24 in this row" + kept,
+        },
+    ]
+    assert (again["customers_already_present"], again["loans_already_present"], again["loans_imported"]) == (1, 1, 0)
+    assert ledger.get_customer(7).loans == recorded
+    assert topics_after(ledger, events) == []  # nothing recorded but the job
+    unchanged = run_import(ledger, customers, first)  # the rows as first imported: present, however often repeated
+    assert (unchanged["issues"], unchanged["loans_already_present"]) == ([], 4)
 
 
 def test_loan_rows_without_a_customer_row_go_only_to_the_files_customer(ledger: Ledger) -> None:
