@@ -117,7 +117,10 @@ def credit_history(loans: Iterable[LoanFacts | LoanTerms], today: date) -> Credi
             this_year += 1
         loan_due = installments_due(loan.start_date, loan.tenure, today)
         due += loan_due
-        on_time += min(loan.emis_paid_on_time, loan_due)
+        # Installments are paid in order, and one paid before it fell due was paid on time: those
+        # paid ahead are on time but not among the due ones, so a late EMI stays late when the
+        # next ones are paid early. (An imported loan's EMIs were all paid on time.)
+        on_time += max(0, loan.emis_paid_on_time - max(0, loan.emis_paid - loan_due))
         if repayments_left > 0 and loan.end_date >= today:  # current
             current += 1
             debt += loan.amount

@@ -209,6 +209,27 @@ def test_an_imported_loans_schedule_follows_the_files_payment(client: TestClient
 # Profiles and history
 
 
+def test_a_late_installment_stays_late_when_the_next_is_paid_early(stack: Stack, client: TestClient) -> None:
+    """Paying the next installments ahead of time does not hide a late one: the score counts on-time
+    EMIs among the due ones only (a review's repro: the score went from 0 to 70)."""
+    customer_id = new_customer(client)
+    loan_id = book(client, customer_id, tenure=12)["loan_id"]  # installment 1 due 2026-12-22, 2 due 2027-01-22
+    later = create_app(stack.settings, clock=FixedClock(TODAY + timedelta(days=32)))  # 2026-12-24
+    with TestClient(later, raise_server_exceptions=False) as then:
+        late = then.post(f"/loans/{loan_id}/repayments", json={}).json()
+        early = then.post(f"/loans/{loan_id}/repayments", json={}).json()
+        assert [(r["installment"], r["on_time"]) for r in (late, early)] == [(1, False), (2, True)]
+        for answer in (
+            then.get(f"/customers/{customer_id}").json(),
+            then.post(
+                "/check-eligibility", json={"customer_id": customer_id, "loan_amount": 1000, "interest_rate": 20, "tenure": 12}
+            ).json(),
+        ):
+            breakdown = answer["credit_score_breakdown"]
+            assert (breakdown["inputs"]["emis_due"], breakdown["inputs"]["emis_paid_on_time"]) == (1, 0)
+            assert breakdown["payment_history"] == -35
+
+
 def test_the_customer_profile_agrees_with_check_eligibility(client: TestClient, imported: dict[str, Any]) -> None:
     profile = client.get("/customers/14").json()
     decision = client.post(

@@ -347,7 +347,11 @@ def test_the_aggregates_loans_give_the_history_their_facts_give(loans: list[Loan
         completed_loans=sum(repayments_left(f) == 0 for f in facts),
         loans_this_year=sum(f.start_date.year == today.year for f in facts),
         emis_due=sum(installments_due(f.start_date, f.tenure, today) for f in facts),
-        emis_paid_on_time=sum(min(f.emis_paid_on_time, installments_due(f.start_date, f.tenure, today)) for f in facts),
+        # Of the paid EMIs that are due, all but the late ones (a late EMI was due when it was paid).
+        emis_paid_on_time=sum(
+            max(0, min(f.emis_paid, installments_due(f.start_date, f.tenure, today)) - (f.emis_paid - f.emis_paid_on_time))
+            for f in facts
+        ),
         current_loans=sum(is_current(f) for f in facts),
         current_debt=sum((f.amount for f in facts if is_current(f)), D(0)),
         current_emis=sum((f.monthly_installment for f in facts if is_current(f)), D(0)),
