@@ -257,6 +257,14 @@ def decide(
             f"the monthly installment would be {installment}: {to_money(request.amount)} is too small "
             f"to repay in cents over {request.tenure} months"
         )
+    elif installment <= (interest := to_money(to_money(request.amount) * rate / 1200)):
+        # The schedule's first month charges this interest: an installment no larger repays nothing,
+        # every month, and the last installment would owe the whole amount.
+        reasons.append(
+            f"the monthly installment ({installment}) would only pay the first month's interest ({interest}): "
+            f"none of {to_money(request.amount)} would be repaid before the last installment; "
+            "borrow more, or over fewer months"
+        )
     if history.current_emis + installment > AFFORDABILITY_SHARE * monthly_income:
         reasons.append(
             f"monthly installments ({_shown(history.current_emis + installment)}) "

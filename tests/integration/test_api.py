@@ -219,6 +219,21 @@ def test_a_refused_loan_books_nothing(stack: Stack, client: TestClient) -> None:
     assert client.get(f"/view-loans/{customer['customer_id']}").json() == []
 
 
+def test_a_loan_whose_emi_only_pays_the_interest_is_refused_and_books_nothing(stack: Stack, client: TestClient) -> None:
+    customer = register(client, income=50_000)
+    before = count_rows(stack, "loans")
+    balloon = loan_body(customer["customer_id"], 100, 12, 600)  # EMI 1.00, the first month's interest 1.00
+    eligibility = client.post("/check-eligibility", json=balloon).json()
+    assert (eligibility["approval"], eligibility["monthly_installment"]) == (False, 1)
+    assert "the monthly installment (1.00) would only pay the first month's interest (1.00)" in eligibility["message"]
+    refused = client.post("/create-loan", json=balloon)
+    assert refused.status_code == 200
+    assert (refused.json()["loan_id"], refused.json()["message"]) == (None, eligibility["message"])
+    assert count_rows(stack, "loans") == before
+    repaid = client.post("/create-loan", json=loan_body(customer["customer_id"], 1000, 12, 600))  # EMI 10.03
+    assert (repaid.status_code, repaid.json()["loan_approved"]) == (201, True)
+
+
 def test_a_loan_whose_emi_rounds_to_zero_is_refused_and_books_nothing(stack: Stack, client: TestClient) -> None:
     customer = register(client, income=50_000)
     before = count_rows(stack, "loans")

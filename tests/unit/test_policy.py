@@ -365,10 +365,40 @@ def test_a_loan_whose_emi_rounds_to_zero_is_refused() -> None:
     assert tiny.monthly_installment == D("0.00")
     assert not tiny.approved
     assert tiny.reasons == ("the monthly installment would be 0.00: 0.01 is too small to repay in cents over 600 months",)
-    # The smallest EMI that rounds up to a cent is approved.
-    cent = decide(CreditHistory.empty(), D(100_000), D(3_600_000), LoanRequest(D("0.50"), D(12), 600))
-    assert cent.monthly_installment == D("0.01")
-    assert cent.approved
+
+
+@pytest.mark.parametrize(
+    ("amount", "rate", "tenure", "installment", "interest"),
+    [
+        # From a review: each EMI equals the first month's interest, so the principal never falls and
+        # the last installment owes it all (101.00, 1,083,333.33, 152,015.76, 216,812.98, 1.08).
+        ("100", "12", 600, "1.00", "1.00"),
+        ("1000000", "100", 600, "83333.33", "83333.33"),
+        ("144873.50", "59.16", 597, "7142.26", "7142.26"),
+        ("206112.32", "62.3", 382, "10700.66", "10700.66"),
+        ("1", "100", 600, "0.08", "0.08"),
+        ("0.50", "12", 600, "0.01", "0.01"),  # half a paisa of interest rounds up to the EMI's cent
+    ],
+)
+def test_a_loan_whose_emi_only_pays_the_interest_is_refused(
+    amount: str, rate: str, tenure: int, installment: str, interest: str
+) -> None:
+    decision = decide(CreditHistory.empty(), D(10_000_000), D(10**12), LoanRequest(D(amount), D(rate), tenure))
+    assert (decision.monthly_installment, decision.approved) == (D(installment), False)
+    assert decision.reasons == (
+        f"the monthly installment ({installment}) would only pay the first month's interest ({interest}): none of"
+        f" {D(amount).quantize(D('0.01'))} would be repaid before the last installment; borrow more, or over fewer months",
+    )
+    schedule = amortization(D(amount), D(rate), tenure, decision.monthly_installment, date(2026, 1, 1))
+    assert schedule[0].principal == 0 and schedule[-1].principal == D(amount)  # what it refuses: the last owes it all
+
+
+def test_a_loan_whose_emi_repays_a_cent_of_principal_a_month_is_approved() -> None:
+    # 1000 at 12% over 600 months: interest 10.00, EMI 10.03 (exactly 10.0256...).
+    decision = decide(CreditHistory.empty(), D(10_000_000), D(10**12), LoanRequest(D(1000), D(12), 600))
+    assert (decision.monthly_installment, decision.approved) == (D("10.03"), True)
+    schedule = amortization(D(1000), D(12), 600, decision.monthly_installment, date(2026, 1, 1))
+    assert schedule[0].principal == D("0.03") and schedule[-1].balance == 0
 
 
 def test_a_reason_shows_an_imported_amounts_fraction_of_a_cent_which_the_rule_compared() -> None:
