@@ -891,11 +891,10 @@ class Ledger(Application[UUID]):
             # knows by that ID. Those an earlier import of this file recorded are there all the same.
             refused_row, reason = plan.refused[file_id]
             recorded = existing.imported_loans() if existing is not None else {}
-            for r in rows:
-                if r.loan_id in recorded:
-                    _count_recorded(r, recorded[r.loan_id], labels[1], report)
-                else:
-                    report.issues.append(RowIssue(labels[1], r.row, f"its customer row {refused_row} was rejected: {reason}"))
+            report.issues += [
+                RowIssue(labels[1], r.row, f"its customer row {refused_row} was rejected: {reason}")
+                for r in _count_recorded(rows, recorded, labels[1], report)
+            ]
             return []
         if record is None and existing is not None and not self._is_file_customer(existing, file_id):
             # Loan rows with no customer row go to the file's customer only: the ledger's customer
@@ -939,13 +938,14 @@ class Ledger(Application[UUID]):
                 changed = _changes(_customer_figures(existing), _row_figures(record))
                 if changed:
                     # The ledger keeps what it recorded; the row still names the customer its new loans go to.
+                    as_customer = f" (as customer {customer_id})" if customer_id != file_id else ""
                     report.issues.append(
                         RowIssue(
                             labels[0],
                             record.row,
-                            f"Customer ID {file_id} is already recorded with other details: {changed}. An imported"
-                            " customer is not changed: this row's details are not taken, and its loans not yet"
-                            " recorded are imported for the customer as recorded",
+                            f"Customer ID {file_id} is already recorded{as_customer} with other details:"
+                            f" {', '.join(changed)}. A recorded customer is not changed: this row's details are not"
+                            " taken, and its loans not yet recorded are imported for the customer as recorded",
                         )
                     )
                 else:
@@ -965,10 +965,7 @@ class Ledger(Application[UUID]):
 
         already = existing.imported_loans() if existing is not None else {}
         terms_list: list[LoanTerms] = []
-        for row in rows:
-            if row.loan_id in already:
-                _count_recorded(row, already[row.loan_id], labels[1], report)
-                continue
+        for row in _count_recorded(rows, already, labels[1], report) if already else rows:
             terms = self._imported_terms(row, claims)
             if terms.loan_id != row.loan_id:
                 report.rekeyed_loans.append(
@@ -1077,13 +1074,13 @@ def _loan_figures(terms: LoanTerms) -> dict[str, object]:
     return dict(zip(_COMPARED_LOAN_COLUMNS, values, strict=True))
 
 
-def _changes(recorded: dict[str, object], row: dict[str, object]) -> str:
-    """Where a file row differs from what the ledger recorded for it ("" where nowhere)."""
-    return ", ".join(
+def _changes(recorded: dict[str, object], row: dict[str, object]) -> list[str]:
+    """Where a file row differs from what the ledger recorded for it."""
+    return [
         f"{name} {_figure(recorded[name])} recorded, {_figure(value)} in this row"
         for name, value in row.items()
         if value != recorded[name]
-    )
+    ]
 
 
 def _figure(value: object) -> str:
@@ -1091,23 +1088,47 @@ def _figure(value: object) -> str:
     return f"{value.normalize():f}" if isinstance(value, Decimal) else str(value)
 
 
-def _count_recorded(row: LoanRecord, recorded: list[LoanTerms], label: str, report: ImportReport) -> None:
-    """A loan row whose Loan ID the customer's history holds already (from this file, or an earlier
-    import of it): already present when some loan recorded under that ID has the row's figures,
-    else reported, since a recorded loan is not changed."""
-    figures = _row_figures(row)
-    differences = [_changes(_loan_figures(terms), figures) for terms in recorded]
-    if "" in differences:
-        report.loans_already_present += 1
-    else:
-        report.issues.append(
-            RowIssue(
-                label,
-                row.row,
-                f"Loan ID {row.loan_id} is already recorded with other figures: {differences[0]}. An imported loan"
-                " is not changed: this row is not imported",
+def _count_recorded(
+    rows: list[LoanRecord], recorded: dict[int, list[LoanTerms]], label: str, report: ImportReport
+) -> list[LoanRecord]:
+    """Count or report the loan rows that stand for loans the customer's history holds already
+    (`recorded`, by the file's Loan ID: from this file, or an earlier import of it), and return
+    the others, which are new loans. Rows and recorded loans of one Loan ID are matched one to
+    one: a row with a recorded loan's figures is already present; a row left over while a
+    recorded loan is too is reported against the closest of them (a recorded loan is not
+    changed); rows beyond the recorded loans are new (a Loan ID used once more for the customer)."""
+    handled: set[int] = set()
+    rows_of: dict[int, list[LoanRecord]] = {}
+    for row in rows:
+        if row.loan_id in recorded:
+            rows_of.setdefault(row.loan_id, []).append(row)
+    for loan_id, same_id in rows_of.items():
+        left = list(recorded[loan_id])
+        unmatched: list[LoanRecord] = []
+        for row in same_id:
+            figures = _row_figures(row)
+            match = next((terms for terms in left if not _changes(_loan_figures(terms), figures)), None)
+            if match is None:
+                unmatched.append(row)
+                continue
+            left.remove(match)
+            handled.add(row.row)
+            report.loans_already_present += 1
+        for row in unmatched[: len(left)]:
+            figures = _row_figures(row)
+            changes, closest = min(((_changes(_loan_figures(t), figures), t) for t in left), key=lambda c: len(c[0]))
+            left.remove(closest)
+            handled.add(row.row)
+            as_loan = f" (as loan {closest.loan_id})" if closest.loan_id != loan_id else ""
+            report.issues.append(
+                RowIssue(
+                    label,
+                    row.row,
+                    f"Loan ID {loan_id} is already recorded{as_loan} with other figures: {', '.join(changes)}. An"
+                    " imported loan is not changed: this row is not imported",
+                )
             )
-        )
+    return [row for row in rows if row.row not in handled]
 
 
 @dataclass(frozen=True)

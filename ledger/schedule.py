@@ -29,15 +29,24 @@ class Installment:
     balance: Decimal
 
 
+def monthly_rate(annual_rate: Decimal) -> Decimal:
+    return annual_rate / Decimal(1200)
+
+
+def interest_on(balance: Decimal, rate: Decimal) -> Decimal:
+    """A month's interest on `balance` at the monthly `rate`, to the cent: what the schedule charges."""
+    return to_money(balance * rate)
+
+
 def amortization(amount: Decimal, annual_rate: Decimal, tenure: int, payment: Decimal, start: date) -> list[Installment]:
     # An imported loan's payment is the file's, which may hold fractions of a cent (8884.875) or
     # spell its cents otherwise (15344.0): what is paid is in cents.
     payment = to_money(payment)
-    monthly_rate = annual_rate / Decimal(1200)
+    rate = monthly_rate(annual_rate)
     balance = to_money(amount)
     rows: list[Installment] = []
     for number in range(1, tenure + 1):
-        interest = to_money(balance * monthly_rate)
+        interest = interest_on(balance, rate)
         if number == tenure or payment >= balance + interest:
             principal = balance
             paid = principal + interest

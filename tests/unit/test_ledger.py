@@ -469,7 +469,7 @@ def test_a_reimported_customer_whose_name_or_phone_changed_is_the_same_customer_
     assert again["rekeyed_customers"] == [] and again["rekeyed_loans"] == []
     assert (again["customers_imported"], again["customers_already_present"]) == (0, 0)
     assert (again["loans_imported"], again["loans_already_present"]) == (2, 1)
-    not_taken = ". An imported customer is not changed: this row's details are not taken, and its loans not yet recorded are imported for the customer as recorded"
+    not_taken = ". A recorded customer is not changed: this row's details are not taken, and its loans not yet recorded are imported for the customer as recorded"
     assert again["issues"] == [
         {
             "file": "customers.xlsx",
@@ -521,7 +521,8 @@ def test_a_reimported_loan_row_with_other_figures_is_reported_and_the_recorded_l
         {
             "file": "loans.xlsx",
             "row": 5,
-            "reason": "Loan ID 52 is already recorded with other figures: Tenure 12 recorded, 24 in this row" + kept,
+            "reason": f"Loan ID 52 is already recorded (as loan {recorded[3].loan_id}) with other figures: Tenure 12"
+            " recorded, 24 in this row" + kept,
         },
     ]
     assert (again["customers_already_present"], again["loans_already_present"], again["loans_imported"]) == (1, 1, 0)
@@ -529,6 +530,40 @@ def test_a_reimported_loan_row_with_other_figures_is_reported_and_the_recorded_l
     assert topics_after(ledger, events) == []  # nothing recorded but the job
     unchanged = run_import(ledger, customers, first)  # the rows as first imported: present, however often repeated
     assert (unchanged["issues"], unchanged["loans_already_present"]) == ([], 4)
+
+
+def test_reimported_rows_of_a_repeated_loan_id_are_matched_one_to_one_with_the_recorded_loans(ledger: Ledger) -> None:
+    """A customer whose file gives one Loan ID to several loans: each row is matched with one
+    recorded loan, exact matches first; a changed row is reported against the loan it stands for,
+    and a row beyond the recorded loans is a new loan, as a first import would make it."""
+    customers = [customer_row(2, 7, "9000000007")]
+    small, large = loan_row(2, 7, 52), msgspec.structs.replace(loan_row(3, 7, 52), amount=D(20_000), monthly_payment=D(1760))
+    run_import(ledger, customers, [small, large])
+    recorded = list(ledger.get_customer(7).loans)
+    moved = recorded[1].loan_id
+    assert [(t.loan_id, t.amount) for t in recorded] == [(52, D(10_000)), (moved, D(20_000))]
+
+    longer = msgspec.structs.replace(large, tenure=24)  # only the second row changed
+    again = run_import(ledger, customers, [small, longer])
+    assert [i["reason"] for i in again["issues"]] == [  # type: ignore[attr-defined]
+        f"Loan ID 52 is already recorded (as loan {moved}) with other figures: Tenure 12 recorded, 24 in this row."
+        " An imported loan is not changed: this row is not imported"
+    ]
+    assert (again["loans_already_present"], again["loans_imported"]) == (1, 0)
+
+    swapped = run_import(ledger, customers, [large, small])  # the same loans in another order
+    assert (swapped["issues"], swapped["loans_already_present"]) == ([], 2)
+    twice = run_import(
+        ledger, customers, [small, msgspec.structs.replace(small, row=3)]
+    )  # the first matches 52; the second is not the other loan
+    assert [i["row"] for i in twice["issues"]] == [3] and twice["loans_already_present"] == 1  # type: ignore[index]
+
+    third = msgspec.structs.replace(loan_row(4, 7, 52), amount=D(5_000), monthly_payment=D(440))
+    more = run_import(ledger, customers, [small, large, third])  # a third loan under the ID: new, as a first import makes it
+    assert (more["issues"], more["loans_already_present"], more["loans_imported"]) == ([], 2, 1)
+    [rekeyed] = more["rekeyed_loans"]  # type: ignore[misc]
+    assert (rekeyed["row"], rekeyed["file_loan_id"]) == (4, 52) and rekeyed["loan_id"] > moved
+    assert [t.amount for t in ledger.get_customer(7).loans] == [D(10_000), D(20_000), D(5_000)]
 
 
 def test_loan_rows_without_a_customer_row_go_only_to_the_files_customer(ledger: Ledger) -> None:

@@ -393,12 +393,22 @@ def test_a_loan_whose_emi_only_pays_the_interest_is_refused(
     assert schedule[0].principal == 0 and schedule[-1].principal == D(amount)  # what it refuses: the last owes it all
 
 
-def test_a_loan_whose_emi_repays_a_cent_of_principal_a_month_is_approved() -> None:
-    # 1000 at 12% over 600 months: interest 10.00, EMI 10.03 (exactly 10.0256...).
-    decision = decide(CreditHistory.empty(), D(10_000_000), D(10**12), LoanRequest(D(1000), D(12), 600))
-    assert (decision.monthly_installment, decision.approved) == (D("10.03"), True)
-    schedule = amortization(D(1000), D(12), 600, decision.monthly_installment, date(2026, 1, 1))
-    assert schedule[0].principal == D("0.03") and schedule[-1].balance == 0
+@pytest.mark.parametrize(
+    ("amount", "rate", "installment", "principal"),
+    [
+        ("1000", "12", "10.03", "0.03"),  # interest 10.00, EMI 10.03 (exactly 10.0256...)
+        # The interest is the schedule's: 1530 at 19% is 24.225 a month, which its 28-digit monthly
+        # rate puts at 24.2249...: 24.22, and the EMI of 24.23 repays a cent (from a review).
+        ("1530", "19", "24.23", "0.01"),
+    ],
+)
+def test_a_loan_whose_emi_repays_some_principal_each_month_is_approved(
+    amount: str, rate: str, installment: str, principal: str
+) -> None:
+    decision = decide(CreditHistory.empty(), D(10_000_000), D(10**12), LoanRequest(D(amount), D(rate), 600))
+    assert (decision.monthly_installment, decision.approved) == (D(installment), True)
+    schedule = amortization(D(amount), D(rate), 600, decision.monthly_installment, date(2026, 1, 1))
+    assert schedule[0].principal == D(principal) and schedule[-1].balance == 0
 
 
 def test_a_reason_shows_an_imported_amounts_fraction_of_a_cent_which_the_rule_compared() -> None:
