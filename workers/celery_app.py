@@ -3,10 +3,13 @@ because every outcome that matters is an event in the store."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.signals import setup_logging
+from kombu.transport import redis as kombu_redis
 
 from infra.config import Settings
 from infra.logs import configure_logging
@@ -37,6 +40,43 @@ app.conf.update(
         "resume-imports": {"task": "workers.tasks.resume_imports", "schedule": 60.0, "options": {"expires": 60.0}},
     },
 )
+
+
+# kombu 5.7's Redis transport, when the connection to Redis breaks while a task is unacknowledged
+# (Redis killed under load): Celery closes the channel, kombu tries to hand the message back to
+# Redis, and a task that finishes later tries to acknowledge it, both on the connection already
+# gone. Each then raises AttributeError ('NoneType' object has no attribute 'hostname', or
+# 'client'), which Celery takes for an unrecoverable error: the worker exited instead of
+# reconnecting. A closed connection is now the connection error it is, which kombu and Celery
+# handle: the close goes on, the acknowledgement is logged as not made, and the worker
+# reconnects. The message stays in Redis's unacknowledged set, which kombu restores after the
+# visibility timeout if Redis kept it; what each task does is asked for again anyway (a catch-up
+# by beat every few seconds, an unfinished import every minute), and both are idempotent.
+_kombu_connparams = kombu_redis.Channel._connparams
+_kombu_restore_unacked = kombu_redis.QoS.restore_unacked
+
+
+def _connparams(self: kombu_redis.Channel, asynchronous: bool = False) -> Any:
+    if self.connection is None or self.connection.client is None:
+        raise redis.exceptions.ConnectionError("this channel's connection to Redis is closed")
+    return _kombu_connparams(self, asynchronous=asynchronous)
+
+
+def _restore_unacked(self: kombu_redis.QoS, client: Any = None) -> Any:
+    try:
+        return _kombu_restore_unacked(self, client)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+        logging.getLogger(__name__).warning(
+            "could not hand %d unacknowledged message(s) back to Redis, which is away (%s): kombu restores them"
+            " after the visibility timeout if Redis kept them, and beat asks for catch-ups and unfinished imports again",
+            len(self._delivered),
+            error,
+        )
+        return None
+
+
+kombu_redis.Channel._connparams = _connparams  # type: ignore[method-assign]
+kombu_redis.QoS.restore_unacked = _restore_unacked  # type: ignore[method-assign]
 
 
 @setup_logging.connect
