@@ -43,8 +43,12 @@ def redis_client() -> redis.Redis:
 
 
 def ping_workers(timeout: float = 1.0) -> int:
-    """How many Celery workers answer a ping within `timeout` seconds."""
-    return len(celery.control.ping(timeout=timeout))
+    """How many Celery workers answer a ping within `timeout` seconds. A pooled connection that
+    Redis closed (it restarted since) fails once and is dropped: the ping is sent again on a new one."""
+    try:
+        return len(celery.control.ping(timeout=timeout))
+    except redis.exceptions.ConnectionError:
+        return len(celery.control.ping(timeout=timeout))
 
 
 @cache

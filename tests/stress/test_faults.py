@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+from celery import Celery
 
 from infra.postgres import build_ledger
 from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS
@@ -147,6 +148,26 @@ def test_with_redis_down_commands_succeed_and_say_the_read_model_is_behind(serve
             time.sleep(0.5)
         caught_up_after = time.monotonic() - started
     figures.update(command_seconds=round(elapsed, 2), caught_up_after_s=round(caught_up_after, 1), **served.audit())
+
+
+def test_readiness_does_not_flap_after_redis_restarts(served: Served, figures: dict[str, Any]) -> None:
+    """Each API process pings the workers on a pooled connection, which a Redis restart leaves
+    closed: its next /ready answered 503 ("Celery's broker did not answer (ConnectionError)")
+    with Redis and the worker both fine (a review)."""
+
+    def probes(count: int) -> list[int]:  # a new connection each: both API processes answer some
+        return [httpx.get(f"{served.base}/ready", timeout=10).status_code for _ in range(count)]
+
+    assert probes(12) == [200] * 12  # every process's pool holds a connection
+    served.redis.stop()
+    served.redis.start()
+    broker = Celery(broker=served.env["REDIS_URL"])  # a connection of its own, opened after the restart
+    deadline = time.monotonic() + 30
+    while not broker.control.ping(timeout=0.5):  # the worker has reconnected and answers
+        assert time.monotonic() < deadline, served.log("worker")[-3000:]
+    answers = probes(12)
+    assert answers == [200] * 12, answers
+    figures.update(probes_after_restart=len(answers))
 
 
 def test_a_worker_outlives_redis_killed_under_load_and_catches_up(served: Served, figures: dict[str, Any]) -> None:
