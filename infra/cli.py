@@ -70,12 +70,35 @@ def start_import(settings: Settings, customers: Path, loans: Path) -> UUID:
 QUEUED_HINT_SECONDS = 30
 
 
+OUTAGE_GRACE_SECONDS = 120
+
+
 def follow_import(settings: Settings, job_id: UUID, timeout: float = 3600) -> dict[str, Any]:
-    """Show the job's progress until it finishes; return its final row."""
+    """Show the job's progress until it finishes; return its final row. The job runs in a worker,
+    which resumes it after a database outage: a PostgreSQL that stops answering for a while (a
+    restart, a failover) is waited for, for up to OUTAGE_GRACE_SECONDS at a time."""
     started = time.monotonic()
     deadline, hinted = started + timeout, False
+    away_since: float | None = None
     while time.monotonic() < deadline:
-        row = _job_row(settings, job_id)
+        try:
+            row = _job_row(settings, job_id)
+        except psycopg.OperationalError as error:
+            now = time.monotonic()
+            if away_since is None:
+                away_since = now
+                print(
+                    f"\nPostgreSQL is not answering ({str(error).strip().splitlines()[0]}): the import resumes in the"
+                    f" worker once it is back; waiting up to {OUTAGE_GRACE_SECONDS} s",
+                    file=sys.stderr,
+                )
+            if now - away_since > OUTAGE_GRACE_SECONDS:
+                raise
+            time.sleep(1)
+            continue
+        if away_since is not None:
+            away_since = None
+            print("PostgreSQL answers again", file=sys.stderr)
         if not hinted and time.monotonic() - started > QUEUED_HINT_SECONDS and (row is None or row["state"] == "queued"):
             hinted = True
             print(

@@ -4,6 +4,8 @@ Each ends with an audit: the event store, the read model and a fresh rebuild agr
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +17,7 @@ from typing import Any
 import httpx2 as httpx
 from celery import Celery
 
+from infra.config import REPO_ROOT
 from infra.postgres import build_ledger
 from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS
 from tests.integration.conftest import write_xlsx
@@ -222,6 +225,38 @@ def test_a_worker_outlives_redis_killed_under_load_and_catches_up(served: Served
     missing = served.scalar(f"SELECT {len(booked)} - count(*) FROM readmodel.loans WHERE loan_id = ANY(ARRAY{booked}::bigint[])")
     assert booked and missing == 0
     figures.update(bookings_answered=bookings, loans_booked=len(booked), **served.audit())
+
+
+def test_ledger_import_waits_out_a_short_database_outage(served: Served, figures: dict[str, Any]) -> None:
+    """`ledger import` follows its job by polling PostgreSQL: a restart during the import stopped it
+    with "cannot reach PostgreSQL", exit 1, while the worker resumed the job and finished it (a
+    review). It now waits for the database and reports the finished import."""
+    imports = Path(served.env["IMPORT_DIR"])
+    people = [[760_000 + n, "Outage", f"Row{n}", 40, 9_530_000_000 + n, 60_000, 2_200_000] for n in range(200)]
+    loans = [[760_000 + n, 860_000 + n, 100_000, 12, 10, 8_800, 3, date(2025, 1, 1), date(2026, 1, 1)] for n in range(200)]
+    customers_file = write_xlsx(imports / "outage_customers.xlsx", CUSTOMER_COLUMNS, people)
+    loans_file = write_xlsx(imports / "outage_loans.xlsx", LOAN_COLUMNS, loans)
+    served.stop("worker")
+    served.start_worker(IMPORT_BATCH_SIZE="5")  # many small transactions: a long enough import to interrupt
+    command = [sys.executable, "-m", "infra.cli", "import", "--customers", str(customers_file), "--loans", str(loans_file)]
+    cli = subprocess.Popen(command, env=served.env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not served.scalar("SELECT count(*) FROM readmodel.import_jobs WHERE state = 'running' AND rows_done > 0"):
+            assert cli.poll() is None and time.monotonic() < deadline, cli.communicate()
+            time.sleep(0.02)
+        served.pg.stop()
+        time.sleep(3)
+        served.pg.start()
+        _, err = cli.communicate(timeout=180)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 0, err
+    assert "PostgreSQL is not answering" in err and "PostgreSQL answers again" in err, err
+    assert "import completed: 200 customers and 200 loans imported" in err, err
+    assert served.scalar("SELECT count(*) FROM readmodel.loans WHERE loan_id BETWEEN 860000 AND 860199") == 200
+    figures.update(**served.audit())
 
 
 ENDPOINTS = [
