@@ -84,15 +84,22 @@ def follow_import(settings: Settings, job_id: UUID, timeout: float = 3600) -> di
         try:
             row = _job_row(settings, job_id)
         except psycopg.OperationalError as error:
+            if not _database_away(error):  # a server that answered with an error (a lock timeout, say)
+                raise
             now = time.monotonic()
             if away_since is None:
                 away_since = now
+                first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 print(
-                    f"\nPostgreSQL is not answering ({str(error).strip().splitlines()[0]}): the import resumes in the"
-                    f" worker once it is back; waiting up to {OUTAGE_GRACE_SECONDS} s",
+                    f"\nPostgreSQL is not answering ({first_line}): the import resumes in the worker once it is"
+                    f" back; waiting up to {OUTAGE_GRACE_SECONDS} s",
                     file=sys.stderr,
                 )
             if now - away_since > OUTAGE_GRACE_SECONDS:
+                print(
+                    f"import job {job_id} goes on in the worker once PostgreSQL is back: `ledger import-report {job_id}`",
+                    file=sys.stderr,
+                )
                 raise
             time.sleep(1)
             continue
@@ -114,6 +121,13 @@ def follow_import(settings: Settings, job_id: UUID, timeout: float = 3600) -> di
                 return row
         time.sleep(0.3)
     raise TimeoutError(f"import {job_id} did not finish in {timeout:.0f} s")
+
+
+def _database_away(error: psycopg.OperationalError) -> bool:
+    """An outage (no answer, the connection lost, the server shutting down or starting up), not an
+    error the server answered with."""
+    state = error.sqlstate
+    return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
 
 
 def print_report(row: dict[str, Any]) -> None:

@@ -48,7 +48,7 @@ app.conf.update(
 # gone. Each then raises AttributeError ('NoneType' object has no attribute 'hostname', or
 # 'client'), which Celery takes for an unrecoverable error: the worker exited instead of
 # reconnecting. A closed connection is now the connection error it is, which kombu and Celery
-# handle: the close goes on, the acknowledgement is logged as not made, and the worker
+# handle: the close goes on, an acknowledgement that cannot be made is logged, and the worker
 # reconnects. The message stays in Redis's unacknowledged set, which kombu restores after the
 # visibility timeout if Redis kept it; what each task does is asked for again anyway (a catch-up
 # by beat every few seconds, an unfinished import every minute), and both are idempotent.
@@ -72,6 +72,7 @@ def _restore_unacked(self: kombu_redis.QoS, client: Any = None) -> Any:
             len(self._delivered),
             error,
         )
+        self._delivered.clear()  # as kombu's own leaves it: they are Redis's to restore now
         return None
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 
 import pytest
+import redis
 
 from infra.logs import configure_logging
 from workers import tasks
@@ -64,3 +65,17 @@ def test_routine_tasks_write_no_log_line_and_imports_and_failures_do(capsys: pyt
         "Task workers.tasks.catch_up[4] raised unexpected",
         "celery@host ready.",
     ]
+
+
+def test_a_channel_whose_connection_to_redis_closed_raises_a_connection_error_celery_handles() -> None:
+    """kombu 5.7 raised AttributeError here (the transport, or its client, already gone), which
+    Celery takes for an unrecoverable error: a worker whose Redis was killed mid-task exited
+    (tests/stress/test_faults.py kills one). A connection error is retried and logged instead."""
+    from kombu.transport import redis as kombu_redis
+
+    channel = kombu_redis.Channel.__new__(kombu_redis.Channel)
+    for transport in (None, type("Closed", (), {"client": None})()):
+        channel.connection = transport
+        with pytest.raises(redis.exceptions.ConnectionError, match="connection to Redis is closed"):
+            channel._connparams()
+    assert isinstance(redis.exceptions.ConnectionError(), kombu_redis.Transport.connection_errors)

@@ -11,9 +11,10 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from infra.cli import main, throwaway_hint, wait_until_serving
+from infra.cli import _database_away, main, throwaway_hint, wait_until_serving
 from infra.stack import free_port
 
 
@@ -259,3 +260,12 @@ def test_a_cluster_that_cannot_be_made_leaves_no_directory_behind(monkeypatch: p
     with pytest.raises(StackError):
         PostgresServer()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_following_an_import_waits_for_an_outage_not_for_an_error_the_server_answered_with() -> None:
+    import psycopg.errors as pg
+
+    away = [psycopg.OperationalError("connection refused"), pg.ConnectionFailure(), pg.AdminShutdown(), pg.CannotConnectNow()]
+    answered = [pg.LockNotAvailable(), pg.QueryCanceled(), pg.TooManyConnections(), pg.InvalidPassword()]
+    assert [_database_away(error) for error in away] == [True] * 4
+    assert [_database_away(error) for error in answered] == [False] * 4
