@@ -1183,8 +1183,16 @@ class _Claims:
     moved: set[int] = field(default_factory=set)  # the rows (numbers) that get a new ID
 
     def decide(self, rows: Iterable[LoanRecord]) -> None:
-        self.moved.update(row.row for row in rows if not self.keeps(row))
-        self.fresh.expected = len(self.moved)
+        moved = [row for row in rows if not self.keeps(row)]
+        self.moved.update(row.row for row in moved)
+        # Drawn together: the moved rows, less those a recorded customer's history likely holds
+        # already (a re-import: counted present, they need no ID). A guess short of the need
+        # draws the rest one at a time; one over it would waste IDs.
+        self.fresh.expected = sum(not self._likely_recorded(row) for row in moved)
+
+    def _likely_recorded(self, row: LoanRecord) -> bool:
+        recorded_customer = customer_uuid(row.customer_id) in self.known or file_customer_uuid(row.customer_id) in self.known
+        return recorded_customer and row.loan_id in self.taken
 
     def keeps(self, row: LoanRecord) -> bool:
         loan_id = row.loan_id
