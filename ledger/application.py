@@ -744,10 +744,13 @@ class Ledger(Application[UUID]):
         for issue in issues:
             if issue.customer_id is not None:  # a customer row the reader refused
                 refused.setdefault(issue.customer_id, (issue.row, issue.reason))
+        keeps_its_phone = self._rows_claiming_no_phone(customers)
         for record in customers:
             if record.customer_id in file_customers:
                 first = file_customers[record.customer_id]
                 report.issues.append(RowIssue(labels[0], record.row, f"Customer ID {record.customer_id} repeats row {first.row}"))
+            elif record.row in keeps_its_phone:
+                file_customers[record.customer_id] = record
             elif record.phone_number in phones:
                 repeated = f"Phone Number {record.phone_number} repeats row {phones[record.phone_number]}"
                 report.issues.append(RowIssue(labels[0], record.row, repeated))
@@ -998,6 +1001,29 @@ class Ledger(Application[UUID]):
             existing.import_loans(customer_id, terms_list)
             aggregates.append(existing)
         return aggregates
+
+    def _rows_claiming_no_phone(self, customers: Sequence[CustomerRecord]) -> set[int]:
+        """The rows, among those whose Phone Number another row repeats, of a customer recorded
+        before under that ID with another phone: the ledger keeps the recorded phone (the row is
+        reported as differing), so the row's phone is not theirs, and does not take it from the
+        row that repeats it. Repeats are rare: only their customers are looked up."""
+        phones = sorted(record.phone_number for record in customers)  # a list, not a dict of 100,000 phones
+        repeated = {phones[i] for i in range(1, len(phones)) if phones[i] == phones[i - 1]}
+        del phones
+        rows = [record for record in customers if record.phone_number in repeated]
+        if not rows:
+            return set()
+        known = self.index.existing({u for r in rows for u in (customer_uuid(r.customer_id), file_customer_uuid(r.customer_id))})
+        unclaimed: set[int] = set()
+        for record in rows:
+            existing = self._customer_for_file_id(record.customer_id, known)
+            if (
+                existing is not None
+                and existing.phone_number != record.phone_number
+                and self._is_file_customer(existing, record.customer_id)
+            ):
+                unclaimed.add(record.row)
+        return unclaimed
 
     def _is_file_customer(self, customer: Customer, file_id: int) -> bool:
         """Whether `customer` is the lender's file customer `file_id`: re-keyed from it, or imported

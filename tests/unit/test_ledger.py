@@ -579,6 +579,38 @@ def test_a_reimport_draws_new_loan_ids_only_for_the_rows_it_imports(ledger: Ledg
     assert ledger.ids.next_loan_id() == rekeyed["loan_id"] + 1  # no ID drawn and left unused
 
 
+@pytest.mark.parametrize("edited_first", [True, False])
+def test_a_recorded_customers_row_with_another_customers_phone_takes_nothing_from_that_customer(
+    ledger: Ledger, edited_first: bool
+) -> None:
+    """A re-imported row that gives customer 7 customer 8's phone is reported, and 7 keeps the
+    recorded phone: the row claims no phone, so 8's own row is not "a repeat" of it, and both
+    customers' new loans are imported, whichever row comes first (a review: 8's correct row and
+    new loan were refused when 7's row came first)."""
+    seven, eight = customer_row(2, 7, "9000000007"), customer_row(3, 8, "9000000008")
+    run_import(ledger, [seven, eight], [loan_row(2, 7, 50), loan_row(3, 8, 60)])
+    edited = msgspec.structs.replace(seven, phone_number="9000000008")
+    rows = [edited, eight] if edited_first else [msgspec.structs.replace(eight, row=2), msgspec.structs.replace(edited, row=3)]
+    again = run_import(ledger, rows, [loan_row(2, 7, 50), loan_row(3, 8, 60), loan_row(4, 7, 51), loan_row(5, 8, 61)])
+    edited_row = 2 if edited_first else 3
+    assert [(i["row"], i["reason"].split(":")[0]) for i in again["issues"]] == [  # type: ignore[attr-defined]
+        (edited_row, "Customer ID 7 is already recorded with other details")
+    ]
+    assert "Phone Number 9000000007 recorded, 9000000008 in this row" in again["issues"][0]["reason"]  # type: ignore[index]
+    assert (again["customers_already_present"], again["loans_already_present"], again["loans_imported"]) == (1, 2, 2)
+    assert [t.loan_id for t in ledger.get_customer(7).loans] == [50, 51]
+    assert [t.loan_id for t in ledger.get_customer(8).loans] == [60, 61]
+    assert (ledger.get_customer(7).phone_number, ledger.get_customer(8).phone_number) == ("9000000007", "9000000008")
+
+
+def test_two_new_rows_with_one_phone_keep_the_first_and_report_the_second(ledger: Ledger) -> None:
+    summary = run_import(ledger, [customer_row(2, 7, "9000000007"), customer_row(3, 8, "9000000007")], [loan_row(2, 8, 60)])
+    assert [(i["row"], i["reason"]) for i in summary["issues"]] == [  # type: ignore[attr-defined]
+        (3, "Phone Number 9000000007 repeats row 2"),
+        (2, "its customer row 3 was rejected: Phone Number 9000000007 repeats row 2"),
+    ]
+
+
 def test_loan_rows_without_a_customer_row_go_only_to_the_files_customer(ledger: Ledger) -> None:
     """A loan row whose Customer ID has no customer row belongs to the lender's customer with that
     ID: never to a customer registered (or re-keyed) with it, however the IDs fall."""
