@@ -1003,25 +1003,33 @@ class Ledger(Application[UUID]):
         return aggregates
 
     def _rows_claiming_no_phone(self, customers: Sequence[CustomerRecord]) -> set[int]:
-        """The rows, among those whose Phone Number another row repeats, of a customer recorded
-        before under that ID with another phone: the ledger keeps the recorded phone (the row is
-        reported as differing), so the row's phone is not theirs, and does not take it from the
-        row that repeats it. Repeats are rare: only their customers are looked up."""
+        """The rows, among those whose Phone Number another row repeats, that take no phone, and so
+        do not take it from the row that repeats it: a row of a customer recorded before under its
+        ID with another phone (the ledger keeps the recorded one; the row is reported as
+        differing), and a row for a new (or re-keyed) customer whose phone the ledger holds
+        already (refused by `_import_unit`). Repeats are rare: only their rows are looked up."""
         phones = sorted(record.phone_number for record in customers)  # a list, not a dict of 100,000 phones
         repeated = {phones[i] for i in range(1, len(phones)) if phones[i] == phones[i - 1]}
         del phones
         rows = [record for record in customers if record.phone_number in repeated]
         if not rows:
             return set()
-        known = self.index.existing({u for r in rows for u in (customer_uuid(r.customer_id), file_customer_uuid(r.customer_id))})
+        candidates = {
+            u for r in rows for u in (customer_uuid(r.customer_id), file_customer_uuid(r.customer_id), phone_uuid(r.phone_number))
+        }
+        known = self.index.existing(candidates)
         unclaimed: set[int] = set()
         for record in rows:
             existing = self._customer_for_file_id(record.customer_id, known)
-            if (
-                existing is not None
-                and existing.phone_number != record.phone_number
-                and self._is_file_customer(existing, record.customer_id)
-            ):
+            as_recorded = existing is not None and (
+                existing.same_person(record.first_name, record.last_name, record.phone_number)
+                or self._is_file_customer(existing, record.customer_id)
+            )  # as _import_unit decides: else a new customer, or one re-keyed
+            if as_recorded:
+                assert existing is not None
+                if existing.phone_number != record.phone_number:
+                    unclaimed.add(record.row)
+            elif phone_uuid(record.phone_number) in known:
                 unclaimed.add(record.row)
         return unclaimed
 
@@ -1188,12 +1196,16 @@ class _FreshLoanIds:
     def __init__(self, ids: IdAllocator) -> None:
         self._ids = ids
         self.expected = 1  # how many the batch will need: drawn together
+        self._again = 1
         self._drawn: list[int] = []
 
     def __call__(self) -> int:
         if not self._drawn:
-            self._drawn = self._ids.next_loan_ids(max(self.expected, 1))[::-1]
-            self.expected = 1
+            # `expected` may fall short (see _Claims.decide): each draw after the first is twice
+            # the one before, so a shortfall costs a few round trips, and wastes fewer IDs than it used.
+            count = max(self.expected, self._again)
+            self._drawn = self._ids.next_loan_ids(count)[::-1]
+            self.expected, self._again = 0, 2 * count
         return self._drawn.pop()
 
 

@@ -603,6 +603,41 @@ def test_a_recorded_customers_row_with_another_customers_phone_takes_nothing_fro
     assert (ledger.get_customer(7).phone_number, ledger.get_customer(8).phone_number) == ("9000000007", "9000000008")
 
 
+def test_a_new_row_with_a_phone_the_ledger_holds_takes_nothing_from_its_holders_row(ledger: Ledger) -> None:
+    """Row 2, a new customer 9 with customer 8's recorded phone, is refused by the ledger: it must
+    not make 8's own row 3 "a repeat" of it and refuse 8's new loan (a review)."""
+    eight = customer_row(3, 8, "9000000008")
+    run_import(ledger, [eight], [loan_row(3, 8, 60)])
+    again = run_import(
+        ledger, [customer_row(2, 9, "9000000008"), eight], [loan_row(2, 9, 70), loan_row(3, 8, 60), loan_row(4, 8, 61)]
+    )
+    taken = "Phone Number 9000000008 already belongs to another customer"
+    assert [(i["row"], i["reason"]) for i in again["issues"]] == [  # type: ignore[attr-defined]
+        (2, taken),
+        (2, f"its customer row 2 was rejected: {taken}"),
+    ]
+    assert [t.loan_id for t in ledger.get_customer(8).loans] == [60, 61]
+
+
+def test_new_rows_reusing_a_recorded_loan_id_draw_their_ids_in_a_few_round_trips(ledger: Ledger) -> None:
+    """Ten new rows under a Loan ID the customer's history holds: the batch guessed none would
+    need an ID (a re-import's rows are present), and then drew one at a time (a review)."""
+    customers = [customer_row(2, 7, "9000000007")]
+    run_import(ledger, customers, [loan_row(2, 7, 50)])
+    draws: list[int] = []
+    draw = ledger.ids.next_loan_ids
+
+    def counted(count: int) -> list[int]:
+        draws.append(count)
+        return draw(count)
+
+    ledger.ids.next_loan_ids = counted  # type: ignore[method-assign]
+    new = [msgspec.structs.replace(loan_row(n, 7, 50), amount=D(1_000 + n)) for n in range(3, 13)]
+    again = run_import(ledger, customers, [loan_row(2, 7, 50), *new])
+    assert (again["loans_imported"], len(again["rekeyed_loans"])) == (10, 10)  # type: ignore[arg-type]
+    assert draws == [1, 2, 4, 8]  # 15 drawn for 10, in four round trips rather than ten
+
+
 def test_two_new_rows_with_one_phone_keep_the_first_and_report_the_second(ledger: Ledger) -> None:
     summary = run_import(ledger, [customer_row(2, 7, "9000000007"), customer_row(3, 8, "9000000007")], [loan_row(2, 8, 60)])
     assert [(i["row"], i["reason"]) for i in summary["issues"]] == [  # type: ignore[attr-defined]
