@@ -1229,8 +1229,9 @@ class _Claims:
         self.fresh.expected = sum(not self._likely_recorded(row) for row in moved)
 
     def _likely_recorded(self, row: LoanRecord) -> bool:
-        recorded_customer = customer_uuid(row.customer_id) in self.known or file_customer_uuid(row.customer_id) in self.known
-        return recorded_customer and row.loan_id in self.taken
+        if row.loan_id not in self.taken:  # the common case, and the cheap test: no ID worked out
+            return False
+        return customer_uuid(row.customer_id) in self.known or file_customer_uuid(row.customer_id) in self.known
 
     def keeps(self, row: LoanRecord) -> bool:
         loan_id = row.loan_id
