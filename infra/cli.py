@@ -401,7 +401,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         ledger_cli = [sys.executable, "-m", "infra.cli"]
         try:
             setup_schema(settings)
-            processes.append(_spawn([*ledger_cli, "worker"], env))
+            worker_env = env
+            if os.geteuid() == 0:
+                print(
+                    "the worker runs as root here (Celery warns against it): fine for this throwaway stack;"
+                    " elsewhere run `ledger worker` as another user, as the Docker image does",
+                    file=sys.stderr,
+                )
+                worker_env = {**env, "LEDGER_RUN_NOTED_ROOT": "1"}
+            processes.append(_spawn([*ledger_cli, "worker"], worker_env))
             processes.append(_spawn([*ledger_cli, "beat"], env))
             if not args.no_import:
                 job_id = start_import(settings, *_reference_files(settings))

@@ -4,10 +4,14 @@ because every outcome that matters is an event in the store."""
 from __future__ import annotations
 
 import logging
+import os
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import redis
 from celery import Celery
+from celery.exceptions import SecurityWarning
 from celery.signals import setup_logging
 from kombu.transport import redis as kombu_redis
 
@@ -78,6 +82,19 @@ def _restore_unacked(self: kombu_redis.QoS, client: Any = None) -> Any:
 
 kombu_redis.Channel._connparams = _connparams  # type: ignore[method-assign]
 kombu_redis.QoS.restore_unacked = _restore_unacked  # type: ignore[method-assign]
+
+
+# `ledger run` (a throwaway stack on one machine, often a root shell) says in a line of its own that
+# its worker runs as root, instead of Celery's ten-line warning in the middle of its output.
+ROOT_NOTED = "LEDGER_RUN_NOTED_ROOT"
+
+
+def quiet_the_root_warning(env: Mapping[str, str] = os.environ) -> None:
+    if env.get(ROOT_NOTED) == "1":
+        warnings.filterwarnings("ignore", category=SecurityWarning)
+
+
+quiet_the_root_warning()
 
 
 @setup_logging.connect

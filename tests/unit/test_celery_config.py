@@ -79,3 +79,22 @@ def test_a_channel_whose_connection_to_redis_closed_raises_a_connection_error_ce
         with pytest.raises(redis.exceptions.ConnectionError, match="connection to Redis is closed"):
             channel._connparams()
     assert isinstance(redis.exceptions.ConnectionError(), kombu_redis.Transport.connection_errors)
+
+
+def test_ledger_runs_note_on_root_quiets_celerys_warning_and_nothing_else() -> None:
+    """`ledger run` says in one line that its worker runs as root (a throwaway stack in a root
+    shell); the worker it starts then leaves out Celery's ten-line SecurityWarning, and only that."""
+    import warnings
+
+    from celery.exceptions import SecurityWarning
+
+    from workers.celery_app import quiet_the_root_warning
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_the_root_warning({})
+        warnings.warn(SecurityWarning("as root"), stacklevel=1)
+        quiet_the_root_warning({"LEDGER_RUN_NOTED_ROOT": "1"})
+        warnings.warn(SecurityWarning("as root"), stacklevel=1)
+        warnings.warn(UserWarning("another"), stacklevel=1)
+    assert [type(w.message).__name__ for w in seen] == ["SecurityWarning", "UserWarning"]
