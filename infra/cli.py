@@ -23,7 +23,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from infra.config import REPO_ROOT, ConfigError, Settings
+from infra.config import REPO_ROOT, RUN_NOTED_ROOT, ConfigError, Settings
 from infra.postgres import build_ledger, connect, exclusive, setup_schema
 
 
@@ -408,7 +408,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     " elsewhere run `ledger worker` as another user, as the Docker image does",
                     file=sys.stderr,
                 )
-                worker_env = {**env, "LEDGER_RUN_NOTED_ROOT": "1"}
+                worker_env = {**env, RUN_NOTED_ROOT: "1"}
             processes.append(_spawn([*ledger_cli, "worker"], worker_env))
             processes.append(_spawn([*ledger_cli, "beat"], env))
             if not args.no_import:

@@ -19,6 +19,10 @@ from ledger.ports import Clock, FixedClock, SystemClock
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# Set by `ledger run` for the worker it starts, when it said itself that the worker runs as root.
+RUN_NOTED_ROOT = "LEDGER_RUN_NOTED_ROOT"
+
+
 class ConfigError(ValueError):
     """A setting that cannot be used: its message names the variable and what it takes."""
 

@@ -912,15 +912,7 @@ class Ledger(Application[UUID]):
                 for r in rows
             ]
             return []
-        differs = (
-            record is not None
-            and existing is not None
-            and not existing.same_person(record.first_name, record.last_name, record.phone_number)
-        )
-        # A customer imported under this file ID before is the file's customer, however its row
-        # reads now (a name or a phone number corrected since): only someone else holding the ID
-        # (registered before the first import) sends the file's customer to a new ID.
-        rekey = differs and existing is not None and not self._is_file_customer(existing, file_id)
+        rekey = record is not None and existing is not None and self._rekeys(existing, record, file_id)
         if record is not None and (existing is None or rekey) and phone_uuid(record.phone_number) in known:
             reason = f"Phone Number {record.phone_number} already belongs to another customer"
             report.issues.append(RowIssue(labels[0], record.row, reason))
@@ -938,7 +930,7 @@ class Ledger(Application[UUID]):
                 aggregates.append(FileCustomer.link(file_id, customer_id))
                 report.rekeyed_customers.append({"row": record.row, "file_customer_id": file_id, "customer_id": customer_id})
             elif record is not None:
-                changed = _changes(_customer_figures(existing), _row_figures(record))
+                changed = _changes(existing, record, _CUSTOMER_COMPARED)
                 if changed:
                     # The ledger keeps what it recorded; the row still names the customer its new loans go to.
                     as_customer = f" (as customer {customer_id})" if customer_id != file_id else ""
@@ -1021,17 +1013,20 @@ class Ledger(Application[UUID]):
         unclaimed: set[int] = set()
         for record in rows:
             existing = self._customer_for_file_id(record.customer_id, known)
-            as_recorded = existing is not None and (
-                existing.same_person(record.first_name, record.last_name, record.phone_number)
-                or self._is_file_customer(existing, record.customer_id)
-            )  # as _import_unit decides: else a new customer, or one re-keyed
-            if as_recorded:
-                assert existing is not None
+            if existing is not None and not self._rekeys(existing, record, record.customer_id):
                 if existing.phone_number != record.phone_number:
                     unclaimed.add(record.row)
-            elif phone_uuid(record.phone_number) in known:
+            elif phone_uuid(record.phone_number) in known:  # a new customer, or one re-keyed
                 unclaimed.add(record.row)
         return unclaimed
+
+    def _rekeys(self, existing: Customer, record: CustomerRecord, file_id: int) -> bool:
+        """Whether the file's customer `file_id` goes to a new ID, away from the ledger's `existing`.
+        A customer imported under this file ID before is the file's customer, however its row
+        reads now (a name or a phone number corrected since): only someone else holding the ID
+        (registered before the first import) sends the file's customer to a new ID."""
+        differs = not existing.same_person(record.first_name, record.last_name, record.phone_number)
+        return differs and not self._is_file_customer(existing, file_id)
 
     def _is_file_customer(self, customer: Customer, file_id: int) -> bool:
         """Whether `customer` is the lender's file customer `file_id`: re-keyed from it, or imported
@@ -1041,7 +1036,7 @@ class Ledger(Application[UUID]):
             return customer.source_customer_id == file_id
         if customer.customer_id != file_id:
             return False
-        if customer.imported_loans():
+        if any(loan.source_loan_id is not None for loan in customer.loans):
             return True
         first = next(iter(self.events.get(customer.id, limit=1)), None)
         return isinstance(first, Customer.HistoryImported)
@@ -1070,50 +1065,32 @@ class Ledger(Application[UUID]):
         )
 
 
-def _row_figures(row: CustomerRecord | LoanRecord) -> dict[str, object]:
-    """A file row's figures under their column names, as `_customer_figures` and `_loan_figures`
-    name the recorded ones."""
-    if isinstance(row, CustomerRecord):
-        values: tuple[object, ...] = (
-            row.first_name,
-            row.last_name,
-            row.age,
-            row.phone_number,
-            row.monthly_income,
-            row.approved_limit,
-        )
-        return dict(zip(CUSTOMER_COLUMNS[1:], values, strict=True))
-    values = (row.amount, row.tenure, row.interest_rate, row.monthly_payment, row.start_date, row.end_date)
-    return dict(zip(_COMPARED_LOAN_COLUMNS, values, strict=True))
-
-
+# What a re-imported row is compared on: (the file's column, the row's field, the recorded field).
 # EMIs paid on Time is not compared: the repayments recorded since the import have added to it.
-_COMPARED_LOAN_COLUMNS = ("Loan Amount", "Tenure", "Interest Rate", "Monthly payment", "Date of Approval", "End Date")
-
-
-def _customer_figures(customer: Customer) -> dict[str, object]:
-    values = (
-        customer.first_name,
-        customer.last_name,
-        customer.age,
-        customer.phone_number,
-        customer.monthly_income,
-        customer.approved_limit,
+_CUSTOMER_COMPARED = tuple(
+    (column, field, field)
+    for column, field in zip(
+        CUSTOMER_COLUMNS[1:],
+        ("first_name", "last_name", "age", "phone_number", "monthly_income", "approved_limit"),
+        strict=True,
     )
-    return dict(zip(CUSTOMER_COLUMNS[1:], values, strict=True))
+)
+_LOAN_COMPARED = (
+    ("Loan Amount", "amount", "amount"),
+    ("Tenure", "tenure", "tenure"),
+    ("Interest Rate", "interest_rate", "interest_rate"),
+    ("Monthly payment", "monthly_payment", "monthly_installment"),
+    ("Date of Approval", "start_date", "start_date"),
+    ("End Date", "end_date", "end_date"),
+)
 
 
-def _loan_figures(terms: LoanTerms) -> dict[str, object]:
-    values = (terms.amount, terms.tenure, terms.interest_rate, terms.monthly_installment, terms.start_date, terms.end_date)
-    return dict(zip(_COMPARED_LOAN_COLUMNS, values, strict=True))
-
-
-def _changes(recorded: dict[str, object], row: dict[str, object]) -> list[str]:
+def _changes(recorded: object, row: object, compared: tuple[tuple[str, str, str], ...]) -> list[str]:
     """Where a file row differs from what the ledger recorded for it."""
     return [
-        f"{name} {_figure(recorded[name])} recorded, {_figure(value)} in this row"
-        for name, value in row.items()
-        if value != recorded[name]
+        f"{column} {_figure(getattr(recorded, kept))} recorded, {_figure(getattr(row, given))} in this row"
+        for column, given, kept in compared
+        if getattr(row, given) != getattr(recorded, kept)
     ]
 
 
@@ -1140,8 +1117,7 @@ def _count_recorded(
         left = list(recorded[loan_id])
         unmatched: list[LoanRecord] = []
         for row in same_id:
-            figures = _row_figures(row)
-            match = next((terms for terms in left if not _changes(_loan_figures(terms), figures)), None)
+            match = next((terms for terms in left if not _changes(terms, row, _LOAN_COMPARED)), None)
             if match is None:
                 unmatched.append(row)
                 continue
@@ -1149,8 +1125,7 @@ def _count_recorded(
             handled.add(row.row)
             report.loans_already_present += 1
         for row in unmatched[: len(left)]:
-            figures = _row_figures(row)
-            changes, closest = min(((_changes(_loan_figures(t), figures), t) for t in left), key=lambda c: len(c[0]))
+            changes, closest = min(((_changes(t, row, _LOAN_COMPARED), t) for t in left), key=lambda c: len(c[0]))
             left.remove(closest)
             handled.add(row.row)
             as_loan = f" (as loan {closest.loan_id})" if closest.loan_id != loan_id else ""

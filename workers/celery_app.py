@@ -15,7 +15,7 @@ from celery.exceptions import SecurityWarning
 from celery.signals import setup_logging
 from kombu.transport import redis as kombu_redis
 
-from infra.config import Settings
+from infra.config import RUN_NOTED_ROOT, Settings
 from infra.logs import configure_logging
 
 settings = Settings.from_env()
@@ -86,11 +86,8 @@ kombu_redis.QoS.restore_unacked = _restore_unacked  # type: ignore[method-assign
 
 # `ledger run` (a throwaway stack on one machine, often a root shell) says in a line of its own that
 # its worker runs as root, instead of Celery's ten-line warning in the middle of its output.
-ROOT_NOTED = "LEDGER_RUN_NOTED_ROOT"
-
-
 def quiet_the_root_warning(env: Mapping[str, str] = os.environ) -> None:
-    if env.get(ROOT_NOTED) == "1":
+    if env.get(RUN_NOTED_ROOT) == "1":
         warnings.filterwarnings("ignore", category=SecurityWarning)
 
 
