@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ledger.calendar import installments_due
 from ledger.money import to_money
-from ledger.schedule import interest_on, monthly_rate
+from ledger.schedule import interest_on
 
 if TYPE_CHECKING:  # the domain's loans; ledger.domain imports this module
     from ledger.domain import LoanTerms
@@ -258,7 +258,7 @@ def decide(
             f"the monthly installment would be {installment}: {to_money(request.amount)} is too small "
             f"to repay in cents over {request.tenure} months"
         )
-    elif installment <= (interest := interest_on(to_money(request.amount), monthly_rate(rate))):
+    elif installment <= (interest := interest_on(to_money(request.amount), rate)):
         # The schedule's first month charges this interest: an installment no larger repays nothing,
         # every month, and the last installment would owe the whole amount.
         reasons.append(

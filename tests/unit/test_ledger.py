@@ -360,6 +360,15 @@ def test_import_keeps_the_file_ids_and_rekeys_a_repeated_loan_id(ledger: Ledger)
     assert ledger.register_customer("N", "C", 30, "9111111111", D(1000)).customer.customer_id == 10
 
 
+def test_an_imported_loan_whose_payment_never_repays_takes_repayments(ledger: Ledger) -> None:
+    """900 million at 100% over 600 months, nothing paid a month: its schedule's balance grew past
+    28 digits, and its repayments raised decimal.InvalidOperation (a 500)."""
+    never = LoanRecord(2, 7, 50, D(900_000_000), 600, D(100), D(0), 0, date(2025, 1, 1), date(2075, 1, 1))
+    run_import(ledger, [customer_row(2, 7, "9000000007")], [never])
+    first = ledger.record_repayment(50, date(2025, 2, 1)).response
+    assert (first["installment"], first["amount"], first["repayments_left"]) == (1, D("0.00"), 599)
+
+
 def test_importing_again_adds_nothing(ledger: Ledger) -> None:
     customers = [customer_row(2, 7, "9000000007"), customer_row(3, 8, "9000000008")]
     loans = [loan_row(2, 7, 50), loan_row(3, 8, 50)]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from datetime import date
-from decimal import ROUND_HALF_UP
+from decimal import ROUND_HALF_UP, localcontext
 from decimal import Decimal as D
 from fractions import Fraction
+from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
@@ -25,7 +26,7 @@ from ledger.policy import (
     minimum_rate,
     monthly_installment,
 )
-from ledger.schedule import amortization
+from ledger.schedule import amortization, interest_on
 
 
 @pytest.mark.parametrize(
@@ -368,6 +369,37 @@ def test_a_loan_whose_emi_rounds_to_zero_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
+    ("balance", "rate", "interest"),
+    [
+        ("0.24", "25", "0.01"),  # exactly 0.005
+        ("15000.24", "25", "312.51"),  # exactly 312.505
+        ("1530", "19", "24.23"),  # exactly 24.225
+        ("100000", "12", "1000.00"),
+        ("1000", "10", "8.33"),  # 8.333...
+        ("1000", "11", "9.17"),  # 9.1666...
+    ],
+)
+def test_a_months_interest_is_the_balance_times_the_rate_over_1200_rounded_once_halves_up(
+    balance: str, rate: str, interest: str
+) -> None:
+    assert interest_on(D(balance), D(rate)) == D(interest)
+    assert amortization(D(balance), D(rate), 2, D(balance), date(2026, 1, 1))[0].interest == D(interest)
+
+
+def test_a_files_payment_below_the_interest_grows_the_balance_and_the_last_installment_owes_it() -> None:
+    """An imported loan's payment is a fact, even one that never repays: the schedule still adds
+    up, however far the balance grows (900 million at 100% over 600 months with nothing paid
+    overflowed the default 28 digits: a 500 on its schedule and its repayments)."""
+    rows = amortization(D(900_000_000), D(100), 600, D(0), date(2025, 1, 1))
+    assert all(r.payment == 0 and r.principal == r.interest.copy_negate() for r in rows[:-1])
+    assert all(earlier.balance < later.balance for earlier, later in pairwise(rows[:-1]))
+    with localcontext() as exact:  # the test's own sums, as exact as the schedule's
+        exact.prec = 60
+        assert sum(r.principal for r in rows) == D(900_000_000) and rows[-1].balance == 0
+        assert rows[-1].payment == rows[-2].balance + rows[-1].interest > D(10) ** 29
+
+
+@pytest.mark.parametrize(
     ("amount", "rate", "tenure", "installment", "interest"),
     [
         # From a review: each EMI equals the first month's interest, so the principal never falls and
@@ -378,6 +410,10 @@ def test_a_loan_whose_emi_rounds_to_zero_is_refused() -> None:
         ("206112.32", "62.3", 382, "10700.66", "10700.66"),
         ("1", "100", 600, "0.08", "0.08"),
         ("0.50", "12", 600, "0.01", "0.01"),  # half a paisa of interest rounds up to the EMI's cent
+        # Exact half paise of interest, which a monthly rate rounded to 28 digits put just under the
+        # half and rounded down (from reviews): 15000.24 x 25 / 1200 is 312.505, 1530 x 19 / 1200 is 24.225.
+        ("15000.24", "25", 600, "312.51", "312.51"),
+        ("1530", "19", 600, "24.23", "24.23"),
     ],
 )
 def test_a_loan_whose_emi_only_pays_the_interest_is_refused(
@@ -397,9 +433,7 @@ def test_a_loan_whose_emi_only_pays_the_interest_is_refused(
     ("amount", "rate", "installment", "principal"),
     [
         ("1000", "12", "10.03", "0.03"),  # interest 10.00, EMI 10.03 (exactly 10.0256...)
-        # The interest is the schedule's: 1530 at 19% is 24.225 a month, which its 28-digit monthly
-        # rate puts at 24.2249...: 24.22, and the EMI of 24.23 repays a cent (from a review).
-        ("1530", "19", "24.23", "0.01"),
+        ("1504", "19", "23.82", "0.01"),  # interest 23.8133... (23.81): the EMI repays a cent
     ],
 )
 def test_a_loan_whose_emi_repays_some_principal_each_month_is_approved(
