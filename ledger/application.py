@@ -465,9 +465,10 @@ class Ledger(Application[UUID]):
 
     # Loans
 
-    def decide_for(self, customer: Customer, request: LoanRequest) -> Decision:
+    def decide_for(self, customer: Customer, request: LoanRequest, today: date | None = None) -> Decision:
+        """The decision on the customer's history as of `today` (default: the clock's)."""
         return decide(
-            customer.credit_history(self.clock.today()),
+            customer.credit_history(today or self.clock.today()),
             customer.monthly_income,
             customer.approved_limit,
             request,
@@ -482,11 +483,11 @@ class Ledger(Application[UUID]):
 
         def attempt() -> tuple[list[Aggregate], dict[str, Any]]:
             customer = self.get_customer(customer_id)
-            decision = self.decide_for(customer, request)
+            today = self.clock.today()  # once: a booking at midnight starts on the day it was decided on
+            decision = self.decide_for(customer, request, today)
             to_save: list[Aggregate] = []
             loan_id = None
             if decision.approved:
-                today = self.clock.today()
                 terms = LoanTerms(
                     loan_id=self.ids.next_loan_id(),
                     amount=request.amount,

@@ -307,8 +307,8 @@ def test_a_concurrent_booking_conflicts_and_the_loser_decides_again(ledger: Ledg
     decisions: list[Decision] = []
     decide_for = ledger.decide_for
 
-    def decide_while_another_request_books(customer: Customer, req: LoanRequest) -> Decision:
-        decision = decide_for(customer, req)
+    def decide_while_another_request_books(customer: Customer, req: LoanRequest, today: date | None = None) -> Decision:
+        decision = decide_for(customer, req, today)
         decisions.append(decision)
         if len(decisions) == 1:
             ledger.decide_for = decide_for  # type: ignore[method-assign]
@@ -322,6 +322,30 @@ def test_a_concurrent_booking_conflicts_and_the_loser_decides_again(ledger: Ledg
     assert decisions[-1].approved is False  # after the conflict it decided again
     assert outcome.response["loan_approved"] is False
     assert len(ledger.get_customer(customer_id).loans) == 1
+
+
+class TickingClock:
+    """A clock whose every reading is a day later than the one before: midnight, every time."""
+
+    def __init__(self, first: date) -> None:
+        self.readings = 0
+        self.first = first
+
+    def today(self) -> date:
+        self.readings += 1
+        return self.first + timedelta(days=self.readings - 1)
+
+
+def test_a_booking_starts_on_the_day_it_was_decided_on() -> None:
+    """The decision read the clock, then the booking read it again for the start date: across
+    midnight, a loan decided on one day's history started the next."""
+    clock = TickingClock(TODAY)
+    ticking = Ledger({"PERSISTENCE_MODULE": "eventsourcing.popo"}, clock=clock)
+    customer_id = ticking.register_customer("Ann", "Lee", 30, "9876543210", D(30_000)).customer.customer_id
+    decided_on = clock.today() + timedelta(days=1)  # the booking's first reading
+    loan_id = ticking.book_loan(customer_id, LoanRequest(D(100_000), D(12), 12)).response["loan_id"]
+    terms = ticking.get_customer(customer_id).loans[0]
+    assert (terms.loan_id, terms.start_date, terms.end_date) == (loan_id, decided_on, decided_on.replace(year=2027))
 
 
 def test_an_idempotency_key_returns_the_first_response_and_rejects_another_body(ledger: Ledger) -> None:
