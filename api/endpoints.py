@@ -368,7 +368,7 @@ async def view_loans(request: Request) -> Response:
     return Response(await svc.answers.answer(customer_id, "loans", today, read), media_type="application/json")
 
 
-def _inside(directory: Path, name: str) -> Path:
+def _inside(directory: Path, name: str, field: str) -> Path:
     try:
         path = (directory / name).resolve()
         found = path.parent == directory.resolve() and path.is_file()
@@ -379,7 +379,7 @@ def _inside(directory: Path, name: str) -> Path:
             400,
             "validation_error",
             f"{name!r} is not a file in the import directory",
-            [{"field": "file", "message": f"no file {name!r} in the import directory"}],
+            [{"field": field, "message": f"no file {name!r} in the import directory"}],
         )
     return path
 
@@ -388,14 +388,14 @@ async def start_import(request: Request) -> Response:
     svc = services(request)
     body = decode(await request.body(), schemas.ImportRequest, empty_ok=True)
     directory = svc.settings.import_dir
-    customers = _inside(directory, body.customers_file)
-    loans = _inside(directory, body.loans_file)
+    customers = _inside(directory, body.customers_file, "customers_file")
+    loans = _inside(directory, body.loans_file, "loans_file")
     try:
         job_id, saved = await in_thread(svc.commands, svc.ledger.request_import, str(customers), str(loans))
     except OutcomeUnknown as error:
         raise outcome_unknown(error, "sending it again is safe: an import of files already imported adds nothing") from error
     try:
-        await run_in_threadpool(tasks.import_history.apply_async, (str(job_id), str(customers), str(loans)))
+        await run_in_threadpool(tasks.queue_import, str(job_id), str(customers), str(loans))
     except Exception:
         await in_thread(svc.commands, svc.ledger.fail_import, job_id, "the job could not be queued: Redis is unreachable")
         raise ApiError(503, "queue_unavailable", "The import could not be queued: Redis is unreachable") from None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -127,11 +129,30 @@ def _redis_quietly(what: str, call: Callable[[redis.Redis], T]) -> T | None:
 
 
 def _mark_alive(job_id: str, *, unless_marked: bool = False) -> bool | None:
-    """Mark a copy of the job's task alive for IMPORT_ALIVE_SECONDS; with `unless_marked`, only if
-    no copy is. Whether it marked it (None: Redis did not answer)."""
+    """Mark a copy of the job's task alive (queued, waiting or running) for IMPORT_ALIVE_SECONDS,
+    with the time it was seen; with `unless_marked`, only if no copy is. Whether it marked it
+    (None: Redis did not answer)."""
+    seen = f"{time.time():.3f}"
     return _redis_quietly(
-        "mark the import alive", lambda r: bool(r.set(_alive_key(job_id), 1, nx=unless_marked, ex=IMPORT_ALIVE_SECONDS))
+        "mark the import alive", lambda r: bool(r.set(_alive_key(job_id), seen, nx=unless_marked, ex=IMPORT_ALIVE_SECONDS))
     )
+
+
+def _seen_since(job_id: str, since: float) -> bool:
+    """Whether a copy of the job's task was marked alive at or after `since`."""
+    seen = _redis_quietly("read the import's mark", lambda r: r.get(_alive_key(job_id)))
+    try:
+        return seen is not None and float(seen) >= since
+    except ValueError:  # a mark from before marks held their time
+        return False
+
+
+def queue_import(job_id: str, customers_path: str, loans_path: str) -> None:
+    """Send the job's task to a worker, marked alive from now on: beat's resumption, or a worker
+    that starts meanwhile, queues no second copy of it."""
+    with contextlib.suppress(redis.RedisError):  # then the task cannot be queued either, and the caller says so
+        redis_client().set(_alive_key(job_id), f"{time.time():.3f}", ex=IMPORT_ALIVE_SECONDS)
+    import_history.apply_async((job_id, customers_path, loans_path))
 
 
 def _forget_runs(job_id: str) -> None:
@@ -261,14 +282,16 @@ def _uncount(job_id: str, pid: int) -> None:
 
 
 @celery.task
-def resume_imports(everyone: bool = False) -> int:
+def resume_imports(everyone: bool = False, since: float | None = None) -> int:
     """Queue again every unfinished import that no copy of its task is looking after (see
     IMPORT_ALIVE_SECONDS): a job whose worker was killed resumes here. How many it queued.
 
-    With `everyone`, queue each one: a worker that starts may be the one that was killed, and the
-    mark its copy left must not keep the job waiting. It catches up first, so that the jobs read
-    include those requested while no worker ran: waiting for the projection lock, since a run
-    that holds it (beat's first catch-up, started beside this) may not have applied them yet."""
+    With `everyone`, a worker that starts queues each one: it may be the one that was killed, and
+    the mark its copy left must not keep the job waiting. Only a job whose copy was seen alive at
+    or after `since` (the worker's start: a copy queued since, or one this worker has begun) is
+    left to that copy. It catches up first, so that the jobs read include those requested while
+    no worker ran: waiting for the projection lock, since a run that holds it (beat's first
+    catch-up, started beside this) may not have applied them yet."""
     if everyone:
         try:
             projector().catch_up(wait=True)
@@ -281,17 +304,25 @@ def resume_imports(everyone: bool = False) -> int:
         ).fetchall()
     queued = 0
     for job_id, customers_file, loans_file in jobs:
-        if _mark_alive(str(job_id), unless_marked=not everyone) is not False:
-            import_history.apply_async((str(job_id), customers_file, loans_file))
-            log.info("import %s is unfinished and no copy of its task was seen lately: queued again", job_id)
-            queued += 1
+        if everyone:
+            if since is not None and _seen_since(str(job_id), since):
+                continue
+            _mark_alive(str(job_id))
+            why = "no copy of its task was seen since this worker started"
+        elif _mark_alive(str(job_id), unless_marked=True) is False:
+            continue
+        else:
+            why = "no copy of its task was seen lately"
+        import_history.apply_async((str(job_id), customers_file, loans_file))
+        log.info("import %s is unfinished and %s: queued again", job_id, why)
+        queued += 1
     return queued
 
 
 @worker_ready.connect
 def _resume_on_start(**_: object) -> None:
     try:
-        resume_imports.apply_async(kwargs={"everyone": True})
+        resume_imports.apply_async(kwargs={"everyone": True, "since": time.time()})
     except Exception:
         log.warning("could not queue the resumption of unfinished imports", exc_info=True)
 

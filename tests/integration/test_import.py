@@ -326,6 +326,15 @@ def test_import_request_outside_the_import_directory_is_refused(client: TestClie
     response = client.post("/imports", json={"customers_file": "../pyproject.toml", "loans_file": "loan_data.xlsx"})
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "validation_error"
+    assert [d["field"] for d in response.json()["error"]["details"]] == ["customers_file"]
+
+
+def test_import_request_for_a_missing_file_names_its_field(client: TestClient) -> None:
+    response = client.post("/imports", json={"customers_file": "customer_data.xlsx", "loans_file": "no_such.xlsx"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "validation_error"
+    assert error["details"] == [{"field": "loans_file", "message": "no file 'no_such.xlsx' in the import directory"}]
 
 
 def test_import_job_status_errors(client: TestClient, imported: dict[str, Any]) -> None:
@@ -456,6 +465,23 @@ def test_resume_queues_no_second_copy_of_an_import_whose_task_is_waiting(
         assert r.ttl(f"ledger:import-alive:{job_id}") > tasks.IMPORT_ALIVE_SECONDS - 5
         # A worker that starts queues it all the same: it may be the one whose copy was killed.
         assert tasks.resume_imports(everyone=True) == 1
+    report = follow(client, job_id)
+    assert report["state"] == "completed", report
+
+
+def test_a_starting_worker_leaves_an_import_queued_since_it_started_to_its_task(
+    stack: Stack, client: TestClient, imported: dict[str, Any]
+) -> None:
+    """`ledger run` queues its import as its worker starts. The worker's resumption queued a second
+    copy of it, which waited for the lock, found the job done, and logged that no copy of its task
+    had been seen."""
+    with holding(stack, IMPORT_LOCK):
+        started = time.time()
+        job_id = start(client)
+        wait_for(lambda: client.get(f"/imports/{job_id}").json()["state"] == "queued", "the job in the read model")
+        assert tasks.resume_imports(everyone=True, since=started) == 0
+        # A worker that started after the copy was last seen queues one: that copy may have been killed.
+        assert tasks.resume_imports(everyone=True, since=time.time() + 60) == 1
     report = follow(client, job_id)
     assert report["state"] == "completed", report
 
