@@ -52,7 +52,7 @@ def start_import(settings: Settings, customers: Path, loans: Path) -> UUID:
     try:
         job_id, _ = ledger.request_import(str(customers.resolve()), str(loans.resolve()))
         try:
-            tasks.import_history.apply_async((str(job_id), str(customers.resolve()), str(loans.resolve())))
+            tasks.queue_import(str(job_id), str(customers.resolve()), str(loans.resolve()))
         except Exception as error:
             # Else a worker's periodic resumption would run it minutes later, unannounced.
             ledger.fail_import(job_id, "the job could not be queued: Redis is unreachable")
@@ -131,18 +131,19 @@ def _database_away(error: psycopg.OperationalError) -> bool:
 
 
 def print_report(row: dict[str, Any]) -> None:
+    """The job's outcome and its rejected rows, on standard output (progress goes to standard error)."""
     summary = row["summary"]
     if row["state"] == "failed":
-        print(f"import failed: {summary.get('error')}", file=sys.stderr)
+        print(f"import failed: {summary.get('error')}", flush=True)
         return
     print(
         f"import completed: {summary['customers_imported']} customers and {summary['loans_imported']} loans imported, "
         f"{summary['customers_already_present']} customers and {summary['loans_already_present']} loans already present, "
-        f"{len(summary['rekeyed_loans'])} loans given new IDs, {len(row['issues'])} rows rejected",
-        file=sys.stderr,
+        f"{len(summary['rekeyed_loans'])} loans given new IDs, {len(row['issues'])} rows rejected"
     )
     for issue in row["issues"]:
-        print(f"  {issue['file']} row {issue['row']}: {issue['reason']}", file=sys.stderr)
+        print(f"  {issue['file']} row {issue['row']}: {issue['reason']}")
+    sys.stdout.flush()  # before what `ledger run` prints next to standard error
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
@@ -188,10 +189,11 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     ledger, pool = build_ledger(settings)
-    replayed = False
+    replayed, last = False, 0
 
-    def progress(done: int, total: int) -> None:
-        nonlocal replayed
+    def progress(done: int, total: int) -> None:  # positions in the log, not events: see the last line
+        nonlocal replayed, last
+        last = total
         bar(done, total, "rebuild")
         if done >= total and not replayed:
             # What follows the last page (the indexes, unless a page needed them earlier, and the
@@ -206,7 +208,9 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         ledger.close()
     if not replayed:  # an empty store: the bar never filled
         print(file=sys.stderr)
-    print(f"read model rebuilt from {applied} events", file=sys.stderr)
+    # A rolled-back insert leaves its positions unused: the bar, over positions, may end above the events.
+    where = f", to position {last}" if last != applied else ""
+    print(f"read model rebuilt from {applied} events{where}", file=sys.stderr)
     return 0
 
 
@@ -224,7 +228,7 @@ def cmd_import_report(args: argparse.Namespace) -> int:
     if row is None:
         print(f"no import job {args.job_id}", file=sys.stderr)
         return 1
-    print(f"import {row['job_id']}: {row['state']}, {row['rows_done']}/{row['total_rows']} rows", file=sys.stderr)
+    print(f"import {row['job_id']}: {row['state']}, {row['rows_done']}/{row['total_rows']} rows")
     if row["state"] in ("completed", "failed"):
         print_report(row)
     return 0
@@ -378,6 +382,13 @@ def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, env=env, cwd=REPO_ROOT)
 
 
+def _stopped(configured: set[str]) -> str:
+    """What `ledger run` says as it ends, once its services had started."""
+    gone = [name for name, env in (("PostgreSQL", "DATABASE_URL"), ("Redis", "REDIS_URL")) if env not in configured]
+    deleted = f"; the throwaway {' and '.join(gone)} stopped, {'their' if len(gone) > 1 else 'its'} data deleted"
+    return f"ledger run: everything it started has stopped{deleted if gone else ''}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from infra.stack import services
 
@@ -393,7 +404,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{args.host}:{args.port} is already in use (another `ledger run`?): stop it, or choose another port"
             " with --port or API_PORT"
         )
-    with services() as (database_url, redis_url):
+    started_services = False
+
+    def say_stopped() -> None:  # once the services it started have stopped
+        if started_services:
+            print(_stopped(configured), file=sys.stderr)
+
+    with contextlib.ExitStack() as ending:
+        ending.callback(say_stopped)
+        database_url, redis_url = ending.enter_context(services())
+        started_services = True
         started = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
         os.environ.update(started)
         env = dict(os.environ)
@@ -475,7 +495,9 @@ def throwaway_hint(started: dict[str, str]) -> str:
     if not started:
         return ""
     exports = " ".join(f"{name}={url}" for name, url in started.items())
-    return f"Other `ledger` commands (status, rebuild, import) reach these servers with: export {exports}"
+    script = Path(sys.executable).with_name("ledger")  # another shell may not have this virtualenv on its PATH
+    ledger = os.path.relpath(script) if script.exists() and not os.path.relpath(script).startswith("..") else "ledger"
+    return f"Other `ledger` commands (`{ledger} status`, rebuild, import) reach these servers with: export {exports}"
 
 
 def _count(variable: str, least: int = 1, most: int | None = None) -> Callable[[str], int]:
@@ -496,10 +518,22 @@ def _count(variable: str, least: int = 1, most: int | None = None) -> Callable[[
 
 
 def _serving_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=os.environ.get("API_HOST") or "127.0.0.1")
-    parser.add_argument("--port", type=_count("API_PORT", 1, 65535), default=os.environ.get("API_PORT") or "8000")
     parser.add_argument(
-        "--workers", type=_count("API_WORKERS"), default=os.environ.get("API_WORKERS") or "2", help="uvicorn worker processes"
+        "--host",
+        default=os.environ.get("API_HOST") or "127.0.0.1",
+        help="address to listen on (default: API_HOST, else 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--port",
+        type=_count("API_PORT", 1, 65535),
+        default=os.environ.get("API_PORT") or "8000",
+        help="port to listen on (default: API_PORT, else 8000)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_count("API_WORKERS"),
+        default=os.environ.get("API_WORKERS") or "2",
+        help="uvicorn worker processes (default: API_WORKERS, else 2)",
     )
 
 
@@ -512,8 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     imp = commands.add_parser("import", help="import the history files in a worker and follow its progress")
-    imp.add_argument("--customers", help="customer file (xlsx); default: IMPORT_DIR/customer_data.xlsx")
-    imp.add_argument("--loans", help="loan file (xlsx); default: IMPORT_DIR/loan_data.xlsx")
+    imp.add_argument("--customers", help="customer file (.xlsx, .xls, .xlsb or .ods); default: IMPORT_DIR/customer_data.xlsx")
+    imp.add_argument("--loans", help="loan file (.xlsx, .xls, .xlsb or .ods); default: IMPORT_DIR/loan_data.xlsx")
     imp.set_defaults(func=cmd_import)
 
     report = commands.add_parser("import-report", help="show an import job's state, progress and rejected rows")
@@ -536,7 +570,12 @@ def main(argv: list[str] | None = None) -> int:
     api.set_defaults(func=cmd_api)
 
     worker = commands.add_parser("worker", help="run a Celery worker (projections, imports, rebuilds)")
-    worker.add_argument("--concurrency", type=_count("WORKER_CONCURRENCY"), default=os.environ.get("WORKER_CONCURRENCY") or "2")
+    worker.add_argument(
+        "--concurrency",
+        type=_count("WORKER_CONCURRENCY"),
+        default=os.environ.get("WORKER_CONCURRENCY") or "2",
+        help="pool processes (default: WORKER_CONCURRENCY, else 2)",
+    )
     worker.set_defaults(func=cmd_worker)
 
     commands.add_parser("beat", help="run Celery beat (the periodic projection catch-up)").set_defaults(func=cmd_beat)

@@ -404,10 +404,12 @@ def test_the_cli_imports_with_progress_reports_rebuilds_and_shows_lag(stack: Sta
         str(stack.settings.import_dir / "loan_data.xlsx"),
     )
     assert imported_again.returncode == 0, imported_again.stderr
-    assert "1082/1082" in imported_again.stderr and "300 customers and 782 loans already present" in imported_again.stderr
+    # The progress on standard error, the report on standard output.
+    assert "1082/1082" in imported_again.stderr and "300 customers and 782 loans already present" in imported_again.stdout
     job_id = imported_again.stderr.split("import job ")[1].split()[0]
     report = ledger_cli(stack, "import-report", job_id)
-    assert report.returncode == 0 and "completed, 1082/1082 rows" in report.stderr
+    assert report.returncode == 0 and "completed, 1082/1082 rows" in report.stdout
+    assert "300 customers and 782 loans already present" in report.stdout
     rebuilt = ledger_cli(stack, "rebuild")
     assert rebuilt.returncode == 0 and "rebuild [" in rebuilt.stderr
     # The full bar, then what runs after the last page, then the end, each on a line of its own.
@@ -521,6 +523,46 @@ def test_make_tests_runner_stopped_early_tears_the_tests_down_and_stops_its_serv
     for port in (pg.group(1), redis.group(1)):
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", int(port))) != 0, f"something still listens on {port}"
+
+
+def test_ledger_run_stopped_with_ctrl_c_stops_everything_deletes_its_servers_and_says_so(tmp_path: Path) -> None:
+    """`make run`'s Ctrl-C: the API, worker and beat stop, the throwaway PostgreSQL and Redis stop
+    and their directories go, and its last line says so (it used to end without a word)."""
+    port = free_port()
+    log = tmp_path / "run.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}  # so it starts its own
+    with log.open("w") as out:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", "run", "--no-import", "--port", str(port), "--workers", "1"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops everything" not in log.read_text():
+            assert run.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        os.killpg(run.pid, signal.SIGINT)  # what a terminal sends its foreground group
+        code = run.wait(timeout=90)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    said = log.read_text()
+    assert code == 0, said
+    assert said.rstrip().splitlines()[-1] == (
+        "ledger run: everything it started has stopped; the throwaway PostgreSQL and Redis stopped, their data deleted"
+    ), said
+    pg = re.search(r"PostgreSQL on 127\.0\.0\.1:(\d+) \((\S+)\)", said)
+    redis = re.search(r"Redis on 127\.0\.0\.1:(\d+)", said)
+    assert pg and redis, said
+    assert not Path(pg.group(2)).exists()
+    for listened in (pg.group(1), redis.group(1), str(port)):
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", int(listened))) != 0, f"something still listens on {listened}"
 
 
 def test_commands_on_a_database_without_the_schema_say_to_run_setup(stack: Stack) -> None:

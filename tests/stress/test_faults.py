@@ -248,13 +248,13 @@ def test_ledger_import_waits_out_a_short_database_outage(served: Served, figures
         served.pg.stop()
         time.sleep(3)
         served.pg.start()
-        _, err = cli.communicate(timeout=180)
+        out, err = cli.communicate(timeout=180)
     finally:
         if cli.poll() is None:
             cli.kill()
     assert cli.returncode == 0, err
     assert "PostgreSQL is not answering" in err and "PostgreSQL answers again" in err, err
-    assert "import completed: 200 customers and 200 loans imported" in err, err
+    assert "import completed: 200 customers and 200 loans imported" in out, (out, err)
     assert served.scalar("SELECT count(*) FROM readmodel.loans WHERE loan_id BETWEEN 860000 AND 860199") == 200
     figures.update(**served.audit())
 

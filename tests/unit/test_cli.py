@@ -231,6 +231,10 @@ def test_no_password_is_shown_in_a_message(monkeypatch: pytest.MonkeyPatch, caps
     assert main(["status"]) == 2
     err = capsys.readouterr().err
     assert "DATABASE_URL is not a PostgreSQL URL" in err and "Secret" not in err
+    monkeypatch.setenv("DATABASE_URL", "postgresql://ledger:pass@Secret@127.0.0.1:1/ledger")  # @ not encoded
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert "DATABASE_URL is not a PostgreSQL URL" in err and "percent-encoded" in err and "Secret" not in err
 
 
 def test_ctrl_c_says_interrupted_and_exits_130_without_a_traceback(
