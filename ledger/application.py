@@ -621,8 +621,7 @@ class Ledger(Application[UUID]):
             installment = amortization(loan.amount, loan.interest_rate, loan.tenure, loan.monthly_installment, loan.start_date)[
                 loan.emis_paid
             ]
-            loan.record_repayment(day, installment.due_date, installment.payment)
-            on_time = day <= installment.due_date
+            on_time = loan.record_repayment(day, installment.due_date, installment.payment)
             customer.record_repayment(loan_id, day, on_time)
             response = {
                 "loan_id": loan_id,

@@ -437,7 +437,8 @@ class Loan(Aggregate):
     def repayments_left(self) -> int:
         return max(0, self.tenure - self.emis_paid)
 
-    def record_repayment(self, paid_on: date, due_date: date, amount: Decimal) -> None:
+    def record_repayment(self, paid_on: date, due_date: date, amount: Decimal) -> bool:
+        """Record the next installment as paid; whether it was paid on time (by its due date)."""
         on_time = paid_on <= due_date
         self._record(
             loan_id=self.loan_id,
@@ -449,6 +450,7 @@ class Loan(Aggregate):
             emis_paid=self.emis_paid + 1,
             emis_paid_on_time=self.emis_paid_on_time + on_time,
         )
+        return on_time
 
     @event(RepaymentRecorded)
     def _record(
