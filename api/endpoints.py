@@ -271,12 +271,20 @@ IDEMPOTENCY_KEY_MAX = 255
 
 
 def idempotency_key(request: Request) -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 1 <= len(key.strip()) <= IDEMPOTENCY_KEY_MAX:
+    keys = request.headers.getlist("Idempotency-Key")
+    if len(keys) > 1:  # which one the client meant is not ours to guess: the first only would replay wrongly
         raise ApiError(
             400,
             "validation_error",
-            f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters",
+            f"send one Idempotency-Key header, not {len(keys)}",
+            [{"field": "Idempotency-Key", "message": f"{len(keys)} headers"}],
+        )
+    key = keys[0] if keys else None
+    if key is not None and not 1 <= len(key.strip()) <= IDEMPOTENCY_KEY_MAX:  # the header's bytes
+        raise ApiError(
+            400,
+            "validation_error",
+            f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} bytes (ASCII characters), not blank",
             [{"field": "Idempotency-Key", "message": "invalid length"}],
         )
     return key

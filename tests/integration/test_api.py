@@ -300,6 +300,22 @@ def test_idempotency_key_replays_the_first_response_and_books_once(stack: Stack,
     assert "different request" in error["message"]
 
 
+def test_two_idempotency_keys_on_one_request_are_refused_and_book_nothing(stack: Stack, client: TestClient) -> None:
+    """The first header was used and the second ignored: a later request under the second key,
+    with another body, booked a second loan instead of a 422 (from a review)."""
+    customer = register(client, income=200_000)
+    request = loan_body(customer["customer_id"], 100_000, 15, 6)
+    loans_before = count_rows(stack, "loans")
+    both = client.post(
+        "/create-loan", json=request, headers=[("Idempotency-Key", "first-key"), ("Idempotency-Key", "second-key")]
+    )
+    error = assert_error(both, 400, "validation_error")
+    assert error["message"] == "send one Idempotency-Key header, not 2"
+    assert count_rows(stack, "loans") == loans_before
+    long_key = client.post("/create-loan", json=request, headers={"Idempotency-Key": "k" * 256})
+    assert assert_error(long_key, 400, "validation_error")["message"].startswith("Idempotency-Key must be 1 to 255 bytes")
+
+
 def test_a_replay_waits_for_the_read_model_as_the_first_answer_does(stack: Stack, client: TestClient) -> None:
     # A client whose first answer was lost (or came back behind) retries with its key, then views.
     customer = register(client, income=200_000)
