@@ -376,28 +376,33 @@ async def view_loans(request: Request) -> Response:
     return Response(await svc.answers.answer(customer_id, "loans", today, read), media_type="application/json")
 
 
-def _inside(directory: Path, name: str, field: str) -> Path:
+def _inside(directory: Path, name: str) -> Path | None:
+    """The file `name` in the import directory, or None when it is not a file there."""
     try:
         path = (directory / name).resolve()
-        found = path.parent == directory.resolve() and path.is_file()
+        return path if path.parent == directory.resolve() and path.is_file() else None
     except (OSError, ValueError):
-        found = False
-    if not found:
-        raise ApiError(
-            400,
-            "validation_error",
-            f"{name!r} is not a file in the import directory",
-            [{"field": field, "message": f"no file {name!r} in the import directory"}],
-        )
-    return path
+        return None
 
 
 async def start_import(request: Request) -> Response:
     svc = services(request)
     body = decode(await request.body(), schemas.ImportRequest, empty_ok=True)
     directory = svc.settings.import_dir
-    customers = _inside(directory, body.customers_file, "customers_file")
-    loans = _inside(directory, body.loans_file, "loans_file")
+    customers, loans = _inside(directory, body.customers_file), _inside(directory, body.loans_file)
+    missing = [
+        (field, name)
+        for field, name, path in (("customers_file", body.customers_file, customers), ("loans_file", body.loans_file, loans))
+        if path is None
+    ]
+    if customers is None or loans is None:
+        names = " and ".join(repr(name) for _, name in missing)
+        raise ApiError(
+            400,
+            "validation_error",
+            f"{names} {'is not a file' if len(missing) == 1 else 'are not files'} in the import directory",
+            [{"field": field, "message": f"no file {name!r} in the import directory"} for field, name in missing],
+        )
     try:
         job_id, saved = await in_thread(svc.commands, svc.ledger.request_import, str(customers), str(loans))
     except OutcomeUnknown as error:
@@ -489,7 +494,7 @@ async def record_repayment(request: Request) -> Response:
             paid_on=date.fromisoformat(r["paid_on"]),
             due_date=date.fromisoformat(r["due_date"]),
             on_time=r["on_time"],
-            amount=to_money(r["amount"]),
+            amount=Decimal(r["amount"]),  # the schedule's, in cents: exact, however many digits
             repayments_left=r["repayments_left"],
             loan_closed=r["loan_closed"],
         ),

@@ -404,16 +404,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{args.host}:{args.port} is already in use (another `ledger run`?): stop it, or choose another port"
             " with --port or API_PORT"
         )
-    started_services = False
 
-    def say_stopped() -> None:  # once the services it started have stopped
-        if started_services:
+    def say_stopped(error_type: type[BaseException] | None, *_: object) -> bool:
+        """Once the services it started have stopped, and only if they did: an error starting or
+        stopping them (a second Ctrl-C during the clean-up, say) is not a clean stop."""
+        if error_type in (None, SystemExit):  # SystemExit: SIGTERM's
             print(_stopped(configured), file=sys.stderr)
+        return False  # the error, if any, goes on
 
     with contextlib.ExitStack() as ending:
-        ending.callback(say_stopped)
+        ending.push(say_stopped)
         database_url, redis_url = ending.enter_context(services())
-        started_services = True
         started = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
         os.environ.update(started)
         env = dict(os.environ)

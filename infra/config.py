@@ -63,10 +63,11 @@ def _today(env: Mapping[str, str]) -> date | None:
 
 def _database_url(env: Mapping[str, str]) -> str:
     url = _setting(env, "DATABASE_URL", "postgresql://ledger@127.0.0.1:5432/ledger")
-    # libpq ends the user and password at the first '@': one more, from a password not
-    # percent-encoded, would put the rest of the password in the host name, and in messages.
+    # libpq ends the user and password at the first '@' (or the user at a '/'): one more '@' before
+    # the parameters, from a password not percent-encoded, would put the rest of the password in
+    # the host or database name, and in messages.
     scheme, _, rest = url.partition("://")
-    unencoded_at = scheme in ("postgresql", "postgres") and rest.split("/", 1)[0].count("@") > 1
+    unencoded_at = scheme in ("postgresql", "postgres") and rest.split("?", 1)[0].count("@") > 1
     try:
         conninfo_to_dict(url)
         parsed = True

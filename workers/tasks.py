@@ -128,30 +128,29 @@ def _redis_quietly(what: str, call: Callable[[redis.Redis], T]) -> T | None:
         return None
 
 
-def _mark_alive(job_id: str, *, unless_marked: bool = False) -> bool | None:
+def _set_alive(r: redis.Redis, job_id: str, *, unless_marked: bool = False) -> bool:
     """Mark a copy of the job's task alive (queued, waiting or running) for IMPORT_ALIVE_SECONDS,
-    with the time it was seen; with `unless_marked`, only if no copy is. Whether it marked it
-    (None: Redis did not answer)."""
-    seen = f"{time.time():.3f}"
-    return _redis_quietly(
-        "mark the import alive", lambda r: bool(r.set(_alive_key(job_id), seen, nx=unless_marked, ex=IMPORT_ALIVE_SECONDS))
-    )
+    with the time it was seen; with `unless_marked`, only if no copy is. Whether it marked it."""
+    return bool(r.set(_alive_key(job_id), f"{time.time():.3f}", nx=unless_marked, ex=IMPORT_ALIVE_SECONDS))
+
+
+def _mark_alive(job_id: str, *, unless_marked: bool = False) -> bool | None:
+    """`_set_alive`, or None when Redis did not answer (logged)."""
+    return _redis_quietly("mark the import alive", lambda r: _set_alive(r, job_id, unless_marked=unless_marked))
 
 
 def _seen_since(job_id: str, since: float) -> bool:
-    """Whether a copy of the job's task was marked alive at or after `since`."""
+    """Whether a copy of the job's task was marked alive at or after `since` (a mark from before
+    marks held their time holds 1: long before)."""
     seen = _redis_quietly("read the import's mark", lambda r: r.get(_alive_key(job_id)))
-    try:
-        return seen is not None and float(seen) >= since
-    except ValueError:  # a mark from before marks held their time
-        return False
+    return seen is not None and float(seen) >= since
 
 
 def queue_import(job_id: str, customers_path: str, loans_path: str) -> None:
     """Send the job's task to a worker, marked alive from now on: beat's resumption, or a worker
     that starts meanwhile, queues no second copy of it."""
-    with contextlib.suppress(redis.RedisError):  # then the task cannot be queued either, and the caller says so
-        redis_client().set(_alive_key(job_id), f"{time.time():.3f}", ex=IMPORT_ALIVE_SECONDS)
+    with contextlib.suppress(redis.RedisError):  # not logged: the task cannot be queued either, and the caller says so
+        _set_alive(redis_client(), job_id)
     import_history.apply_async((job_id, customers_path, loans_path))
 
 

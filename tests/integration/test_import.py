@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -335,6 +336,39 @@ def test_import_request_for_a_missing_file_names_its_field(client: TestClient) -
     error = response.json()["error"]
     assert error["code"] == "validation_error"
     assert error["details"] == [{"field": "loans_file", "message": "no file 'no_such.xlsx' in the import directory"}]
+    both = client.post("/imports", json={"customers_file": "gone.xlsx", "loans_file": "no_such.xlsx"}).json()["error"]
+    assert both["message"] == "'gone.xlsx' and 'no_such.xlsx' are not files in the import directory"
+    assert [d["field"] for d in both["details"]] == ["customers_file", "loans_file"]
+
+
+def test_the_last_repayment_of_an_imported_loan_that_never_repaid_is_answered_to_the_cent(
+    stack: Stack, client: TestClient, imported: dict[str, Any]
+) -> None:
+    """900 million at 100% over 600 months, nothing paid a month, 599 installments counted by the
+    file: the last owes 32 digits, which the answer rounded in 28 (a 500, after it was recorded)."""
+    customers = write_xlsx(
+        stack.settings.import_dir / "test_never_customers.xlsx",
+        CUSTOMER_COLUMNS,
+        [[931, "Never", "Repaid", 40, 9300000931, 60000, 2200000]],
+    )
+    loans = write_xlsx(
+        stack.settings.import_dir / "test_never_loans.xlsx",
+        LOAN_COLUMNS,
+        [[931, 93101, 900_000_000, 600, 100, 0, 599, date(2025, 1, 1), date(2075, 1, 1)]],
+    )
+    try:
+        report = follow(client, start(client, customers.name, loans.name))
+    finally:
+        customers.unlink()
+        loans.unlink()
+    assert (report["state"], report["summary"]["loans_imported"]) == ("completed", 1), report
+    paid = client.post("/loans/93101/repayments", json={})
+    assert paid.status_code == 201, paid.text
+    assert (paid.json()["installment"], paid.json()["loan_closed"]) == (600, True)
+    amount = Decimal("647897441523528251777201485600.90")
+    assert json.loads(paid.text, parse_float=Decimal)["amount"] == amount
+    schedule = json.loads(client.get("/loans/93101/schedule").text, parse_float=Decimal)["installments"]
+    assert (schedule[-1]["payment"], schedule[-1]["balance"], schedule[-1]["paid"]) == (amount, 0, True)
 
 
 def test_import_job_status_errors(client: TestClient, imported: dict[str, Any]) -> None:

@@ -231,10 +231,19 @@ def test_no_password_is_shown_in_a_message(monkeypatch: pytest.MonkeyPatch, caps
     assert main(["status"]) == 2
     err = capsys.readouterr().err
     assert "DATABASE_URL is not a PostgreSQL URL" in err and "Secret" not in err
-    monkeypatch.setenv("DATABASE_URL", "postgresql://ledger:pass@Secret@127.0.0.1:1/ledger")  # @ not encoded
-    assert main(["status"]) == 2
-    err = capsys.readouterr().err
-    assert "DATABASE_URL is not a PostgreSQL URL" in err and "percent-encoded" in err and "Secret" not in err
+    for unencoded in ("ledger:pass@Secret@127.0.0.1:1/ledger", "ledger:pa/ss@Secret@127.0.0.1:1/ledger"):
+        monkeypatch.setenv("DATABASE_URL", f"postgresql://{unencoded}")
+        assert main(["status"]) == 2
+        err = capsys.readouterr().err
+        assert "DATABASE_URL is not a PostgreSQL URL" in err and "percent-encoded" in err and "Secret" not in err
+
+
+def test_an_at_sign_in_a_database_urls_parameters_is_no_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra.config import Settings
+
+    url = "postgresql://ledger@127.0.0.1:5432?application_name=me@laptop"
+    monkeypatch.setenv("DATABASE_URL", url)
+    assert Settings.from_env().database_url == url
 
 
 def test_ctrl_c_says_interrupted_and_exits_130_without_a_traceback(
