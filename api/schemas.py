@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-from ledger.history import NOT_IN_NAMES, PHONES
+from ledger.history import INVISIBLE, NOT_IN_NAMES, PHONES
 from ledger.policy import LONGEST_TENURE
 
 BIGINT = 2**63 - 1
@@ -26,7 +26,7 @@ Name = Annotated[
         # controls, line separators, bidirectional overrides), and at least one that shows: not a
         # space, or an invisible format character (zero-width spaces and joiners, the byte-order
         # mark, a soft hyphen).
-        pattern=(rf"^[^{NOT_IN_NAMES}]*[^\s{NOT_IN_NAMES}\u00ad\u180e\u200b-\u200f\u2060-\u206f\ufeff][^{NOT_IN_NAMES}]*$(?!\n)"),
+        pattern=(rf"^[^{NOT_IN_NAMES}]*[^\s{NOT_IN_NAMES}{INVISIBLE}][^{NOT_IN_NAMES}]*$(?!\n)"),
         description="Non-blank, at most 100 characters, no control characters, line separators or bidirectional overrides",
     ),
 ]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import os
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,10 +65,15 @@ def files_digest(*paths: Path) -> str:
     digest = hashlib.sha256()
     for path in paths:
         try:
-            with path.open("rb") as file:
-                digest.update(hashlib.file_digest(file, "sha256").digest())
+            # Not blocking, and a regular file only: a name that became a pipe since it was queued
+            # held the worker, and every import after it, until someone wrote to it (from a review).
+            descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError:
             return ""
+        with os.fdopen(descriptor, "rb") as file:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                return ""
+            digest.update(hashlib.file_digest(file, "sha256").digest())
     return digest.hexdigest()
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import operator
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar, cast
+from xml.parsers import expat
 
 from python_calamine import CalamineWorkbook
 
@@ -53,8 +55,7 @@ def _rows(path: Path, start: Cut | None = None, stop: Cut | None = None) -> Rows
     rows as Tables, read a column at a time), read whole by calamine for the other formats it
     knows (.xls, .xlsb, .ods). `start` and `stop` read a part of an .xlsx sheet (see
     `first_sheet_blocks`)."""
-    if not path.is_file():
-        raise UnreadableFile(f"{path.name}: no such file")
+    _a_file(path)
     try:
         return _converted(path, first_sheet_blocks(str(path), start=start, stop=stop))
     except NotXlsx:
@@ -62,6 +63,7 @@ def _rows(path: Path, start: Cut | None = None, stop: Cut | None = None) -> Rows
     except Exception as error:
         raise UnreadableFile(f"{path.name}: not a readable Excel workbook ({error})") from None
     try:
+        _not_an_ods_bomb(path)
         workbook = CalamineWorkbook.from_path(str(path))
         if not workbook.sheet_names:
             raise UnreadableFile(f"{path.name}: the workbook has no sheets")
@@ -71,6 +73,60 @@ def _rows(path: Path, start: Cut | None = None, stop: Cut | None = None) -> Rows
         raise
     except Exception as error:  # calamine raises its own error types for every malformed file
         raise UnreadableFile(f"{path.name}: not a readable Excel workbook ({error})") from None
+
+
+# Cells with a value that python-calamine may build for an .ods file, which it reads whole, with
+# rows and cells that the file says repeat N times written out N times: a file of 1 KB asked for
+# 15 million cells and took 2 GB of the worker's memory (from a review), about 130 bytes a cell.
+# Three million cells are about 330,000 loans' rows; a bigger sheet is read as .xlsx, streamed.
+LARGEST_ODS_CELLS = 3_000_000
+_ODS_TABLE = "urn:oasis:names:tc:opendocument:xmlns:table:1.0"
+_ODS_OFFICE = "urn:oasis:names:tc:opendocument:xmlns:office:1.0"
+_ODS_CELLS = (f"{_ODS_TABLE} table-cell", f"{_ODS_TABLE} covered-table-cell")
+
+
+def _not_an_ods_bomb(path: Path) -> None:
+    """Refuse an .ods file whose sheets repeat cells with a value more than LARGEST_ODS_CELLS
+    times, counted from its content.xml as a stream (expat: no tree is built)."""
+    try:
+        package = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:  # not an .ods (an .xls): calamine says what it is
+        return
+    with package:
+        if "content.xml" not in package.namelist():
+            return
+        cells, row_repeats, filled = 0, 1, 0
+
+        def start(name: str, attributes: dict[str, str]) -> None:
+            nonlocal row_repeats, filled
+            if name == f"{_ODS_TABLE} table-row":
+                row_repeats, filled = int(attributes.get(f"{_ODS_TABLE} number-rows-repeated", "1")), 0
+            elif name in _ODS_CELLS and f"{_ODS_OFFICE} value-type" in attributes:
+                filled += int(attributes.get(f"{_ODS_TABLE} number-columns-repeated", "1"))
+
+        def end(name: str) -> None:
+            nonlocal cells
+            if name == f"{_ODS_TABLE} table-row":
+                cells += row_repeats * filled
+                if cells > LARGEST_ODS_CELLS:
+                    raise UnreadableFile(
+                        f"{path.name}: its sheets repeat cells with values more than {LARGEST_ODS_CELLS:,} times,"
+                        " more than this reader holds: save it as .xlsx, which is read as a stream"
+                    )
+
+        parser = expat.ParserCreate(namespace_separator=" ")
+        parser.StartElementHandler = start
+        parser.EndElementHandler = end
+        with package.open("content.xml") as stream:
+            parser.ParseFile(stream)
+
+
+def _a_file(path: Path) -> None:
+    """Refuse a name that is not a regular file before anything opens it: opening a named pipe
+    waits for a writer (a file swapped for one after its import was queued held the worker)."""
+    if not path.is_file():
+        what = "not a file (a directory, a pipe or a device)" if path.exists() else "no such file"
+        raise UnreadableFile(f"{path.name}: {what}")
 
 
 def _converted(path: Path, rows: Rows) -> Rows:
@@ -280,6 +336,8 @@ def read_history(
     A loan sheet of `split_size` bytes of XML or more (None: infra.xlsx_split's SPLIT_SIZE) is
     read in two processes; the helper starts first, so that it reaches the sheet's middle while
     this process reads the customers."""
+    _a_file(customers_path)
+    _a_file(loans_path)
     check_sheets(customers_path, CUSTOMER_COLUMNS)
     check_sheets(loans_path, LOAN_COLUMNS)
     helper = _helper(loans_path, split_size)

@@ -26,6 +26,11 @@ from ledger.history import Percent
 
 CHUNK = 1 << 20  # decompressed characters read at a time
 LONGEST_ROW = 32 << 20  # characters: a sheet with a longer row is refused, not held whole
+# Bytes the parts read whole may inflate to (the workbook, its relationships, the styles: a few KB
+# in the files seen; the shared strings, streamed but kept, about 7 MB for 100,000 customers' names).
+# A file of 1 MB whose styles inflated to 1 GB took 2 GB of the worker's memory (from a review).
+LARGEST_PART = 16 << 20
+LARGEST_SHARED_STRINGS = 256 << 20
 
 _NS = r"(?:[\w.-]+:)?"  # SpreadsheetML written with a namespace prefix (<x:row>) reads the same
 # The general patterns below never backtrack across an element's end: a row's (or a cell's)
@@ -49,6 +54,7 @@ _TEXT = re.compile(rf"<{_NS}t\b[^<>]*+>{_CHARACTERS}</{_NS}t\s*+>")
 # of it. Taken possessively up to its end or the next <rPh>, so unclosed ones are read in linear time.
 _PHONETIC = re.compile(rf"<{_NS}rPh\b(?:[^<]++|<(?!/?{_NS}rPh\b))*+</{_NS}rPh\s*+>")
 _ROW_END = re.compile(rf"</{_NS}row\s*+>")
+_ROW_SELF_CLOSED = re.compile(rf"<{_NS}row\b[^<>]*/>")  # an empty row: Excel writes formatted ones so
 _SHEET_DATA_END = re.compile(rf"</{_NS}sheetData\s*>|<{_NS}sheetData\s*/>")  # or a sheet with no rows at all
 _SHEET_DATA_START = re.compile(rf"<{_NS}sheetData\b")
 
@@ -235,14 +241,14 @@ def _nth_sheet(package: zipfile.ZipFile, index: int) -> tuple[str | None, bool, 
 
 def _sheets(package: zipfile.ZipFile) -> tuple[list[Sheet], bool, str]:
     """The sheets, whether dates count from 1904, and the SpreadsheetML namespace."""
-    workbook = ElementTree.fromstring(package.read("xl/workbook.xml"))
+    workbook = ElementTree.fromstring(_part(package, "xl/workbook.xml"))
     main = _STRICT if workbook.tag == f"{_STRICT}workbook" else _MAIN
     properties = workbook.find(f"{main}workbookPr")
     date1904 = properties is not None and properties.get("date1904") in ("1", "true")
     elements = workbook.findall(f"{main}sheets/{main}sheet")
     if not elements:
         return [], date1904, main
-    rels = ElementTree.fromstring(package.read("xl/_rels/workbook.xml.rels"))
+    rels = ElementTree.fromstring(_part(package, "xl/_rels/workbook.xml.rels"))
     targets = {rel.get("Id"): rel.get("Target", "") for rel in rels.iter(f"{_PKG_REL}Relationship")}
     found = []
     for element in elements:
@@ -255,10 +261,25 @@ def _sheets(package: zipfile.ZipFile) -> tuple[list[Sheet], bool, str]:
     return found, date1904, main
 
 
+def _part_size(package: zipfile.ZipFile, name: str, largest: int) -> None:
+    """Refuse a part that would inflate past `largest` bytes. zipfile reads no more than the size
+    the package declares for a part (and fails its checksum if there was more)."""
+    size = package.getinfo(name).file_size
+    if size > largest:
+        raise ValueError(f"its {name} would inflate to {size:,} bytes, more than the {largest:,} allowed")
+
+
+def _part(package: zipfile.ZipFile, name: str) -> bytes:
+    """A part read whole, once its size is checked."""
+    _part_size(package, name, LARGEST_PART)
+    return package.read(name)
+
+
 def _shared_strings(package: zipfile.ZipFile, names: set[str], main: str) -> list[str]:
     if "xl/sharedStrings.xml" not in names:
         return []
     strings = []
+    _part_size(package, "xl/sharedStrings.xml", LARGEST_SHARED_STRINGS)
     with package.open("xl/sharedStrings.xml") as stream:
         for _, element in ElementTree.iterparse(stream):
             if element.tag == f"{main}si":
@@ -291,7 +312,7 @@ def _number_styles(package: zipfile.ZipFile, names: set[str], main: str) -> Numb
     """The cell style indexes whose number format shows a date or a time, a duration, or a percentage."""
     if "xl/styles.xml" not in names:
         return {}
-    styles = ElementTree.fromstring(package.read("xl/styles.xml"))
+    styles = ElementTree.fromstring(_part(package, "xl/styles.xml"))
     custom = {int(fmt.get("numFmtId", "-1")): fmt.get("formatCode", "") for fmt in styles.iter(f"{main}numFmt")}
     xfs = styles.find(f"{main}cellXfs")
     if xfs is None:
@@ -427,11 +448,15 @@ def _then_none(chunks: Iterator[str]) -> Iterator[str | None]:
 
 
 def _last_row_end(buffer: str) -> int:
-    """Where the last closed row in the buffer ends (0: none closed yet)."""
+    """Where the last closed row in the buffer ends (0: none closed yet): a `</row>`, or an empty
+    row closed in its own tag after it (a sheet's tail of a million formatted, empty rows has
+    nothing else: held until it passed LONGEST_ROW, it made the file unreadable)."""
     ends = list(_ROW_END.finditer(buffer, max(0, buffer.rfind("row>") - 40)))
     if not ends:  # no row closed yet, or the last closed `</row >`: look through the whole buffer
         ends = list(_ROW_END.finditer(buffer))
-    return ends[-1].end() if ends else 0
+    end = ends[-1].end() if ends else 0
+    empty_rows = [match.end() for match in _ROW_SELF_CLOSED.finditer(buffer, end)]
+    return empty_rows[-1] if empty_rows else end
 
 
 # The cells most writers write (Excel, openpyxl, xlsxwriter): reference first, then the style and

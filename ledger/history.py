@@ -60,6 +60,10 @@ SMALLEST = Decimal("0.000001")
 # isolates (which show a name, or the text after it, reordered).
 NOT_IN_NAMES = r"\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069"
 CONTROL = re.compile(f"[{NOT_IN_NAMES}]")
+# Format characters that show nothing: zero-width spaces and joiners, the byte-order mark, a soft
+# hyphen. A name must hold at least one character that is none of these, nor a space.
+INVISIBLE = r"\u00ad\u180e\u200b-\u200f\u2060-\u206f\ufeff"
+VISIBLE = re.compile(rf"[^\s{NOT_IN_NAMES}{INVISIBLE}]")
 
 
 class UnreadableFile(Exception):
@@ -148,6 +152,7 @@ def _not_a(kind: str, value: Cell, column: str) -> _BadCell:
 
 
 _WHOLE = re.compile(r"-?[0-9]{1,30}")  # more digits than an ID may have, few enough for int()
+_SPELLED_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # as JSON's, and "5." or ".5"
 
 
 # A file repeats the same rates, dates and customer IDs on many rows: each distinct value is made
@@ -168,6 +173,10 @@ def _decimal(value: Cell, column: str) -> Decimal:
 
 @lru_cache(maxsize=65_536, typed=True)
 def _checked_decimal(value: float | int | str, column: str) -> Decimal:
+    if isinstance(value, str) and not _SPELLED_NUMBER.fullmatch(value.strip()):
+        # Decimal also takes "5_0000", other scripts' digits (Arabic-Indic, fullwidth) and "Infinity":
+        # no one reads those as numbers.
+        raise _BadCell(f"{column} is not a number: {value!r}")
     try:
         # repr gives the shortest decimal that reads back as the same float: what the sheet shows.
         number = Decimal(repr(value)) if isinstance(value, float) else Decimal(str(value).strip())
@@ -223,9 +232,12 @@ def forget_shared_values() -> None:
 
 
 def _text(value: Cell, column: str) -> str:
-    text = "" if value is None else str(value).strip()
+    # A number cell as the sheet shows it: 123, not "123.0".
+    text = "" if value is None else (f"{value:.15g}" if type(value) is float else str(value)).strip()
     if not text:
         raise _BadCell(f"{column} is empty")
+    if not VISIBLE.search(text):
+        raise _BadCell(f"{column} shows nothing (only spaces and invisible characters)")
     if CONTROL.search(text):
         raise _BadCell(f"{column} contains control characters, line separators or bidirectional overrides")
     if len(text) > 100:

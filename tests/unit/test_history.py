@@ -216,6 +216,46 @@ def test_a_text_number_with_more_zeros_than_six_decimals_reads_as_the_same_plain
     assert (str(loan.interest_rate), str(loan.monthly_payment)) == ("0.000000", "0")  # 0E+1073741823 overflows numeric
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "5_0000",
+        "\u0665\u0660\u0660\u0660\u0660",
+        "\uff15\uff10\uff10\uff10\uff10",
+        "50 000",
+        "Infinity",
+        "1,00,000",
+        "\u20b950000",
+        "0x10",
+        ".",
+    ],
+)
+def test_a_text_cell_is_a_number_only_as_json_spells_one(text: str) -> None:
+    """Decimal takes underscores and every script's digits: "5_0000" and 50000 in Arabic-Indic
+    digits were imported as a salary of 50,000 (from a review)."""
+    issue = parse_customer("c.xlsx", 4, CUSTOMER | {"Monthly Salary": text})
+    assert isinstance(issue, RowIssue) and issue.reason == f"Monthly Salary is not a number: {text!r}"
+
+
+@pytest.mark.parametrize(("text", "number"), [(" 50000 ", "50000"), ("+5e4", "5E+4"), ("50000.", "50000"), (".5", "0.5")])
+def test_a_text_cell_spelling_a_number_as_json_does_reads_as_it(text: str, number: str) -> None:
+    record = parse_customer("c.xlsx", 4, CUSTOMER | {"Monthly Salary": text})
+    assert not isinstance(record, RowIssue) and record.monthly_income == Decimal(number)
+
+
+@pytest.mark.parametrize("name", ["\u200b", " \u200b\ufeff ", "\u00ad", "\u2060"])
+def test_a_name_that_shows_nothing_is_refused_as_the_api_refuses_it(name: str) -> None:
+    """A name of a zero-width space alone was imported (from a review); the API refuses it."""
+    issue = parse_customer("c.xlsx", 4, CUSTOMER | {"First Name": name})
+    assert isinstance(issue, RowIssue) and issue.reason == "First Name shows nothing (only spaces and invisible characters)"
+
+
+@pytest.mark.parametrize(("cell", "name"), [(123.0, "123"), (12.5, "12.5"), (7, "7"), ("\u200bAsha", "\u200bAsha")])
+def test_a_name_in_a_number_cell_reads_as_the_sheet_shows_it(cell: object, name: str) -> None:
+    record = parse_customer("c.xlsx", 4, CUSTOMER | {"Last Name": cell})
+    assert not isinstance(record, RowIssue) and record.last_name == name
+
+
 def test_a_text_number_too_large_for_the_decimal_context_is_a_row_issue_not_a_crash() -> None:
     issue = parse_customer("c.xlsx", 4, CUSTOMER | {"Monthly Salary": "1E+1000000"})  # abs() raised decimal.Overflow
     assert isinstance(issue, RowIssue)

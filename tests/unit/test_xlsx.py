@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import re
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
@@ -16,7 +19,7 @@ import pytest
 from openpyxl.cell import WriteOnlyCell
 
 from infra import xlsx, xlsx_stream
-from infra.importer import run_import
+from infra.importer import files_digest, run_import
 from infra.xlsx import read_history
 from ledger.application import Ledger
 from ledger.domain import RowIssue
@@ -349,3 +352,72 @@ def test_other_sheets_without_the_files_columns_are_left_alone(tmp_path: Path) -
     loans = _write(tmp_path / "l.xlsx", LOAN_COLUMNS, [LOAN])
     read_customers, read_loans, issues = read_history(customers, loans)
     assert ([c.customer_id for c in read_customers], [ln.loan_id for ln in read_loans], issues) == ([1], [10], [])
+
+
+def test_a_file_name_that_became_a_pipe_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    """A file swapped for a named pipe after its import was queued held the worker (and every
+    import after it) until someone wrote to the pipe (from a review)."""
+    pipe = tmp_path / "customer_data.xlsx"
+    os.mkfifo(pipe)
+    pool = ThreadPoolExecutor(1)
+    try:
+        digest = pool.submit(files_digest, pipe)
+        assert digest.result(timeout=10) == ""
+        read = pool.submit(read_history, pipe, pipe)
+        with pytest.raises(UnreadableFile, match=r"customer_data\.xlsx: not a file \(a directory, a pipe or a device\)"):
+            read.result(timeout=10)
+    finally:
+        with contextlib.suppress(OSError):  # a reader waiting on the pipe (the test failed): let it go
+            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        pool.shutdown(cancel_futures=True)
+
+
+def _ods(path: Path, rows: list[list[Any]], tail: str = "") -> Path:
+    """A minimal OpenDocument spreadsheet: one sheet of `rows` (strings, numbers, dates), then `tail`'s XML."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, date):
+            return f'<table:table-cell office:value-type="date" office:date-value="{value}"><text:p>{value}</text:p></table:table-cell>'
+        if isinstance(value, str):
+            return f'<table:table-cell office:value-type="string"><text:p>{value}</text:p></table:table-cell>'
+        return f'<table:table-cell office:value-type="float" office:value="{value}"><text:p>{value}</text:p></table:table-cell>'
+
+    body = "".join("<table:table-row>" + "".join(map(cell, row)) + "</table:table-row>" for row in rows)
+    content = (
+        '<?xml version="1.0" encoding="UTF-8"?><office:document-content'
+        ' xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0"'
+        ' xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0"'
+        ' xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0" office:version="1.2">'
+        f'<office:body><office:spreadsheet><table:table table:name="Sheet1">{body}{tail}</table:table>'
+        "</office:spreadsheet></office:body></office:document-content>"
+    )
+    with zipfile.ZipFile(path, "w") as package:
+        package.writestr(zipfile.ZipInfo("mimetype"), "application/vnd.oasis.opendocument.spreadsheet")
+        package.writestr(
+            "META-INF/manifest.xml",
+            '<?xml version="1.0" encoding="UTF-8"?><manifest:manifest'
+            ' xmlns:manifest="urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2">'
+            '<manifest:file-entry manifest:full-path="/" manifest:media-type="application/vnd.oasis.opendocument.spreadsheet"/>'
+            '<manifest:file-entry manifest:full-path="content.xml" manifest:media-type="text/xml"/></manifest:manifest>',
+        )
+        package.writestr("content.xml", content, compress_type=zipfile.ZIP_DEFLATED)
+    return path
+
+
+def test_an_ods_history_is_read_and_one_that_repeats_a_row_millions_of_times_is_refused(tmp_path: Path) -> None:
+    """python-calamine reads an .ods whole, writing out each row the file says repeats: a file of
+    1 KB asked for 15 million cells and 2 GB of the worker's memory (from a review)."""
+    customers = _ods(tmp_path / "c.ods", [list(CUSTOMER_COLUMNS), [7, "Asha", "Iyer", 40, 9000000007, 50000, 1800000]])
+    loans = _ods(tmp_path / "l.ods", [list(LOAN_COLUMNS), [7, 50, 10000, 12, 10, 880, 3, date(2025, 1, 5), date(2026, 1, 5)]])
+    read_customers, read_loans, issues = read_history(customers, loans)
+    assert issues == [] and [(c.customer_id, c.first_name) for c in read_customers] == [(7, "Asha")]
+    assert [(ln.loan_id, ln.amount, ln.start_date) for ln in read_loans] == [(50, Decimal(10000), date(2025, 1, 5))]
+    repeated = (
+        '<table:table-row table:number-rows-repeated="150000">'
+        '<table:table-cell table:number-columns-repeated="100" office:value-type="string"><text:p>x</text:p></table:table-cell>'
+        "</table:table-row>"
+    )
+    bomb = _ods(tmp_path / "bomb.ods", [list(CUSTOMER_COLUMNS)], repeated)
+    assert bomb.stat().st_size < 2000
+    with pytest.raises(UnreadableFile, match=r"bomb\.ods: its sheets repeat cells with values more than 3,000,000 times"):
+        read_history(bomb, loans)

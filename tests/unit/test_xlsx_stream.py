@@ -280,6 +280,40 @@ def test_a_row_that_never_ends_is_refused_once_it_outgrows_the_limit(tmp_path: P
         read_history(path, path)
 
 
+def test_a_long_tail_of_empty_formatted_rows_is_read_not_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Excel writes a formatted, empty row as one self-closed tag: a million of them after the
+    data (from a review) never met a `</row>`, and the file was refused as a row too long."""
+    monkeypatch.setattr(xlsx_stream, "LONGEST_ROW", 100_000)
+    monkeypatch.setattr(xlsx_stream, "CHUNK", 10_000)
+    source = _table(tmp_path / "source.xlsx", 1, write_only=True)
+    data = '<row r="1"><c r="A1" t="inlineStr"><is><t>ID</t></is></c></row><row r="2"><c r="A2"><v>7</v></c></row>'
+    tail = "".join(f'<row r="{n}" spans="1:7" s="1" customFormat="1" ht="15.75" customHeight="1"/>' for n in range(3, 5003))
+    assert len(tail) > 3 * xlsx_stream.LONGEST_ROW
+    path = _with_sheet_xml(source, tmp_path / "tail.xlsx", data + tail + '<row r="5003"><c r="A5003"><v>8</v></c></row>')
+    rows = list(xlsx_stream.first_sheet_rows(str(path)))
+    assert rows[0] == ["ID"] and rows[1] == [7] and rows[-1] == [8] and len(rows) == 5003
+    assert all(row == [] for row in rows[2:-1])
+
+
+@pytest.mark.parametrize("part", ["xl/styles.xml", "xl/workbook.xml", "xl/sharedStrings.xml"])
+def test_a_part_read_whole_that_would_inflate_past_its_limit_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, part: str
+) -> None:
+    """A file of 1 MB whose styles inflated to 1 GB took 2 GB of the worker's memory (from a review)."""
+    monkeypatch.setattr(xlsx_stream, "LARGEST_PART", 100_000)
+    monkeypatch.setattr(xlsx_stream, "LARGEST_SHARED_STRINGS", 100_000)
+    source = _table(tmp_path / "source.xlsx", 3, write_only=False)
+    with zipfile.ZipFile(source) as package:
+        xml = package.read(part).decode() if part in package.namelist() else '<sst xmlns="x"></sst>'
+    padded = xml.replace("?>", "?>" + " " * 200_000, 1) if xml.startswith("<?xml") else xml + " " * 200_000
+    bomb = _replaced(source, tmp_path / "bomb.xlsx", {part: padded})
+    assert bomb.stat().st_size < 20_000
+    with pytest.raises(
+        UnreadableFile, match=rf"bomb\.xlsx: not a readable Excel workbook \(its {part} would inflate to 2\d\d,\d\d\d bytes"
+    ):
+        read_history(bomb, bomb)
+
+
 def _replaced(source: Path, target: Path, parts: dict[str, str]) -> Path:
     """`source` with the named parts' XML replaced."""
     with zipfile.ZipFile(source) as package, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out:
