@@ -148,21 +148,32 @@ def test_new_customers_and_loans_get_ids_above_the_imported_ones(client: TestCli
     assert booked.json()["loan_id"] > highest_rekeyed
 
 
+def import_rows(
+    stack: Stack, client: TestClient, name: str, customers: list[list[Any]], loans: list[list[Any]]
+) -> dict[str, Any]:
+    """These rows imported from two files written for it in the import directory (removed
+    after): the job's final report."""
+    customers_file = write_xlsx(stack.settings.import_dir / f"test_{name}_customers.xlsx", CUSTOMER_COLUMNS, customers)
+    loans_file = write_xlsx(stack.settings.import_dir / f"test_{name}_loans.xlsx", LOAN_COLUMNS, loans)
+    try:
+        return follow(client, start(client, customers_file.name, loans_file.name))
+    finally:
+        customers_file.unlink()
+        loans_file.unlink()
+
+
 def test_bad_rows_are_reported_by_file_and_row_and_good_rows_are_kept(
     stack: Stack, client: TestClient, imported: dict[str, Any], tmp_path: Path
 ) -> None:
-    customers = write_xlsx(
-        stack.settings.import_dir / "test_bad_customers.xlsx",
-        CUSTOMER_COLUMNS,
+    report = import_rows(
+        stack,
+        client,
+        "bad",
         [
             [901, "Good", "Row", 40, 9100000001, 60000, 2200000],
             [902, "No", "Salary", 40, 9100000002, "lots", 2200000],
             [903, "", "Blank", 40, 9100000003, 60000, 2200000],
         ],
-    )
-    loans = write_xlsx(
-        stack.settings.import_dir / "test_bad_loans.xlsx",
-        LOAN_COLUMNS,
         [
             [901, 95001, 100000, 12, 10.5, 8800, 3, date(2026, 1, 5), date(2027, 1, 5)],
             [901, 95002, -5, 12, 10.5, 8800, 3, date(2026, 1, 5), date(2027, 1, 5)],
@@ -171,11 +182,6 @@ def test_bad_rows_are_reported_by_file_and_row_and_good_rows_are_kept(
             [999_999, 95005, 100000, 12, 10.5, 8800, 3, date(2026, 1, 5), date(2027, 1, 5)],
         ],
     )
-    try:
-        report = follow(client, start(client, customers.name, loans.name))
-    finally:
-        customers.unlink()
-        loans.unlink()
     assert report["state"] == "completed"
     rejected = {(i["file"], i["row"]): i["reason"] for i in report["issues"]}
     assert set(rejected) == {
@@ -235,25 +241,17 @@ def test_two_imports_at_once_run_one_after_the_other_and_one_loan_id_goes_to_one
 def test_a_later_import_adds_a_loan_to_a_customer_already_in_the_ledger(
     stack: Stack, client: TestClient, imported: dict[str, Any]
 ) -> None:
-    customers = write_xlsx(
-        stack.settings.import_dir / "test_more_customers.xlsx",
-        CUSTOMER_COLUMNS,
+    before = len(client.get("/view-loans/1").json())
+    report = import_rows(
+        stack,
+        client,
+        "more",
         [[913, "More", "Later", 40, 9100000913, 60000, 2200000]],
-    )
-    loans = write_xlsx(
-        stack.settings.import_dir / "test_more_loans.xlsx",
-        LOAN_COLUMNS,
         [
             [1, 96101, 100000, 12, 10.5, 8800, 3, date(2026, 1, 5), date(2027, 1, 5)],
             [913, 96102, 100000, 12, 10.5, 8800, 3, date(2026, 1, 5), date(2027, 1, 5)],
         ],
     )
-    before = len(client.get("/view-loans/1").json())
-    try:
-        report = follow(client, start(client, customers.name, loans.name))
-    finally:
-        customers.unlink()
-        loans.unlink()
     assert (report["state"], report["summary"]["loans_imported"], report["issues"]) == ("completed", 2, [])
     assert 96101 in [loan["loan_id"] for loan in client.get("/view-loans/1").json()]
     assert len(client.get("/view-loans/1").json()) == before + 1
@@ -346,21 +344,13 @@ def test_the_last_repayment_of_an_imported_loan_that_never_repaid_is_answered_to
 ) -> None:
     """900 million at 100% over 600 months, nothing paid a month, 599 installments counted by the
     file: the last owes 32 digits, which the answer rounded in 28 (a 500, after it was recorded)."""
-    customers = write_xlsx(
-        stack.settings.import_dir / "test_never_customers.xlsx",
-        CUSTOMER_COLUMNS,
+    report = import_rows(
+        stack,
+        client,
+        "never",
         [[931, "Never", "Repaid", 40, 9300000931, 60000, 2200000]],
-    )
-    loans = write_xlsx(
-        stack.settings.import_dir / "test_never_loans.xlsx",
-        LOAN_COLUMNS,
         [[931, 93101, 900_000_000, 600, 100, 0, 599, date(2025, 1, 1), date(2075, 1, 1)]],
     )
-    try:
-        report = follow(client, start(client, customers.name, loans.name))
-    finally:
-        customers.unlink()
-        loans.unlink()
     assert (report["state"], report["summary"]["loans_imported"]) == ("completed", 1), report
     paid = client.post("/loans/93101/repayments", json={})
     assert paid.status_code == 201, paid.text
