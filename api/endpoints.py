@@ -433,10 +433,15 @@ def job_view(row: dict[str, Any]) -> schemas.ImportJobView:
     )
 
 
+_UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+
+
 async def import_status(request: Request) -> Response:
     svc = services(request)
     raw = request.path_params["job_id"]
     try:
+        if not _UUID_TEXT.fullmatch(raw):  # UUID() also takes braces, "urn:uuid:" and other scripts' digits
+            raise ValueError(raw)
         job_id = UUID(raw)
     except ValueError:
         raise ApiError(

@@ -80,6 +80,7 @@ def _rows(path: Path, start: Cut | None = None, stop: Cut | None = None) -> Rows
 # 15 million cells and took 2 GB of the worker's memory (from a review), about 130 bytes a cell.
 # Three million cells are about 330,000 loans' rows; a bigger sheet is read as .xlsx, streamed.
 LARGEST_ODS_CELLS = 3_000_000
+LARGEST_XLSB = 256 << 20  # bytes an .xlsb's parts may inflate to (calamine reads them whole)
 _ODS_TABLE = "urn:oasis:names:tc:opendocument:xmlns:table:1.0"
 _ODS_OFFICE = "urn:oasis:names:tc:opendocument:xmlns:office:1.0"
 _ODS_CELLS = (f"{_ODS_TABLE} table-cell", f"{_ODS_TABLE} covered-table-cell")
@@ -87,13 +88,26 @@ _ODS_CELLS = (f"{_ODS_TABLE} table-cell", f"{_ODS_TABLE} covered-table-cell")
 
 def _not_an_ods_bomb(path: Path) -> None:
     """Refuse an .ods file whose sheets repeat cells with a value more than LARGEST_ODS_CELLS
-    times, counted from its content.xml as a stream (expat: no tree is built)."""
+    times, counted from its content.xml as a stream (expat: no tree is built); an .xlsb whose
+    parts inflate past LARGEST_XLSB; a zip file that is neither (calamine only said "File not
+    found '_rels/.rels'")."""
     try:
         package = zipfile.ZipFile(path)
     except zipfile.BadZipFile:  # not an .ods (an .xls): calamine says what it is
         return
     with package:
-        if "content.xml" not in package.namelist():
+        names = package.namelist()
+        if "xl/workbook.bin" in names:  # .xlsb: its parts inflate to what calamine holds
+            inflated = sum(item.file_size for item in package.infolist())
+            if inflated > LARGEST_XLSB:
+                raise UnreadableFile(
+                    f"{path.name}: its parts inflate to {inflated:,} bytes, more than the {LARGEST_XLSB:,} this"
+                    " reader holds: save it as .xlsx, which is read as a stream"
+                )
+            return
+        if "content.xml" not in names:
+            if "_rels/.rels" not in names:  # with it, an OOXML package whose workbook calamine may find
+                raise UnreadableFile(f"{path.name}: not an Excel workbook (a zip file with no workbook in it)")
             return
         cells, row_repeats, filled = 0, 1, 0
 

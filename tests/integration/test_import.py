@@ -363,6 +363,9 @@ def test_the_last_repayment_of_an_imported_loan_that_never_repaid_is_answered_to
 
 def test_import_job_status_errors(client: TestClient, imported: dict[str, Any]) -> None:
     assert client.get("/imports/not-a-uuid").status_code == 400
+    # UUID() takes these too; a path ID is hex digits only, as an integer ID is ASCII digits only.
+    for loose in ("{00000000-0000-0000-0000-000000000000}", "urn:uuid:00000000-0000-0000-0000-000000000000", "\u0663" * 32):
+        assert client.get(f"/imports/{loose}").status_code == 400, loose
     assert client.get("/imports/00000000-0000-0000-0000-000000000000").status_code == 404
     # The ID of another kind of aggregate (a customer's) is no job either.
     assert client.get(f"/imports/{customer_uuid(1)}").status_code == 404

@@ -421,3 +421,25 @@ def test_an_ods_history_is_read_and_one_that_repeats_a_row_millions_of_times_is_
     assert bomb.stat().st_size < 2000
     with pytest.raises(UnreadableFile, match=r"bomb\.ods: its sheets repeat cells with values more than 3,000,000 times"):
         read_history(bomb, loans)
+
+
+def test_a_zip_that_holds_no_workbook_says_so(tmp_path: Path) -> None:
+    """calamine's answer was "File not found '_rels/.rels'" (from a review)."""
+    archive = tmp_path / "photos.xlsx"
+    with zipfile.ZipFile(archive, "w") as package:
+        package.writestr("holiday.txt", "not a workbook")
+    with pytest.raises(UnreadableFile, match=r"^photos\.xlsx: not an Excel workbook \(a zip file with no workbook in it\)$"):
+        read_history(archive, archive)
+
+
+def test_an_xlsb_whose_parts_inflate_past_the_limit_is_refused_before_calamine_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(xlsx, "LARGEST_XLSB", 100_000)
+    binary = tmp_path / "big.xlsb"
+    with zipfile.ZipFile(binary, "w", zipfile.ZIP_DEFLATED) as package:
+        package.writestr("xl/workbook.bin", b"\0" * 10)
+        package.writestr("xl/worksheets/sheet1.bin", b"\0" * 200_000)
+    assert binary.stat().st_size < 2_000
+    with pytest.raises(UnreadableFile, match=r"big\.xlsb: its parts inflate to 200,010 bytes, more than the 100,000"):
+        read_history(binary, binary)
