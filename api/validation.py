@@ -61,7 +61,8 @@ def _description(annotation: Any, of_pattern: bool = False) -> str | None:
 
 
 def _message(error: msgspec.ValidationError, annotation: Any) -> str:
-    message = str(error).split(" - at ")[0]
+    # JSON numbers with a fraction or an exponent are decoded as Decimal: msgspec names that type.
+    message = str(error).split(" - at ")[0].replace("got `decimal`", "got a number with a fraction or an exponent")
     description = _description(annotation, of_pattern=True)
     if "regex" in message and description:
         return f"Expected {description[0].lower()}{description[1:]}"

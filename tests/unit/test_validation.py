@@ -139,6 +139,18 @@ def test_names_in_any_script_with_accents_and_joiners_inside_are_taken() -> None
         assert decode(msgspec.json.encode(fields), RegisterRequest).first_name == first
 
 
+@pytest.mark.parametrize(("field", "raw"), [("phone_number", b"1e10"), ("age", b"30.5"), ("age", b"3E1")])
+def test_a_number_with_a_fraction_or_an_exponent_for_a_whole_number_is_named_so(field: str, raw: bytes) -> None:
+    """msgspec said "Expected `int | str`, got `decimal`": the client sent no decimal (from a review)."""
+    body = b'{"first_name": "A", "last_name": "B", "age": 30, "monthly_income": 1000, "phone_number": 9876543210}'
+    body = body.replace(b'"age": 30', b'"age": ' + raw) if field == "age" else body.replace(b"9876543210", raw)
+    with pytest.raises(ApiError) as refused:
+        decode(body, RegisterRequest)
+    [detail] = refused.value.details
+    assert detail["field"] == field
+    assert detail["message"].endswith("got a number with a fraction or an exponent"), detail
+
+
 def test_a_phone_string_with_a_leading_zero_is_refused_saying_why() -> None:
     body = b'{"first_name": "A", "last_name": "B", "age": 30, "monthly_income": 1000, "phone_number": "0987654321"}'
     with pytest.raises(ApiError) as raised:
