@@ -75,9 +75,10 @@ def _rows(path: Path, start: Cut | None = None, stop: Cut | None = None) -> Rows
         raise UnreadableFile(f"{path.name}: not a readable Excel workbook ({error})") from None
 
 
-# Cells with a value that python-calamine may build for an .ods file, which it reads whole, with
-# rows and cells that the file says repeat N times written out N times: a file of 1 KB asked for
-# 15 million cells and took 2 GB of the worker's memory (from a review), about 130 bytes a cell.
+# Cells python-calamine may build for an .ods file, which it reads whole, with rows and cells that
+# the file says repeat N times written out N times, empty ones too where values lie beyond them: a
+# file of 1 KB asked for 15 million cells and took 2 GB of the worker's memory, one of two values
+# 60,000 rows and 1,000 columns apart 3.7 GB (from reviews).
 # Three million cells are about 330,000 loans' rows; a bigger sheet is read as .xlsx, streamed.
 LARGEST_ODS_CELLS = 3_000_000
 LARGEST_XLSB = 256 << 20  # bytes an .xlsb's parts may inflate to (calamine reads them whole)
@@ -87,8 +88,7 @@ _ODS_CELLS = (f"{_ODS_TABLE} table-cell", f"{_ODS_TABLE} covered-table-cell")
 
 
 def _not_an_ods_bomb(path: Path) -> None:
-    """Refuse an .ods file whose sheets repeat cells with a value more than LARGEST_ODS_CELLS
-    times, counted from its content.xml as a stream (expat: no tree is built); an .xlsb whose
+    """Refuse an .ods file whose sheets span more than LARGEST_ODS_CELLS cells (`_SheetArea`); an .xlsb whose
     parts inflate past LARGEST_XLSB; a zip file that is neither (calamine only said "File not
     found '_rels/.rels'")."""
     try:
@@ -109,30 +109,67 @@ def _not_an_ods_bomb(path: Path) -> None:
             if "_rels/.rels" not in names:  # with it, an OOXML package whose workbook calamine may find
                 raise UnreadableFile(f"{path.name}: not an Excel workbook (a zip file with no workbook in it)")
             return
-        cells, row_repeats, filled = 0, 1, 0
+        _SheetArea(path.name).count(package)
 
-        def start(name: str, attributes: dict[str, str]) -> None:
-            nonlocal row_repeats, filled
-            if name == f"{_ODS_TABLE} table-row":
-                row_repeats, filled = int(attributes.get(f"{_ODS_TABLE} number-rows-repeated", "1")), 0
-            elif name in _ODS_CELLS and f"{_ODS_OFFICE} value-type" in attributes:
-                filled += int(attributes.get(f"{_ODS_TABLE} number-columns-repeated", "1"))
 
-        def end(name: str) -> None:
-            nonlocal cells
-            if name == f"{_ODS_TABLE} table-row":
-                cells += row_repeats * filled
-                if cells > LARGEST_ODS_CELLS:
-                    raise UnreadableFile(
-                        f"{path.name}: its sheets repeat cells with values more than {LARGEST_ODS_CELLS:,} times,"
-                        " more than this reader holds: save it as .xlsx, which is read as a stream"
-                    )
+class _SheetArea:
+    """The cells calamine builds for an .ods file's sheets: for each sheet, the rectangle from its
+    first cell with a value to its last (empty cells inside it are built too), counting the rows
+    and cells the file says repeat. Counted from content.xml as a stream (expat: no tree)."""
 
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.done = 0  # the sheets before this one
+        self.row = self.column = 0  # where the next row, and the next cell of this row, start
+        self.repeats = 1  # how many times this row repeats
+        self.bounds: list[int] | None = None  # this sheet's first row, last row, first column, last column
+        self.row_columns: tuple[int, int] | None = None  # this row's first and last column with a value
+
+    def count(self, package: zipfile.ZipFile) -> None:
         parser = expat.ParserCreate(namespace_separator=" ")
-        parser.StartElementHandler = start
-        parser.EndElementHandler = end
+        parser.StartElementHandler = self.start
+        parser.EndElementHandler = self.end
         with package.open("content.xml") as stream:
             parser.ParseFile(stream)
+
+    def start(self, name: str, attributes: dict[str, str]) -> None:
+        if name == f"{_ODS_TABLE} table":
+            self.row, self.bounds = 0, None
+        elif name == f"{_ODS_TABLE} table-row":
+            self.repeats = int(attributes.get(f"{_ODS_TABLE} number-rows-repeated", "1"))
+            self.column, self.row_columns = 0, None
+        elif name in _ODS_CELLS:
+            span = int(attributes.get(f"{_ODS_TABLE} number-columns-repeated", "1"))
+            if f"{_ODS_OFFICE} value-type" in attributes:
+                first = self.column if self.row_columns is None else self.row_columns[0]
+                self.row_columns = (first, self.column + span - 1)
+            self.column += span
+
+    def end(self, name: str) -> None:
+        if name == f"{_ODS_TABLE} table-row":
+            if self.row_columns is not None:
+                first_column, last_column = self.row_columns
+                last_row = self.row + self.repeats - 1
+                if self.bounds is None:
+                    self.bounds = [self.row, last_row, first_column, last_column]
+                else:
+                    self.bounds[1] = last_row
+                    self.bounds[2] = min(self.bounds[2], first_column)
+                    self.bounds[3] = max(self.bounds[3], last_column)
+            self.row += self.repeats
+            if self.done + self.area() > LARGEST_ODS_CELLS:
+                raise UnreadableFile(
+                    f"{self.name}: its sheets span more than {LARGEST_ODS_CELLS:,} cells, counting the rows and"
+                    " cells it says repeat, more than this reader holds: save it as .xlsx, which is read as a stream"
+                )
+        elif name == f"{_ODS_TABLE} table":
+            self.done += self.area()
+
+    def area(self) -> int:
+        if self.bounds is None:
+            return 0
+        first_row, last_row, first_column, last_column = self.bounds
+        return (last_row - first_row + 1) * (last_column - first_column + 1)
 
 
 def _a_file(path: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import posixpath
 import re
 import zipfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import date, datetime, time, timedelta
 from functools import lru_cache
@@ -455,8 +456,8 @@ def _last_row_end(buffer: str) -> int:
     if not ends:  # no row closed yet, or the last closed `</row >`: look through the whole buffer
         ends = list(_ROW_END.finditer(buffer))
     end = ends[-1].end() if ends else 0
-    empty_rows = [match.end() for match in _ROW_SELF_CLOSED.finditer(buffer, end)]
-    return empty_rows[-1] if empty_rows else end
+    empty_rows = deque(_ROW_SELF_CLOSED.finditer(buffer, end), maxlen=1)  # the last one, kept in C
+    return empty_rows[0].end() if empty_rows else end
 
 
 # The cells most writers write (Excel, openpyxl, xlsxwriter): reference first, then the style and

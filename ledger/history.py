@@ -231,15 +231,20 @@ def forget_shared_values() -> None:
     _checked_percent.cache_clear()
 
 
+def _shown(number: float) -> str:
+    """A number cell in a text column as the sheet shows it: 123, not "123.0"; every digit of a
+    whole number a float holds exactly; 15 significant digits otherwise."""
+    return str(int(number)) if number.is_integer() and abs(number) < 2**53 else f"{number:.15g}"
+
+
 def _text(value: Cell, column: str) -> str:
-    # A number cell as the sheet shows it: 123, not "123.0".
-    text = "" if value is None else (f"{value:.15g}" if type(value) is float else str(value)).strip()
+    text = "" if value is None else (_shown(value) if type(value) is float else str(value)).strip()
     if not text:
         raise _BadCell(f"{column} is empty")
-    if not VISIBLE.search(text):
-        raise _BadCell(f"{column} shows nothing (only spaces and invisible characters)")
     if CONTROL.search(text):
         raise _BadCell(f"{column} contains control characters, line separators or bidirectional overrides")
+    if not VISIBLE.search(text):
+        raise _BadCell(f"{column} shows nothing (only spaces and invisible characters)")
     if len(text) > 100:
         raise _BadCell(f"{column} is longer than 100 characters")
     return text

@@ -250,7 +250,10 @@ def test_a_name_that_shows_nothing_is_refused_as_the_api_refuses_it(name: str) -
     assert isinstance(issue, RowIssue) and issue.reason == "First Name shows nothing (only spaces and invisible characters)"
 
 
-@pytest.mark.parametrize(("cell", "name"), [(123.0, "123"), (12.5, "12.5"), (7, "7"), ("\u200bAsha", "\u200bAsha")])
+@pytest.mark.parametrize(
+    ("cell", "name"),
+    [(123.0, "123"), (12.5, "12.5"), (7, "7"), ("\u200bAsha", "\u200bAsha"), (1234567890123456.0, "1234567890123456")],
+)
 def test_a_name_in_a_number_cell_reads_as_the_sheet_shows_it(cell: object, name: str) -> None:
     record = parse_customer("c.xlsx", 4, CUSTOMER | {"Last Name": cell})
     assert not isinstance(record, RowIssue) and record.last_name == name

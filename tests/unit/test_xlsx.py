@@ -419,8 +419,17 @@ def test_an_ods_history_is_read_and_one_that_repeats_a_row_millions_of_times_is_
     )
     bomb = _ods(tmp_path / "bomb.ods", [list(CUSTOMER_COLUMNS)], repeated)
     assert bomb.stat().st_size < 2000
-    with pytest.raises(UnreadableFile, match=r"bomb\.ods: its sheets repeat cells with values more than 3,000,000 times"):
+    with pytest.raises(UnreadableFile, match=r"bomb\.ods: its sheets span more than 3,000,000 cells"):
         read_history(bomb, loans)
+    # Two values 60,000 rows and 1,000 columns apart: calamine builds every empty cell between them.
+    apart = (
+        '<table:table-row table:number-rows-repeated="60000"><table:table-cell table:number-columns-repeated="1000"/>'
+        '</table:table-row><table:table-row><table:table-cell table:number-columns-repeated="999"/>'
+        '<table:table-cell office:value-type="string"><text:p>x</text:p></table:table-cell></table:table-row>'
+    )
+    far = _ods(tmp_path / "far.ods", [list(CUSTOMER_COLUMNS)], apart)
+    with pytest.raises(UnreadableFile, match=r"far\.ods: its sheets span more than 3,000,000 cells"):
+        read_history(far, loans)
 
 
 def test_a_zip_that_holds_no_workbook_says_so(tmp_path: Path) -> None:
