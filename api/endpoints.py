@@ -389,18 +389,16 @@ async def start_import(request: Request) -> Response:
     svc = services(request)
     body = decode(await request.body(), schemas.ImportRequest, empty_ok=True)
     directory = svc.settings.import_dir
-    customers, loans = _inside(directory, body.customers_file), _inside(directory, body.loans_file)
-    missing = [
-        (field, name)
-        for field, name, path in (("customers_file", body.customers_file, customers), ("loans_file", body.loans_file, loans))
-        if path is None
-    ]
-    if customers is None or loans is None:
-        names = " and ".join(repr(name) for _, name in missing)
+    names = {"customers_file": body.customers_file, "loans_file": body.loans_file}
+    paths = {field: _inside(directory, name) for field, name in names.items()}
+    missing = [(field, names[field]) for field, path in paths.items() if path is None]
+    customers, loans = paths["customers_file"], paths["loans_file"]
+    if customers is None or loans is None:  # `missing` names them
+        refused = " and ".join(repr(name) for _, name in missing)
         raise ApiError(
             400,
             "validation_error",
-            f"{names} {'is not a file' if len(missing) == 1 else 'are not files'} in the import directory",
+            f"{refused} {'is not a file' if len(missing) == 1 else 'are not files'} in the import directory",
             [{"field": field, "message": f"no file {name!r} in the import directory"} for field, name in missing],
         )
     try:

@@ -496,8 +496,8 @@ def throwaway_hint(started: dict[str, str]) -> str:
     if not started:
         return ""
     exports = " ".join(f"{name}={url}" for name, url in started.items())
-    script = Path(sys.executable).with_name("ledger")  # another shell may not have this virtualenv on its PATH
-    ledger = os.path.relpath(script) if script.exists() and not os.path.relpath(script).startswith("..") else "ledger"
+    script = os.path.relpath(Path(sys.executable).with_name("ledger"))  # another shell may not have the venv on its PATH
+    ledger = script if os.path.exists(script) and not script.startswith("..") else "ledger"
     return f"Other `ledger` commands (`{ledger} status`, rebuild, import) reach these servers with: export {exports}"
 
 

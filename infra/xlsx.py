@@ -54,8 +54,7 @@ def _rows(path: Path, start: Cut | None = None, stop: Cut | None = None) -> Rows
     """The first sheet's rows from row 1, as Python values: streamed for .xlsx (with runs of
     rows as Tables, read a column at a time), read whole by calamine for the other formats it
     knows (.xls, .xlsb, .ods). `start` and `stop` read a part of an .xlsx sheet (see
-    `first_sheet_blocks`)."""
-    _a_file(path)
+    `first_sheet_blocks`). The path is a regular file (`read_history` checked it)."""
     try:
         return _converted(path, first_sheet_blocks(str(path), start=start, stop=stop))
     except NotXlsx:
@@ -63,7 +62,7 @@ def _rows(path: Path, start: Cut | None = None, stop: Cut | None = None) -> Rows
     except Exception as error:
         raise UnreadableFile(f"{path.name}: not a readable Excel workbook ({error})") from None
     try:
-        _not_an_ods_bomb(path)
+        _within_calamine_reach(path)
         workbook = CalamineWorkbook.from_path(str(path))
         if not workbook.sheet_names:
             raise UnreadableFile(f"{path.name}: the workbook has no sheets")
@@ -87,7 +86,7 @@ _ODS_OFFICE = "urn:oasis:names:tc:opendocument:xmlns:office:1.0"
 _ODS_CELLS = (f"{_ODS_TABLE} table-cell", f"{_ODS_TABLE} covered-table-cell")
 
 
-def _not_an_ods_bomb(path: Path) -> None:
+def _within_calamine_reach(path: Path) -> None:
     """Refuse an .ods file whose sheets span more than LARGEST_ODS_CELLS cells (`_SheetArea`); an .xlsb whose
     parts inflate past LARGEST_XLSB; a zip file that is neither (calamine only said "File not
     found '_rels/.rels'")."""

@@ -45,28 +45,23 @@ def interest_on(balance: Decimal, annual_rate: Decimal) -> Decimal:
 
 
 def amortization(amount: Decimal, annual_rate: Decimal, tenure: int, payment: Decimal, start: date) -> list[Installment]:
-    with localcontext() as context:
-        context.prec = SCHEDULE_DIGITS
-        return _amortization(amount, annual_rate, tenure, payment, start)
-
-
-def _amortization(amount: Decimal, annual_rate: Decimal, tenure: int, payment: Decimal, start: date) -> list[Installment]:
-    # An imported loan's payment is the file's, which may hold fractions of a cent (8884.875) or
-    # spell its cents otherwise (15344.0): what is paid is in cents.
-    payment = to_money(payment)
-    balance = to_money(amount)
-    rows: list[Installment] = []
-    for number in range(1, tenure + 1):
-        interest = interest_on(balance, annual_rate)
-        if number == tenure or payment >= balance + interest:
-            principal = balance
-            paid = principal + interest
-        else:
-            principal = payment - interest
-            paid = payment
-        balance -= principal
-        rows.append(Installment(number, add_months(start, number), paid, interest, principal, balance))
-        if balance == 0:
-            rows += [Installment(n, add_months(start, n), ZERO, ZERO, ZERO, ZERO) for n in range(number + 1, tenure + 1)]
-            break
-    return rows
+    with localcontext(prec=SCHEDULE_DIGITS):
+        # An imported loan's payment is the file's, which may hold fractions of a cent (8884.875) or
+        # spell its cents otherwise (15344.0): what is paid is in cents.
+        payment = to_money(payment)
+        balance = to_money(amount)
+        rows: list[Installment] = []
+        for number in range(1, tenure + 1):
+            interest = interest_on(balance, annual_rate)
+            if number == tenure or payment >= balance + interest:
+                principal = balance
+                paid = principal + interest
+            else:
+                principal = payment - interest
+                paid = payment
+            balance -= principal
+            rows.append(Installment(number, add_months(start, number), paid, interest, principal, balance))
+            if balance == 0:
+                rows += [Installment(n, add_months(start, n), ZERO, ZERO, ZERO, ZERO) for n in range(number + 1, tenure + 1)]
+                break
+        return rows

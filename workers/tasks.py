@@ -302,18 +302,14 @@ def resume_imports(everyone: bool = False, since: float | None = None) -> int:
             " ORDER BY requested_at"
         ).fetchall()
     queued = 0
+    seen = "since this worker started" if everyone else "lately"
     for job_id, customers_file, loans_file in jobs:
-        if everyone:
-            if since is not None and _seen_since(str(job_id), since):
-                continue
-            _mark_alive(str(job_id))
-            why = "no copy of its task was seen since this worker started"
-        elif _mark_alive(str(job_id), unless_marked=True) is False:
+        if everyone and since is not None and _seen_since(str(job_id), since):
             continue
-        else:
-            why = "no copy of its task was seen lately"
+        if _mark_alive(str(job_id), unless_marked=not everyone) is False:
+            continue
         import_history.apply_async((str(job_id), customers_file, loans_file))
-        log.info("import %s is unfinished and %s: queued again", job_id, why)
+        log.info("import %s is unfinished and no copy of its task was seen %s: queued again", job_id, seen)
         queued += 1
     return queued
 
