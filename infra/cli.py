@@ -24,6 +24,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from infra.config import REPO_ROOT, RUN_NOTED_ROOT, ConfigError, Settings
+from infra.logs import configure_logging
 from infra.postgres import build_ledger, connect, exclusive, setup_schema
 
 
@@ -33,6 +34,41 @@ def bar(done: int, total: int, label: str, width: int = 30, *, finished: bool = 
     share = done / total if total else float(finished)
     filled = int(width * share)
     print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """Progress on stderr: a `bar` redrawn in place on a terminal of its own. In a file or a pipe
+    the redrawn copies pile up on one line, and on a terminal that other processes write to
+    (`ledger run`'s, where the worker logs) their lines ran into the bar: there it prints whole
+    lines instead, when the label changes, when the work is done, and at most every
+    LINE_SECONDS in between."""
+
+    LINE_SECONDS = 5.0
+
+    def __init__(self, *, in_place: bool | None = None) -> None:
+        self.in_place = sys.stderr.isatty() if in_place is None else in_place
+        self._drawn = False  # a bar is on the current line
+        self._said: tuple[str, int, int] | None = None
+        self._said_at = 0.0
+
+    def __call__(self, done: int, total: int, label: str, *, finished: bool = False) -> None:
+        if self.in_place:
+            bar(done, total, label, finished=finished)
+            self._drawn = True
+            return
+        said, now = (label, done, total), time.monotonic()
+        done_now = finished or 0 < total <= done
+        if said != self._said and (
+            self._said is None or label != self._said[0] or done_now or now - self._said_at >= self.LINE_SECONDS
+        ):
+            print(f"{label.rstrip()}: {done}/{total}", file=sys.stderr, flush=True)
+            self._said, self._said_at = said, now
+
+    def end(self) -> None:
+        """End the bar's line, so that what is printed next starts a line of its own."""
+        if self._drawn:
+            print(file=sys.stderr, flush=True)
+            self._drawn = False
 
 
 def _job_row(settings: Settings, job_id: UUID) -> dict[str, Any] | None:
@@ -73,10 +109,11 @@ QUEUED_HINT_SECONDS = 30
 OUTAGE_GRACE_SECONDS = 120
 
 
-def follow_import(settings: Settings, job_id: UUID, timeout: float = 3600) -> dict[str, Any]:
+def follow_import(settings: Settings, job_id: UUID, timeout: float = 3600, progress: Progress | None = None) -> dict[str, Any]:
     """Show the job's progress until it finishes; return its final row. The job runs in a worker,
     which resumes it after a database outage: a PostgreSQL that stops answering for a while (a
     restart, a failover) is waited for, for up to OUTAGE_GRACE_SECONDS at a time."""
+    progress = progress or Progress()
     started = time.monotonic()
     deadline, hinted = started + timeout, False
     away_since: float | None = None
@@ -90,8 +127,9 @@ def follow_import(settings: Settings, job_id: UUID, timeout: float = 3600) -> di
             if away_since is None:
                 away_since = now
                 first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                progress.end()
                 print(
-                    f"\nPostgreSQL is not answering ({first_line}): the import resumes in the worker once it is"
+                    f"PostgreSQL is not answering ({first_line}): the import resumes in the worker once it is"
                     f" back; waiting up to {OUTAGE_GRACE_SECONDS} s",
                     file=sys.stderr,
                 )
@@ -108,16 +146,17 @@ def follow_import(settings: Settings, job_id: UUID, timeout: float = 3600) -> di
             print("PostgreSQL answers again", file=sys.stderr)
         if not hinted and time.monotonic() - started > QUEUED_HINT_SECONDS and (row is None or row["state"] == "queued"):
             hinted = True
+            progress.end()
             print(
-                f"\nstill queued after {QUEUED_HINT_SECONDS} s: is a worker running (`ledger worker`) on this"
+                f"still queued after {QUEUED_HINT_SECONDS} s: is a worker running (`ledger worker`) on this"
                 " Redis? It waits for the import before it, if one runs.",
                 file=sys.stderr,
             )
         if row is not None:
             finished = row["state"] in ("completed", "failed")
-            bar(row["rows_done"], row["total_rows"], f"import {row['state']:<9}", finished=finished)
+            progress(row["rows_done"], row["total_rows"], f"import {row['state']:<9}", finished=finished)
             if finished:
-                print(file=sys.stderr)
+                progress.end()
                 return row
         time.sleep(0.3)
     raise TimeoutError(f"import {job_id} did not finish in {timeout:.0f} s")
@@ -190,24 +229,25 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     ledger, pool = build_ledger(settings)
     replayed, last = False, 0
+    shown = Progress()
 
     def progress(done: int, total: int) -> None:  # positions in the log, not events: see the last line
         nonlocal replayed, last
         last = total
-        bar(done, total, "rebuild")
+        shown(done, total, "rebuild")
         if done >= total and not replayed:
             # What follows the last page (the indexes, unless a page needed them earlier, and the
             # swap) takes a second or more on a large store: say so rather than sit on a full bar.
             replayed = True
-            print("\nevery event replayed: finishing the new tables and swapping them in", file=sys.stderr, flush=True)
+            shown.end()
+            print("every event replayed: finishing the new tables and swapping them in", file=sys.stderr, flush=True)
 
     try:
         applied = rebuild(ledger, settings.database_url, progress)
     finally:
         pool.close()
         ledger.close()
-    if not replayed:  # an empty store: the bar never filled
-        print(file=sys.stderr)
+    shown.end()  # an empty store: the bar never filled
     # A rolled-back insert leaves its positions unused: the bar, over positions, may end above the events.
     where = f", to position {last}" if last != applied else ""
     print(f"read model rebuilt from {applied} events{where}", file=sys.stderr)
@@ -265,6 +305,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         _readable(customers, loans, hint=f"{_IMPORT_DIR_HINT}, or use --no-import")
     setup_schema(settings)
     ledger, pool = build_ledger(settings)
+    shown = Progress()
     try:
         if not args.no_import:
             job_id, _ = ledger.request_import(str(customers), str(loans))
@@ -275,11 +316,11 @@ def cmd_init(args: argparse.Namespace) -> int:
                     customers,
                     loans,
                     settings.import_batch_size,
-                    lambda d, t: bar(d, t, "import"),
+                    lambda d, t: shown(d, t, "import"),
                     settle=lambda: projector.catch_up(wait=True),
                     split_size=settings.import_split_size,
                 )
-            print(file=sys.stderr)
+            shown.end()
             if result["state"] != "completed":
                 print(f"import failed: {result.get('error')}", file=sys.stderr)
                 return 1
@@ -289,8 +330,9 @@ def cmd_init(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         with Projector(ledger, settings.database_url) as projector:
-            projector.catch_up(lambda d, t: bar(d, t, "projection"))
-        print("\nready", file=sys.stderr)
+            projector.catch_up(lambda d, t: shown(d, t, "projection"))
+        shown.end()
+        print("ready", file=sys.stderr)
     finally:
         pool.close()
         ledger.close()
@@ -322,7 +364,11 @@ def cmd_api(args: argparse.Namespace) -> int:
         # socket uvicorn binds for several workers, and each keep-alive answer then waits ~40 ms.
         "loop": "uvloop",
         "http": "api.server:JsonErrorsProtocol",  # httptools, answering unparsable requests in JSON
+        # uvicorn's own lines (the supervisor's "Uvicorn running on", "Started parent process") in
+        # the JSON the API's processes log, not in uvicorn's plain format beside them.
+        "log_config": None,
     }
+    configure_logging()
     try:
         if args.workers == 1:
             uvicorn.run("api.app:app_from_env", **options)  # exits 3 when the app cannot start
@@ -434,7 +480,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             processes.append(_spawn([*ledger_cli, "beat"], env))
             if not args.no_import:
                 job_id = start_import(settings, *_reference_files(settings))
-                print_report(follow_import(settings, job_id))
+                # The worker logs on this terminal too: a bar redrawn in place would run into its lines.
+                print_report(follow_import(settings, job_id, progress=Progress(in_place=False)))
             server = _spawn(
                 [*ledger_cli, "api", "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)], env
             )

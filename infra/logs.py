@@ -9,7 +9,8 @@ from typing import Any
 
 import msgspec
 
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# Fields every record has, and uvicorn's `color_message`: its message again, with terminal colour codes.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName", "color_message"}
 _encode = msgspec.json.Encoder(enc_hook=str).encode
 
 

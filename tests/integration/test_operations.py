@@ -527,13 +527,17 @@ def test_make_tests_runner_stopped_early_tears_the_tests_down_and_stops_its_serv
 
 def test_ledger_run_stopped_with_ctrl_c_stops_everything_deletes_its_servers_and_says_so(tmp_path: Path) -> None:
     """`make run`'s Ctrl-C: the API, worker and beat stop, the throwaway PostgreSQL and Redis stop
-    and their directories go, and its last line says so (it used to end without a word)."""
+    and their directories go, and its last line says so (it used to end without a word).
+
+    On the way, what it printed is lines: the import's progress a line at a time (its bar, redrawn
+    with "\r", ran into the worker's log lines on the terminal they share), and uvicorn's own
+    lines in JSON like every other log line (they were in uvicorn's "INFO:     " format)."""
     port = free_port()
     log = tmp_path / "run.log"
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}  # so it starts its own
     with log.open("w") as out:
         run = subprocess.Popen(
-            [sys.executable, "-m", "infra.cli", "run", "--no-import", "--port", str(port), "--workers", "1"],
+            [sys.executable, "-m", "infra.cli", "run", "--port", str(port), "--workers", "2"],
             cwd=REPO_ROOT,
             env=env,
             stdout=out,
@@ -553,6 +557,13 @@ def test_ledger_run_stopped_with_ctrl_c_stops_everything_deletes_its_servers_and
             os.killpg(run.pid, signal.SIGKILL)
     said = log.read_text()
     assert code == 0, said
+    assert b"\r" not in log.read_bytes(), said  # (read_text() would turn each "\r" into a line end)
+    assert "import completed: 1082/1082\n" in said, said
+    assert "import completed: 300 customers and 782 loans imported" in said, said
+    uvicorn = [line for line in said.splitlines() if "Uvicorn running on" in line or line.startswith("INFO:")]
+    assert uvicorn, said
+    assert all(json.loads(line)["logger"] == "uvicorn.error" for line in uvicorn), uvicorn
+    assert all("color_message" not in line for line in said.splitlines() if line.startswith("{")), said
     assert said.rstrip().splitlines()[-1] == (
         "ledger run: everything it started has stopped; the throwaway PostgreSQL and Redis stopped, their data deleted"
     ), said

@@ -102,6 +102,56 @@ def test_a_progress_bar_with_no_total_yet_is_empty_until_the_work_is_finished(ca
     ]
 
 
+def test_progress_where_others_write_too_is_whole_lines_when_something_changes(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ledger run`'s import bar, redrawn with "\r", ran into the worker's log lines on the terminal
+    they share ("import queued [....] 0/0{"time": ...}"). Out of place, progress is whole lines."""
+    from infra import cli
+
+    clock = [100.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    progress = cli.Progress(in_place=False)
+    progress(0, 0, "import queued   ")
+    progress(0, 0, "import queued   ")  # nothing new
+    progress(10, 1082, "import running  ")  # a new label
+    progress(20, 1082, "import running  ")  # too soon after the last line
+    clock[0] += cli.Progress.LINE_SECONDS
+    progress(500, 1082, "import running  ")
+    progress(1082, 1082, "import running  ")  # done, however soon
+    progress(1082, 1082, "import completed", finished=True)
+    progress.end()
+    assert capsys.readouterr().err.splitlines() == [
+        "import queued: 0/0",
+        "import running: 10/1082",
+        "import running: 500/1082",
+        "import running: 1082/1082",
+        "import completed: 1082/1082",
+    ]
+
+
+def test_progress_on_a_terminal_of_its_own_is_a_bar_whose_line_ends_before_what_follows(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from infra.cli import Progress
+
+    progress = Progress(in_place=True)
+    progress(1, 4, "rebuild")
+    progress(4, 4, "rebuild")
+    progress.end()
+    progress.end()  # once is enough
+    assert capsys.readouterr().err == f"\rrebuild [{'#' * 7}{'.' * 23}] 1/4\rrebuild [{'#' * 30}] 4/4\n"
+
+
+def test_progress_is_in_place_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra.cli import Progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert not Progress().in_place
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert Progress().in_place
+
+
 # Settings an operator got wrong, and servers that do not answer: a message that names them, no traceback.
 
 
