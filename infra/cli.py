@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
@@ -41,7 +43,7 @@ class Progress:
     the redrawn copies pile up on one line, and on a terminal that other processes write to
     (`ledger run`'s, where the worker logs) their lines ran into the bar: there it prints whole
     lines instead, when the label changes, when the work is done, and at most every
-    LINE_SECONDS in between."""
+    LINE_SECONDS in between; nothing for the `finished` state, whose outcome the caller prints."""
 
     LINE_SECONDS = 5.0
 
@@ -57,11 +59,10 @@ class Progress:
             self._drawn = True
             return
         said, now = (label, done, total), time.monotonic()
-        done_now = finished or 0 < total <= done
-        if said != self._said and (
-            self._said is None or label != self._said[0] or done_now or now - self._said_at >= self.LINE_SECONDS
-        ):
-            print(f"{label.rstrip()}: {done}/{total}", file=sys.stderr, flush=True)
+        if finished or said == self._said:
+            return
+        if self._said is None or label != self._said[0] or 0 < total <= done or now - self._said_at >= self.LINE_SECONDS:
+            print(f"{label.rstrip()}: {done}/{total}" if total else label.rstrip(), file=sys.stderr, flush=True)
             self._said, self._said_at = said, now
 
     def end(self) -> None:
@@ -106,6 +107,10 @@ def start_import(settings: Settings, customers: Path, loans: Path) -> UUID:
 QUEUED_HINT_SECONDS = 30
 
 
+class StillRunning(Exception):
+    """`ledger import` stopped following a job that had not finished."""
+
+
 OUTAGE_GRACE_SECONDS = 120
 
 
@@ -117,6 +122,7 @@ def follow_import(settings: Settings, job_id: UUID, timeout: float = 3600, progr
     started = time.monotonic()
     deadline, hinted = started + timeout, False
     away_since: float | None = None
+    row: dict[str, Any] | None = None
     while time.monotonic() < deadline:
         try:
             row = _job_row(settings, job_id)
@@ -159,7 +165,10 @@ def follow_import(settings: Settings, job_id: UUID, timeout: float = 3600, progr
                 progress.end()
                 return row
         time.sleep(0.3)
-    raise TimeoutError(f"import {job_id} did not finish in {timeout:.0f} s")
+    raise StillRunning(
+        f"import job {job_id} is still {row['state'] if row else 'queued'} after {timeout:.0f} s; it goes on in the"
+        f" worker: `ledger import-report {job_id}`"
+    )
 
 
 def _database_away(error: psycopg.OperationalError) -> bool:
@@ -180,7 +189,8 @@ def print_report(row: dict[str, Any]) -> None:
         f"{summary['customers_already_present']} customers and {summary['loans_already_present']} loans already present, "
         f"{len(summary['rekeyed_loans'])} loans given new IDs, {len(row['issues'])} rows rejected"
     )
-    for issue in row["issues"]:
+    files = list(dict.fromkeys(issue["file"] for issue in row["issues"]))  # in the order they were met
+    for issue in sorted(row["issues"], key=lambda issue: (files.index(issue["file"]), issue["row"])):
         print(f"  {issue['file']} row {issue['row']}: {issue['reason']}")
     sys.stdout.flush()  # before what `ledger run` prints next to standard error
 
@@ -201,12 +211,15 @@ def _files(settings: Settings, args: argparse.Namespace) -> tuple[Path, Path]:
     return Path(args.customers) if args.customers else customers, Path(args.loans) if args.loans else loans
 
 
-def _readable(*paths: Path, hint: str = "") -> None:
+def _readable(*paths: Path, hint: str = "", given: tuple[bool, ...] = ()) -> None:
     """Files an import is about to read, checked before anything starts: a missing one is named
-    with its whole path (the job's own report names files only)."""
-    for path in paths:
+    with its whole path (the job's own report names files only), with `hint` unless the file was
+    `given` on the command line (then IMPORT_DIR has nothing to do with it)."""
+    for n, path in enumerate(paths):
         if not path.is_file():
-            raise ConfigError(f"no file {path}" + (f" ({hint})" if hint else ""))
+            what = f"{path} is a directory, not a file" if path.is_dir() else f"no file {path}"
+            explicit = n < len(given) and given[n]
+            raise ConfigError(what + (f" ({hint})" if hint and not explicit else ""))
 
 
 _IMPORT_DIR_HINT = "set IMPORT_DIR to the directory that holds customer_data.xlsx and loan_data.xlsx"
@@ -215,10 +228,17 @@ _IMPORT_DIR_HINT = "set IMPORT_DIR to the directory that holds customer_data.xls
 def cmd_import(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     files = _files(settings, args)
-    _readable(*files, hint="" if args.customers and args.loans else _IMPORT_DIR_HINT)
+    _readable(*files, hint=_IMPORT_DIR_HINT, given=(bool(args.customers), bool(args.loans)))
     job_id = start_import(settings, *files)
     print(f"import job {job_id} queued", file=sys.stderr)
-    row = follow_import(settings, job_id)
+    try:
+        row = follow_import(settings, job_id)
+    except KeyboardInterrupt:
+        print(
+            f"\nstopped following import job {job_id}; it goes on in the worker: `ledger import-report {job_id}`",
+            file=sys.stderr,
+        )
+        return 130
     print_report(row)
     return 0 if row["state"] == "completed" else 1
 
@@ -275,16 +295,25 @@ def cmd_import_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from projections.projector import events_table
+
     settings = Settings.from_env()
     ledger, pool = build_ledger(settings)
     try:
-        last = ledger.recorder.max_notification_id() or 0
+        table = events_table(ledger)
     finally:
         pool.close()
         ledger.close()
     with connect(settings) as conn:
-        row = conn.execute("SELECT position FROM readmodel.tracking WHERE projection = 'ledger'").fetchone()
-    position = int(row[0]) if row else 0
+        # Both positions in one statement, so from one moment: read one after the other, a page the
+        # projection committed in between put the read model past the last event (a negative lag).
+        row = conn.execute(
+            sql.SQL(
+                "SELECT (SELECT max(notification_id) FROM {}),"
+                " (SELECT position FROM readmodel.tracking WHERE projection = 'ledger')"
+            ).format(sql.Identifier(table))
+        ).fetchone()
+    last, position = (int(value or 0) for value in row or (0, 0))
     # Positions are notification IDs, which a rolled-back insert can skip: the lag is at most this many events.
     print(f"last event position: {last}\nread model position: {position}\nlag: {last - position} events")
     return 0
@@ -324,9 +353,11 @@ def cmd_init(args: argparse.Namespace) -> int:
             if result["state"] != "completed":
                 print(f"import failed: {result.get('error')}", file=sys.stderr)
                 return 1
+            rejected = result["rows_rejected"]
             print(
                 f"import: {result['customers_imported']} customers and {result['loans_imported']} loans added, "
-                f"{result['customers_already_present']} and {result['loans_already_present']} already present",
+                f"{result['customers_already_present']} and {result['loans_already_present']} already present, "
+                f"{rejected} rows rejected" + (f" (each with its reason: `ledger import-report {job_id}`)" if rejected else ""),
                 file=sys.stderr,
             )
         with Projector(ledger, settings.database_url) as projector:
@@ -545,7 +576,8 @@ def throwaway_hint(started: dict[str, str]) -> str:
     exports = " ".join(f"{name}={url}" for name, url in started.items())
     script = os.path.relpath(Path(sys.executable).with_name("ledger"))  # another shell may not have the venv on its PATH
     ledger = script if os.path.exists(script) and not script.startswith("..") else "ledger"
-    return f"Other `ledger` commands (`{ledger} status`, rebuild, import) reach these servers with: export {exports}"
+    # The export on a line of its own: pasted whole, the sentence before it was a shell syntax error.
+    return f"Other `ledger` commands (`{ledger} status`, rebuild, import) reach these servers in a shell that runs:\nexport {exports}"
 
 
 def _count(variable: str, least: int = 1, most: int | None = None) -> Callable[[str], int]:
@@ -589,35 +621,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ledger", description="Operate the credit approval ledger.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("setup", help="create the event store, ID sequences and read model (idempotent)").set_defaults(
-        func=cmd_setup
-    )
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        # `ledger <command> --help` says what the command does too, not only its options.
+        return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
 
-    imp = commands.add_parser("import", help="import the history files in a worker and follow its progress")
+    command("setup", "create the event store, ID sequences and read model (idempotent)").set_defaults(func=cmd_setup)
+
+    imp = command("import", "import the history files in a worker and follow its progress")
     imp.add_argument("--customers", help="customer file (.xlsx, .xls, .xlsb or .ods); default: IMPORT_DIR/customer_data.xlsx")
     imp.add_argument("--loans", help="loan file (.xlsx, .xls, .xlsb or .ods); default: IMPORT_DIR/loan_data.xlsx")
     imp.set_defaults(func=cmd_import)
 
-    report = commands.add_parser("import-report", help="show an import job's state, progress and rejected rows")
+    report = command("import-report", "show an import job's state, progress and rejected rows")
     report.add_argument("job_id", type=_job_id, help="the job ID that `ledger import` or POST /imports gave")
     report.set_defaults(func=cmd_import_report)
 
-    commands.add_parser("rebuild", help="replay every event into fresh read-model tables and swap them in").set_defaults(
-        func=cmd_rebuild
-    )
-    commands.add_parser("status", help="show the events recorded and how far the read model has got").set_defaults(
-        func=cmd_status
-    )
+    command("rebuild", "replay every event into fresh read-model tables and swap them in").set_defaults(func=cmd_rebuild)
+    command("status", "show the events recorded and how far the read model has got").set_defaults(func=cmd_status)
 
-    init = commands.add_parser("init", help="setup, then import the bundled history in this process and catch up (idempotent)")
+    init = command("init", "setup, then import the bundled history in this process and catch up (idempotent)")
     init.add_argument("--no-import", action="store_true", help="only create the schema and catch up")
     init.set_defaults(func=cmd_init)
 
-    api = commands.add_parser("api", help="serve the HTTP API with uvicorn")
+    api = command("api", "serve the HTTP API with uvicorn")
     _serving_options(api)
     api.set_defaults(func=cmd_api)
 
-    worker = commands.add_parser("worker", help="run a Celery worker (projections, imports, rebuilds)")
+    worker = command("worker", "run a Celery worker (projections, imports, rebuilds)")
     worker.add_argument(
         "--concurrency",
         type=_count("WORKER_CONCURRENCY"),
@@ -626,11 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     worker.set_defaults(func=cmd_worker)
 
-    commands.add_parser("beat", help="run Celery beat (the periodic projection catch-up)").set_defaults(func=cmd_beat)
+    command("beat", "run Celery beat (the periodic projection catch-up)").set_defaults(func=cmd_beat)
 
-    run = commands.add_parser(
-        "run", help="start PostgreSQL, Redis (unless configured), a worker, beat and the API; import the reference data"
-    )
+    run = command("run", "start PostgreSQL, Redis (unless configured), a worker, beat and the API; import the reference data")
     _serving_options(run)
     run.add_argument("--no-import", action="store_true", help="do not import the bundled reference data")
     run.set_defaults(func=cmd_run)
@@ -659,12 +687,15 @@ def explain(error: BaseException) -> str | None:
 
     from infra.stack import StackError
 
-    if isinstance(error, (ConfigError, StackError, QueueUnavailable)):
+    if isinstance(error, (ConfigError, StackError, QueueUnavailable, StillRunning)):
         return str(error)
     settings = Settings.from_env()  # checked by main() already
     cause = error.__cause__ if isinstance(error, persistence.PersistenceError) else error  # the library wraps psycopg's
     if isinstance(cause, psycopg.errors.UndefinedTable):
         return f"the database has no ledger schema yet ({str(cause).strip().splitlines()[0]}): run `ledger setup` first"
+    if isinstance(error, persistence.ProgrammingError) and re.fullmatch(r"Composite type '\w+' not found", str(error)):
+        # The library's, when a save finds no event type: `ledger import` on a database never set up.
+        return f"the database has no ledger schema yet ({error}): run `ledger setup` first"
     # Unreachable: a connection that failed (no SQLSTATE: the server never answered a statement), or
     # the library's pool that found none. A server that answered with an error (a lock timeout, a
     # full disk) is not that: its traceback stays.

@@ -91,6 +91,27 @@ def test_every_service_waits_for_what_it_needs(compose: dict[str, Any]) -> None:
     assert "container_name" not in services["worker"] and "ports" not in services["worker"]
 
 
+def test_init_reads_the_bundled_files_wherever_the_other_services_import_from() -> None:
+    """The README said to mount a folder of other files over /app/data, and `init`, which imports
+    the two reference files from IMPORT_DIR on every start, then failed, and nothing that waits
+    for it started. `init` now reads /app/data, where the image puts them, whatever IMPORT_DIR
+    the app services are given (for POST /imports)."""
+    resolved = subprocess.run(
+        [docker_compose(), "-f", "docker-compose.yml", "config"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    services = yaml.safe_load(resolved)["services"]
+    assert services["init"]["environment"]["IMPORT_DIR"] == "/app/data"
+    assert "COPY data /app/data" in (REPO_ROOT / "Dockerfile").read_text()
+    assert all("IMPORT_DIR" not in services[name]["environment"] for name in ("api", "worker", "beat"))  # the image's
+
+
+def test_every_app_container_runs_an_init_process_that_passes_sigterm_on(compose: dict[str, Any]) -> None:
+    """`ledger init` alone as PID 1 ignored `docker compose stop`'s SIGTERM (a process that is PID 1
+    gets no default handler) and was killed after the grace period (a review)."""
+    for name in APP_SERVICES:
+        assert compose["services"][name]["init"] is True, name
+
+
 def test_the_database_is_healthy_only_once_it_answers_over_tcp_with_room_for_the_services(compose: dict[str, Any]) -> None:
     db = compose["services"]["db"]
     # The image's first, initialising server listens on its Unix socket alone.

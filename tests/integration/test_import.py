@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -597,6 +598,33 @@ def run_task_in_process(job_id: str, monkeypatch: pytest.MonkeyPatch, run_import
         tasks.import_history(job_id, str(DATA / "customer_data.xlsx"), str(DATA / "loan_data.xlsx"))
     finally:
         forget_task_state()
+
+
+def test_the_worker_logs_an_import_s_progress_now_and_then_and_returns_counts_not_lists(
+    stack: Stack, imported: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line every batch made 730 lines for a million loans; and Celery logs a task's return value
+    whole, which held the re-keyed rows' lists (2.5 KB of one log line for the reference files)."""
+    job_id = requested_job(stack)
+    rekeyed = [{"file_loan_id": n, "loan_id": 10_000 + n, "row": n} for n in range(29)]
+
+    def batches(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        on_batch = args[5]
+        for done in range(50, 1083, 50):
+            on_batch(done, 1082)
+        on_batch(1082, 1082)
+        return {"state": "completed", "customers_imported": 300, "loans_imported": 782, "rekeyed_loans": rekeyed}
+
+    monkeypatch.setattr(tasks, "run_import", batches)
+    forget_task_state()
+    try:
+        with caplog.at_level(logging.INFO, logger="workers.tasks"):
+            returned = tasks.import_history(job_id, str(DATA / "customer_data.xlsx"), str(DATA / "loan_data.xlsx"))
+    finally:
+        forget_task_state()
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().endswith(" rows")]
+    assert progress == [f"import {job_id}: 50/1082 rows", f"import {job_id}: 1082/1082 rows"]
+    assert returned == {"state": "completed", "customers_imported": 300, "loans_imported": 782, "rekeyed_loans": 29}
 
 
 def test_a_conflict_while_the_import_holds_its_lock_fails_the_job_instead_of_retrying_for_ever(

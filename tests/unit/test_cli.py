@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from infra.cli import _database_away, main, throwaway_hint, wait_until_serving
+from infra.config import REPO_ROOT
 from infra.stack import free_port
 
 
@@ -22,7 +23,14 @@ def test_the_hint_gives_the_exports_for_the_throwaway_servers_started() -> None:
     hint = throwaway_hint(
         {"DATABASE_URL": "postgresql://ledger@127.0.0.1:53145/ledger", "REDIS_URL": "redis://127.0.0.1:49945/0"}
     )
-    assert hint.endswith("export DATABASE_URL=postgresql://ledger@127.0.0.1:53145/ledger REDIS_URL=redis://127.0.0.1:49945/0")
+    # The last line is the export alone, so that it can be pasted into a shell as it is (the whole
+    # hint was one line, and bash stopped at its parenthesis).
+    last = hint.splitlines()[-1]
+    assert last == "export DATABASE_URL=postgresql://ledger@127.0.0.1:53145/ledger REDIS_URL=redis://127.0.0.1:49945/0"
+    pasted = subprocess.run(
+        ["bash", "-c", last + '\nprintf "%s %s" "$DATABASE_URL" "$REDIS_URL"'], capture_output=True, text=True
+    )
+    assert pasted.stdout == "postgresql://ledger@127.0.0.1:53145/ledger redis://127.0.0.1:49945/0", pasted.stderr
 
 
 def test_the_hint_names_only_what_was_started() -> None:
@@ -119,14 +127,13 @@ def test_progress_where_others_write_too_is_whole_lines_when_something_changes(
     clock[0] += cli.Progress.LINE_SECONDS
     progress(500, 1082, "import running  ")
     progress(1082, 1082, "import running  ")  # done, however soon
-    progress(1082, 1082, "import completed", finished=True)
+    progress(1082, 1082, "import completed", finished=True)  # its outcome is the caller's line
     progress.end()
     assert capsys.readouterr().err.splitlines() == [
-        "import queued: 0/0",
+        "import queued",  # no total yet
         "import running: 10/1082",
         "import running: 500/1082",
         "import running: 1082/1082",
-        "import completed: 1082/1082",
     ]
 
 
@@ -223,6 +230,57 @@ def test_run_and_import_name_a_missing_import_directory(
     assert main(["import"]) == 2
     err = capsys.readouterr().err
     assert err.count(f"no file {tmp_path / 'nowhere' / 'customer_data.xlsx'} (set IMPORT_DIR") == 2
+
+
+def test_a_file_named_on_the_command_line_is_not_blamed_on_import_dir_and_a_directory_is_called_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("IMPORT_DIR", str(tmp_path))
+    (tmp_path / "customer_data.xlsx").write_bytes(b"")
+    assert main(["import", "--loans", str(tmp_path / "missing.xlsx")]) == 2
+    assert main(["import", "--loans", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"ledger import: no file {tmp_path / 'missing.xlsx'}",
+        f"ledger import: {tmp_path} is a directory, not a file",
+    ]
+
+
+def test_every_command_s_help_says_what_it_does(capsys: pytest.CaptureFixture[str]) -> None:
+    for command, said in [
+        ("status", "Show the events recorded"),
+        ("run", "Start PostgreSQL, Redis"),
+        ("import", "Import the history"),
+    ]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert said in capsys.readouterr().out, command
+
+
+def test_an_import_still_running_when_following_it_gives_up_says_where_it_goes_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import infra.cli
+
+    monkeypatch.setenv("IMPORT_DIR", str(REPO_ROOT / "data"))
+    job = "b5e7d356-e33a-446d-a371-c3e7cfd925e9"
+    monkeypatch.setattr(infra.cli, "start_import", lambda settings, *files: job)
+    monkeypatch.setattr(infra.cli, "_job_row", lambda settings, job_id: {"state": "running", "rows_done": 5, "total_rows": 9})
+    monkeypatch.setattr(infra.cli.time, "sleep", lambda seconds: None)
+    real = infra.cli.follow_import
+    monkeypatch.setattr(infra.cli, "follow_import", lambda settings, job_id: real(settings, job_id, timeout=0.05))
+    assert main(["import"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"ledger import: import job {job} is still running after 0 s; it goes on in the worker: `ledger import-report {job}`"
+    )
+
+    def interrupted(settings: object, job_id: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(infra.cli, "follow_import", interrupted)
+    assert main(["import"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"stopped following import job {job}; it goes on in the worker: `ledger import-report {job}`"
+    )
 
 
 def test_an_unreachable_database_is_named_without_a_traceback(
