@@ -264,7 +264,7 @@ def decide(
         reasons.append(
             f"the monthly installment ({installment}) would only pay the first month's interest ({interest}): "
             f"none of {to_money(request.amount)} would be repaid before the last installment; "
-            "borrow more, or over fewer months"
+            "ask for fewer months"  # always enough; a larger amount is only at low rates (not at 100% over 600)
         )
     if history.current_emis + installment > AFFORDABILITY_SHARE * monthly_income:
         reasons.append(

@@ -423,7 +423,7 @@ def test_a_loan_whose_emi_only_pays_the_interest_is_refused(
     assert (decision.monthly_installment, decision.approved) == (D(installment), False)
     assert decision.reasons == (
         f"the monthly installment ({installment}) would only pay the first month's interest ({interest}): none of"
-        f" {D(amount).quantize(D('0.01'))} would be repaid before the last installment; borrow more, or over fewer months",
+        f" {D(amount).quantize(D('0.01'))} would be repaid before the last installment; ask for fewer months",
     )
     schedule = amortization(D(amount), D(rate), tenure, decision.monthly_installment, date(2026, 1, 1))
     assert schedule[0].principal == 0 and schedule[-1].principal == D(amount)  # what it refuses: the last owes it all
