@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from api.schemas import ErrorBody, ErrorResponse, encoder
@@ -72,12 +73,100 @@ class _OneWrite:
 
 
 class JsonErrorsProtocol(HttpToolsProtocol):
-    """A request the HTTP parser refuses (a Content-Length of -1, two of them, a bad method or
+    """uvicorn's httptools protocol, with three changes.
+
+    A request the HTTP parser refuses (a Content-Length of -1, two of them, a bad method or
     header) never reaches the app: uvicorn answers it with a plain-text 400 of its own. This
     answers it as every other error is answered, in JSON (`bad_request`), and closes the
-    connection, as uvicorn does."""
+    connection, as uvicorn does; but only once the requests before it on the connection
+    (pipelined) are answered. uvicorn answered at once and closed, and their answers were lost,
+    though their commands ran: a client sent a booking and a bad request together, got only the
+    400, and the loan was booked.
+
+    A request with an `Upgrade` header other than to a WebSocket (`curl --http2` asks for h2c) is
+    served as HTTP/1.1, the header ignored (RFC 9110, 7.8). uvicorn's parser stopped at the
+    header: the app read an empty body (a valid booking answered "malformed_json"), and every
+    later request on the connection went unanswered."""
+
+    _refused = False  # the parser refused a request: nothing after it is read
+    _priming = False  # a new parser is being told the framing of the request it resumes
+
+    def data_received(self, data: bytes) -> None:
+        """uvicorn's, but for an Upgrade request, which is served as HTTP/1.1."""
+        if self._refused:
+            return
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+        except httptools.HttpParserUpgrade as stopped:
+            if self._should_upgrade():  # a WebSocket, were a WebSocket library installed (none is)
+                self.handle_websocket_upgrade()
+            else:
+                self._parse_after_upgrade(data[stopped.args[0] :])
+
+    def _parse_after_upgrade(self, rest: bytes) -> None:
+        """Parse `rest` as the body of the request whose Upgrade header stopped the parser, then
+        as the requests after it. The parser, stopped for good, is replaced by one told the
+        request's framing (its Content-Length or Transfer-Encoding) first, its callbacks for the
+        framing's own request line and headers skipped; the request's task has not run yet."""
+        framing = [
+            b"%s: %s\r\n" % (name, value) for name, value in self.headers if name in (b"content-length", b"transfer-encoding")
+        ]
+        self.cycle.body, self.cycle.more_body = bytearray(), True  # the stopped parser ended the message at its headers
+        self.parser = httptools.HttpRequestParser(self)
+        self._priming = True
+        try:
+            self.parser.feed_data(b"POST / HTTP/1.1\r\n" + b"".join(framing) + b"\r\n")
+        except httptools.HttpParserError:  # framing the first parser took and this one does not
+            self._priming = False
+            self.send_400_response("Invalid HTTP request received.")
+            return
+        finally:
+            self._priming = False
+        self.data_received(rest)
+
+    def on_message_begin(self) -> None:
+        if not self._priming:
+            super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self._priming:
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._priming:
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if not self._priming:
+            super().on_headers_complete()
 
     def send_400_response(self, msg: str) -> None:
+        if self._answering():
+            # Answered in on_response_complete, once the requests before it are.
+            self._refused = True
+            self.flow.pause_reading()
+            return
+        self._refused = True
+        self._write_400()
+
+    def _answering(self) -> bool:
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self._refused or self.transport.is_closing():
+            return
+        if self._answering():
+            self.flow.pause_reading()  # uvicorn resumed it for the next pipelined request
+        else:
+            self._unset_keepalive_if_required()
+            self._write_400()
+
+    def _write_400(self) -> None:
         content = [STATUS_LINE[400]]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
