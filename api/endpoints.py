@@ -173,7 +173,7 @@ def _phone(value: int | str) -> str:
 
 async def register(request: Request) -> Response:
     svc = services(request)
-    body = decode(await request.body(), schemas.RegisterRequest, aliases={"monthly_salary": "monthly_income"})
+    body = decode(await json_body(request), schemas.RegisterRequest, aliases={"monthly_salary": "monthly_income"})
     key = idempotency_key(request)
     registration, headers = await run_command(
         svc,
@@ -212,7 +212,7 @@ def _loan_request(body: schemas.LoanRequestBody) -> LoanRequest:
 
 async def check_eligibility(request: Request) -> Response:
     svc = services(request)
-    body = decode(await request.body(), schemas.LoanRequestBody)
+    body = decode(await json_body(request), schemas.LoanRequestBody)
     profile, history = await _customer_today(svc, body.customer_id)
     decision = decide(history, profile.monthly_income, profile.approved_limit, _loan_request(body))
     return json(
@@ -268,6 +268,25 @@ def breakdown(history: CreditHistory, credit: CreditScore, limit: Decimal) -> sc
 
 
 IDEMPOTENCY_KEY_MAX = 255
+JSON_MEDIA = re.compile(r"application/(?:[\w.-]+\+)?json", re.IGNORECASE)
+
+
+async def json_body(request: Request) -> bytes:
+    """The request's body, declared as JSON when there is one. A browser sends a text/plain or
+    form body to any site without asking it first (no CORS preflight): a page an operator opened
+    could book loans or register customers here with one (a review). A JSON body it cannot send
+    unasked, so any other Content-Type, or none, is a 415."""
+    body = await request.body()
+    if body:
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip(" \t")
+        if not JSON_MEDIA.fullmatch(media):
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"send the body as JSON, with Content-Type: application/json (not {media or 'no Content-Type'})",
+                [{"field": "Content-Type", "message": f"Expected application/json, got {media or 'none'}"}],
+            )
+    return body
 
 
 def idempotency_key(request: Request) -> str | None:
@@ -279,20 +298,24 @@ def idempotency_key(request: Request) -> str | None:
             f"send one Idempotency-Key header, not {len(keys)}",
             [{"field": "Idempotency-Key", "message": f"{len(keys)} headers"}],
         )
-    key = keys[0] if keys else None
-    if key is not None and not 1 <= len(key.strip()) <= IDEMPOTENCY_KEY_MAX:  # the header's bytes
+    if not keys:
+        return None
+    # Without the spaces or tabs around it, which are not part of a header's value (RFC 9110, 5.5):
+    # "retry-42" and "retry-42 " were two keys, and a retry through a proxy that trims booked twice.
+    key = keys[0].strip(" \t")
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not (key.isascii() and key.isprintable()):
         raise ApiError(
             400,
             "validation_error",
-            f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} bytes (ASCII characters), not blank",
-            [{"field": "Idempotency-Key", "message": "invalid length"}],
+            f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters, not blank",
+            [{"field": "Idempotency-Key", "message": "not 1 to 255 printable ASCII characters"}],
         )
     return key
 
 
 async def create_loan(request: Request) -> Response:
     svc = services(request)
-    body = decode(await request.body(), schemas.LoanRequestBody)
+    body = decode(await json_body(request), schemas.LoanRequestBody)
     key = idempotency_key(request)
     booking, headers = await run_command(
         svc,
@@ -387,7 +410,7 @@ def _inside(directory: Path, name: str) -> Path | None:
 
 async def start_import(request: Request) -> Response:
     svc = services(request)
-    body = decode(await request.body(), schemas.ImportRequest, empty_ok=True)
+    body = decode(await json_body(request), schemas.ImportRequest, empty_ok=True)
     directory = svc.settings.import_dir
     names = {"customers_file": body.customers_file, "loans_file": body.loans_file}
     paths = {field: _inside(directory, name) for field, name in names.items()}
@@ -477,7 +500,7 @@ async def health(request: Request) -> Response:
 async def record_repayment(request: Request) -> Response:
     svc = services(request)
     loan_id = path_int(request, "loan_id")
-    body = decode(await request.body(), schemas.RepaymentRequest, empty_ok=True)
+    body = decode(await json_body(request), schemas.RepaymentRequest, empty_ok=True)
     key = idempotency_key(request)
     result, headers = await run_command(
         svc,

@@ -25,6 +25,10 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            # As the HTTP parser took it: spaces or tabs around it, and any leading zeros, are allowed
+            # ("69 " and twenty zeros then "69" were refused as "not a number").
+            declared = declared.strip(b" \t").lstrip(b"0") or b"0"
         if declared is not None and not re.fullmatch(rb"[0-9]{1,20}", declared):
             response = error_response(400, "bad_request", "The Content-Length header is not a number")
             await response(scope, receive, send)

@@ -50,6 +50,8 @@ def document() -> dict[str, Any]:
             for status, (_, description) in endpoint.responses.items()
         }
         operation["responses"]["405"] = {"description": "Method not allowed"}
+        if endpoint.request is not None:
+            operation["responses"]["415"] = {"description": "A body whose Content-Type is not JSON (unsupported_media_type)"}
         paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
     return {
         "openapi": "3.1.0",

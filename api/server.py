@@ -73,7 +73,7 @@ class _OneWrite:
 
 
 class JsonErrorsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with three changes.
+    """uvicorn's httptools protocol, with four changes.
 
     A request the HTTP parser refuses (a Content-Length of -1, two of them, a bad method or
     header) never reaches the app: uvicorn answers it with a plain-text 400 of its own. This
@@ -86,7 +86,9 @@ class JsonErrorsProtocol(HttpToolsProtocol):
     A request with an `Upgrade` header other than to a WebSocket (`curl --http2` asks for h2c) is
     served as HTTP/1.1, the header ignored (RFC 9110, 7.8). uvicorn's parser stopped at the
     header: the app read an empty body (a valid booking answered "malformed_json"), and every
-    later request on the connection went unanswered."""
+    later request on the connection went unanswered.
+
+    A chunked body's trailer fields are dropped, not added to the request's headers."""
 
     _refused = False  # the parser refused a request: nothing after it is read
     _priming = False  # a new parser is being told the framing of the request it resumes
@@ -128,8 +130,11 @@ class JsonErrorsProtocol(HttpToolsProtocol):
             self._priming = False
         self.data_received(rest)
 
+    _in_body = False  # past the request's headers: what the parser reports as a header is a trailer
+
     def on_message_begin(self) -> None:
         if not self._priming:
+            self._in_body = False
             super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:
@@ -137,12 +142,15 @@ class JsonErrorsProtocol(HttpToolsProtocol):
             super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._priming:
+        # A chunked body's trailer fields are not headers (RFC 9110, 6.5.1): uvicorn appended them
+        # to the request's, and an Idempotency-Key sent only in a trailer was taken as the key.
+        if not self._priming and not self._in_body:
             super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         if not self._priming:
             super().on_headers_complete()
+            self._in_body = True
 
     def send_400_response(self, msg: str) -> None:
         if self._answering():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -26,6 +27,9 @@ def register(client: TestClient, income: int = 100_000, **overrides: Any) -> dic
 
 def loan_body(customer_id: int, amount: float = 100_000, rate: float = 14, tenure: int = 12) -> dict[str, Any]:
     return {"customer_id": customer_id, "loan_amount": amount, "interest_rate": rate, "tenure": tenure}
+
+
+JSON = {"Content-Type": "application/json"}
 
 
 def count_rows(stack: Stack, table: str) -> int:
@@ -127,7 +131,29 @@ def test_register_reports_every_missing_field(client: TestClient) -> None:
 )
 def test_malformed_json_is_a_400(client: TestClient, body: bytes) -> None:
     for path in ("/register", "/check-eligibility", "/create-loan"):
-        assert_error(client.post(path, content=body), 400, "malformed_json")
+        assert_error(client.post(path, content=body, headers=JSON), 400, "malformed_json")
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+)
+def test_a_body_not_declared_as_json_is_a_415_and_changes_nothing(
+    stack: Stack, client: TestClient, content_type: str | None
+) -> None:
+    """A browser sends these to any site without a CORS preflight: a page an operator opened
+    booked a loan with a text/plain body (a review)."""
+    customer = register(client, income=200_000)
+    before = count_rows(stack, "loans")
+    body = json.dumps(loan_body(customer["customer_id"], 10_000, 15, 6)).encode()
+    sent = client.post("/create-loan", content=body, headers={} if content_type is None else {"Content-Type": content_type})
+    error = assert_error(sent, 415, "unsupported_media_type")
+    assert error["message"].startswith("send the body as JSON, with Content-Type: application/json")
+    assert count_rows(stack, "loans") == before
+    for declared in ("application/json", "Application/JSON; charset=utf-8", "application/problem+json"):
+        assert client.post("/check-eligibility", content=body, headers={"Content-Type": declared}).status_code == 200, declared
+    # No body, nothing to declare: a repayment's body is optional.
+    loan = client.post("/create-loan", json=loan_body(customer["customer_id"], 10_000, 15, 6)).json()["loan_id"]
+    assert client.post(f"/loans/{loan}/repayments").status_code == 201
 
 
 # Check eligibility and create loan
@@ -255,13 +281,13 @@ def test_numbers_spelled_with_many_zeros_are_stored_plainly_and_the_read_model_g
     # every later command answered X-Read-Model: behind. (Other spellings: tests/unit.)
     phone = next(_phones)
     body = b'{"first_name": "Zero", "last_name": "Pad", "age": 30, "monthly_income": 12500.%s, "phone_number": %d}'
-    registered = client.post("/register", content=body % (b"0" * 16_400, phone))
+    registered = client.post("/register", content=body % (b"0" * 16_400, phone), headers=JSON)
     assert registered.status_code == 201, registered.text
     assert registered.headers["X-Read-Model"] == "current"
     customer_id = registered.json()["customer_id"]
     assert client.get(f"/customers/{customer_id}").json()["monthly_income"] == 12500
     request = b'{"customer_id": %d, "loan_amount": 1000.%s, "interest_rate": 12.%s, "tenure": 10}'
-    created = client.post("/create-loan", content=request % (customer_id, b"0" * 16_400, b"0" * 16_400))
+    created = client.post("/create-loan", content=request % (customer_id, b"0" * 16_400, b"0" * 16_400), headers=JSON)
     assert created.status_code == 201, created.text
     assert created.headers["X-Read-Model"] == "current"
     loan = client.get(f"/view-loan/{created.json()['loan_id']}").json()
@@ -313,7 +339,29 @@ def test_two_idempotency_keys_on_one_request_are_refused_and_book_nothing(stack:
     assert error["message"] == "send one Idempotency-Key header, not 2"
     assert count_rows(stack, "loans") == loans_before
     long_key = client.post("/create-loan", json=request, headers={"Idempotency-Key": "k" * 256})
-    assert assert_error(long_key, 400, "validation_error")["message"].startswith("Idempotency-Key must be 1 to 255 bytes")
+    assert assert_error(long_key, 400, "validation_error")["message"].startswith("Idempotency-Key must be 1 to 255 printable")
+
+
+def test_an_idempotency_key_is_the_same_key_without_the_spaces_around_it(stack: Stack, client: TestClient) -> None:
+    """ "retry-42", "retry-42 " and "retry-42<tab>" were three keys, and booked three loans: spaces
+    and tabs around a header's value are not part of it, and a proxy may trim them (a review)."""
+    customer = register(client, income=200_000)
+    request = loan_body(customer["customer_id"], 100_000, 15, 6)
+    loans_before = count_rows(stack, "loans")
+    answers = [
+        client.post("/create-loan", json=request, headers=[("Idempotency-Key", key)])
+        for key in (f"retry-{customer['customer_id']}", f"retry-{customer['customer_id']} ", f"retry-{customer['customer_id']}\t")
+    ]
+    assert [a.status_code for a in answers] == [201, 201, 201]
+    assert len({a.json()["loan_id"] for a in answers}) == 1
+    assert [a.headers.get("Idempotent-Replayed") for a in answers] == [None, "true", "true"]
+    assert count_rows(stack, "loans") // 1_000_000 == loans_before // 1_000_000 + 1  # one loan (and its events)
+    # The length is the key's, without the spaces; what is not printable ASCII is refused.
+    padded = client.post("/create-loan", json=request, headers=[("Idempotency-Key", "k" + " " * 300)])
+    assert padded.status_code == 201 and padded.headers.get("Idempotent-Replayed") is None  # "k", a new key
+    for bad in ("café".encode(), b"a\xa0", b"\x85"):  # UTF-8, and two bytes Python's strip() took for spaces
+        refused = client.post("/create-loan", json=request, headers=[("Idempotency-Key", bad)])
+        assert assert_error(refused, 400, "validation_error")["message"].startswith("Idempotency-Key must be 1 to 255 printable")
 
 
 def test_a_replay_waits_for_the_read_model_as_the_first_answer_does(stack: Stack, client: TestClient) -> None:

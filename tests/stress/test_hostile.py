@@ -180,9 +180,13 @@ def test_bodies_over_one_mebibyte_are_refused_with_413_before_parsing(served: Se
     with served.client() as client:
         started = time.monotonic()
         declared = client.post("/register", content=big, headers={"Content-Type": "application/json"})
-        chunked = client.post("/create-loan", content=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]))
+        chunked = client.post(
+            "/create-loan",
+            content=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]),
+            headers={"Content-Type": "application/json"},
+        )
         elapsed = time.monotonic() - started
-        just_under = client.post("/register", content=b" " * (1024 * 1024 - 1))
+        just_under = client.post("/register", content=b" " * (1024 * 1024 - 1), headers={"Content-Type": "application/json"})
     for response in (declared, chunked):
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "payload_too_large"

@@ -167,3 +167,32 @@ def test_a_request_with_an_upgrade_header_is_served_as_http_1_1_body_and_what_fo
     answers = b"".join(socket.writes)
     assert answers.count(b"HTTP/1.1 200 OK") == 3, answers
     assert b"HTTP/1.1 101" not in answers and "close" not in socket.events
+
+
+def test_a_chunked_body_s_trailer_fields_are_not_taken_for_headers() -> None:
+    """uvicorn appended trailer fields to the request's headers: an Idempotency-Key sent only in a
+    trailer was taken as the request's key (a review)."""
+    seen: list[list[tuple[bytes, bytes]]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        seen.append(list(scope["headers"]))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def run() -> None:
+        config = Config(app=app, lifespan="off", access_log=False)
+        config.load()
+        protocol = JsonErrorsProtocol(config=config, server_state=ServerState(), app_state={})
+        protocol.connection_made(Socket())
+        protocol.data_received(
+            b"POST / HTTP/1.1\r\nhost: ledger\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nidempotency-key: trailer\r\n\r\n"
+            + GET
+        )
+        for _ in range(20):
+            await asyncio.sleep(0.001)
+
+    asyncio.run(run())
+    assert seen == [[(b"host", b"ledger"), (b"transfer-encoding", b"chunked")], [(b"host", b"ledger")]]
