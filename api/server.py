@@ -11,9 +11,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from api.schemas import ErrorBody, ErrorResponse, encoder
 
-_NOT_HTTP = encoder.encode(
-    ErrorResponse(ErrorBody(code="bad_request", message="The request is not valid HTTP/1.1", details=None))
-)
+HEAD_BYTES = 64 << 10  # a request's line and headers, at most (nginx's default allows 32 KiB)
+REQUEST_SECONDS = 60.0  # from a connection's opening, or a request's first byte, to the request's end
 
 
 class _OneWrite:
@@ -94,20 +93,32 @@ class JsonErrorsProtocol(HttpToolsProtocol):
     _priming = False  # a new parser is being told the framing of the request it resumes
 
     def data_received(self, data: bytes) -> None:
-        """uvicorn's, but for an Upgrade request, which is served as HTTP/1.1."""
-        if self._refused:
+        """uvicorn's, but for an Upgrade request, which is served as HTTP/1.1, and a request's line
+        and headers, which may take HEAD_BYTES at most."""
+        if self._refused is not None:
             return
         self._unset_keepalive_if_required()
+        self._head_begun = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self.logger.warning("Invalid HTTP request received.")
             self.send_400_response("Invalid HTTP request received.")
+            return
         except httptools.HttpParserUpgrade as stopped:
             if self._should_upgrade():  # a WebSocket, were a WebSocket library installed (none is)
                 self.handle_websocket_upgrade()
             else:
                 self._parse_after_upgrade(data[stopped.args[0] :])
+            return
+        if self._in_head and not self._head_begun:
+            # Counted by what arrived while a request's head was unfinished: httptools keeps a header
+            # it has not seen the end of, and a 200 MiB one took 320 MB (a review). The data its head
+            # began in is not counted (it may hold the end of the request before it, pipelined): at
+            # most one read, 256 KiB, more than HEAD_BYTES is taken.
+            self._head_bytes += len(data)
+            if self._head_bytes > HEAD_BYTES:
+                self._refuse(431, "headers_too_large", f"The request line and headers are larger than {HEAD_BYTES} bytes")
 
     def _parse_after_upgrade(self, rest: bytes) -> None:
         """Parse `rest` as the body of the request whose Upgrade header stopped the parser, then
@@ -130,11 +141,17 @@ class JsonErrorsProtocol(HttpToolsProtocol):
             self._priming = False
         self.data_received(rest)
 
-    _in_body = False  # past the request's headers: what the parser reports as a header is a trailer
+    _in_body = False  # between a request's headers and its end: a "header" now is a trailer field
+    _in_head = False  # a request's line and headers have begun and not ended
+    _head_bytes = 0
+    _head_begun = False  # a request's head began in the data being parsed
+    _refused: bytes | None = None  # the answer to a request refused here, once those before it are answered
+    _timer: asyncio.TimerHandle | None = None
 
     def on_message_begin(self) -> None:
         if not self._priming:
-            self._in_body = False
+            self._in_body, self._in_head, self._head_bytes, self._head_begun = False, True, 0, True
+            self._arm_timer()
             super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:
@@ -149,46 +166,76 @@ class JsonErrorsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         if not self._priming:
+            self._in_body, self._in_head = True, False
             super().on_headers_complete()
-            self._in_body = True
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._cancel_timer()  # the request is whole: the app's time is not the client's
+        super().on_message_complete()
+
+    # Refusals: a request the parser refuses, one whose head is too large, one too slow to arrive.
 
     def send_400_response(self, msg: str) -> None:
-        if self._answering():
-            # Answered in on_response_complete, once the requests before it are.
-            self._refused = True
-            self.flow.pause_reading()
+        self._refuse(400, "bad_request", "The request is not valid HTTP/1.1")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer `status` in JSON and close the connection; after the answers to the requests
+        before this one on the connection, when they are still being answered and this one's
+        body is not among what the app waits for."""
+        body = encoder.encode(ErrorResponse(ErrorBody(code=code, message=message, details=None)))
+        head = [STATUS_LINE.get(status, b"HTTP/1.1 %d \r\n" % status)]
+        head += [b"%s: %s\r\n" % pair for pair in self.server_state.default_headers]
+        head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n"]
+        self._refused = b"".join(head) + body
+        self._cancel_timer()
+        if not self._in_body and self._answering():
+            self.flow.pause_reading()  # written in on_response_complete
             return
-        self._refused = True
-        self._write_400()
+        self._write_refusal()
 
     def _answering(self) -> bool:
         return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self._refused or self.transport.is_closing():
+        if self._refused is None or self.transport.is_closing():
             return
         if self._answering():
             self.flow.pause_reading()  # uvicorn resumed it for the next pipelined request
         else:
             self._unset_keepalive_if_required()
-            self._write_400()
+            self._write_refusal()
 
-    def _write_400(self) -> None:
-        content = [STATUS_LINE[400]]
-        for name, value in self.server_state.default_headers:
-            content.extend([name, b": ", value, b"\r\n"])
-        content.extend(
-            [
-                b"content-type: application/json\r\n",
-                b"content-length: %d\r\n" % len(_NOT_HTTP),
-                b"connection: close\r\n",
-                b"\r\n",
-                _NOT_HTTP,
-            ]
-        )
-        self.transport.write(b"".join(content))
+    def _write_refusal(self) -> None:
+        assert self._refused is not None
+        self.transport.write(self._refused)
         self.transport.close()
+
+    def _arm_timer(self) -> None:
+        self._cancel_timer()
+        self._timer = self.loop.call_later(REQUEST_SECONDS, self._too_slow)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _too_slow(self) -> None:
+        """A connection that sent no request since it opened, or a request that has not arrived
+        whole, REQUEST_SECONDS on: nothing closed them, and each held a connection for good."""
+        self._timer = None
+        if self._refused is not None or self.transport.is_closing():
+            return
+        if self._in_body and self.cycle is not None and self.cycle.response_complete:
+            self.transport.close()  # answered without its body (a 404, say): nothing more to say
+            return
+        self._refuse(408, "request_timeout", f"The request did not arrive whole within {REQUEST_SECONDS:.0f} s")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        super().connection_lost(exc)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_OneWrite(transport, self.loop))  # type: ignore[arg-type]
+        self._arm_timer()  # a connection that never sends a request is closed too

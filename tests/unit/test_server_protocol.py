@@ -196,3 +196,56 @@ def test_a_chunked_body_s_trailer_fields_are_not_taken_for_headers() -> None:
 
     asyncio.run(run())
     assert seen == [[(b"host", b"ledger"), (b"transfer-encoding", b"chunked")], [(b"host", b"ledger")]]
+
+
+async def fed(*chunks: bytes, turns: int = 20) -> Socket:
+    """The protocol, with an app that answers 200 at once, fed `chunks` one turn apart."""
+    socket = Socket()
+    config = Config(app=await answer(b"", socket=socket), lifespan="off", access_log=False)
+    config.load()
+    protocol = JsonErrorsProtocol(config=config, server_state=ServerState(), app_state={})
+    protocol.connection_made(socket)
+    for chunk in chunks:
+        protocol.data_received(chunk)
+        await asyncio.sleep(0.001)
+    for _ in range(turns):
+        await asyncio.sleep(0.001)
+    protocol.connection_lost(None)
+    return socket
+
+
+def test_a_request_head_over_the_limit_is_refused_with_431_before_it_is_whole() -> None:
+    """A 200 MiB header was taken whole, and the API process grew by 320 MB (a review)."""
+    from api.server import HEAD_BYTES
+
+    part = b"a" * (16 << 10)
+    chunks = [b"GET / HTTP/1.1\r\nhost: ledger\r\nx-big: "] + [part] * (HEAD_BYTES // len(part) + 2) + [part, b"\r\n\r\n"]
+    socket = asyncio.run(fed(*chunks))
+    assert len(socket.writes) == 1 and socket.writes[0].startswith(b"HTTP/1.1 431 ")
+    assert b'"code":"headers_too_large"' in socket.writes[0]
+    assert socket.events[:2] == ["write", "close"]
+
+
+def test_a_head_that_follows_a_large_body_in_the_same_read_is_not_counted_with_it() -> None:
+    body = b"x" * (300 << 10)
+    pipelined = b"POST / HTTP/1.1\r\nhost: ledger\r\ncontent-length: %d\r\n\r\n" % len(body) + body + b"GET / HTTP/1.1\r\nhost: "
+    socket = asyncio.run(fed(pipelined, b"ledger\r\n\r\n"))
+    assert [w[:15] for w in socket.writes] == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK"]
+
+
+def test_a_connection_with_no_whole_request_in_time_gets_a_408_and_is_closed(monkeypatch: Any) -> None:
+    """An idle new connection, half a request line or half a body held a connection for good."""
+    import api.server
+
+    monkeypatch.setattr(api.server, "REQUEST_SECONDS", 0.005)
+    for partial in ((), (b"GET / HTTP/1.1\r\nhost: led",)):
+        socket = asyncio.run(fed(*partial, turns=30))
+        assert socket.writes and socket.writes[0].startswith(b"HTTP/1.1 408 "), (partial, socket.writes)
+        assert b'"code":"request_timeout"' in socket.writes[0] and "close" in socket.events
+    # Half a body, which the app waits for.
+    socket, bodies = asyncio.run(served_by_echo(b"POST / HTTP/1.1\r\nhost: ledger\r\ncontent-length: 10\r\n\r\n{", turns=30))
+    assert bodies == [] and socket.writes[0].startswith(b"HTTP/1.1 408 ")
+    assert socket.events[:2] == ["write", "close"]  # (this fake transport takes writes after its close; a real one drops them)
+    # A whole request is the app's to answer, however long that takes.
+    socket = asyncio.run(fed(GET, turns=30))
+    assert [w[:15] for w in socket.writes] == [b"HTTP/1.1 200 OK"]
