@@ -72,7 +72,7 @@ class _OneWrite:
 
 
 class JsonErrorsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with four changes.
+    """uvicorn's httptools protocol, with these changes.
 
     A request the HTTP parser refuses (a Content-Length of -1, two of them, a bad method or
     header) never reaches the app: uvicorn answers it with a plain-text 400 of its own. This
@@ -87,9 +87,11 @@ class JsonErrorsProtocol(HttpToolsProtocol):
     header: the app read an empty body (a valid booking answered "malformed_json"), and every
     later request on the connection went unanswered.
 
-    A chunked body's trailer fields are dropped, not added to the request's headers."""
+    A chunked body's trailer fields are dropped, not added to the request's headers.
 
-    _refused = False  # the parser refused a request: nothing after it is read
+    A request's line and headers may take HEAD_BYTES (431 past them), and a request must arrive
+    whole within REQUEST_SECONDS of its first byte, or of the connection's opening (408)."""
+
     _priming = False  # a new parser is being told the framing of the request it resumes
 
     def data_received(self, data: bytes) -> None:
