@@ -28,7 +28,7 @@ from api.limits import BodySizeLimit
 from api.observability import RequestObserver
 from api.querycache import KeptAnswers
 from api.readyourwrites import PositionWatcher, SharedPosition
-from api.routes import starlette_routes
+from api.routes import path_variants, starlette_routes
 from infra.config import Settings
 from infra.logs import configure_logging
 from infra.postgres import build_ledger
@@ -157,10 +157,9 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 
     routes = [
         *starlette_routes(),
-        Route("/openapi.json", openapi_json, methods=["GET"]),
-        Route("/openapi.json/", openapi_json, methods=["GET"]),
-        Route("/docs", docs, methods=["GET"]),
-        Route("/docs/", docs, methods=["GET"]),
+        # Served as every path is, also with a trailing slash and under /api (they were not under /api).
+        *(Route(path, openapi_json, methods=["GET"]) for path in path_variants("/openapi.json")),
+        *(Route(path, docs, methods=["GET"]) for path in path_variants("/docs")),
         Mount("/docs/static", StaticFiles(directory=SWAGGER_STATIC), name="docs-static"),
     ]
     app = Starlette(

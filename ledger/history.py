@@ -58,11 +58,12 @@ SMALLEST = Decimal("0.000001")
 # What a name may not hold (the API's names too, api.schemas.Name), as a regex character range:
 # C0, DEL and C1 controls; line and paragraph separators; bidirectional embeddings, overrides and
 # isolates (which show a name, or the text after it, reordered).
-NOT_IN_NAMES = r"\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069"
+NOT_IN_NAMES = r"\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069\ufdd0-\ufdef\ufffe\uffff"  # and noncharacters
 CONTROL = re.compile(f"[{NOT_IN_NAMES}]")
-# Format characters that show nothing: zero-width spaces and joiners, the byte-order mark, a soft
-# hyphen. A name must hold at least one character that is none of these, nor a space.
-INVISIBLE = r"\u00ad\u180e\u200b-\u200f\u2060-\u206f\ufeff"
+# Characters that show nothing: zero-width spaces and joiners, the byte-order mark, a soft hyphen,
+# the combining grapheme joiner, the Hangul fillers and the blank braille pattern. A name must hold
+# at least one character that is none of these, nor a space.
+INVISIBLE = r"\u00ad\u034f\u115f\u1160\u180e\u200b-\u200f\u2060-\u206f\u2800\u3164\ufeff\uffa0"
 VISIBLE = re.compile(rf"[^\s{NOT_IN_NAMES}{INVISIBLE}]")
 
 

@@ -483,8 +483,9 @@ def test_a_path_with_two_trailing_slashes_is_a_404_not_a_redirect_to_the_host_he
         response = client.request(method, path, headers={"Host": "attacker.example"}, follow_redirects=False)
         assert_error(response, 404, "not_found")
         assert "location" not in response.headers
-    assert client.get("/docs/").status_code == 200
-    assert client.get("/openapi.json/").json()["openapi"] == "3.1.0"
+    for prefix in ("", "/api"):  # the documents are served as every path is (they were not under /api)
+        assert client.get(f"{prefix}/docs/").status_code == client.get(f"{prefix}/docs").status_code == 200
+        assert client.get(f"{prefix}/openapi.json/").json()["openapi"] == client.get(f"{prefix}/openapi.json").json()["openapi"]
 
 
 def test_openapi_document_describes_every_endpoint(client: TestClient) -> None:

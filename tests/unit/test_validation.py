@@ -124,6 +124,8 @@ def test_bytes_that_are_not_utf8_and_deep_nesting_are_malformed(raw: bytes, mess
         ("first_name", "Asha\u202eayi"),  # a right-to-left override: the name shows reversed
         ("last_name", "Iyer\u2066"),  # a bidirectional isolate
         ("first_name", "A\u2028B"),  # a line separator
+        ("last_name", "Rao\uffff"),  # noncharacters, never meant for interchange
+        ("first_name", "\ufdd0Ann"),
     ],
 )
 def test_a_last_newline_a_c1_control_or_a_bidirectional_override_is_refused(field: str, value: str) -> None:
@@ -158,7 +160,11 @@ def test_a_phone_string_with_a_leading_zero_is_refused_saying_why() -> None:
     assert raised.value.details == [{"field": "phone_number", "message": "Expected 10 to 15 digits, no leading zero"}]
 
 
-@pytest.mark.parametrize("blank", ["\u200b", " \ufeff ", "\u00ad\u2060", "\u200c\u200d"])
+@pytest.mark.parametrize(
+    "blank",
+    # The Hangul fillers, the blank braille pattern and the grapheme joiner were taken as visible (a review).
+    ["\u200b", " \ufeff ", "\u00ad\u2060", "\u200c\u200d", "\u3164", "\u2800\u2800", "\uffa0", "\u115f\u1160", "\u034f"],
+)
 def test_a_name_of_invisible_characters_is_blank(blank: str) -> None:
     fields = {"first_name": blank, "last_name": "B", "age": 30, "monthly_income": 1000, "phone_number": "9000000000"}
     with pytest.raises(ApiError) as raised:
