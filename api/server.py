@@ -131,6 +131,8 @@ class JsonErrorsProtocol(HttpToolsProtocol):
             b"%s: %s\r\n" % (name, value) for name, value in self.headers if name in (b"content-length", b"transfer-encoding")
         ]
         self.cycle.body, self.cycle.more_body = bytearray(), True  # the stopped parser ended the message at its headers
+        self._in_body = True  # and its body is on its way: trailers are not headers, and it has REQUEST_SECONDS
+        self._arm_timer()
         self.parser = httptools.HttpRequestParser(self)
         self._priming = True
         try:
