@@ -4,6 +4,7 @@ uvicorn writes itself given the API's error shape, and each response sent in one
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Any
 
 import httptools
@@ -12,7 +13,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from api.schemas import ErrorBody, ErrorResponse, encoder
 
 HEAD_BYTES = 64 << 10  # a request's line and headers, at most (nginx's default allows 32 KiB)
-REQUEST_SECONDS = 60.0  # from a connection's opening, or a request's first byte, to the request's end
+FRAMING_BYTES = 1 << 20  # a chunked body's chunk sizes and trailer fields, at most
+REQUEST_SECONDS = 60.0  # for a request's line and headers; between two reads of its body
 
 
 class _OneWrite:
@@ -74,8 +76,8 @@ class _OneWrite:
 class JsonErrorsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with these changes.
 
-    A request the HTTP parser refuses (a Content-Length of -1, two of them, a bad method or
-    header) never reaches the app: uvicorn answers it with a plain-text 400 of its own. This
+    A request the HTTP parser refuses (a Content-Length of -1, two of them, a bad method, header
+    or chunk) never reaches the app: uvicorn answers it with a plain-text 400 of its own. This
     answers it as every other error is answered, in JSON (`bad_request`), and closes the
     connection, as uvicorn does; but only once the requests before it on the connection
     (pipelined) are answered. uvicorn answered at once and closed, and their answers were lost,
@@ -89,30 +91,46 @@ class JsonErrorsProtocol(HttpToolsProtocol):
 
     A chunked body's trailer fields are dropped, not added to the request's headers.
 
-    A request's line and headers may take HEAD_BYTES (431 past them), and a request must arrive
-    whole within REQUEST_SECONDS of its first byte, or of the connection's opening (408)."""
+    Limits: a request's line and headers may take about HEAD_BYTES (431 past them), and a chunked
+    body's framing and trailers FRAMING_BYTES (431). A connection must send a request's line and
+    headers within REQUEST_SECONDS of its first byte (or of the connection's opening, or of the
+    last answer), and its body may pause at most REQUEST_SECONDS between reads (408), except while
+    a request before it on the connection is being answered."""
 
     _priming = False  # a new parser is being told the framing of the request it resumes
+    _in_body = False  # between a request's headers and its end: a "header" now is a trailer field
+    _in_head = False  # a request's line and headers have begun and not ended
+    _head_bytes = 0  # what arrived while the head was unfinished (but the read it began in)
+    _head_begun = False  # a request's head began in the data being parsed
+    _framing_bytes = 0  # what arrived during a body that was not body: chunk sizes, trailers
+    _body_fed = 0  # body bytes in the data being parsed
+    _own: Any = None  # the cycle of the request being parsed, once it has one
+    _running: Any = None  # the cycle whose app runs (uvicorn starts them one at a time)
+    _refused: bytes | None = None  # the answer to a request refused here, once those before it are answered
+    _timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
-        """uvicorn's, but for an Upgrade request, which is served as HTTP/1.1, and a request's line
-        and headers, which may take HEAD_BYTES at most."""
-        if self._refused is not None:
-            return
+        """uvicorn's, with the changes above. A loop, not a recursion, over requests with an
+        Upgrade header: 600 of them in one read overflowed the stack (a review)."""
+        rest: bytes | memoryview | None = data
+        while rest is not None and self._refused is None:
+            rest = self._parse(rest)
+
+    def _parse(self, data: bytes | memoryview) -> bytes | memoryview | None:
+        """Feed `data` to the parser; what is left of it when an Upgrade header stopped the parser."""
         self._unset_keepalive_if_required()
-        self._head_begun = False
+        self._head_begun, self._body_fed = False, 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self.logger.warning("Invalid HTTP request received.")
             self.send_400_response("Invalid HTTP request received.")
-            return
+            return None
         except httptools.HttpParserUpgrade as stopped:
             if self._should_upgrade():  # a WebSocket, were a WebSocket library installed (none is)
                 self.handle_websocket_upgrade()
-            else:
-                self._parse_after_upgrade(data[stopped.args[0] :])
-            return
+                return None
+            return self._resume_after_upgrade(memoryview(data)[stopped.args[0] :])
         if self._in_head and not self._head_begun:
             # Counted by what arrived while a request's head was unfinished: httptools keeps a header
             # it has not seen the end of, and a 200 MiB one took 320 MB (a review). The data its head
@@ -121,17 +139,27 @@ class JsonErrorsProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > HEAD_BYTES:
                 self._refuse(431, "headers_too_large", f"The request line and headers are larger than {HEAD_BYTES} bytes")
+        elif self._in_body:
+            # httptools keeps a trailer field it has not seen the end of, as it does a header.
+            self._framing_bytes += len(data) - self._body_fed
+            if self._framing_bytes > FRAMING_BYTES:
+                self._refuse(
+                    431, "headers_too_large", f"The body's chunk framing and trailers are larger than {FRAMING_BYTES} bytes"
+                )
+            else:
+                self._arm_timer()  # the body came on: REQUEST_SECONDS more for the next part
+        return None
 
-    def _parse_after_upgrade(self, rest: bytes) -> None:
-        """Parse `rest` as the body of the request whose Upgrade header stopped the parser, then
-        as the requests after it. The parser, stopped for good, is replaced by one told the
-        request's framing (its Content-Length or Transfer-Encoding) first, its callbacks for the
-        framing's own request line and headers skipped; the request's task has not run yet."""
+    def _resume_after_upgrade(self, rest: memoryview) -> memoryview | None:
+        """Make ready to parse `rest` as the body of the request whose Upgrade header stopped the
+        parser, then as the requests after it: the parser, stopped for good, is replaced by one
+        told the request's framing (its Content-Length or Transfer-Encoding) first, its callbacks
+        for the framing's own request line and headers skipped. The request's task has not run."""
         framing = [
             b"%s: %s\r\n" % (name, value) for name, value in self.headers if name in (b"content-length", b"transfer-encoding")
         ]
         self.cycle.body, self.cycle.more_body = bytearray(), True  # the stopped parser ended the message at its headers
-        self._in_body = True  # and its body is on its way: trailers are not headers, and it has REQUEST_SECONDS
+        self._in_body, self._framing_bytes = True, 0  # its body is on its way: trailers are not headers
         self._arm_timer()
         self.parser = httptools.HttpRequestParser(self)
         self._priming = True
@@ -140,21 +168,16 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         except httptools.HttpParserError:  # framing the first parser took and this one does not
             self._priming = False
             self.send_400_response("Invalid HTTP request received.")
-            return
+            return None
         finally:
             self._priming = False
-        self.data_received(rest)
+        return rest
 
-    _in_body = False  # between a request's headers and its end: a "header" now is a trailer field
-    _in_head = False  # a request's line and headers have begun and not ended
-    _head_bytes = 0
-    _head_begun = False  # a request's head began in the data being parsed
-    _refused: bytes | None = None  # the answer to a request refused here, once those before it are answered
-    _timer: asyncio.TimerHandle | None = None
+    # Parser callbacks
 
     def on_message_begin(self) -> None:
         if not self._priming:
-            self._in_body, self._in_head, self._head_bytes, self._head_begun = False, True, 0, True
+            self._in_body, self._in_head, self._head_bytes, self._head_begun, self._own = False, True, 0, True, None
             self._arm_timer()
             super().on_message_begin()
 
@@ -170,36 +193,49 @@ class JsonErrorsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         if not self._priming:
-            self._in_body, self._in_head = True, False
+            self._in_body, self._in_head, self._framing_bytes = True, False, 0
             super().on_headers_complete()
+            self._own = self.cycle
+
+    def on_body(self, body: bytes) -> None:
+        self._body_fed += len(body)
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._in_body = False
         self._cancel_timer()  # the request is whole: the app's time is not the client's
         super().on_message_complete()
 
-    # Refusals: a request the parser refuses, one whose head is too large, one too slow to arrive.
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
+
+    # Refusals: a request the parser refuses, one too large, one too slow to arrive.
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(400, "bad_request", "The request is not valid HTTP/1.1")
 
     def _refuse(self, status: int, code: str, message: str) -> None:
-        """Answer `status` in JSON and close the connection; after the answers to the requests
-        before this one on the connection, when they are still being answered and this one's
-        body is not among what the app waits for."""
+        """Answer `status` in JSON and close the connection, once the requests before this one are
+        answered. The refused request's own app, if it runs, is waiting for what will not come: it
+        sees the client gone. Queued behind others, it never runs."""
         body = encoder.encode(ErrorResponse(ErrorBody(code=code, message=message, details=None)))
         head = [STATUS_LINE.get(status, b"HTTP/1.1 %d \r\n" % status)]
         head += [b"%s: %s\r\n" % pair for pair in self.server_state.default_headers]
         head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n"]
         self._refused = b"".join(head) + body
         self._cancel_timer()
-        if not self._in_body and self._answering():
+        own = self._own
+        if own is not None and any(cycle is own for cycle, _ in self.pipeline):
+            self.pipeline = deque(queued for queued in self.pipeline if queued[0] is not own)
+        if self._answering() and self._running is not own:
             self.flow.pause_reading()  # written in on_response_complete
             return
         self._write_refusal()
 
     def _answering(self) -> bool:
-        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+        """Whether requests before the one being parsed are still being answered."""
+        return bool(self.pipeline) or (self._running is not None and not self._running.response_complete)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -231,7 +267,12 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         self._timer = None
         if self._refused is not None or self.transport.is_closing():
             return
-        if self._in_body and self.cycle is not None and self.cycle.response_complete:
+        if self._answering() and self._running is not self._own:
+            # A request before this one is still being answered: this one waits its turn (uvicorn
+            # reads no more of it meanwhile), and the delay is not the client's.
+            self._arm_timer()
+            return
+        if self._in_body and self._own is not None and self._own.response_complete:
             self.transport.close()  # answered without its body (a 404, say): nothing more to say
             return
         self._refuse(408, "request_timeout", f"The request did not arrive whole within {REQUEST_SECONDS:.0f} s")

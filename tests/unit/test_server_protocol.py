@@ -249,3 +249,114 @@ def test_a_connection_with_no_whole_request_in_time_gets_a_408_and_is_closed(mon
     # A whole request is the app's to answer, however long that takes.
     socket = asyncio.run(fed(GET, turns=30))
     assert [w[:15] for w in socket.writes] == [b"HTTP/1.1 200 OK"]
+
+
+class Connection:
+    """The protocol on a fake socket, with an app that reads the body, waits `?wait=` seconds and
+    answers with the body; fed by the test, bytes at a time."""
+
+    def __init__(self) -> None:
+        self.socket, self.bodies = Socket(), []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            body, more = b"", True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body, more = body + message.get("body", b""), message.get("more_body", False)
+            self.bodies.append(body)
+            query = scope["query_string"].decode()
+            await asyncio.sleep(float(query.removeprefix("wait=")) if query.startswith("wait=") else 0)
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+            await send({"type": "http.response.body", "body": body})
+
+        config = Config(app=app, lifespan="off", access_log=False)
+        config.load()
+        self.protocol = JsonErrorsProtocol(config=config, server_state=ServerState(), app_state={})
+        self.protocol.connection_made(self.socket)
+
+    async def send(self, data: bytes, then: float = 0.0) -> None:
+        if not self.socket.closing:
+            self.protocol.data_received(data)
+        await asyncio.sleep(then)
+        if self.socket.closing and "lost" not in self.socket.events:  # as a real transport reports its close
+            self.socket.events.append("lost")
+            self.protocol.connection_lost(None)
+
+    def statuses(self) -> list[bytes]:
+        return [part[:3] for part in b"".join(self.socket.writes).split(b"HTTP/1.1 ")[1:]]
+
+
+def test_a_request_refused_in_its_body_is_answered_after_the_request_before_it() -> None:
+    """The refusal waited for the answers before it only when the parser refused a request line or
+    a header: a bad chunk, a Transfer-Encoding not ending in chunked, or a URL the parser took and
+    uvicorn did not, behind a booking, lost the booking's answer (a review)."""
+    for bad in (
+        b"POST /x HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+        b"POST /x HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip\r\n\r\n",
+        b"GET http://a:99999999/ HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: h2c\r\ntransfer-encoding: gzip\r\n\r\n",
+    ):
+
+        async def run(bad: bytes = bad) -> Connection:
+            connection = Connection()
+            await connection.send(post(b'{"customer_id": 301}').replace(b"/create-loan", b"/create-loan?wait=0.02") + bad, 0.06)
+            return connection
+
+        connection = asyncio.run(run())
+        assert connection.bodies == [b'{"customer_id": 301}'], bad
+        assert connection.statuses() == [b"200", b"400"], (bad, connection.socket.writes)
+        assert connection.socket.events[-1] == "close"
+
+
+def test_a_pipelined_request_waiting_for_its_turn_is_not_timed_out(monkeypatch: Any) -> None:
+    """While this side does not read (the request before it is being answered), the client is not
+    slow: its request got a 408 and the answer before it was lost (a review)."""
+    import api.server
+
+    monkeypatch.setattr(api.server, "REQUEST_SECONDS", 0.01)
+
+    async def run() -> Connection:
+        connection = Connection()
+        slow = b"POST /a?wait=0.08 HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\none"
+        await connection.send(slow + b"POST /b HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\n", 0.04)  # 4 x REQUEST_SECONDS
+        await connection.send(b"two", 0.15)
+        return connection
+
+    connection = asyncio.run(run())
+    assert connection.bodies == [b"one", b"two"] and connection.statuses() == [b"200", b"200"]
+
+
+def test_a_trailer_field_without_end_is_refused_as_a_header_would_be() -> None:
+    """httptools keeps a trailer field it has not seen the end of: an endless one grew the process
+    by 100 MB and held the event loop for seconds (a review)."""
+    from api.server import FRAMING_BYTES
+
+    async def run() -> Connection:
+        connection = Connection()
+        await connection.send(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nx-trailer: ")
+        for _ in range(FRAMING_BYTES // (64 << 10) + 2):
+            await connection.send(b"a" * (64 << 10))
+        await asyncio.sleep(0.01)
+        return connection
+
+    connection = asyncio.run(run())
+    assert connection.statuses() == [b"431"] and b'"code":"headers_too_large"' in connection.socket.writes[0]
+
+
+def test_six_hundred_pipelined_requests_with_an_upgrade_header_are_all_answered() -> None:
+    """Each resumed the parse by calling the parse again: 600 in one read overflowed the stack and
+    the connection was aborted with none answered (a review)."""
+    request = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n"
+
+    async def run() -> Connection:
+        connection = Connection()
+        await connection.send(request * 600)
+        for _ in range(200):
+            if len(connection.statuses()) == 600:
+                break
+            await asyncio.sleep(0.01)
+        return connection
+
+    assert asyncio.run(run()).statuses() == [b"200"] * 600
