@@ -167,7 +167,6 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(b"POST / HTTP/1.1\r\n" + b"".join(framing) + b"\r\n")
         except httptools.HttpParserError:  # framing the first parser took and this one does not
-            self._priming = False
             self.send_400_response("Invalid HTTP request received.")
             return None
         finally:
@@ -229,14 +228,18 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         own = self._own
         if own is not None and any(cycle is own for cycle, _ in self.pipeline):
             self.pipeline = deque(queued for queued in self.pipeline if queued[0] is not own)
-        if self._answering() and self._running is not own:
+        if self._behind_others():
             self.flow.pause_reading()  # written in on_response_complete
             return
         self._write_refusal()
 
     def _answering(self) -> bool:
-        """Whether requests before the one being parsed are still being answered."""
+        """Whether requests are still being answered (queued, or their app running)."""
         return bool(self.pipeline) or (self._running is not None and not self._running.response_complete)
+
+    def _behind_others(self) -> bool:
+        """Whether the request being parsed waits for the answers to requests before it."""
+        return self._answering() and self._running is not self._own
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -272,7 +275,7 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         if self.loop.time() < self._deadline:  # armed again since: until then
             self._timer = self.loop.call_at(self._deadline, self._too_slow)
             return
-        if self._answering() and self._running is not self._own:
+        if self._behind_others():
             # A request before this one is still being answered: this one waits its turn (uvicorn
             # reads no more of it meanwhile), and the delay is not the client's.
             self._arm_timer()

@@ -295,15 +295,11 @@ def cmd_import_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from ledger.application import Ledger
     from projections.projector import events_table
 
     settings = Settings.from_env()
-    ledger, pool = build_ledger(settings)
-    try:
-        table = events_table(ledger)
-    finally:
-        pool.close()
-        ledger.close()
+    table = events_table(Ledger)  # the application's name, a class attribute: no need to build one
     with connect(settings) as conn:
         # Both positions in one statement, so from one moment: read one after the other, a page the
         # projection committed in between put the read model past the last event (a negative lag).

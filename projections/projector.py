@@ -54,7 +54,7 @@ PAGE_SIZE = 1000
 REBUILD_PAGE_SIZE = 5000  # a rebuild has no reader waiting on each page: fewer, larger transactions
 
 
-def events_table(app: Ledger) -> str:
+def events_table(app: Ledger | type[Ledger]) -> str:
     """The table that holds the application's events (the library's default name)."""
     return f"{app.name.lower()}_events"
 
