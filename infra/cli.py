@@ -291,7 +291,7 @@ def cmd_import_report(args: argparse.Namespace) -> int:
     print(f"import {row['job_id']}: {row['state']}, {row['rows_done']}/{row['total_rows']} rows")
     if row["state"] in ("completed", "failed"):
         print_report(row)
-    return 0
+    return 1 if row["state"] == "failed" else 0  # as `ledger import` ends for the same job
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -320,6 +320,17 @@ def test_an_unreadable_file_fails_clearly_and_changes_nothing(stack: Stack, clie
     assert missing["state"] == "failed"
     assert "missing column(s) Customer ID, Loan ID" in missing["summary"]["error"]
     assert counts(stack) == before
+    # The command line reports a failed job as `ledger import` ends for it: exit status 1.
+    report = subprocess.run(
+        [sys.executable, "-m", "infra.cli", "import-report", broken["job_id"]],
+        env={**os.environ, **stack.env},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert report.returncode == 1, (report.stdout, report.stderr)
+    assert report.stdout.splitlines()[-1].startswith("import failed: ") and "test_not_excel.xlsx" in report.stdout
 
 
 def test_import_request_outside_the_import_directory_is_refused(client: TestClient) -> None:
