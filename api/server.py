@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -15,6 +16,7 @@ from api.schemas import ErrorBody, ErrorResponse, encoder
 HEAD_BYTES = 64 << 10  # a request's line and headers, at most (nginx's default allows 32 KiB)
 FRAMING_BYTES = 1 << 20  # a chunked body's chunk sizes and trailer fields, at most
 REQUEST_SECONDS = 60.0  # for a request's line and headers; between two reads of its body
+LINGER_SECONDS = 5.0  # a closed connection still reads, and drops, what its client sends, for so long at most
 
 
 class _OneWrite:
@@ -26,14 +28,22 @@ class _OneWrite:
     them yields), so the headers are held until the body's write, which sends both at once,
     before anything else the turn does. A write with none after it in its turn (a HEAD answer's
     headers, the last part of a body sent in parts) goes at the end of the turn.
+
+    Closed while its client may still be sending (a request refused before its body was read,
+    a 413), the connection lingers (as nginx's does): the answer is followed by a FIN, and what
+    the client sends is read and dropped until it closes its side, or for LINGER_SECONDS. Closed
+    at once, with the client's data unread, the connection was reset (an RST), and a client's TCP
+    may drop an answer it has not yet read when the RST arrives.
     """
 
-    __slots__ = ("_held", "_loop", "_transport")
+    __slots__ = ("_held", "_lingering", "_loop", "_transport", "unread")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, unread: Callable[[], bool]) -> None:
         self._transport = transport
         self._loop = loop
         self._held: bytes | None = None
+        self._lingering: asyncio.TimerHandle | None = None
+        self.unread = unread  # whether the client may be sending a request not yet read whole
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         held, self._held = self._held, None
@@ -61,7 +71,33 @@ class _OneWrite:
 
     def close(self) -> None:
         self._flush()
-        self._transport.close()
+        if self._lingering is None and not self._transport.is_closing() and self.unread():
+            self._linger()
+        else:
+            self._transport.close()
+
+    def _linger(self) -> None:
+        try:
+            self._transport.write_eof()
+        except (NotImplementedError, OSError, RuntimeError):  # a transport that cannot half-close
+            self._transport.close()
+            return
+        self._lingering = self._loop.call_later(LINGER_SECONDS, self._transport.close)
+        self._transport.resume_reading()  # its protocol drops what comes; the client's close ends it
+
+    def lingering(self) -> bool:
+        return self._lingering is not None
+
+    def is_closing(self) -> bool:
+        return self._lingering is not None or self._transport.is_closing()
+
+    def pause_reading(self) -> None:
+        if self._lingering is None:  # else it would stop reading what lingering drops
+            self._transport.pause_reading()
+
+    def lost(self) -> None:
+        if self._lingering is not None:
+            self._lingering.cancel()
 
     def abort(self) -> None:
         self._held = None
@@ -97,6 +133,7 @@ class JsonErrorsProtocol(HttpToolsProtocol):
     last answer), and its body may pause at most REQUEST_SECONDS between reads (408), except while
     a request before it on the connection is being answered."""
 
+    transport: _OneWrite  # type: ignore[assignment]  # uvicorn's, as connection_made wraps it
     _priming = False  # a new parser is being told the framing of the request it resumes
     _in_body = False  # between a request's headers and its end: a "header" now is a trailer field
     _in_head = False  # a request's line and headers have begun and not ended
@@ -113,6 +150,8 @@ class JsonErrorsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         """uvicorn's, with the changes above. A loop, not a recursion, over requests with an
         Upgrade header: 600 of them in one read overflowed the stack (a review)."""
+        if self.transport.lingering():
+            return  # closed: what the client still sends is dropped
         rest: bytes | memoryview | None = data
         while rest is not None and self._refused is None:
             rest = self._parse(rest)
@@ -286,12 +325,17 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         self._refuse(408, "request_timeout", f"The request did not arrive whole within {REQUEST_SECONDS:.0f} s")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.transport.lost()
         self._deadline = 0.0
         if self._timer is not None:  # else it would keep this protocol for up to REQUEST_SECONDS
             self._timer.cancel()
             self._timer = None
         super().connection_lost(exc)
 
+    def _reading_a_request(self) -> bool:
+        """Whether a request has begun and not been read whole, or was refused before it was."""
+        return self._in_head or self._in_body or self._refused is not None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(_OneWrite(transport, self.loop))  # type: ignore[arg-type]
+        super().connection_made(_OneWrite(transport, self.loop, self._reading_a_request))  # type: ignore[arg-type]
         self._arm_timer()  # a connection that never sends a request is closed too

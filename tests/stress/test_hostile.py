@@ -195,6 +195,22 @@ def test_bodies_over_one_mebibyte_are_refused_with_413_before_parsing(served: Se
     figures.update(body_bytes=len(big), seconds=round(elapsed, 2))
 
 
+def test_a_client_that_sends_its_whole_large_body_before_reading_gets_the_413_not_a_reset(served: Served) -> None:
+    """Many clients send a whole body before they read. The API answered 413 and closed with the
+    body unread, which resets the connection: the client's sending failed (broken pipe, reset),
+    and on a real network its TCP may drop the 413 itself. The connection lingers now."""
+    body = b"x" * (16 << 20)
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as client:
+        client.sendall(
+            b"POST /register HTTP/1.1\r\nhost: ledger\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+        )
+        client.sendall(body)  # reset here, before: BrokenPipeError or ConnectionResetError
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 ") and b'"code":"payload_too_large"' in answer
+
+
 @pytest.mark.parametrize(
     "request_bytes",
     [

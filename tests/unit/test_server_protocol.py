@@ -360,3 +360,55 @@ def test_six_hundred_pipelined_requests_with_an_upgrade_header_are_all_answered(
         return connection
 
     assert asyncio.run(run()).statuses() == [b"200"] * 600
+
+
+class HalfClosingSocket(Socket):
+    """A socket that can send its FIN (write_eof) before it closes, as a TCP one can."""
+
+    def write_eof(self) -> None:
+        self.events.append("eof")
+
+
+async def closing(*chunks: bytes, client_closes: bool = False) -> HalfClosingSocket:
+    """The protocol on a half-closing socket, with an app that answers `connection: close` at
+    once without reading the body, fed `chunks` 10 ms apart, then left for 100 ms."""
+    socket = HalfClosingSocket()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    config = Config(app=app, lifespan="off", access_log=False)
+    config.load()
+    protocol = JsonErrorsProtocol(config=config, server_state=ServerState(), app_state={})
+    protocol.connection_made(socket)
+    for chunk in chunks:
+        protocol.data_received(chunk)
+        await asyncio.sleep(0.01)
+    if client_closes:
+        socket.events.append("lost")
+        protocol.connection_lost(None)  # the client's FIN: the transport closes itself
+    await asyncio.sleep(0.1)
+    return socket
+
+
+def test_a_connection_closed_while_its_client_may_still_send_lingers_then_closes(monkeypatch: Any) -> None:
+    """Closed with the client's data unread, a TCP connection is reset, and the client's TCP may
+    drop the answer it has not read yet: a client sending a large body read a reset, not the 413."""
+    import api.server
+
+    monkeypatch.setattr(api.server, "LINGER_SECONDS", 0.05)
+    head = b"POST / HTTP/1.1\r\nhost: ledger\r\ncontent-length: 100000\r\n\r\n"
+    # Answered before its body came: the answer, a FIN, what the client still sends dropped, then the close.
+    socket = asyncio.run(closing(head + b"x" * 10, b"y" * 1000, b"GET / HTTP/1.1\r\nhost: ledger\r\n\r\n"))
+    assert [w[:12] for w in socket.writes] == [b"HTTP/1.1 413"]
+    assert socket.events == ["write", "eof", "close"]
+    # A request the parser refuses, with more to come after it, the same way.
+    socket = asyncio.run(closing(b"NOT HTTP AT ALL\r\n", b"more of it\r\n"))
+    assert [w[:12] for w in socket.writes] == [b"HTTP/1.1 400"] and socket.events == ["write", "eof", "close"]
+    # The client closing its side ends the lingering (uvicorn closes the transport), and its timer with it.
+    socket = asyncio.run(closing(head, client_closes=True))
+    assert socket.events == ["write", "eof", "lost", "close"]
+    # A request read whole and answered with a close is closed at once: nothing more is coming.
+    socket = asyncio.run(closing(b"GET / HTTP/1.1\r\nhost: ledger\r\n\r\n"))
+    assert socket.events == ["write", "close"]
