@@ -173,7 +173,7 @@ def _phone(value: int | str) -> str:
 
 async def register(request: Request) -> Response:
     svc = services(request)
-    body = decode(await json_body(request), schemas.RegisterRequest, aliases={"monthly_salary": "monthly_income"})
+    body = decode(await json_body(request), schemas.RegisterRequest, aliases=schemas.ALIASES[schemas.RegisterRequest])
     key = idempotency_key(request)
     registration, headers = await run_command(
         svc,

@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from api.routes import ENDPOINTS
+from api.schemas import ALIASES
 
 
 def _ref_template() -> str:
@@ -34,6 +35,10 @@ def document() -> dict[str, Any]:
             types.append(endpoint.request)
         types += [body for body, _ in endpoint.responses.values()]
     schemas, components = _decimals_as_numbers(list(msgspec.json.schema_components(types, ref_template=_ref_template())))
+    for struct, aliases in ALIASES.items():  # accepted as their fields are, so documented as such
+        properties = components[struct.__name__]["properties"]
+        for alias, name in aliases.items():
+            properties[alias] = {**properties[name], "description": f"An alias of `{name}` (both: only with one value)"}
     resolved = iter(schemas)
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in ENDPOINTS:

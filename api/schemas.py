@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-from ledger.history import INVISIBLE, NOT_IN_NAMES, PHONES
+from ledger.history import INVISIBLE, NOT_IN_NAMES, PHONES, name_has_no_hidden_parts
 from ledger.policy import LONGEST_TENURE
 
 BIGINT = 2**63 - 1
@@ -25,9 +25,11 @@ Name = Annotated[
         # None of the characters the import refuses in names either (ledger.history.NOT_IN_NAMES:
         # controls, line separators, bidirectional overrides), and at least one that shows: not a
         # space, or an invisible format character (zero-width spaces and joiners, the byte-order
-        # mark, a soft hyphen).
+        # mark, a soft hyphen). What a pattern cannot say (a character that shows by its Unicode
+        # category; noncharacters past the BMP) the decoder checks after it (`extra["check"]`).
         pattern=(rf"^[^{NOT_IN_NAMES}]*[^\s{NOT_IN_NAMES}{INVISIBLE}][^{NOT_IN_NAMES}]*$(?!\n)"),
         description="Non-blank, at most 100 characters, no control characters, line separators or bidirectional overrides",
+        extra={"check": name_has_no_hidden_parts},
     ),
 ]
 Id = Annotated[int, Meta(ge=1, le=BIGINT)]
@@ -54,7 +56,7 @@ Phone = (
 )
 
 
-class RegisterRequest(Struct):
+class RegisterRequest(Struct, forbid_unknown_fields=True):
     first_name: Name
     last_name: Name
     age: Annotated[int, Meta(ge=18, le=100)]
@@ -68,6 +70,10 @@ class RegisterRequest(Struct):
     phone_number: Phone
 
 
+# Other names a request's field is accepted under (both: only with one value), by request.
+ALIASES: dict[type[Struct], dict[str, str]] = {RegisterRequest: {"monthly_salary": "monthly_income"}}
+
+
 class RegisterResponse(Struct):
     customer_id: int
     name: str
@@ -77,7 +83,7 @@ class RegisterResponse(Struct):
     phone_number: int
 
 
-class LoanRequestBody(Struct):
+class LoanRequestBody(Struct, forbid_unknown_fields=True):
     customer_id: Id
     loan_amount: PositiveAmount
     interest_rate: Rate
@@ -162,7 +168,7 @@ FileName = Annotated[
 ]
 
 
-class ImportRequest(Struct):
+class ImportRequest(Struct, forbid_unknown_fields=True):
     customers_file: FileName = "customer_data.xlsx"
     loans_file: FileName = "loan_data.xlsx"
 
@@ -201,7 +207,7 @@ class Readiness(Struct):
     checks: dict[str, Check]
 
 
-class RepaymentRequest(Struct):
+class RepaymentRequest(Struct, forbid_unknown_fields=True):
     paid_on: Annotated[date, Meta(description="The day the installment was paid (default: today)")] | None = None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import operator
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
@@ -59,12 +60,38 @@ SMALLEST = Decimal("0.000001")
 # C0, DEL and C1 controls; line and paragraph separators; bidirectional embeddings, overrides and
 # isolates (which show a name, or the text after it, reordered).
 NOT_IN_NAMES = r"\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069\ufdd0-\ufdef\ufffe\uffff"  # and noncharacters
-CONTROL = re.compile(f"[{NOT_IN_NAMES}]")
-# Characters that show nothing: zero-width spaces and joiners, the byte-order mark, a soft hyphen,
-# the combining grapheme joiner, the Hangul fillers and the blank braille pattern. A name must hold
-# at least one character that is none of these, nor a space.
-INVISIBLE = r"\u00ad\u034f\u115f\u1160\u180e\u200b-\u200f\u2060-\u206f\u2800\u3164\ufeff\uffa0"
-VISIBLE = re.compile(rf"[^\s{NOT_IN_NAMES}{INVISIBLE}]")
+# The noncharacters of the other planes (U+1FFFE, U+1FFFF, ... U+10FFFF), which the OpenAPI
+# document's pattern (BMP escapes only) does not spell.
+_PLANES_NONCHARACTERS = "".join(f"\\U{plane:04x}fffe\\U{plane:04x}ffff" for plane in range(1, 17))
+CONTROL = re.compile(f"[{NOT_IN_NAMES}{_PLANES_NONCHARACTERS}]")
+# Characters that show nothing although their category is a letter's or a symbol's: the Hangul
+# fillers and the blank braille pattern; and format characters the pattern of the OpenAPI document
+# names (zero-width spaces and joiners, the byte-order mark, a soft hyphen, the grapheme joiner,
+# the Arabic letter mark).
+INVISIBLE = r"\u00ad\u034f\u061c\u115f\u1160\u180e\u200b-\u200f\u2060-\u206f\u2800\u3164\ufeff\uffa0"
+VISIBLE = re.compile(rf"[^\s{NOT_IN_NAMES}{INVISIBLE}]")  # a character that may show: `shows` looks closer
+# What shows on its own: letters, digits, punctuation, symbols and spacing marks. Not format
+# characters (variation selectors, tags, annotation anchors), non-spacing or enclosing marks
+# (a combining accent with nothing to sit on), private use or unassigned code points.
+_SHOWING = frozenset(
+    ["Lu", "Ll", "Lt", "Lm", "Lo", "Nd", "Nl", "No", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po", "Sm", "Sc", "Sk", "So", "Mc"]
+)
+
+
+def shows(text: str) -> bool:
+    """Whether `text` holds a character that shows on its own (a name must): a review registered
+    names of a variation selector, a lone combining accent and a tag space."""
+    first = VISIBLE.search(text)  # most names: their first letter
+    if first is None:
+        return False
+    return unicodedata.category(first.group()) in _SHOWING or any(
+        unicodedata.category(char) in _SHOWING for char in VISIBLE.findall(text, first.end())
+    )
+
+
+def name_has_no_hidden_parts(text: str) -> bool:
+    """What a name's pattern cannot say: it shows (`shows`), and holds no noncharacter of another plane."""
+    return shows(text) and not CONTROL.search(text)
 
 
 class UnreadableFile(Exception):
@@ -244,7 +271,7 @@ def _text(value: Cell, column: str) -> str:
         raise _BadCell(f"{column} is empty")
     if CONTROL.search(text):
         raise _BadCell(f"{column} contains control characters, line separators or bidirectional overrides")
-    if not VISIBLE.search(text):
+    if not shows(text):
         raise _BadCell(f"{column} shows nothing (only spaces and invisible characters)")
     if len(text) > 100:
         raise _BadCell(f"{column} is longer than 100 characters")

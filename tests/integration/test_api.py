@@ -156,6 +156,27 @@ def test_a_body_not_declared_as_json_is_a_415_and_changes_nothing(
     assert client.post(f"/loans/{loan}/repayments").status_code == 201
 
 
+def test_a_misspelt_or_repeated_field_is_a_400_and_changes_nothing(stack: Stack, client: TestClient) -> None:
+    """A misspelt optional field was dropped without a word: {"paidOn": ...} recorded a repayment
+    paid today, for good, and {"customer_file": ...} imported the bundled files. Of a field given
+    twice, the last value was taken (a review)."""
+    customer = register(client, income=200_000)
+    loan = client.post("/create-loan", json=loan_body(customer["customer_id"], 10_000, 15, 6)).json()["loan_id"]
+    before = count_rows(stack, "repayments") + count_rows(stack, "import_jobs")
+    error = assert_error(client.post(f"/loans/{loan}/repayments", json={"paidOn": "2026-11-01"}), 400, "validation_error")
+    assert error["details"] == [{"field": "paidOn", "message": "Unknown field; the fields are paid_on"}]
+    misspelt = {"customer_file": "customer_data.xlsx", "loan_file": "loan_data.xlsx"}
+    error = assert_error(client.post("/imports", json=misspelt), 400, "validation_error")
+    assert [d["field"] for d in error["details"]] == ["customer_file", "loan_file"]
+    twice = b'{"customer_id": %d, "loan_amount": 10000, "interest_rate": 15, "tenure": 6, "loan_amount": 900000}'
+    error = assert_error(
+        client.post("/create-loan", content=twice % customer["customer_id"], headers=JSON), 400, "validation_error"
+    )
+    assert error["details"] == [{"field": "loan_amount", "message": "This field is given more than once"}]
+    assert count_rows(stack, "repayments") + count_rows(stack, "import_jobs") == before
+    assert [row["loan_id"] for row in client.get(f"/view-loans/{customer['customer_id']}").json()] == [loan]
+
+
 # Check eligibility and create loan
 
 

@@ -243,7 +243,7 @@ def test_a_text_cell_spelling_a_number_as_json_does_reads_as_it(text: str, numbe
     assert not isinstance(record, RowIssue) and record.monthly_income == Decimal(number)
 
 
-@pytest.mark.parametrize("name", ["\u200b", " \u200b\ufeff ", "\u00ad", "\u2060"])
+@pytest.mark.parametrize("name", ["\u200b", " \u200b\ufeff ", "\u00ad", "\u2060", "\ufe0f", "\u0301", "\U000e0020", "\u061c"])
 def test_a_name_that_shows_nothing_is_refused_as_the_api_refuses_it(name: str) -> None:
     """A name of a zero-width space alone was imported (from a review); the API refuses it."""
     issue = parse_customer("c.xlsx", 4, CUSTOMER | {"First Name": name})
