@@ -107,14 +107,15 @@ def json(body: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 
 def path_int(request: Request, name: str) -> int:
     raw = request.path_params[name]
-    if not re.fullmatch(r"[0-9]{1,19}", raw) or not 1 <= int(raw) <= schemas.BIGINT:
+    digits = raw.lstrip("0")  # the same number with leading zeros at any length (19 characters was the limit)
+    if not re.fullmatch(r"[0-9]{1,19}", digits) or not 1 <= int(digits) <= schemas.BIGINT:
         raise ApiError(
             400,
             "validation_error",
             f"{name} must be a positive integer",
             [{"field": name, "message": f"Expected a positive integer, got {raw!r}"}],
         )
-    return int(raw)
+    return int(digits)
 
 
 def _recorded_then_triggered(action: Callable[..., SavedT], *args: Any) -> tuple[SavedT, bool]:

@@ -56,6 +56,7 @@ def document() -> dict[str, Any]:
         }
         operation["responses"]["405"] = {"description": "Method not allowed"}
         if endpoint.request is not None:
+            operation["responses"]["413"] = {"description": "A body over 1 MiB (payload_too_large)"}
             operation["responses"]["415"] = {"description": "A body whose Content-Type is not JSON (unsupported_media_type)"}
         paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
     return {

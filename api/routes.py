@@ -31,7 +31,7 @@ def _path_param(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
-ID = {"type": "integer", "minimum": 1}
+ID = {"type": "integer", "minimum": 1, "maximum": schemas.BIGINT}
 E = schemas.ErrorResponse
 LOAN_ID = (_path_param("loan_id", ID),)
 CUSTOMER_ID = (_path_param("customer_id", ID),)
@@ -42,6 +42,7 @@ IDEMPOTENCY_KEY = {
     "schema": {"type": "string", "minLength": 1, "maxLength": 255},
 }
 
+DATABASE_AWAY = (E, "The database is unavailable (database_unavailable)")
 UNKNOWN_OUTCOME = (
     '(database_unavailable; details.recorded is "unknown" when the database stopped answering during the commit,'
     " and the message says how to retry safely)"
@@ -69,7 +70,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         endpoints.check_eligibility,
         "Decide whether a loan could be approved",
         schemas.LoanRequestBody,
-        {200: (schemas.EligibilityResponse, "The decision"), 400: (E, "Invalid request"), 404: (E, "Unknown customer")},
+        {
+            200: (schemas.EligibilityResponse, "The decision"),
+            400: (E, "Invalid request"),
+            404: (E, "Unknown customer"),
+            503: DATABASE_AWAY,
+        },
     ),
     Endpoint(
         "/create-loan",
@@ -93,7 +99,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         endpoints.view_loan,
         "One loan and its customer",
         None,
-        {200: (schemas.LoanView, "The loan"), 400: (E, "Invalid loan ID"), 404: (E, "Unknown loan")},
+        {200: (schemas.LoanView, "The loan"), 400: (E, "Invalid loan ID"), 404: (E, "Unknown loan"), 503: DATABASE_AWAY},
         LOAN_ID,
     ),
     Endpoint(
@@ -102,7 +108,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         endpoints.view_loans,
         "A customer's current loans",
         None,
-        {200: (list[schemas.CustomerLoan], "Current loans"), 400: (E, "Invalid customer ID"), 404: (E, "Unknown customer")},
+        {
+            200: (list[schemas.CustomerLoan], "Current loans"),
+            400: (E, "Invalid customer ID"),
+            404: (E, "Unknown customer"),
+            503: DATABASE_AWAY,
+        },
         CUSTOMER_ID,
     ),
     Endpoint(
@@ -130,7 +141,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         endpoints.loan_schedule,
         "The loan's amortization schedule, installment by installment",
         None,
-        {200: (schemas.Schedule, "The schedule"), 400: (E, "Invalid loan ID"), 404: (E, "Unknown loan")},
+        {200: (schemas.Schedule, "The schedule"), 400: (E, "Invalid loan ID"), 404: (E, "Unknown loan"), 503: DATABASE_AWAY},
         LOAN_ID,
     ),
     Endpoint(
@@ -139,7 +150,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         endpoints.loan_history,
         "The loan's events, oldest first, straight from the event store",
         None,
-        {200: (list[schemas.HistoryEvent], "The events"), 400: (E, "Invalid loan ID"), 404: (E, "Unknown loan")},
+        {
+            200: (list[schemas.HistoryEvent], "The events"),
+            400: (E, "Invalid loan ID"),
+            404: (E, "Unknown loan"),
+            503: DATABASE_AWAY,
+        },
         LOAN_ID,
     ),
     Endpoint(
@@ -148,7 +164,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         endpoints.customer_profile,
         "The customer's profile, current debt and credit score as of today",
         None,
-        {200: (schemas.CustomerProfile, "The customer"), 400: (E, "Invalid customer ID"), 404: (E, "Unknown customer")},
+        {
+            200: (schemas.CustomerProfile, "The customer"),
+            400: (E, "Invalid customer ID"),
+            404: (E, "Unknown customer"),
+            503: DATABASE_AWAY,
+        },
         CUSTOMER_ID,
     ),
     Endpoint(
@@ -157,7 +178,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         endpoints.customer_history,
         "The customer's events, oldest first, straight from the event store",
         None,
-        {200: (list[schemas.HistoryEvent], "The events"), 400: (E, "Invalid customer ID"), 404: (E, "Unknown customer")},
+        {
+            200: (list[schemas.HistoryEvent], "The events"),
+            400: (E, "Invalid customer ID"),
+            404: (E, "Unknown customer"),
+            503: DATABASE_AWAY,
+        },
         CUSTOMER_ID,
     ),
     Endpoint("/health", "GET", endpoints.health, "The process is up", None, {200: (schemas.Health, "Up")}),
@@ -197,7 +223,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         endpoints.import_status,
         "An import job's state, progress and report",
         None,
-        {200: (schemas.ImportJobView, "The job"), 400: (E, "Invalid job ID"), 404: (E, "Unknown job")},
+        {200: (schemas.ImportJobView, "The job"), 400: (E, "Invalid job ID"), 404: (E, "Unknown job"), 503: DATABASE_AWAY},
         (_path_param("job_id", {"type": "string", "format": "uuid"}),),
     ),
 )

@@ -464,6 +464,11 @@ def test_view_loan_and_view_loans_errors(client: TestClient) -> None:
     assert_error(client.get("/view-loans/987654321"), 404, "customer_not_found")
     customer = register(client)
     assert client.get(f"/view-loans/{customer['customer_id']}").json() == []
+    # Leading zeros: the same number at any length (one of 20 characters was refused, a review).
+    for path in (f"/view-loans/0{customer['customer_id']}", f"/view-loans/{customer['customer_id']:020d}"):
+        assert client.get(path).json() == [], path
+    for zeros in ("/view-loan/0", "/view-loan/" + "0" * 5000, "/view-loan/" + "0" * 5000 + "9" * 20):
+        assert_error(client.get(zeros), 400, "validation_error")
 
 
 # Paths, methods, documents
@@ -525,6 +530,20 @@ def test_openapi_document_describes_every_endpoint(client: TestClient) -> None:
     assert document["paths"]["/create-loan"]["post"]["responses"]["201"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/CreateLoanResponse"
     }
+    # What the server does, documented (a review): a field it does not have is refused, the alias
+    # is taken; a body over 1 MiB is a 413; an ID past PostgreSQL's bigint is a 400; every
+    # endpoint that reads the database answers 503 without it (tests/stress/test_faults.py).
+    assert register_schema["additionalProperties"] is False
+    assert register_schema["properties"]["monthly_salary"]["type"] == register_schema["properties"]["monthly_income"]["type"]
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            if "requestBody" in operation:
+                assert {"413", "415"} <= set(operation["responses"]), (method, path)
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path" and parameter["schema"]["type"] == "integer":
+                    assert parameter["schema"]["maximum"] == 2**63 - 1, (method, path)
+            if path not in ("/health", "/metrics"):
+                assert "503" in operation["responses"], (method, path)
 
 
 def test_docs_page_works_offline(client: TestClient) -> None:
