@@ -425,6 +425,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "celery",
             "-A",
             "workers.celery_app",
+            "--quiet",  # no banner: every line the worker writes is JSON
             "worker",
             "--loglevel=INFO",
             f"--concurrency={args.concurrency}",
@@ -443,6 +444,7 @@ def cmd_beat(args: argparse.Namespace) -> int:
             "celery",
             "-A",
             "workers.celery_app",
+            "--quiet",
             "beat",
             "--loglevel=INFO",
             "--scheduler",

@@ -11,12 +11,13 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.apps import worker as celery_worker
 from celery.exceptions import SecurityWarning
 from celery.signals import setup_logging
 from kombu.transport import redis as kombu_redis
 
 from infra.config import RUN_NOTED_ROOT, Settings
-from infra.logs import configure_logging
+from infra.logs import configure_logging, say_as_json
 
 settings = Settings.from_env()
 
@@ -96,5 +97,8 @@ quiet_the_root_warning()
 
 @setup_logging.connect
 def _json_logs(**_: Any) -> None:
-    """Celery's own log setup is replaced by the JSON lines the API writes too."""
+    """Celery's own log setup is replaced by the JSON lines the API writes too; its banners are
+    left out (`ledger worker` and `ledger beat` run Celery with --quiet), and what its worker
+    says from its signal handlers is a JSON line too."""
     configure_logging()
+    celery_worker.safe_say = say_as_json("celery.apps.worker")

@@ -565,6 +565,11 @@ def test_ledger_run_stopped_with_ctrl_c_stops_everything_deletes_its_servers_and
     assert uvicorn, said
     assert all(json.loads(line)["logger"] == "uvicorn.error" for line in uvicorn), uvicorn
     assert all("color_message" not in line for line in said.splitlines() if line.startswith("{")), said
+    # Nor Celery's banners (the worker's "[config]" and "[queues]", beat's "LocalTime ->"), and
+    # what the worker says as it stops is a JSON line too.
+    assert not any(banner in said for banner in ("[config]", "[queues]", "LocalTime ->", "is starting.")), said
+    stopping = [line for line in said.splitlines() if "Warm shutdown" in line]
+    assert stopping and all(json.loads(line)["logger"] == "celery.apps.worker" for line in stopping), stopping
     assert said.rstrip().splitlines()[-1] == (
         "ledger run: everything it started has stopped; the throwaway PostgreSQL and Redis stopped, their data deleted"
     ), said
