@@ -36,9 +36,15 @@ def document() -> dict[str, Any]:
         types += [body for body, _ in endpoint.responses.values()]
     schemas, components = _decimals_as_numbers(list(msgspec.json.schema_components(types, ref_template=_ref_template())))
     for struct, aliases in ALIASES.items():  # accepted as their fields are, so documented as such
-        properties = components[struct.__name__]["properties"]
+        component = components[struct.__name__]
         for alias, name in aliases.items():
-            properties[alias] = {**properties[name], "description": f"An alias of `{name}` (both: only with one value)"}
+            component["properties"][alias] = {
+                **component["properties"][name],
+                "description": f"An alias of `{name}` (both: only with one value)",
+            }
+            if name in component.get("required", ()):  # one of the two is
+                component["required"].remove(name)
+                component.setdefault("allOf", []).append({"anyOf": [{"required": [name]}, {"required": [alias]}]})
     resolved = iter(schemas)
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in ENDPOINTS:

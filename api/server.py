@@ -16,7 +16,8 @@ from api.schemas import ErrorBody, ErrorResponse, encoder
 HEAD_BYTES = 64 << 10  # a request's line and headers, at most (nginx's default allows 32 KiB)
 FRAMING_BYTES = 1 << 20  # a chunked body's chunk sizes and trailer fields, at most
 REQUEST_SECONDS = 60.0  # for a request's line and headers; between two reads of its body
-LINGER_SECONDS = 5.0  # a closed connection still reads, and drops, what its client sends, for so long at most
+LINGER_SECONDS = 5.0  # a closed connection reads, and drops, what its client still sends, until it pauses so long
+LINGER_MOST_SECONDS = 30.0  # or for so long in all (nginx's lingering_timeout and lingering_time)
 
 
 class _OneWrite:
@@ -31,21 +32,25 @@ class _OneWrite:
 
     Closed while its client may still be sending (a request refused before its body was read,
     a 413), the connection lingers (as nginx's does): the answer is followed by a FIN, and what
-    the client sends is read and dropped until it closes its side, or for LINGER_SECONDS. Closed
-    at once, with the client's data unread, the connection was reset (an RST), and a client's TCP
-    may drop an answer it has not yet read when the RST arrives.
+    the client sends is read and dropped until it closes its side, pauses LINGER_SECONDS, or
+    LINGER_MOST_SECONDS have gone by; what the app still writes is dropped. Closed at once, with
+    the client's data unread, the connection was reset (an RST), and a client's TCP may drop an
+    answer it has not yet read when the RST arrives.
     """
 
-    __slots__ = ("_held", "_lingering", "_loop", "_transport", "unread")
+    __slots__ = ("_held", "_linger_end", "_lingering", "_loop", "_quiet_until", "_transport", "unread")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, unread: Callable[[], bool]) -> None:
         self._transport = transport
         self._loop = loop
         self._held: bytes | None = None
         self._lingering: asyncio.TimerHandle | None = None
+        self._quiet_until = self._linger_end = 0.0
         self.unread = unread  # whether the client may be sending a request not yet read whole
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._lingering is not None:
+            return  # answered and half-closed: the app of a request refused meanwhile writes to nobody
         held, self._held = self._held, None
         if held is None:
             self._held = bytes(data)  # a copy of a buffer the caller may reuse
@@ -59,7 +64,7 @@ class _OneWrite:
 
     def _flush(self) -> None:
         held, self._held = self._held, None
-        if held is not None and not self._transport.is_closing():  # closed by the client meanwhile: nobody to send to
+        if held is not None and not self.is_closing():  # closed (or half-closed) meanwhile: nobody to send to
             self._transport.write(held)
 
     def get_write_buffer_size(self) -> int:
@@ -67,11 +72,14 @@ class _OneWrite:
 
     def write_eof(self) -> None:
         self._flush()
-        self._transport.write_eof()
+        if self._lingering is None:
+            self._transport.write_eof()
 
     def close(self) -> None:
+        if self._lingering is not None:
+            return  # the client's close, its silence or the server's stop ends it (the app's end does not)
         self._flush()
-        if self._lingering is None and not self._transport.is_closing() and self.unread():
+        if not self._transport.is_closing() and self.unread():
             self._linger()
         else:
             self._transport.close()
@@ -82,11 +90,24 @@ class _OneWrite:
         except (NotImplementedError, OSError, RuntimeError):  # a transport that cannot half-close
             self._transport.close()
             return
-        self._lingering = self._loop.call_later(LINGER_SECONDS, self._transport.close)
+        now = self._loop.time()
+        self._quiet_until, self._linger_end = now + LINGER_SECONDS, now + LINGER_MOST_SECONDS
+        self._lingering = self._loop.call_at(self._quiet_until, self._linger_over)
         self._transport.resume_reading()  # its protocol drops what comes; the client's close ends it
+
+    def _linger_over(self) -> None:
+        until = min(self._quiet_until, self._linger_end)
+        if self._loop.time() < until:  # the client sent more since: one timer, moved on
+            self._lingering = self._loop.call_at(until, self._linger_over)
+        else:
+            self._transport.close()
 
     def lingering(self) -> bool:
         return self._lingering is not None
+
+    def dropped(self) -> None:
+        """Data came while lingering: the client is still sending."""
+        self._quiet_until = self._loop.time() + LINGER_SECONDS
 
     def is_closing(self) -> bool:
         return self._lingering is not None or self._transport.is_closing()
@@ -98,6 +119,11 @@ class _OneWrite:
     def lost(self) -> None:
         if self._lingering is not None:
             self._lingering.cancel()
+
+    def stop_lingering(self) -> None:
+        if self._lingering is not None:
+            self._lingering.cancel()
+            self._transport.close()
 
     def abort(self) -> None:
         self._held = None
@@ -145,13 +171,15 @@ class JsonErrorsProtocol(HttpToolsProtocol):
     _running: Any = None  # the cycle whose app runs (uvicorn starts them one at a time)
     _refused: bytes | None = None  # the answer to a request refused here, once those before it are answered
     _timer: asyncio.TimerHandle | None = None
+    _stopping = False  # the server is shutting down
     _deadline = 0.0  # the loop's time by which the request being received must be whole; 0.0: none
 
     def data_received(self, data: bytes) -> None:
         """uvicorn's, with the changes above. A loop, not a recursion, over requests with an
         Upgrade header: 600 of them in one read overflowed the stack (a review)."""
         if self.transport.lingering():
-            return  # closed: what the client still sends is dropped
+            self.transport.dropped()  # closed: what the client still sends is dropped
+            return
         rest: bytes | memoryview | None = data
         while rest is not None and self._refused is None:
             rest = self._parse(rest)
@@ -333,8 +361,14 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _reading_a_request(self) -> bool:
-        """Whether a request has begun and not been read whole, or was refused before it was."""
-        return self._in_head or self._in_body or self._refused is not None
+        """Whether a request has begun and not been read whole, or was refused before it was: a
+        close lingers then, unless the server is stopping (it waits for its connections to close)."""
+        return not self._stopping and (self._in_head or self._in_body or self._refused is not None)
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self.transport.stop_lingering()
+        super().shutdown()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_OneWrite(transport, self.loop, self._reading_a_request))  # type: ignore[arg-type]

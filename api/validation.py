@@ -136,22 +136,27 @@ def _names(struct: type[msgspec.Struct]) -> tuple[frozenset[str], tuple[bytes, .
     return frozenset(names), tuple(json.dumps(name).encode() for name in names)
 
 
-def _repeated(body: bytes, raw: dict[str, Any], struct: type[msgspec.Struct], aliases: dict[str, str] | None) -> list[str]:
-    """The fields the body's object gives more than once. A JSON decoder keeps the last value, so
-    `{"loan_amount": 100000, "loan_amount": 9000000}` was decided on the second, whatever the
-    client meant. The exact look, a second parse, is taken only for a body that may repeat one:
-    its fields' quoted names found more often than it has those fields, or an escape that may
-    spell one (\\u0061...)."""
+def _may_repeat(body: bytes, raw: dict[str, Any], struct: type[msgspec.Struct], aliases: dict[str, str] | None) -> bool:
+    """Whether the body's object may give a field more than once (`_repeated` says for sure): its
+    fields' quoted names are found more often than it has those fields, or it holds an escape,
+    which may spell one (\\u0061...)."""
     names, quoted = _names(struct)
     if aliases:
         names = names | aliases.keys()
         quoted += tuple(json.dumps(alias).encode() for alias in aliases)
-    if b"\\u" not in body and sum(map(body.count, quoted)) <= len(raw.keys() & names):
-        return []
+    return b"\\u" in body or sum(map(body.count, quoted)) > len(raw.keys() & names)
+
+
+def _repeated(body: bytes, struct: type[msgspec.Struct], aliases: dict[str, str] | None) -> list[str]:
+    """The fields the body's object gives more than once. A JSON decoder keeps the last value, so
+    `{"loan_amount": 100000, "loan_amount": 9000000}` was decided on the second, whatever the
+    client meant. A second parse, asked for only when the body may repeat one (`_may_repeat`)
+    and every field is valid: so only of a body as small as a valid request is."""
+    names = _names(struct)[0] | (aliases or {}).keys()
     try:
         pairs = json.loads(body, object_pairs_hook=list)  # the top level's pairs, in order
-    except (ValueError, RecursionError):  # msgspec read it: only a decoder's limits differ
-        return []
+    except RecursionError:  # a few levels that msgspec took: it cannot be told which value is meant
+        raise ApiError(400, "malformed_json", "The request body is nested too deeply") from None
     seen: set[str] = set()
     repeated: list[str] = []
     for key, _ in pairs:
@@ -165,7 +170,8 @@ def decode(body: bytes, struct: type[S], aliases: dict[str, str] | None = None, 
     raw = {} if empty_ok and not body else parse_json(body)  # no body at all; whitespace is not JSON
     if not isinstance(raw, dict):
         raise ApiError(400, "malformed_json", "The request body must be a JSON object")
-    errors = [{"field": name, "message": "This field is given more than once"} for name in _repeated(body, raw, struct, aliases)]
+    may_repeat = _may_repeat(body, raw, struct, aliases)
+    errors: list[dict[str, str]] = []
     names, _ = _names(struct)
     if not raw.keys() <= names:
         # A misspelt optional field was dropped without a word: {"paidOn": "2026-01-01"} recorded a
@@ -216,6 +222,8 @@ def decode(body: bytes, struct: type[S], aliases: dict[str, str] | None = None, 
                 errors.append({"field": field.encode_name, "message": problem})
                 continue
         values[field.name] = converted
+    if not errors and may_repeat:
+        errors = [{"field": name, "message": "This field is given more than once"} for name in _repeated(body, struct, aliases)]
     if errors:
         raise ApiError(400, "validation_error", "The request has invalid fields", errors)
     return struct(**values)

@@ -70,12 +70,11 @@ CONTROL = re.compile(f"[{NOT_IN_NAMES}{_PLANES_NONCHARACTERS}]")
 # the Arabic letter mark).
 INVISIBLE = r"\u00ad\u034f\u061c\u115f\u1160\u180e\u200b-\u200f\u2060-\u206f\u2800\u3164\ufeff\uffa0"
 VISIBLE = re.compile(rf"[^\s{NOT_IN_NAMES}{INVISIBLE}]")  # a character that may show: `shows` looks closer
-# What shows on its own: letters, digits, punctuation, symbols and spacing marks. Not format
-# characters (variation selectors, tags, annotation anchors), non-spacing or enclosing marks
-# (a combining accent with nothing to sit on), private use or unassigned code points.
-_SHOWING = frozenset(
-    ["Lu", "Ll", "Lt", "Lm", "Lo", "Nd", "Nl", "No", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po", "Sm", "Sc", "Sk", "So", "Mc"]
-)
+# What shows nothing on its own: format characters (variation selectors, tags, annotation
+# anchors), non-spacing and enclosing marks (a combining accent with nothing to sit on),
+# separators and controls. Everything else shows, unassigned code points included: Python 3.11
+# knows Unicode 14, and a later version's ideographs or letters (CJK Extension H, Kawi) are names.
+_HIDDEN = frozenset({"Cf", "Mn", "Me", "Zs", "Zl", "Zp", "Cc", "Cs"})
 
 
 def shows(text: str) -> bool:
@@ -84,8 +83,8 @@ def shows(text: str) -> bool:
     first = VISIBLE.search(text)  # most names: their first letter
     if first is None:
         return False
-    return unicodedata.category(first.group()) in _SHOWING or any(
-        unicodedata.category(char) in _SHOWING for char in VISIBLE.findall(text, first.end())
+    return unicodedata.category(first.group()) not in _HIDDEN or any(
+        unicodedata.category(char) not in _HIDDEN for char in VISIBLE.findall(text, first.end())
     )
 
 

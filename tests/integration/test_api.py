@@ -535,6 +535,8 @@ def test_openapi_document_describes_every_endpoint(client: TestClient) -> None:
     # endpoint that reads the database answers 503 without it (tests/stress/test_faults.py).
     assert register_schema["additionalProperties"] is False
     assert register_schema["properties"]["monthly_salary"]["type"] == register_schema["properties"]["monthly_income"]["type"]
+    assert "monthly_income" not in register_schema["required"]
+    assert register_schema["allOf"] == [{"anyOf": [{"required": ["monthly_income"]}, {"required": ["monthly_salary"]}]}]
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             if "requestBody" in operation:

@@ -30,8 +30,9 @@ class Socket(asyncio.Transport):
         self.events.append("write")
 
     def close(self) -> None:
+        if not self.closing:  # as a transport's, a second close does nothing
+            self.events.append("close")
         self.closing = True
-        self.events.append("close")
 
     def is_closing(self) -> bool:
         return self.closing
@@ -307,7 +308,7 @@ def test_a_request_refused_in_its_body_is_answered_after_the_request_before_it()
         connection = asyncio.run(run())
         assert connection.bodies == [b'{"customer_id": 301}'], bad
         assert connection.statuses() == [b"200", b"400"], (bad, connection.socket.writes)
-        assert connection.socket.events[-1] == "close"
+        assert connection.socket.closing and "close" in connection.socket.events
 
 
 def test_a_pipelined_request_waiting_for_its_turn_is_not_timed_out(monkeypatch: Any) -> None:
@@ -363,20 +364,31 @@ def test_six_hundred_pipelined_requests_with_an_upgrade_header_are_all_answered(
 
 
 class HalfClosingSocket(Socket):
-    """A socket that can send its FIN (write_eof) before it closes, as a TCP one can."""
+    """A socket that can send its FIN (write_eof) before it closes, as a TCP one can, and that
+    refuses writes after it, as uvloop's and asyncio's do."""
 
     def write_eof(self) -> None:
         self.events.append("eof")
 
+    def write(self, data: Any) -> None:
+        if "eof" in self.events:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        super().write(data)
 
-async def closing(*chunks: bytes, client_closes: bool = False) -> HalfClosingSocket:
-    """The protocol on a half-closing socket, with an app that answers `connection: close` at
-    once without reading the body, fed `chunks` 10 ms apart, then left for 100 ms."""
+
+async def closing(
+    *chunks: bytes, client_closes: bool = False, wait: float = 0.0, gap: float = 0.01, then: float = 0.1, stop: bool = False
+) -> HalfClosingSocket:
+    """The protocol on a half-closing socket, with an app that answers `connection: close`
+    without reading the body (after `wait` seconds), fed `chunks` `gap` seconds apart, then left
+    for `then` seconds (the server stopping first, with `stop`)."""
     socket = HalfClosingSocket()
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(wait)
         await send({"type": "http.response.start", "status": 413, "headers": [(b"connection", b"close")]})
         await send({"type": "http.response.body", "body": b""})
+        socket.events.append("app done")
 
     config = Config(app=app, lifespan="off", access_log=False)
     config.load()
@@ -384,11 +396,15 @@ async def closing(*chunks: bytes, client_closes: bool = False) -> HalfClosingSoc
     protocol.connection_made(socket)
     for chunk in chunks:
         protocol.data_received(chunk)
-        await asyncio.sleep(0.01)
-    if client_closes:
+        await asyncio.sleep(gap)
+    if client_closes:  # its FIN: the transport closes itself (the protocol's eof_received says nothing)
+        socket.close()
         socket.events.append("lost")
-        protocol.connection_lost(None)  # the client's FIN: the transport closes itself
-    await asyncio.sleep(0.1)
+        protocol.connection_lost(None)
+    if stop:
+        socket.events.append("stop")
+        protocol.shutdown()
+    await asyncio.sleep(then)
     return socket
 
 
@@ -402,13 +418,47 @@ def test_a_connection_closed_while_its_client_may_still_send_lingers_then_closes
     # Answered before its body came: the answer, a FIN, what the client still sends dropped, then the close.
     socket = asyncio.run(closing(head + b"x" * 10, b"y" * 1000, b"GET / HTTP/1.1\r\nhost: ledger\r\n\r\n"))
     assert [w[:12] for w in socket.writes] == [b"HTTP/1.1 413"]
-    assert socket.events == ["write", "eof", "close"]
+    assert socket.events == ["write", "eof", "app done", "close"]
     # A request the parser refuses, with more to come after it, the same way.
     socket = asyncio.run(closing(b"NOT HTTP AT ALL\r\n", b"more of it\r\n"))
     assert [w[:12] for w in socket.writes] == [b"HTTP/1.1 400"] and socket.events == ["write", "eof", "close"]
-    # The client closing its side ends the lingering (uvicorn closes the transport), and its timer with it.
+    # The client closing its side ends the lingering, and its timer with it.
     socket = asyncio.run(closing(head, client_closes=True))
-    assert socket.events == ["write", "eof", "lost", "close"]
+    assert socket.events == ["write", "eof", "app done", "close", "lost"]
     # A request read whole and answered with a close is closed at once: nothing more is coming.
     socket = asyncio.run(closing(b"GET / HTTP/1.1\r\nhost: ledger\r\n\r\n"))
-    assert socket.events == ["write", "close"]
+    assert socket.events == ["write", "close", "app done"]
+
+
+def test_a_lingering_connection_drops_what_the_app_still_writes_and_times_out_on_the_client_s_silence(
+    monkeypatch: Any,
+) -> None:
+    """A bad chunk refused while its request's app ran: the app's answer, written after the FIN,
+    raised "Cannot call write() after write_eof()" in the server's log (a review). And lingering
+    lasted LINGER_SECONDS in all: a client still sending a large body slowly was reset."""
+    import api.server
+
+    monkeypatch.setattr(api.server, "LINGER_SECONDS", 0.05)
+    monkeypatch.setattr(api.server, "LINGER_MOST_SECONDS", 0.3)
+    bad_chunk = b"GET /x HTTP/1.1\r\nhost: ledger\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"
+    socket = asyncio.run(closing(bad_chunk, wait=0.02))
+    assert [w[:12] for w in socket.writes] == [b"HTTP/1.1 400"]
+    assert socket.events == ["write", "eof", "app done", "close"]  # the app's 413 went nowhere, quietly
+    # Sending every 30 ms (under LINGER_SECONDS apart) keeps it open past LINGER_SECONDS, up to LINGER_MOST_SECONDS.
+    head = b"POST / HTTP/1.1\r\nhost: ledger\r\ncontent-length: 100000\r\n\r\n"
+    socket = asyncio.run(closing(head, *[b"x" * 100] * 5, gap=0.03, then=0.0))
+    assert socket.events == ["write", "eof", "app done"]  # 150 ms on, three times LINGER_SECONDS
+    socket = asyncio.run(closing(head, *[b"x" * 100] * 12, gap=0.03, then=0.05))
+    assert socket.events == ["write", "eof", "app done", "close"]  # closed at LINGER_MOST_SECONDS, still sending
+
+
+def test_a_server_that_stops_does_not_wait_for_lingering_connections(monkeypatch: Any) -> None:
+    """uvicorn waits for its connections to close as it stops: one half a head in, or lingering,
+    held a restart up for LINGER_SECONDS (a review)."""
+    import api.server
+
+    monkeypatch.setattr(api.server, "LINGER_SECONDS", 10.0)
+    socket = asyncio.run(closing(b"GET / HTTP/1.1\r\nhost: led", stop=True, then=0.01))
+    assert socket.events == ["stop", "close"]
+    socket = asyncio.run(closing(b"NOT HTTP AT ALL\r\n", stop=True, then=0.01))
+    assert socket.events == ["write", "eof", "stop", "close"]
