@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import openapi
 from api.endpoints import Services
@@ -102,6 +103,20 @@ async def docs(request: Request) -> Response:
     return HTMLResponse(DOCS_PAGE)
 
 
+class WholeFiles:
+    """The docs' files, served whole: a `Range` header is dropped. Starlette answers a bad one in
+    plain text (a 400 or 416), where every other error here is JSON, and a page's scripts and
+    styles have no use for parts."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k not in (b"range", b"if-range")]}
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> Starlette:
     settings = settings or Settings.from_env()
 
@@ -160,7 +175,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         # Served as every path is, also with a trailing slash and under /api (they were not under /api).
         *(Route(path, openapi_json, methods=["GET"]) for path in path_variants("/openapi.json")),
         *(Route(path, docs, methods=["GET"]) for path in path_variants("/docs")),
-        Mount("/docs/static", StaticFiles(directory=SWAGGER_STATIC), name="docs-static"),
+        Mount("/docs/static", WholeFiles(StaticFiles(directory=SWAGGER_STATIC)), name="docs-static"),
     ]
     app = Starlette(
         routes=routes,
