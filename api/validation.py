@@ -130,21 +130,15 @@ def _fields(struct: type[msgspec.Struct]) -> tuple[_Field, ...]:
 
 
 @cache
-def _names(struct: type[msgspec.Struct]) -> tuple[frozenset[str], tuple[bytes, ...]]:
-    """The struct's field names, as they are and as the JSON text quotes them."""
-    names = [f.encode_name for f in _fields(struct)]
-    return frozenset(names), tuple(json.dumps(name).encode() for name in names)
+def _names(struct: type[msgspec.Struct]) -> frozenset[str]:
+    return frozenset(f.encode_name for f in _fields(struct))
 
 
-def _may_repeat(body: bytes, raw: dict[str, Any], struct: type[msgspec.Struct], aliases: dict[str, str] | None) -> bool:
-    """Whether the body's object may give a field more than once (`_repeated` says for sure): its
-    fields' quoted names are found more often than it has those fields, or it holds an escape,
-    which may spell one (\\u0061...)."""
-    names, quoted = _names(struct)
-    if aliases:
-        names = names | aliases.keys()
-        quoted += tuple(json.dumps(alias).encode() for alias in aliases)
-    return b"\\u" in body or sum(map(body.count, quoted)) > len(raw.keys() & names)
+def _may_repeat(body: bytes, raw: dict[str, Any]) -> bool:
+    """Whether the body's object (`raw`) may give a field more than once (`_repeated` says for
+    sure): it has more colons than keys (each key has one; a colon in a string adds one more), or
+    it holds an escape, the only way to spell a field's name otherwise (\\u0061...)."""
+    return b"\\u" in body or body.count(b":") > len(raw)
 
 
 def _repeated(body: bytes, struct: type[msgspec.Struct], aliases: dict[str, str] | None) -> list[str]:
@@ -152,7 +146,7 @@ def _repeated(body: bytes, struct: type[msgspec.Struct], aliases: dict[str, str]
     `{"loan_amount": 100000, "loan_amount": 9000000}` was decided on the second, whatever the
     client meant. A second parse, asked for only when the body may repeat one (`_may_repeat`)
     and every field is valid: so only of a body as small as a valid request is."""
-    names = _names(struct)[0] | (aliases or {}).keys()
+    names = _names(struct) | (aliases or {}).keys()
     try:
         pairs = json.loads(body, object_pairs_hook=list)  # the top level's pairs, in order
     except RecursionError:  # a few levels that msgspec took: it cannot be told which value is meant
@@ -170,18 +164,16 @@ def decode(body: bytes, struct: type[S], aliases: dict[str, str] | None = None, 
     raw = {} if empty_ok and not body else parse_json(body)  # no body at all; whitespace is not JSON
     if not isinstance(raw, dict):
         raise ApiError(400, "malformed_json", "The request body must be a JSON object")
-    may_repeat = _may_repeat(body, raw, struct, aliases)
     errors: list[dict[str, str]] = []
-    names, _ = _names(struct)
+    names = _names(struct) | aliases.keys() if aliases else _names(struct)
     if not raw.keys() <= names:
         # A misspelt optional field was dropped without a word: {"paidOn": "2026-01-01"} recorded a
         # repayment paid today, for good (a review). A field this request does not have is refused.
         known = [*(f.encode_name for f in _fields(struct)), *(aliases or ())]
         errors += [
-            {"field": key, "message": f"Unknown field; the fields are {', '.join(known)}"}
-            for key in raw
-            if key not in names and key not in (aliases or ())
+            {"field": key, "message": f"Unknown field; the fields are {', '.join(known)}"} for key in raw if key not in names
         ]
+    may_repeat = not errors and _may_repeat(body, raw)
     sent_as: dict[str, str] = {}  # a field sent under its alias: errors name what was sent
     for alias, name in (aliases or {}).items():
         if alias in raw and name in raw:

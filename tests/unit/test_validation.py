@@ -218,9 +218,9 @@ def test_a_field_given_twice_is_refused_however_its_name_is_spelt() -> None:
     with pytest.raises(ApiError) as raised:
         decode(twice, RegisterRequest, aliases)
     assert [d["field"] for d in raised.value.details] == ["monthly_salary"]
-    # A field's name inside a value is not the field given again.
-    quoted = b'{"first_name": "x\\"first_name\\"", "last_name": "\\"last_name\\"", "age": 20, "monthly_income": 1, "phone_number": 9000000000}'
-    assert decode(quoted, RegisterRequest, aliases).first_name == 'x"first_name"'
+    # A field's name inside a value (and a colon, which makes the exact look happen) is not the field given again.
+    quoted = b'{"first_name": "x\\"first_name\\":", "last_name": "\\"last_name\\"", "age": 20, "monthly_income": 1, "phone_number": 9000000000}'
+    assert decode(quoted, RegisterRequest, aliases).first_name == 'x"first_name":'
 
 
 def test_a_field_the_request_does_not_have_is_refused_naming_the_fields_it_has() -> None:
