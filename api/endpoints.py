@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
@@ -68,6 +68,28 @@ class ProjectionProgress:
         return now - self.since
 
 
+class Shared(Generic[T]):
+    """One run of a blocking call at a time, on a thread, its result shared by every caller that
+    comes while it runs. Twenty /ready requests at once each held one of Celery's ten pooled broker
+    connections while waiting for another: every thread of the process blocked for good, and
+    with them every command's trigger (a review)."""
+
+    def __init__(self) -> None:
+        self._running: asyncio.Future[T] | None = None
+
+    async def result(self, call: Callable[[], T]) -> T:
+        if self._running is None:
+            running = self._running = asyncio.ensure_future(run_in_threadpool(call))
+            running.add_done_callback(self._ended)
+        return await asyncio.shield(self._running)  # a caller that goes away leaves the run to the others
+
+    def _ended(self, running: asyncio.Future[T]) -> None:
+        if self._running is running:
+            self._running = None
+        if not running.cancelled():
+            running.exception()  # retrieved: no "exception was never retrieved" when every caller left
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -77,6 +99,7 @@ class Services:
     watcher: PositionWatcher
     answers: KeptAnswers = field(default_factory=KeptAnswers)
     progress: ProjectionProgress = field(default_factory=ProjectionProgress)
+    broker_checks: Shared[dict[str, schemas.Check]] = field(default_factory=Shared)
     commands: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=COMMAND_THREADS, thread_name_prefix="command")
     )
@@ -642,6 +665,25 @@ def _unreachable(what: str, error: Exception) -> schemas.Check:
     return schemas.Check(ok=False, detail=f"{what} did not answer ({type(error).__name__}); the API's log has the error")
 
 
+def _broker_checks() -> dict[str, schemas.Check]:
+    """Redis's and a worker's answers. The worker's ping ends as soon as one answers (it waited
+    out its whole second: a /ready took over 1 s, more than a probe's default timeout)."""
+    checks: dict[str, schemas.Check] = {}
+    try:
+        tasks.redis_client().ping()
+        checks["redis"] = schemas.Check(ok=True)
+    except Exception as error:
+        checks["redis"] = _unreachable("Redis", error)
+    try:
+        replies = tasks.ping_workers(timeout=1.0, enough=1)
+        checks["worker"] = schemas.Check(
+            ok=bool(replies), detail="a worker answered" if replies else "no worker answered within 1 s"
+        )
+    except Exception as error:
+        checks["worker"] = _unreachable("Celery's broker", error)
+    return checks
+
+
 async def ready(request: Request) -> Response:
     """Ready when PostgreSQL, Redis and a worker answer and the projection is within its lag
     bound and not stalled (behind at one position for READY_STALL_SECONDS)."""
@@ -662,16 +704,7 @@ async def ready(request: Request) -> Response:
         checks["postgres"] = schemas.Check(ok=True)
     except Exception as error:
         checks["postgres"] = _unreachable("PostgreSQL", error)
-    try:
-        await run_in_threadpool(tasks.redis_client().ping)
-        checks["redis"] = schemas.Check(ok=True)
-    except Exception as error:
-        checks["redis"] = _unreachable("Redis", error)
-    try:
-        replies = await run_in_threadpool(tasks.ping_workers)
-        checks["worker"] = schemas.Check(ok=bool(replies), detail=f"{replies} worker(s) answered")
-    except Exception as error:
-        checks["worker"] = _unreachable("Celery's broker", error)
+    checks.update(await svc.broker_checks.result(_broker_checks))
     bound, stall = svc.settings.ready_max_lag, svc.settings.ready_stall_seconds
     if lag is None:
         checks["projection"] = schemas.Check(ok=False, detail="unknown: PostgreSQL did not answer")

@@ -44,13 +44,14 @@ def redis_client() -> redis.Redis:
     return redis.Redis.from_url(Settings.from_env().redis_url, socket_timeout=2, socket_connect_timeout=2)
 
 
-def ping_workers(timeout: float = 1.0) -> int:
-    """How many Celery workers answer a ping within `timeout` seconds. A pooled connection that
-    Redis closed (it restarted since) fails once and is dropped: the ping is sent again on a new one."""
+def ping_workers(timeout: float = 1.0, enough: int | None = None) -> int:
+    """How many Celery workers answer a ping within `timeout` seconds (it waits the whole time
+    unless `enough` answer sooner). A pooled connection that Redis closed (it restarted since)
+    fails once and is dropped: the ping is sent again on a new one."""
     try:
-        return len(celery.control.ping(timeout=timeout))
+        return len(celery.control.ping(timeout=timeout, limit=enough))
     except redis.exceptions.ConnectionError:
-        return len(celery.control.ping(timeout=timeout))
+        return len(celery.control.ping(timeout=timeout, limit=enough))
 
 
 @cache

@@ -114,3 +114,24 @@ def test_every_answer_after_a_command_includes_it_whichever_process_reads(served
     with ThreadPoolExecutor(len(customers)) as pool:
         reads = sum(pool.map(follow_one, customers))
     figures.update(clients=len(customers), commands=len(customers) * 12, reads_checked=reads, **served.audit())
+
+
+def test_eighty_readiness_probes_at_once_are_all_answered_and_commands_go_on(served: Served, figures: dict[str, Any]) -> None:
+    """Each /ready pinged Celery's workers on a thread, holding one of its ten pooled broker
+    connections while it waited for another: twenty at once hung an API process for good, and
+    every command after them waited for ever (a review)."""
+    with served.client(timeout=30) as client, ThreadPoolExecutor(80) as pool:
+        probes = list(pool.map(lambda _: client.get("/ready"), range(80)))
+        # Then commands, which trigger the projection through the same broker connections, on both processes.
+        customers = [register(served, 9_400_000_000 + n) for n in range(6)]
+        booked = [
+            client.post(
+                "/create-loan",
+                json={"customer_id": c["customer_id"], "loan_amount": 10_000, "interest_rate": 14, "tenure": 6},
+            )
+            for c in customers
+        ]
+    assert [p.status_code for p in probes] == [200] * 80, {p.status_code: p.text for p in probes}
+    assert {p.json()["checks"]["worker"]["detail"] for p in probes} == {"a worker answered"}
+    assert [b.status_code for b in booked] == [201] * 6, [b.text for b in booked]
+    figures.update(probes=80, bookings=6, **served.audit())
