@@ -139,7 +139,9 @@ class Settings:
         """
         parts = conninfo_to_dict(self.database_url)
         settings = {
-            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            # The library's factory, its connections made with every parameter of DATABASE_URL.
+            "PERSISTENCE_MODULE": "infra.postgres:LedgerFactory",
+            "DATABASE_URL": self.database_url,
             "POSTGRES_DBNAME": str(parts.get("dbname", "ledger")),
             "POSTGRES_HOST": str(parts.get("host", "127.0.0.1")),
             "POSTGRES_PORT": str(parts.get("port", "5432")),

@@ -11,7 +11,12 @@ from uuid import UUID
 
 import psycopg
 from eventsourcing.persistence import InterfaceError, OperationalError, ProgrammingError, StoredEvent
-from eventsourcing.postgres import PostgresAggregateRecorder, PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.postgres import (
+    PostgresAggregateRecorder,
+    PostgresApplicationRecorder,
+    PostgresDatastore,
+    PostgresFactory,
+)
 from eventsourcing.utils import retry
 from psycopg import sql
 from psycopg.rows import tuple_row
@@ -155,15 +160,31 @@ def build_ledger(settings: Settings, pool_size: int = 4) -> tuple[Ledger, Connec
         timeout=5,
         kwargs={"connect_timeout": 5, "autocommit": True},
     )
-    app = Ledger(
-        settings.eventsourcing_env(),
-        ids=PostgresIds(pool),
-        clock=settings.clock(),
-        index=PostgresIndex(pool),
-        loans=PostgresLoans(pool),
-    )
+    try:
+        app = Ledger(
+            settings.eventsourcing_env(),
+            ids=PostgresIds(pool),
+            clock=settings.clock(),
+            index=PostgresIndex(pool),
+            loans=PostgresLoans(pool),
+        )
+    except BaseException:  # no connection, say: nothing is left trying to make them
+        pool.close()
+        raise
     _append_in_binary(app.recorder)
     return app, pool
+
+
+class LedgerFactory(PostgresFactory):
+    """The library's factory, whose connections take every parameter of DATABASE_URL. The library
+    passes its pool only the host, port, database, user and password: `?sslmode=verify-full`
+    (or `sslrootcert`, `options`, `target_session_attrs`) was dropped, and the events and the
+    password went over plain TCP where the URL asked for TLS (a review). The pool has made no
+    connection yet: it opens on its first use."""
+
+    def __init__(self, env: Any) -> None:
+        super().__init__(env)
+        self.datastore.pool.conninfo = self.env.get("DATABASE_URL") or ""  # the library's own parameters win
 
 
 class OrderedInsertRecorder(PostgresApplicationRecorder):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -21,12 +22,14 @@ from typing import Any
 import httpx2 as httpx
 import psycopg
 import pytest
+from eventsourcing.persistence import OperationalError
+from psycopg.conninfo import make_conninfo
 from starlette.testclient import TestClient
 
 from api.app import create_app
 from infra.config import REPO_ROOT
 from infra.logs import JsonFormatter
-from infra.postgres import OrderedInsertRecorder
+from infra.postgres import OrderedInsertRecorder, build_ledger
 from infra.stack import free_port
 from ledger.ports import FixedClock
 from tests.integration.conftest import TODAY, Stack, wait_healthy
@@ -299,6 +302,22 @@ def test_readiness_names_a_failed_service_without_its_address(
     assert redis_check == {"ok": False, "detail": "Redis did not answer (ConnectionError); the API's log has the error"}
     assert "127.0.0.1" not in not_ready.text and "s3cret" not in not_ready.text
     assert any("Redis did not answer" in r.getMessage() and "127.0.0.1:1" in r.getMessage() for r in caplog.records)
+
+
+def test_the_event_store_connects_with_every_parameter_of_database_url(stack: Stack) -> None:
+    """The library gave its pool only the host, port, database, user and password: a URL's
+    `?sslmode=require` was dropped, and the events went over plain TCP (a review). This test
+    server has no TLS: told to do without it, the event store works; told to require it, it gets
+    no connection (the pool retries, and says "couldn't get a connection")."""
+    url = stack.settings.database_url
+    app, pool = build_ledger(replace(stack.settings, database_url=make_conninfo(url, sslmode="disable")))
+    try:
+        app.recorder.max_notification_id()
+    finally:
+        app.close()
+        pool.close()
+    with pytest.raises(OperationalError, match="couldn't get a connection"):
+        build_ledger(replace(stack.settings, database_url=make_conninfo(url, sslmode="require")))
 
 
 def test_the_event_store_is_where_database_url_says_whatever_the_library_finds_in_the_environment(
