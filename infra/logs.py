@@ -45,6 +45,40 @@ def say_as_json(logger: str, level: int = logging.WARNING) -> Any:
     return say
 
 
+REPEAT_SECONDS = 60.0  # a warning or error like one already logged is logged again after this long
+
+
+class Repeats(logging.Filter):
+    """Drops a warning or error like one logged in the last REPEAT_SECONDS: the same logger, the
+    same message before its arguments (a task's errors told apart by the task's name), the same
+    exception type. The next one logged after that says how many were dropped (`repeated`).
+    While PostgreSQL or Redis was down, the API's listener logged its reconnection twice a
+    second in each process, beat a 15 KB traceback every 5 s, and the worker one for every
+    periodic catch-up (a review)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: dict[tuple[object, ...], tuple[float, int]] = {}  # key -> (when logged, dropped since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        args = record.args
+        task = args.get("name") if isinstance(args, dict) else None  # Celery's trace: {"name": task, ...}
+        error = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else None
+        key = (record.name, record.levelno, str(record.msg), task, error)
+        logged, dropped = self._seen.get(key, (0.0, 0))
+        if record.created - logged < REPEAT_SECONDS:
+            self._seen[key] = (logged, dropped + 1)
+            return False
+        if dropped:
+            record.repeated = dropped  # like this one, not logged since the last that was
+        if len(self._seen) > 1000:  # keys are few (one per message in the code); bound them all the same
+            self._seen.clear()
+        self._seen[key] = (record.created, 0)
+        return True
+
+
 ROUTINE_TASKS = frozenset({"workers.tasks.catch_up", "workers.tasks.resume_imports"})
 
 
@@ -72,6 +106,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(Repeats())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
