@@ -31,7 +31,46 @@ LATENCY = Histogram(
 BOOKINGS = Counter("ledger_booking_decisions_total", "create-loan decisions", ["outcome"])
 EVENTS_APPENDED = Counter("ledger_events_appended_total", "Events appended by this API's commands")
 
-REQUEST_ID = "x-request-id"
+REQUEST_ID = b"x-request-id"
+REQUEST_ID_KEY = "ledger.request_id"  # in the scope: the request's ID, for an answer the HTTP protocol writes itself
+REFUSED = "ledger.refused"  # in the scope: the status the HTTP protocol answered with, not the app
+
+
+def request_id(given: bytes | None) -> str:
+    """The client's X-Request-ID (up to 200 characters), else a new one."""
+    text = (given or b"").decode("latin-1")
+    return text if text and len(text) <= 200 else uuid.uuid4().hex
+
+
+_ROUTELESS: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+
+def observe(method: str, path: str, status: int, given_id: bytes | None, duration: float) -> str:
+    """The access line and metrics of a request refused before its app ran (by the HTTP protocol,
+    api.server); its ID."""
+    rid = request_id(given_id)
+    method = method or "UNPARSED"  # the request line was not whole
+    children = _ROUTELESS.get((method, status))
+    if children is None:
+        if method not in {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "UNPARSED"}:
+            method = "OTHER"  # the label set stays bounded whatever the parser let through
+        children = _ROUTELESS[(method, status)] = (
+            REQUESTS.labels(method, "unmatched", str(status)),
+            LATENCY.labels(method, "unmatched"),
+        )
+    children[0].inc()
+    children[1].observe(duration)
+    log.info(
+        "request",
+        extra={
+            "method": method,
+            "path": path or None,
+            "status": status,
+            "duration_ms": round(duration * 1000, 2),
+            "request_id": rid,
+        },
+    )
+    return rid
 
 
 class RequestObserver:
@@ -54,8 +93,7 @@ class RequestObserver:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(REQUEST_ID.encode(), b"").decode("latin-1")
-        request_id = given if given and len(given) <= 200 else uuid.uuid4().hex
+        rid = scope[REQUEST_ID_KEY] = request_id(dict(scope["headers"]).get(REQUEST_ID))
         started = time.perf_counter()
         status = 500
 
@@ -63,13 +101,14 @@ class RequestObserver:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (REQUEST_ID.encode(), request_id.encode("latin-1"))]
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID, rid.encode("latin-1"))]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
             duration = time.perf_counter() - started
+            status = scope.get(REFUSED, status)  # answered by the HTTP protocol (a 408 while the app waited for the body)
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             route = route.removeprefix("/api").rstrip("/") or "/"
             count, latency = self._series(scope["method"], route, status)
@@ -82,7 +121,7 @@ class RequestObserver:
                     "path": scope["path"],
                     "status": status,
                     "duration_ms": round(duration * 1000, 2),
-                    "request_id": request_id,
+                    "request_id": rid,
                 },
             )
 

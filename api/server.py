@@ -11,6 +11,7 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from api.observability import REFUSED, REQUEST_ID, REQUEST_ID_KEY, observe, request_id
 from api.schemas import ErrorBody, ErrorResponse, encoder
 
 HEAD_BYTES = 64 << 10  # a request's line and headers, at most (nginx's default allows 32 KiB)
@@ -172,6 +173,7 @@ class JsonErrorsProtocol(HttpToolsProtocol):
     _refused: bytes | None = None  # the answer to a request refused here, once those before it are answered
     _timer: asyncio.TimerHandle | None = None
     _stopping = False  # the server is shutting down
+    _began = 0.0  # the loop's time the request being received began
     _deadline = 0.0  # the loop's time by which the request being received must be whole; 0.0: none
 
     def data_received(self, data: bytes) -> None:
@@ -246,6 +248,7 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         if not self._priming:
             self._in_body, self._in_head, self._head_bytes, self._head_begun, self._own = False, True, 0, True, None
             self._arm_timer()
+            self._began = self._deadline - REQUEST_SECONDS  # the loop's time, for the access line of a refusal
             super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:
@@ -287,18 +290,40 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         answered. The refused request's own app, if it runs, is waiting for what will not come: it
         sees the client gone. Queued behind others, it never runs."""
         body = encoder.encode(ErrorResponse(ErrorBody(code=code, message=message, details=None)))
+        own = self._own
+        request_id = self._account(status, own)
         head = [STATUS_LINE.get(status, b"HTTP/1.1 %d \r\n" % status)]
         head += [b"%s: %s\r\n" % pair for pair in self.server_state.default_headers]
-        head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n"]
+        head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body)]
+        head += [b"x-request-id: %s\r\n" % request_id.encode("latin-1"), b"connection: close\r\n\r\n"]
         self._refused = b"".join(head) + body
         self._cancel_timer()
-        own = self._own
         if own is not None and any(cycle is own for cycle, _ in self.pipeline):
             self.pipeline = deque(queued for queued in self.pipeline if queued[0] is not own)
         if self._behind_others():
             self.flow.pause_reading()  # written in on_response_complete
             return
         self._write_refusal()
+
+    def _account(self, status: int, own: Any) -> str:
+        """The refused request's ID, and its access line and metrics (they had none: a 400, 431 or
+        408 was not in the log, and a 408 whose app was waiting for the body was logged as a 499).
+        A request whose app runs is accounted for by the app (api.observability), told the status."""
+        if own is not None and self._running is own:
+            own.scope[REFUSED] = status
+            return str(own.scope.get(REQUEST_ID_KEY) or request_id(dict(own.scope["headers"]).get(REQUEST_ID)))
+        now = self.loop.time()
+        if own is not None:
+            method, path, headers, began = own.scope["method"], own.scope["path"], own.scope["headers"], self._began
+        elif self._in_head:  # what the parser has of this request's head (uvicorn's, from the last request, else)
+            try:
+                method = (self.parser.get_method() or b"").decode("latin-1")
+            except httptools.HttpParserError:  # not as far as the method
+                method = ""
+            path, headers, began = (self.url or b"").decode("latin-1"), self.headers or [], self._began
+        else:
+            method, path, headers, began = "", "", [], now
+        return observe(method, path, status, dict(headers).get(REQUEST_ID), now - began)
 
     def _answering(self) -> bool:
         """Whether requests are still being answered (queued, or their app running)."""

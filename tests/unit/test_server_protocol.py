@@ -462,3 +462,60 @@ def test_a_server_that_stops_does_not_wait_for_lingering_connections(monkeypatch
     assert socket.events == ["stop", "close"]
     socket = asyncio.run(closing(b"NOT HTTP AT ALL\r\n", stop=True, then=0.01))
     assert socket.events == ["write", "eof", "stop", "close"]
+
+
+def test_a_refused_request_has_its_access_line_metrics_and_request_id(monkeypatch: Any, caplog: Any) -> None:
+    """A 400, 431 or 408 written by the protocol had no access line and no metric, and its answer
+    no X-Request-ID; a 408 while the app waited for the body was logged as a 499 (a review)."""
+    import logging
+
+    from prometheus_client import REGISTRY
+
+    import api.server
+    from api.observability import RequestObserver
+
+    def counted(method: str, status: str) -> float:
+        labels = {"method": method, "route": "unmatched", "status": status}
+        return REGISTRY.get_sample_value("ledger_http_requests_total", labels) or 0.0
+
+    before = {key: counted(*key) for key in (("GET", "400"), ("GET", "431"), ("UNPARSED", "408"))}
+    with caplog.at_level(logging.INFO, logger="ledger.access"):
+        bad_header = asyncio.run(fed(b"GET /view-loan/7 HTTP/1.1\r\nx-request-id: trace-9\r\ncontent-length: -1\r\n\r\n"))
+        part = b"a" * (16 << 10)
+        too_large = asyncio.run(fed(b"GET /x HTTP/1.1\r\nhost: ledger\r\nx-big: ", *[part] * ((64 << 10) // len(part) + 2)))
+        monkeypatch.setattr(api.server, "REQUEST_SECONDS", 0.005)
+        idle = asyncio.run(fed(turns=30))
+    lines = [(r.method, r.path, r.status, r.request_id) for r in caplog.records if r.name == "ledger.access"]
+    assert lines[0] == ("GET", "/view-loan/7", 400, "trace-9") and b"\r\nx-request-id: trace-9\r\n" in bad_header.writes[0]
+    assert lines[1][:3] == ("GET", "/x", 431) and b"\r\nx-request-id: %s\r\n" % lines[1][3].encode() in too_large.writes[0]
+    assert lines[2][:3] == ("UNPARSED", None, 408) and idle.writes[0].startswith(b"HTTP/1.1 408 ")
+    assert len(lines) == 3
+    assert {key: counted(*key) - value for key, value in before.items()} == {
+        ("GET", "400"): 1.0,
+        ("GET", "431"): 1.0,
+        ("UNPARSED", "408"): 1.0,
+    }
+
+    # A body that stops coming while its app waits for it: the app's access line says 408, once.
+    async def reads_the_body(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+
+    async def stalled() -> Socket:
+        socket = Socket()
+        config = Config(app=RequestObserver(reads_the_body), lifespan="off", access_log=False)
+        config.load()
+        protocol = JsonErrorsProtocol(config=config, server_state=ServerState(), app_state={})
+        protocol.connection_made(socket)
+        protocol.data_received(b"POST /register HTTP/1.1\r\nhost: ledger\r\ncontent-length: 10\r\n\r\n{")
+        for _ in range(30):
+            await asyncio.sleep(0.001)
+        protocol.connection_lost(None)
+        await asyncio.sleep(0.01)
+        return socket
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ledger.access"):
+        socket = asyncio.run(stalled())
+    assert socket.writes[0].startswith(b"HTTP/1.1 408 ")
+    assert [(r.method, r.path, r.status) for r in caplog.records if r.name == "ledger.access"] == [("POST", "/register", 408)]
