@@ -701,10 +701,22 @@ def explain(error: BaseException) -> str | None:
     pool_timeout = isinstance(error, (persistence.OperationalError, persistence.InterfaceError)) and cause is None
     if unreachable or pool_timeout:
         reason = str(cause or error).strip().splitlines()[-1]
+        if reason.startswith("couldn't get a connection"):  # a pool's: it hides why (a wrong password, no such database)
+            reason = _why_no_connection(settings.database_url) or reason
         return f"cannot reach PostgreSQL at {_where(settings.database_url)}: {reason} (check DATABASE_URL)"
     if isinstance(error, (BrokerUnreachable, RedisUnreachable)):
         return f"cannot reach Redis at {redacted(settings.redis_url)}: {error} (check REDIS_URL)"
     return None
+
+
+def _why_no_connection(url: str) -> str | None:
+    """What the server says to a connection of its own: a pool that could make none says only
+    that it could not (a review: a wrong password read as an unreachable server)."""
+    try:
+        psycopg.connect(url, connect_timeout=3).close()
+    except psycopg.Error as error:
+        return " ".join(line.strip() for line in str(error).strip().splitlines())
+    return None  # it connects now
 
 
 def _where(url: str) -> str:

@@ -648,3 +648,15 @@ def test_commands_on_a_database_without_the_schema_say_to_run_setup(stack: Stack
     finally:
         with stack.connect() as conn:
             conn.execute("DROP DATABASE no_schema_yet")
+
+
+def test_commands_against_a_database_that_does_not_exist_say_what_the_server_said(stack: Stack) -> None:
+    """A pool that can make no connection says only "couldn't get a connection after 2.00 sec":
+    a wrong password or database name read as an unreachable server (a review)."""
+    env = {**stack.env, "DATABASE_URL": psycopg.conninfo.make_conninfo(stack.settings.database_url, dbname="no_such_database")}
+    for command in (["setup"], ["rebuild"], ["import"], ["status"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "infra.cli", *command], env=env, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
+        )
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert 'database "no_such_database" does not exist' in done.stderr, (command, done.stderr)

@@ -317,7 +317,11 @@ def test_only_a_server_that_cannot_be_reached_is_explained_so(monkeypatch: pytes
     wrapped = persistence.OperationalError("connection refused")
     wrapped.__cause__ = refused
     assert explain(wrapped) == explain(refused)
-    assert explain(persistence.OperationalError("couldn't get a connection after 2.00 sec")) is not None  # the library's pool
+    # The library's pool, which says only that it got no connection: the server's own reason is asked for.
+    monkeypatch.setenv("DATABASE_URL", "postgresql://ledger:secret@127.0.0.1:1/books")
+    said = explain(persistence.OperationalError("couldn't get a connection after 2.00 sec"))
+    assert said is not None and said.startswith("cannot reach PostgreSQL at 127.0.0.1:1/books: connection")
+    assert "couldn't get a connection" not in said and "refused" in said and "secret" not in said
     # The server answered, with an error of its own: not a matter of reaching it, and the traceback stays.
     for answered in (psycopg.errors.DiskFull("could not extend file"), psycopg.errors.LockNotAvailable("lock timeout")):
         assert explain(answered) is None
