@@ -454,7 +454,27 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 
 def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(command, env=env, cwd=REPO_ROOT)
+    """A service of `ledger run`, in a process group of its own: what it starts (uvicorn's and
+    Celery's processes) is stopped with it, even when it has to be killed. Killed alone, a hung
+    `ledger api` left its uvicorn processes running (a review)."""
+    return subprocess.Popen(command, env=env, cwd=REPO_ROOT, start_new_session=True)
+
+
+def stop_services(processes: list[subprocess.Popen[bytes]], grace: float = 20.0) -> None:
+    """SIGTERM to each (the last started first), `grace` seconds for each to end, then SIGKILL to
+    what is left of its process group: a service that did not stop, and what it started."""
+    for process in reversed(processes):
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        # The group's ID stays its own while a member lives (the kernel reuses no such PID).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _stopped(configured: set[str]) -> str:
@@ -525,14 +545,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             return 0
         finally:
-            for process in reversed(processes):
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-            for process in processes:
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            stop_services(processes)
 
 
 def _in_use(host: str, port: int) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -394,3 +395,24 @@ def test_following_an_import_waits_for_an_outage_not_for_an_error_the_server_ans
     answered = [pg.LockNotAvailable(), pg.QueryCanceled(), pg.TooManyConnections(), pg.InvalidPassword()]
     assert [_database_away(error) for error in away] == [True] * 4
     assert [_database_away(error) for error in answered] == [False] * 4
+
+
+def test_stopping_the_services_of_ledger_run_leaves_nothing_of_theirs_running(tmp_path: Path) -> None:
+    """A `ledger api` that did not stop in time was killed alone: its uvicorn processes went on
+    (a review). Here a service ignores SIGTERM, and so does what it started."""
+    from infra.cli import _spawn, stop_services
+
+    pid_file = tmp_path / "child.pid"
+    stubborn = _spawn(["sh", "-c", f'trap "" TERM; sleep 300 & echo $! > {pid_file}; wait'], dict(os.environ))
+    polite = _spawn(["sleep", "300"], dict(os.environ))
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    stop_services([stubborn, polite], grace=0.5)
+    assert stubborn.returncode == -signal.SIGKILL and polite.returncode == -signal.SIGTERM
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{child}").exists() and "zombie" not in Path(f"/proc/{child}/status").read_text().lower():
+        assert time.monotonic() < deadline, "what the service started is still running"
+        time.sleep(0.05)
