@@ -174,6 +174,7 @@ class JsonErrorsProtocol(HttpToolsProtocol):
     _timer: asyncio.TimerHandle | None = None
     _stopping = False  # the server is shutting down
     _began = 0.0  # the loop's time the request being received began
+    _opened = 0.0  # the loop's time the connection was made
     _deadline = 0.0  # the loop's time by which the request being received must be whole; 0.0: none
 
     def data_received(self, data: bytes) -> None:
@@ -309,20 +310,19 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         """The refused request's ID, and its access line and metrics (they had none: a 400, 431 or
         408 was not in the log, and a 408 whose app was waiting for the body was logged as a 499).
         A request whose app runs is accounted for by the app (api.observability), told the status."""
-        if own is not None and self._running is own:
+        if own is not None and self._running is own and not own.response_complete:
             own.scope[REFUSED] = status
             return str(own.scope.get(REQUEST_ID_KEY) or request_id(dict(own.scope["headers"]).get(REQUEST_ID)))
         now = self.loop.time()
         if own is not None:
             method, path, headers, began = own.scope["method"], own.scope["path"], own.scope["headers"], self._began
-        elif self._in_head:  # what the parser has of this request's head (uvicorn's, from the last request, else)
-            try:
-                method = (self.parser.get_method() or b"").decode("latin-1")
-            except httptools.HttpParserError:  # not as far as the method
-                method = ""
-            path, headers, began = (self.url or b"").decode("latin-1"), self.headers or [], self._began
+        elif self._in_head and self.url:  # the request line's method and URL came (the parser's default method, else)
+            method = (self.parser.get_method() or b"").decode("latin-1")
+            path, headers, began = self.url.split(b"?", 1)[0].decode("latin-1"), self.headers or [], self._began
         else:
-            method, path, headers, began = "", "", [], now
+            method, path, headers, began = "", "", [], self._began or self._opened
+        if len(path) > 200:  # a 431's may be most of 64 KiB
+            path = path[:200] + "..."
         return observe(method, path, status, dict(headers).get(REQUEST_ID), now - began)
 
     def _answering(self) -> bool:
@@ -398,3 +398,4 @@ class JsonErrorsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_OneWrite(transport, self.loop, self._reading_a_request))  # type: ignore[arg-type]
         self._arm_timer()  # a connection that never sends a request is closed too
+        self._opened = self._deadline - REQUEST_SECONDS

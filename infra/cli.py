@@ -454,27 +454,50 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 
 def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """A service of `ledger run`, in a process group of its own: what it starts (uvicorn's and
-    Celery's processes) is stopped with it, even when it has to be killed. Killed alone, a hung
-    `ledger api` left its uvicorn processes running (a review)."""
-    return subprocess.Popen(command, env=env, cwd=REPO_ROOT, start_new_session=True)
+    # In `ledger run`'s process group: a terminal's Ctrl-C or hangup, and `timeout -s KILL`, reach them too.
+    return subprocess.Popen(command, env=env, cwd=REPO_ROOT)
 
 
 def stop_services(processes: list[subprocess.Popen[bytes]], grace: float = 20.0) -> None:
-    """SIGTERM to each (the last started first), `grace` seconds for each to end, then SIGKILL to
-    what is left of its process group: a service that did not stop, and what it started."""
+    """SIGTERM to each (the last started first) and `grace` seconds for each to end; then SIGKILL
+    to one that did not, and to every process it started. Killed alone, a hung `ledger api` left
+    its uvicorn processes running (a review). Asked again meanwhile (a second Ctrl-C), it waits no
+    more."""
     for process in reversed(processes):
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)
+    hurried = False
     for process in processes:
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        if not hurried:
+            try:
+                process.wait(grace)
+                continue
+            except subprocess.TimeoutExpired:
+                pass
+            except (KeyboardInterrupt, SystemExit):
+                hurried = True
+        if process.poll() is None:
+            for pid in [*_descendants(process.pid), process.pid]:  # before it dies: its children are then init's
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
             process.wait()
-        # The group's ID stays its own while a member lives (the kernel reuses no such PID).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes `pid` started, and the ones they started (from /proc; none without it)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # "pid (name) state ppid ..."
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _stopped(configured: set[str]) -> str:
@@ -487,8 +510,9 @@ def _stopped(configured: set[str]) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from infra.stack import services
 
-    # SIGTERM (docker stop, timeout, kill) cleans up like Ctrl-C does.
+    # SIGTERM (docker stop, timeout, kill) and SIGHUP (the terminal closed) clean up as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     processes: list[subprocess.Popen[bytes]] = []
     configured = {name for name in ("DATABASE_URL", "REDIS_URL") if os.environ.get(name)}

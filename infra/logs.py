@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,33 +50,38 @@ REPEAT_SECONDS = 60.0  # a warning or error like one already logged is logged ag
 
 
 class Repeats(logging.Filter):
-    """Drops a warning or error like one logged in the last REPEAT_SECONDS: the same logger, the
-    same message before its arguments (a task's errors told apart by the task's name), the same
-    exception type. The next one logged after that says how many were dropped (`repeated`).
-    While PostgreSQL or Redis was down, the API's listener logged its reconnection twice a
-    second in each process, beat a 15 KB traceback every 5 s, and the worker one for every
-    periodic catch-up (a review)."""
+    """Drops a warning or error that repeats one logged in the last REPEAT_SECONDS: the same
+    logger, message and arguments (but a Celery task's ID), the same exception type. The next
+    one logged after that says how many were dropped (`repeated`). While PostgreSQL or Redis was
+    down, the API's listener logged its reconnection twice a second in each process, beat a
+    15 KB traceback every 5 s, and the worker one for every periodic catch-up (a review). A
+    different error (another service, path, job or exception) is not a repeat."""
 
     def __init__(self) -> None:
         super().__init__()
         self._seen: dict[tuple[object, ...], tuple[float, int]] = {}  # key -> (when logged, dropped since)
+        self._lock = threading.Lock()  # a handler's filters run outside its lock
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
         args = record.args
-        task = args.get("name") if isinstance(args, dict) else None  # Celery's trace: {"name": task, ...}
+        if isinstance(args, dict):  # Celery's trace: {"name": task, "id": its ID, "exc": the error, ...}
+            shown: tuple[object, ...] = tuple((k, str(v)) for k, v in sorted(args.items()) if k != "id")
+        else:
+            shown = tuple(map(str, args or ()))
         error = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else None
-        key = (record.name, record.levelno, str(record.msg), task, error)
-        logged, dropped = self._seen.get(key, (0.0, 0))
-        if record.created - logged < REPEAT_SECONDS:
-            self._seen[key] = (logged, dropped + 1)
-            return False
-        if dropped:
-            record.repeated = dropped  # like this one, not logged since the last that was
-        if len(self._seen) > 1000:  # keys are few (one per message in the code); bound them all the same
-            self._seen.clear()
-        self._seen[key] = (record.created, 0)
+        key = (record.name, record.levelno, str(record.msg), shown, error)
+        with self._lock:
+            logged, dropped = self._seen.get(key, (0.0, 0))
+            if record.created - logged < REPEAT_SECONDS:
+                self._seen[key] = (logged, dropped + 1)
+                return False
+            if dropped:
+                record.repeated = dropped  # like this one, not logged since the last that was
+            if len(self._seen) > 1000:  # a bound, whatever the arguments
+                self._seen.clear()
+            self._seen[key] = (record.created, 0)
         return True
 
 

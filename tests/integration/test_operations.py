@@ -601,6 +601,53 @@ def test_ledger_run_stopped_with_ctrl_c_stops_everything_deletes_its_servers_and
             assert probe.connect_ex(("127.0.0.1", int(listened))) != 0, f"something still listens on {listened}"
 
 
+def test_ledger_run_whose_terminal_closes_stops_everything_it_started(tmp_path: Path) -> None:
+    """A terminal that closes sends SIGHUP to its foreground group: `ledger run` had no handler
+    for it, so it died without stopping its services or its throwaway servers (a review)."""
+    port = free_port()
+    log = tmp_path / "run.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    with log.open("w") as out:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", "run", "--port", str(port), "--no-import"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops everything" not in log.read_text():
+            assert run.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        os.killpg(run.pid, signal.SIGHUP)
+        run.wait(timeout=90)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    said = log.read_text()
+    assert said.rstrip().splitlines()[-1].startswith("ledger run: everything it started has stopped"), said
+    pg = re.search(r"PostgreSQL on 127\.0\.0\.1:(\d+) \((\S+)\)", said)
+    assert pg and not Path(pg.group(2)).exists(), said
+    deadline = time.monotonic() + 10
+    while running := [pid for pid, state, group in _processes() if group == run.pid and state != "Z"]:
+        assert time.monotonic() < deadline, f"processes of `ledger run` still run: {running}"  # (zombies are done)
+        time.sleep(0.2)
+
+
+def _processes() -> list[tuple[int, str, int]]:
+    """Each process's ID, state and process group, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found.append((int(stat.parent.name), fields[0], int(fields[2])))
+    return found
+
+
 def test_status_never_shows_the_read_model_past_the_last_event_while_loans_are_booked(
     client: TestClient, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -67,36 +67,44 @@ def test_routine_tasks_write_no_log_line_and_imports_and_failures_do(capsys: pyt
     ]
 
 
-def test_a_warning_or_error_like_one_logged_within_a_minute_is_dropped_and_counted(
+def test_a_warning_or_error_that_repeats_one_logged_within_a_minute_is_dropped_and_counted(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While PostgreSQL or Redis was down, the API's listener logged its reconnection twice a
-    second in each process, and beat a 15 KB traceback every 5 s (a review)."""
+    second in each process, and beat a 15 KB traceback every 5 s (a review). A different error
+    is no repeat: /ready said "the API's log has the error" of a broker whose line was dropped as
+    one like Redis's (a review of the first version)."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
-    clock = iter([1000.0, 1000.5, 1001.0, 1030.0, 1030.1, 1030.2, 1061.0, 1091.0])
+    clock = iter([1000.0, 1000.5, 1001.0, 1030.0, 1030.1, 1030.2, 1030.3, 1030.4, 1030.5, 1061.0, 1091.0])
     monkeypatch.setattr(logging.time, "time", lambda: next(clock))  # type: ignore[attr-defined]
-    listener, trace = logging.getLogger("api.readyourwrites"), logging.getLogger("celery.app.trace")
+    listener, trace, ready = (logging.getLogger(n) for n in ("api.readyourwrites", "celery.app.trace", "api.endpoints"))
+    failed = "Task %(name)s[%(id)s] raised unexpected: %(exc)s"
     try:
         configure_logging()
         for _ in range(3):  # 1000.0, 1000.5, 1001.0: the first is logged
             listener.warning("projection listener lost its connection (%s); reconnecting", "refused")
-        trace.error("Task %(name)s[%(id)s] raised unexpected", {"name": "workers.tasks.catch_up", "id": "1"})  # 1030.0
-        trace.error("Task %(name)s[%(id)s] raised unexpected", {"name": "workers.tasks.import_history", "id": "2"})
-        listener.info("projection listener connected")  # 1030.2: information is never dropped
-        listener.warning("projection listener lost its connection (%s); reconnecting", "timeout")  # 1061.0
-        trace.error("Task %(name)s[%(id)s] raised unexpected", {"name": "workers.tasks.catch_up", "id": "3"})  # 1091.0
+        trace.error(failed, {"name": "workers.tasks.catch_up", "id": "1", "exc": "OperationalError()"})  # 1030.0
+        trace.error(failed, {"name": "workers.tasks.catch_up", "id": "2", "exc": "OperationalError()"})  # another ID: a repeat
+        trace.error(failed, {"name": "workers.tasks.import_history", "id": "3", "exc": "OperationalError()"})
+        ready.warning("/ready: %s did not answer: %s", "Redis", "ConnectionError")  # 1030.3
+        ready.warning("/ready: %s did not answer: %s", "Celery's broker", "OperationalError")  # another service's
+        listener.info("projection listener connected")  # 1030.5: information is never dropped
+        listener.warning("projection listener lost its connection (%s); reconnecting", "refused")  # 1061.0
+        trace.error(failed, {"name": "workers.tasks.catch_up", "id": "4", "exc": "OperationalError()"})  # 1091.0
         lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
     assert [(line["message"], line.get("repeated")) for line in lines] == [
         ("projection listener lost its connection (refused); reconnecting", None),
-        ("Task workers.tasks.catch_up[1] raised unexpected", None),
-        ("Task workers.tasks.import_history[2] raised unexpected", None),  # another task's: its own
+        ("Task workers.tasks.catch_up[1] raised unexpected: OperationalError()", None),
+        ("Task workers.tasks.import_history[3] raised unexpected: OperationalError()", None),
+        ("/ready: Redis did not answer: ConnectionError", None),
+        ("/ready: Celery's broker did not answer: OperationalError", None),
         ("projection listener connected", None),
-        ("projection listener lost its connection (timeout); reconnecting", 2),  # two dropped since
-        ("Task workers.tasks.catch_up[3] raised unexpected", None),
+        ("projection listener lost its connection (refused); reconnecting", 2),  # two dropped since
+        ("Task workers.tasks.catch_up[4] raised unexpected: OperationalError()", 1),
     ]
 
 

@@ -416,3 +416,17 @@ def test_stopping_the_services_of_ledger_run_leaves_nothing_of_theirs_running(tm
     while Path(f"/proc/{child}").exists() and "zombie" not in Path(f"/proc/{child}/status").read_text().lower():
         assert time.monotonic() < deadline, "what the service started is still running"
         time.sleep(0.05)
+
+
+def test_a_second_ctrl_c_while_the_services_stop_waits_no_more(tmp_path: Path) -> None:
+    """A second Ctrl-C (or SIGTERM) during the clean-up ended it, and a service that hung was
+    never killed (a review)."""
+    from infra.cli import _spawn, stop_services
+
+    stubborn = [_spawn(["sh", "-c", 'trap "" TERM; sleep 300 & wait'], dict(os.environ)) for _ in range(2)]
+    time.sleep(0.3)  # their traps set
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    started = time.monotonic()
+    stop_services(stubborn, grace=60)
+    assert time.monotonic() - started < 30  # not the 60 s it had for each
+    assert [process.returncode for process in stubborn] == [-signal.SIGKILL, -signal.SIGKILL]

@@ -496,6 +496,24 @@ def test_a_refused_request_has_its_access_line_metrics_and_request_id(monkeypatc
         ("UNPARSED", "408"): 1.0,
     }
 
+    # The review of the above: a refusal's line held the raw URL (its query's tokens, up to 64 KiB
+    # of it), the parser's default method (DELETE) for a request line that never came, a duration
+    # of 0 for a connection that waited the whole timeout; and a refusal after the app had
+    # answered (a bad chunk after a 200) had no line.
+    caplog.clear()
+    monkeypatch.setattr(api.server, "REQUEST_SECONDS", 0.01)
+    with caplog.at_level(logging.INFO, logger="ledger.access"):
+        asyncio.run(fed(b"GET /x" + b"y" * 300 + b"?access_token=SECRET HTTP/1.1\r\nhost: ledger\r\ncontent-length: -1\r\n\r\n"))
+        asyncio.run(fed(b"\x00garbage\r\n\r\n"))
+        asyncio.run(fed(turns=40))
+        asyncio.run(fed(b"POST /x HTTP/1.1\r\nhost: ledger\r\ntransfer-encoding: chunked\r\n\r\n", b"zz\r\n"))
+    records = [r for r in caplog.records if r.name == "ledger.access"]
+    assert (records[0].method, records[0].path, records[0].status) == ("GET", "/x" + "y" * 198 + "...", 400)
+    assert "SECRET" not in caplog.text
+    assert (records[1].method, records[1].path, records[1].status) == ("UNPARSED", None, 400)
+    assert (records[2].method, records[2].status) == ("UNPARSED", 408) and records[2].duration_ms >= 10
+    assert [(r.method, r.path, r.status) for r in records[3:]] == [("POST", "/x", 400)]  # the app's 200 is not observed here
+
     # A body that stops coming while its app waits for it: the app's access line says 408, once.
     async def reads_the_body(scope: Any, receive: Any, send: Any) -> None:
         while (await receive()).get("more_body"):
