@@ -3,6 +3,7 @@ through HTTP (and the `ledger` command) against real PostgreSQL, Redis and a wor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -546,6 +547,31 @@ def test_make_tests_runner_stopped_early_tears_the_tests_down_and_stops_its_serv
             assert probe.connect_ex(("127.0.0.1", int(port))) != 0, f"something still listens on {port}"
 
 
+def ledger_run_serving(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path, int]:
+    """`ledger run` with servers of its own, in a process group of its own (as a terminal's
+    foreground job), once it serves: the process, its log and its port."""
+    port = free_port()
+    log = tmp_path / "run.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}  # so it starts its own
+    with log.open("w") as out:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", "run", "--port", str(port), *args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 120
+    while "Ctrl-C stops everything" not in log.read_text():
+        if run.poll() is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGKILL)
+            raise AssertionError(log.read_text())
+        time.sleep(0.2)
+    return run, log, port
+
+
 def test_ledger_run_stopped_with_ctrl_c_stops_everything_deletes_its_servers_and_says_so(tmp_path: Path) -> None:
     """`make run`'s Ctrl-C: the API, worker and beat stop, the throwaway PostgreSQL and Redis stop
     and their directories go, and its last line says so (it used to end without a word).
@@ -553,23 +579,8 @@ def test_ledger_run_stopped_with_ctrl_c_stops_everything_deletes_its_servers_and
     On the way, what it printed is lines: the import's progress a line at a time (its bar, redrawn
     with "\r", ran into the worker's log lines on the terminal they share), and uvicorn's own
     lines in JSON like every other log line (they were in uvicorn's "INFO:     " format)."""
-    port = free_port()
-    log = tmp_path / "run.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}  # so it starts its own
-    with log.open("w") as out:
-        run = subprocess.Popen(
-            [sys.executable, "-m", "infra.cli", "run", "--port", str(port), "--workers", "2"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    run, log, port = ledger_run_serving(tmp_path, "--workers", "2")
     try:
-        deadline = time.monotonic() + 120
-        while "Ctrl-C stops everything" not in log.read_text():
-            assert run.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
         assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
         os.killpg(run.pid, signal.SIGINT)  # what a terminal sends its foreground group
         code = run.wait(timeout=90)
@@ -604,23 +615,8 @@ def test_ledger_run_stopped_with_ctrl_c_stops_everything_deletes_its_servers_and
 def test_ledger_run_whose_terminal_closes_stops_everything_it_started(tmp_path: Path) -> None:
     """A terminal that closes sends SIGHUP to its foreground group: `ledger run` had no handler
     for it, so it died without stopping its services or its throwaway servers (a review)."""
-    port = free_port()
-    log = tmp_path / "run.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    with log.open("w") as out:
-        run = subprocess.Popen(
-            [sys.executable, "-m", "infra.cli", "run", "--port", str(port), "--no-import"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    run, log, _ = ledger_run_serving(tmp_path, "--no-import")
     try:
-        deadline = time.monotonic() + 120
-        while "Ctrl-C stops everything" not in log.read_text():
-            assert run.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
         os.killpg(run.pid, signal.SIGHUP)
         run.wait(timeout=90)
     finally:
