@@ -759,7 +759,9 @@ def _why_no_connection(url: str) -> str | None:
 def _where(url: str) -> str:
     """A database URL's host, port and database, without its user or password."""
     parts = conninfo_to_dict(url)
-    return f"{parts.get('host', '127.0.0.1')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+    where = f"{parts.get('host', '127.0.0.1')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+    # A password with an unencoded "/" or "@" is read as part of the host or the database: none of it is shown.
+    return where.rsplit("@", 1)[1] if "@" in where else where
 
 
 def redacted(url: str) -> str:

@@ -430,3 +430,12 @@ def test_a_second_ctrl_c_while_the_services_stop_waits_no_more(tmp_path: Path) -
     stop_services(stubborn, grace=60)
     assert time.monotonic() - started < 30  # not the 60 s it had for each
     assert [process.returncode for process in stubborn] == [-signal.SIGKILL, -signal.SIGKILL]
+
+
+def test_a_password_with_an_unencoded_slash_or_at_sign_is_not_shown_where_the_database_is_named() -> None:
+    """Misread as part of the host or the database, it was shown with them (a review)."""
+    from infra.cli import _where
+
+    assert _where("postgresql://ledger:pa/ss@db.example:5432/books") == "db.example:5432/books"
+    assert _where("postgresql://ledger:pa@ss@db.example/books") == "db.example:5432/books"
+    assert _where("postgresql://ledger:secret@db.example:6543/books") == "db.example:6543/books"
