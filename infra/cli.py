@@ -477,7 +477,7 @@ def stop_services(processes: list[subprocess.Popen[bytes]], grace: float = 20.0)
             except (KeyboardInterrupt, SystemExit):
                 hurried = True
         if process.poll() is None:
-            for pid in [*_descendants(process.pid), process.pid]:  # before it dies: its children are then init's
+            for pid in [process.pid, *_descendants(process.pid)]:  # found first: once it dies its children are init's
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
             process.wait()
