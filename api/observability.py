@@ -50,13 +50,13 @@ def observe(method: str, path: str, status: int, given_id: bytes | None, duratio
     api.server); its ID."""
     rid = request_id(given_id)
     method = method or "UNPARSED"  # the request line was not whole
-    children = _ROUTELESS.get((method, status))
+    # The label set stays bounded whatever methods the parser lets through; the line has the method.
+    label = method if method in {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "UNPARSED"} else "OTHER"
+    children = _ROUTELESS.get((label, status))
     if children is None:
-        if method not in {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "UNPARSED"}:
-            method = "OTHER"  # the label set stays bounded whatever the parser let through
-        children = _ROUTELESS[(method, status)] = (
-            REQUESTS.labels(method, "unmatched", str(status)),
-            LATENCY.labels(method, "unmatched"),
+        children = _ROUTELESS[(label, status)] = (
+            REQUESTS.labels(label, "unmatched", str(status)),
+            LATENCY.labels(label, "unmatched"),
         )
     children[0].inc()
     children[1].observe(duration)

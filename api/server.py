@@ -7,6 +7,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -134,6 +135,16 @@ class _OneWrite:
         if name.startswith("_"):  # not the transport's (and, in a copy with no slots set, no recursion)
             raise AttributeError(name)
         return getattr(self._transport, name)
+
+
+def _path(url: bytes) -> str:
+    """A request target's path, decoded, as the app's access line has it: no query, no scheme,
+    host or credentials of an absolute-form target."""
+    try:
+        path = httptools.parse_url(url).path or b""
+    except httptools.HttpParserInvalidURLError:
+        return ""
+    return unquote(path.decode("latin-1"))
 
 
 class JsonErrorsProtocol(HttpToolsProtocol):
@@ -314,11 +325,13 @@ class JsonErrorsProtocol(HttpToolsProtocol):
             own.scope[REFUSED] = status
             return str(own.scope.get(REQUEST_ID_KEY) or request_id(dict(own.scope["headers"]).get(REQUEST_ID)))
         now = self.loop.time()
-        if own is not None:
-            method, path, headers, began = own.scope["method"], own.scope["path"], own.scope["headers"], self._began
-        elif self._in_head and self.url:  # the request line's method and URL came (the parser's default method, else)
+        if own is not None:  # its app answered already (a bad chunk after a 404), or never ran
+            method, path, began = own.scope["method"], own.scope["path"], self._began
+            given = own.scope.get(REQUEST_ID_KEY, "").encode("latin-1") or dict(own.scope["headers"]).get(REQUEST_ID)
+            return observe(method, path, status, given, now - began)
+        if self._in_head and self.url:  # the request line's method and URL came (the parser's default method, else)
             method = (self.parser.get_method() or b"").decode("latin-1")
-            path, headers, began = self.url.split(b"?", 1)[0].decode("latin-1"), self.headers or [], self._began
+            path, headers, began = _path(self.url), self.headers or [], self._began
         else:
             method, path, headers, began = "", "", [], self._began or self._opened
         if len(path) > 200:  # a 431's may be most of 64 KiB

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -454,28 +455,25 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 
 def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    # In `ledger run`'s process group: a terminal's Ctrl-C or hangup, and `timeout -s KILL`, reach them too.
-    return subprocess.Popen(command, env=env, cwd=REPO_ROOT)
+    """A service of `ledger run`, in a process group of its own: a terminal's Ctrl-C or hangup
+    reaches `ledger run` alone, which stops its services in order. Sent to them as well, a
+    hangup made uvicorn and the Celery worker restart rather than stop (a review)."""
+    return subprocess.Popen(command, env=env, cwd=REPO_ROOT, process_group=0)
 
 
-def stop_services(processes: list[subprocess.Popen[bytes]], grace: float = 20.0) -> None:
+def stop_services(processes: list[subprocess.Popen[bytes]], grace: float = 20.0, hurry: threading.Event | None = None) -> None:
     """SIGTERM to each (the last started first) and `grace` seconds for each to end; then SIGKILL
     to one that did not, and to every process it started. Killed alone, a hung `ledger api` left
-    its uvicorn processes running (a review). Asked again meanwhile (a second Ctrl-C), it waits no
+    its uvicorn processes running (a review). Once `hurry` is set (a second Ctrl-C), it waits no
     more."""
+    hurry = hurry or threading.Event()
     for process in reversed(processes):
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)
-    hurried = False
     for process in processes:
-        if not hurried:
-            try:
-                process.wait(grace)
-                continue
-            except subprocess.TimeoutExpired:
-                pass
-            except (KeyboardInterrupt, SystemExit):
-                hurried = True
+        deadline = time.monotonic() + grace
+        while process.poll() is None and time.monotonic() < deadline and not hurry.is_set():
+            time.sleep(0.05)
         if process.poll() is None:
             for pid in [process.pid, *_descendants(process.pid)]:  # found first: once it dies its children are init's
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -569,7 +567,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             return 0
         finally:
-            stop_services(processes)
+            # From here on a signal hurries the clean-up and interrupts nothing: a second Ctrl-C
+            # while the throwaway PostgreSQL stopped left its data behind (a review).
+            hurry = threading.Event()
+            for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(stop_signal, lambda *_: hurry.set())
+            stop_services(processes, hurry=hurry)
 
 
 def _in_use(host: str, port: int) -> bool:

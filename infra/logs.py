@@ -70,7 +70,7 @@ class Repeats(logging.Filter):
             shown: tuple[object, ...] = tuple((k, str(v)) for k, v in sorted(args.items()) if k != "id")
         else:
             shown = tuple(map(str, args or ()))
-        error = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else None
+        error = (type(record.exc_info[1]).__name__, str(record.exc_info[1])[:500]) if record.exc_info else None
         key = (record.name, record.levelno, str(record.msg), shown, error)
         with self._lock:
             logged, dropped = self._seen.get(key, (0.0, 0))

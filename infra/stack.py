@@ -79,7 +79,8 @@ class PostgresServer:
         return f"postgresql://ledger@127.0.0.1:{self.port}/ledger"
 
     def _run(self, command: list[str], check: bool = True) -> None:
-        subprocess.run(_as_postgres_user(command), check=check, stdout=subprocess.DEVNULL, cwd=self.workdir)
+        # In a process group of its own: a second Ctrl-C at the terminal stopped a `pg_ctl stop` half way.
+        subprocess.run(_as_postgres_user(command), check=check, stdout=subprocess.DEVNULL, cwd=self.workdir, process_group=0)
 
     def start(self) -> None:
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.workdir} -c max_connections=300"
@@ -168,6 +169,7 @@ class RedisServer:
                 str(self.workdir),
             ],
             stdout=subprocess.DEVNULL,
+            process_group=0,  # stopped by whoever started it, not by the terminal's Ctrl-C
         )
         deadline = time.monotonic() + 10
         while True:

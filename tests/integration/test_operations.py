@@ -28,6 +28,7 @@ from psycopg.conninfo import make_conninfo
 from starlette.testclient import TestClient
 
 from api.app import create_app
+from infra.cli import _descendants
 from infra.config import REPO_ROOT
 from infra.logs import JsonFormatter
 from infra.postgres import OrderedInsertRecorder, build_ledger
@@ -614,8 +615,10 @@ def test_ledger_run_stopped_with_ctrl_c_stops_everything_deletes_its_servers_and
 
 def test_ledger_run_whose_terminal_closes_stops_everything_it_started(tmp_path: Path) -> None:
     """A terminal that closes sends SIGHUP to its foreground group: `ledger run` had no handler
-    for it, so it died without stopping its services or its throwaway servers (a review)."""
+    for it, so it died without stopping its services or its throwaway servers; and its services,
+    sent it too, restarted (uvicorn's workers, the Celery worker) rather than stop (reviews)."""
     run, log, _ = ledger_run_serving(tmp_path, "--no-import")
+    started = _descendants(run.pid)  # the services and what they started
     try:
         os.killpg(run.pid, signal.SIGHUP)
         run.wait(timeout=90)
@@ -624,23 +627,24 @@ def test_ledger_run_whose_terminal_closes_stops_everything_it_started(tmp_path: 
             os.killpg(run.pid, signal.SIGKILL)
     said = log.read_text()
     assert said.rstrip().splitlines()[-1].startswith("ledger run: everything it started has stopped"), said
+    assert "Received SIGHUP" not in said and "Restarting celery worker" not in said, said
     pg = re.search(r"PostgreSQL on 127\.0\.0\.1:(\d+) \((\S+)\)", said)
     assert pg and not Path(pg.group(2)).exists(), said
     deadline = time.monotonic() + 10
-    while running := [pid for pid, state, group in _processes() if group == run.pid and state != "Z"]:
+    assert len(started) > 4, started
+    while running := [pid for pid, state in _processes() if pid in started and state != "Z"]:
         assert time.monotonic() < deadline, f"processes of `ledger run` still run: {running}"  # (zombies are done)
         time.sleep(0.2)
 
 
-def _processes() -> list[tuple[int, str, int]]:
-    """Each process's ID, state and process group, from /proc."""
+def _processes() -> list[tuple[int, str]]:
+    """Each process's ID and state, from /proc."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            found.append((int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()[0]))
         except OSError:
             continue
-        found.append((int(stat.parent.name), fields[0], int(fields[2])))
     return found
 
 

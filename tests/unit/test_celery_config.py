@@ -139,3 +139,23 @@ def test_ledger_runs_note_on_root_quiets_celerys_warning_and_nothing_else() -> N
         warnings.warn(SecurityWarning("as root"), stacklevel=1)
         warnings.warn(UserWarning("another"), stacklevel=1)
     assert [type(w.message).__name__ for w in seen] == ["SecurityWarning", "UserWarning"]
+
+
+def test_two_different_errors_of_one_type_at_one_place_are_both_logged(capsys: pytest.CaptureFixture[str]) -> None:
+    """The filter keyed on the exception's type alone: a second bug's traceback (another KeyError
+    on the same line) was dropped as a repeat of the first (a review)."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    log = logging.getLogger("api.app")
+    try:
+        configure_logging()
+        for key in ("a", "totally_different_bug", "a"):
+            try:
+                {}[key]
+            except KeyError:
+                log.exception("unexpected error on %s %s", "GET", "/api/loans/1")
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    assert [line["exception"].splitlines()[-1] for line in lines] == ["KeyError: 'a'", "KeyError: 'totally_different_bug'"]

@@ -537,3 +537,42 @@ def test_a_refused_request_has_its_access_line_metrics_and_request_id(monkeypatc
         socket = asyncio.run(stalled())
     assert socket.writes[0].startswith(b"HTTP/1.1 408 ")
     assert [(r.method, r.path, r.status) for r in caplog.records if r.name == "ledger.access"] == [("POST", "/register", 408)]
+
+
+def test_a_refusal_s_access_line_names_the_request_as_the_app_s_line_would(caplog: Any) -> None:
+    """A review of the refusals' lines: an absolute-form target's credentials were logged, a
+    PROPFIND was logged as "OTHER", and a bad chunk after the app's 404 got a line with another ID."""
+    import logging
+
+    from api.observability import RequestObserver
+
+    async def not_found(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def observed(*chunks: bytes) -> Socket:
+        socket = Socket()
+        config = Config(app=RequestObserver(not_found), lifespan="off", access_log=False)
+        config.load()
+        protocol = JsonErrorsProtocol(config=config, server_state=ServerState(), app_state={})
+        protocol.connection_made(socket)
+        for chunk in chunks:
+            protocol.data_received(chunk)
+            await asyncio.sleep(0.01)
+        protocol.connection_lost(None)
+        return socket
+
+    with caplog.at_level(logging.INFO, logger="ledger.access"):
+        asyncio.run(observed(b"GET http://user:pw@host/se%63ret?token=x HTTP/1.1\r\nhost: h\r\ncontent-length: -1\r\n\r\n"))
+        asyncio.run(observed(b"PROPFIND /dav HTTP/1.1\r\nhost: h\r\ncontent-length: -1\r\n\r\n"))
+        chunked = asyncio.run(observed(b"POST /nope HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n", b"zz\r\n"))
+    records = [r for r in caplog.records if r.name == "ledger.access"]
+    assert [(r.method, r.path, r.status) for r in records] == [
+        ("GET", "/secret", 400),
+        ("PROPFIND", "/dav", 400),
+        ("POST", "/nope", 404),
+        ("POST", "/nope", 400),
+    ]
+    assert "pw" not in caplog.text and "token" not in caplog.text
+    assert records[2].request_id == records[3].request_id
+    assert b"x-request-id: %s\r\n" % records[3].request_id.encode() in chunked.writes[-1]
