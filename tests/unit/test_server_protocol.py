@@ -199,16 +199,22 @@ def test_a_chunked_body_s_trailer_fields_are_not_taken_for_headers() -> None:
     assert seen == [[(b"host", b"ledger"), (b"transfer-encoding", b"chunked")], [(b"host", b"ledger")]]
 
 
-async def fed(*chunks: bytes, turns: int = 20) -> Socket:
-    """The protocol, with an app that answers 200 at once, fed `chunks` one turn apart."""
-    socket = Socket()
-    config = Config(app=await answer(b"", socket=socket), lifespan="off", access_log=False)
+def protocol_on(socket: Socket, app: Any) -> JsonErrorsProtocol:
+    """The protocol serving `app`, connected to `socket`."""
+    config = Config(app=app, lifespan="off", access_log=False)
     config.load()
     protocol = JsonErrorsProtocol(config=config, server_state=ServerState(), app_state={})
     protocol.connection_made(socket)
+    return protocol
+
+
+async def fed(*chunks: bytes, turns: int = 20, app: Any = None, gap: float = 0.001) -> Socket:
+    """The protocol, with `app` (default: one that answers 200 at once), fed `chunks` `gap` seconds apart."""
+    socket = Socket()
+    protocol = protocol_on(socket, app or await answer(b"", socket=socket))
     for chunk in chunks:
         protocol.data_received(chunk)
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(gap)
     for _ in range(turns):
         await asyncio.sleep(0.001)
     protocol.connection_lost(None)
@@ -390,10 +396,7 @@ async def closing(
         await send({"type": "http.response.body", "body": b""})
         socket.events.append("app done")
 
-    config = Config(app=app, lifespan="off", access_log=False)
-    config.load()
-    protocol = JsonErrorsProtocol(config=config, server_state=ServerState(), app_state={})
-    protocol.connection_made(socket)
+    protocol = protocol_on(socket, app)
     for chunk in chunks:
         protocol.data_received(chunk)
         await asyncio.sleep(gap)
@@ -550,17 +553,8 @@ def test_a_refusal_s_access_line_names_the_request_as_the_app_s_line_would(caplo
         await send({"type": "http.response.start", "status": 404, "headers": [(b"content-length", b"0")]})
         await send({"type": "http.response.body", "body": b""})
 
-    async def observed(*chunks: bytes) -> Socket:
-        socket = Socket()
-        config = Config(app=RequestObserver(not_found), lifespan="off", access_log=False)
-        config.load()
-        protocol = JsonErrorsProtocol(config=config, server_state=ServerState(), app_state={})
-        protocol.connection_made(socket)
-        for chunk in chunks:
-            protocol.data_received(chunk)
-            await asyncio.sleep(0.01)
-        protocol.connection_lost(None)
-        return socket
+    def observed(*chunks: bytes) -> Any:
+        return fed(*chunks, turns=0, app=RequestObserver(not_found), gap=0.01)
 
     with caplog.at_level(logging.INFO, logger="ledger.access"):
         asyncio.run(observed(b"GET http://user:pw@host/se%63ret?token=x HTTP/1.1\r\nhost: h\r\ncontent-length: -1\r\n\r\n"))
