@@ -42,7 +42,22 @@ def request_id(given: bytes | None) -> str:
     return text if text and len(text) <= 200 else uuid.uuid4().hex
 
 
-_ROUTELESS: dict[tuple[str, int], tuple[Any, Any]] = {}
+_SERIES: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "UNPARSED"})
+
+
+def account(method: str, label: str, route: str, path: str | None, status: int, duration: float, rid: str) -> None:
+    """A request's metrics (under the method `label`) and its access line."""
+    key = (label, route, status)
+    children = _SERIES.get(key)
+    if children is None:  # the labelled counter and histogram for one kind of request, looked up once
+        children = _SERIES[key] = (REQUESTS.labels(label, route, str(status)), LATENCY.labels(label, route))
+    children[0].inc()
+    children[1].observe(duration)
+    log.info(
+        "request",
+        extra={"method": method, "path": path, "status": status, "duration_ms": round(duration * 1000, 2), "request_id": rid},
+    )
 
 
 def observe(method: str, path: str, status: int, given_id: bytes | None, duration: float) -> str:
@@ -51,25 +66,7 @@ def observe(method: str, path: str, status: int, given_id: bytes | None, duratio
     rid = request_id(given_id)
     method = method or "UNPARSED"  # the request line was not whole
     # The label set stays bounded whatever methods the parser lets through; the line has the method.
-    label = method if method in {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "UNPARSED"} else "OTHER"
-    children = _ROUTELESS.get((label, status))
-    if children is None:
-        children = _ROUTELESS[(label, status)] = (
-            REQUESTS.labels(label, "unmatched", str(status)),
-            LATENCY.labels(label, "unmatched"),
-        )
-    children[0].inc()
-    children[1].observe(duration)
-    log.info(
-        "request",
-        extra={
-            "method": method,
-            "path": path or None,
-            "status": status,
-            "duration_ms": round(duration * 1000, 2),
-            "request_id": rid,
-        },
-    )
+    account(method, method if method in _METHODS else "OTHER", "unmatched", path or None, status, duration, rid)
     return rid
 
 
@@ -78,16 +75,6 @@ class RequestObserver:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-
-    def _series(self, method: str, route: str, status: int) -> tuple[Any, Any]:
-        """The labelled counter and histogram for one kind of request, looked up once."""
-        key = (method, route, status)
-        children = self._children.get(key)
-        if children is None:
-            children = (REQUESTS.labels(method, route, str(status)), LATENCY.labels(method, route))
-            self._children[key] = children
-        return children
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,19 +98,7 @@ class RequestObserver:
             status = scope.get(REFUSED, status)  # answered by the HTTP protocol (a 408 while the app waited for the body)
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             route = route.removeprefix("/api").rstrip("/") or "/"
-            count, latency = self._series(scope["method"], route, status)
-            count.inc()
-            latency.observe(duration)
-            log.info(
-                "request",
-                extra={
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round(duration * 1000, 2),
-                    "request_id": rid,
-                },
-            )
+            account(scope["method"], scope["method"], route, scope["path"], status, duration, rid)
 
 
 class DatabaseCollector:

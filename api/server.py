@@ -321,14 +321,14 @@ class JsonErrorsProtocol(HttpToolsProtocol):
         """The refused request's ID, and its access line and metrics (they had none: a 400, 431 or
         408 was not in the log, and a 408 whose app was waiting for the body was logged as a 499).
         A request whose app runs is accounted for by the app (api.observability), told the status."""
-        if own is not None and self._running is own and not own.response_complete:
-            own.scope[REFUSED] = status
-            return str(own.scope.get(REQUEST_ID_KEY) or request_id(dict(own.scope["headers"]).get(REQUEST_ID)))
         now = self.loop.time()
-        if own is not None:  # its app answered already (a bad chunk after a 404), or never ran
-            method, path, began = own.scope["method"], own.scope["path"], self._began
+        if own is not None:
             given = own.scope.get(REQUEST_ID_KEY, "").encode("latin-1") or dict(own.scope["headers"]).get(REQUEST_ID)
-            return observe(method, path, status, given, now - began)
+            if self._running is own and not own.response_complete:
+                own.scope[REFUSED] = status
+                return request_id(given)
+            # Its app answered already (a bad chunk after a 404), or never ran.
+            return observe(own.scope["method"], own.scope["path"], status, given, now - self._began)
         if self._in_head and self.url:  # the request line's method and URL came (the parser's default method, else)
             method = (self.parser.get_method() or b"").decode("latin-1")
             path, headers, began = _path(self.url), self.headers or [], self._began

@@ -141,12 +141,12 @@ def _may_repeat(body: bytes, raw: dict[str, Any]) -> bool:
     return b"\\u" in body or body.count(b":") > len(raw)
 
 
-def _repeated(body: bytes, struct: type[msgspec.Struct], aliases: dict[str, str] | None) -> list[str]:
+def _repeated(body: bytes, names: frozenset[str] | set[str]) -> list[str]:
     """The fields the body's object gives more than once. A JSON decoder keeps the last value, so
     `{"loan_amount": 100000, "loan_amount": 9000000}` was decided on the second, whatever the
     client meant. A second parse, asked for only when the body may repeat one (`_may_repeat`)
-    and every field is valid: so only of a body as small as a valid request is."""
-    names = _names(struct) | (aliases or {}).keys()
+    and every field is valid: so only of a body as small as a valid request is. `names`: the
+    request's fields and their aliases."""
     try:
         pairs = json.loads(body, object_pairs_hook=list)  # the top level's pairs, in order
     except RecursionError:  # a few levels that msgspec took: it cannot be told which value is meant
@@ -215,7 +215,7 @@ def decode(body: bytes, struct: type[S], aliases: dict[str, str] | None = None, 
                 continue
         values[field.name] = converted
     if not errors and may_repeat:
-        errors = [{"field": name, "message": "This field is given more than once"} for name in _repeated(body, struct, aliases)]
+        errors = [{"field": name, "message": "This field is given more than once"} for name in _repeated(body, names)]
     if errors:
         raise ApiError(400, "validation_error", "The request has invalid fields", errors)
     return struct(**values)

@@ -51,7 +51,7 @@ REPEAT_SECONDS = 60.0  # a warning or error like one already logged is logged ag
 
 class Repeats(logging.Filter):
     """Drops a warning or error that repeats one logged in the last REPEAT_SECONDS: the same
-    logger, message and arguments (but a Celery task's ID), the same exception type. The next
+    logger, message and arguments (but a Celery task's ID), the same exception and message. The next
     one logged after that says how many were dropped (`repeated`). While PostgreSQL or Redis was
     down, the API's listener logged its reconnection twice a second in each process, beat a
     15 KB traceback every 5 s, and the worker one for every periodic catch-up (a review). A
