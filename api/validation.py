@@ -8,6 +8,7 @@ the check cannot drift apart.
 from __future__ import annotations
 
 import json
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -84,6 +85,8 @@ def parse_json(body: bytes) -> Any:
         raise ApiError(400, "malformed_json", "The request body must be a JSON object")
     try:
         return _json.decode(body)
+    except msgspec.ValidationError:  # valid JSON all the same: an integer the decoder does not read
+        raise _too_long(body) from None
     except msgspec.DecodeError as error:
         raise ApiError(400, "malformed_json", f"The request body is not valid JSON: {error}") from None
     except UnicodeDecodeError as error:  # bytes that are not UTF-8 inside a string
@@ -92,6 +95,26 @@ def parse_json(body: bytes) -> Any:
         raise ApiError(400, "malformed_json", "The request body is nested too deeply") from None
     except ArithmeticError:  # Decimal refuses an exponent past its limits (1e999999999999999999)
         raise ApiError(400, "malformed_json", "The request body holds a number whose exponent is out of range") from None
+
+
+MAX_INTEGER_DIGITS = 4300  # Python's limit on converting digits to an int, which the decoder keeps
+_LONG_INTEGER = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:\s*-?[0-9]{%d}' % (MAX_INTEGER_DIGITS + 1))
+
+
+def _too_long(body: bytes) -> ApiError:
+    """An integer of more digits than the decoder reads: the field that has it, when its name can
+    be found, as a field too long for any type (it was "not valid JSON", with no field named)."""
+    message = f"Expected a number of at most {MAX_INTEGER_DIGITS:,} digits"
+    found = _LONG_INTEGER.search(body)
+    name = None
+    if found:
+        try:
+            name = json.loads(b'"' + found.group(1) + b'"')
+        except ValueError:  # a match that was no key after all
+            name = None
+    if not name:
+        return ApiError(400, "malformed_json", f"The request body holds a number of more than {MAX_INTEGER_DIGITS:,} digits")
+    return ApiError(400, "validation_error", "The request has invalid fields", [{"field": name, "message": message}])
 
 
 @dataclass(frozen=True)

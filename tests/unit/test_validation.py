@@ -115,6 +115,37 @@ def test_bytes_that_are_not_utf8_and_deep_nesting_are_malformed(raw: bytes, mess
 
 
 @pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"customer_id": %s, "loan_amount": 1000, "interest_rate": 10, "tenure": 12}' % (b"9" * 4301), "customer_id"),
+        (b'{"tenure": 12, "loan_amount": -%s}' % (b"1" * 9000), "loan_amount"),
+        (b'{"customer_\\u0069d" : %s}' % (b"7" * 5000), "customer_id"),  # named as decoded
+        (b'{"nested": {"deeper": %s}}' % (b"7" * 5000), "deeper"),
+    ],
+)
+def test_an_integer_longer_than_the_decoder_reads_names_its_field(body: bytes, field: str) -> None:
+    """Past Python's 4,300 digits the decoder stops: it was answered "not valid JSON", naming nothing."""
+    with pytest.raises(ApiError) as raised:
+        decode(body, LoanRequestBody)
+    assert (raised.value.code, raised.value.details) == (
+        "validation_error",
+        [{"field": field, "message": "Expected a number of at most 4,300 digits"}],
+    )
+
+
+def test_an_integer_longer_than_the_decoder_reads_outside_an_object_is_said_so() -> None:
+    with pytest.raises(ApiError) as raised:
+        decode(b"[%s]" % (b"9" * 4301), LoanRequestBody)
+    assert (raised.value.code, raised.value.message) == (
+        "malformed_json",
+        "The request body holds a number of more than 4,300 digits",
+    )
+    with pytest.raises(ApiError) as raised:  # 4,300 digits are read, and refused as any number too large
+        decode(b'{"customer_id": %s, "loan_amount": 1000, "interest_rate": 10, "tenure": 12}' % (b"9" * 4300), LoanRequestBody)
+    assert raised.value.details == [{"field": "customer_id", "message": "Expected `int` <= 9223372036854775807"}]
+
+
+@pytest.mark.parametrize(
     ("field", "value"),
     [
         ("phone_number", "9876543210\n"),  # `$` in Python's re also matches before a last newline
