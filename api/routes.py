@@ -39,7 +39,10 @@ IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
     "in": "header",
     "required": False,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    # The value without the spaces or tabs around it (RFC 9110's OWS, which `idempotency_key` strips).
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": r"^[!-~](?:[ -~]*[!-~])?$"},
+    "description": "1 to 255 printable ASCII characters (spaces inside taken as they are); a retry with the same key"
+    " answers with the first response and records nothing more",
 }
 
 DATABASE_AWAY = (E, "The database is unavailable (database_unavailable)")

@@ -103,6 +103,8 @@ class CreditInputs(Struct):
 
 
 class CreditScoreBreakdown(Struct):
+    """Each term's points, to the cent; the score rounds their exact sum half up (72.50 shown, 72.4957... exact: 72)."""
+
     base: Number
     payment_history: Number
     completed_loans: Number

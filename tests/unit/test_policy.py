@@ -181,6 +181,13 @@ def test_a_component_of_exactly_half_a_cent_rounds_half_up() -> None:
     assert (score.payment_history, score.credit_utilisation) == (D("-8.13"), D("-0.63"))
 
 
+def test_the_breakdown_shows_points_to_the_cent_and_the_score_rounds_their_exact_sum() -> None:
+    # The README's example (customer 3 on 2026-11-22): 158 of 161 EMIs on time, debt at 4% of the limit.
+    score = credit_score(history(emis_due=161, emis_paid_on_time=158, current_debt=D(24_000)), D(600_000))
+    shown = score.base + score.payment_history + score.completed_loans + score.current_year_activity + score.credit_utilisation
+    assert (score.payment_history, score.credit_utilisation, shown, score.score) == (D("33.70"), D("-1.20"), D("72.50"), 72)
+
+
 def exact_score(h: CreditHistory, limit: D) -> int:
     """The README's formula in exact fractions, rounded half up and clamped: what the score must be."""
     total = Fraction(40) + 3 * min(h.completed_loans, 5) - 3 * min(h.loans_this_year, 5)

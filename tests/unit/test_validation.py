@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 
 import msgspec
@@ -309,3 +310,24 @@ def test_a_name_in_characters_newer_than_python_s_unicode_or_of_private_use_is_t
     for name in ("\U00031350", "\ue000", "\U00031350\u0301"):
         fields = {"first_name": name, "last_name": "B", "age": 30, "monthly_income": 1000, "phone_number": 9000000000}
         assert decode(msgspec.json.encode(fields), RegisterRequest).first_name == name
+
+
+def test_the_documented_idempotency_key_is_the_one_taken() -> None:
+    """The OpenAPI document's pattern for the header agrees with what the API takes (a tab inside a
+    key was refused though the document allowed any string of 1 to 255 characters)."""
+    from starlette.requests import Request
+
+    from api.endpoints import idempotency_key
+    from api.routes import IDEMPOTENCY_KEY
+
+    pattern = re.compile(IDEMPOTENCY_KEY["schema"]["pattern"])
+    values = ["k", "retry-42", "a b", " padded\t", "a\tb", "\x7f", "a\x00b", "caf\xe9", "a\xa0", " ", "k" * 255, "k" * 256]
+    for value in values:
+        request = Request({"type": "http", "headers": [(b"idempotency-key", value.encode("latin-1"))]})
+        try:
+            taken = idempotency_key(request) is not None
+        except ApiError:
+            taken = False
+        stripped = value.strip(" \t")
+        documented = bool(pattern.fullmatch(stripped)) and len(stripped) <= IDEMPOTENCY_KEY["schema"]["maxLength"]
+        assert taken == documented, value
