@@ -32,7 +32,9 @@ Name = Annotated[
         extra={"check": name_has_no_hidden_parts},
     ),
 ]
-Id = Annotated[int, Meta(ge=1, le=BIGINT)]
+# JSON Schema counts 12.0 as an integer; the API takes a whole number only as one is written (12).
+WHOLE = "a whole number written as one (12, not 12.0 or 1.2e1)"
+Id = Annotated[int, Meta(ge=1, le=BIGINT, description=f"An ID: {WHOLE}")]
 Money = Annotated[Decimal, Meta(description="Amount in rupees, at most 2 decimals")]
 Number = Decimal  # documented and encoded as a JSON number (see api.openapi)
 PositiveAmount = Annotated[
@@ -49,7 +51,7 @@ Rate = Annotated[
         extra_json_schema={"minimum": 0, "maximum": 100, "multipleOf": 0.000001},
     ),
 ]
-Tenure = Annotated[int, Meta(ge=1, le=LONGEST_TENURE, description="Months")]
+Tenure = Annotated[int, Meta(ge=1, le=LONGEST_TENURE, description=f"Months: {WHOLE}")]
 Phone = (
     Annotated[int, Meta(ge=PHONES[0], le=PHONES[1], description="10 to 15 digits")]
     | Annotated[str, Meta(pattern=r"^[1-9][0-9]{9,14}$(?!\n)", description="10 to 15 digits, no leading zero")]
@@ -59,7 +61,7 @@ Phone = (
 class RegisterRequest(Struct, forbid_unknown_fields=True):
     first_name: Name
     last_name: Name
-    age: Annotated[int, Meta(ge=18, le=100)]
+    age: Annotated[int, Meta(ge=18, le=100, description=f"Years: {WHOLE}")]
     monthly_income: Annotated[
         Decimal,
         Meta(
