@@ -296,10 +296,18 @@ def cmd_import_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    last, position = _positions(Settings.from_env())
+    # Positions are notification IDs, which a rolled-back insert can skip: the lag is at most this many events.
+    print(f"last event position: {last}\nread model position: {position}\nlag: {last - position} events")
+    return 0
+
+
+def _positions(settings: Settings) -> tuple[int, int]:
+    """The last event's position and the read model's. Raises what `explain` names when
+    PostgreSQL cannot be reached or has no ledger schema."""
     from ledger.application import Ledger
     from projections.projector import events_table
 
-    settings = Settings.from_env()
     table = events_table(Ledger)  # the application's name, a class attribute: no need to build one
     with connect(settings) as conn:
         # Both positions in one statement, so from one moment: read one after the other, a page the
@@ -311,9 +319,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             ).format(sql.Identifier(table))
         ).fetchone()
     last, position = (int(value or 0) for value in row or (0, 0))
-    # Positions are notification IDs, which a rolled-back insert can skip: the lag is at most this many events.
-    print(f"last event position: {last}\nread model position: {position}\nlag: {last - position} events")
-    return 0
+    return last, position
+
+
+def _database_ready(settings: Settings) -> None:
+    """Before a server starts: PostgreSQL answers and holds the ledger's schema, or the command
+    stops with what `explain` says (exit 1). `ledger api` on a database never set up served 500s
+    to every request; on an unreachable one it exited 3 after a traceback; `ledger worker` ran on
+    without one (a review)."""
+    _positions(settings)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -370,6 +384,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    _database_ready(Settings.from_env())
     # Metrics from every uvicorn process are summed through files in one directory; one made
     # here is removed when the server stops (uvicorn runs in this process for that reason).
     made = None
@@ -417,6 +432,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    _database_ready(Settings.from_env())
     # Celery's warm shutdown on SIGTERM finishes running tasks; acks_late redelivers the rest.
     os.execvp(
         sys.executable,

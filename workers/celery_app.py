@@ -13,7 +13,7 @@ import redis
 from celery import Celery
 from celery.apps import worker as celery_worker
 from celery.exceptions import SecurityWarning
-from celery.signals import setup_logging
+from celery.signals import celeryd_after_setup, setup_logging
 from kombu.transport import redis as kombu_redis
 
 from infra.config import RUN_NOTED_ROOT, Settings
@@ -85,14 +85,23 @@ kombu_redis.Channel._connparams = _connparams  # type: ignore[method-assign]
 kombu_redis.QoS.restore_unacked = _restore_unacked  # type: ignore[method-assign]
 
 
-# `ledger run` (a throwaway stack on one machine, often a root shell) says in a line of its own that
-# its worker runs as root, instead of Celery's ten-line warning in the middle of its output.
-def quiet_the_root_warning(env: Mapping[str, str] = os.environ) -> None:
-    if env.get(RUN_NOTED_ROOT) == "1":
-        warnings.filterwarnings("ignore", category=SecurityWarning)
+# Celery warns in ten plain lines that a worker runs as root, before its logging is set up: among
+# the JSON lines they broke a log shipper's parsing (a review). They are left out; the worker says
+# it in one JSON line once it starts (`_say_it_runs_as_root`), unless `ledger run` (a throwaway
+# stack, often in a root shell) has said it in a line of its own.
+def quiet_the_root_warning() -> None:
+    warnings.filterwarnings("ignore", category=SecurityWarning)
 
 
 quiet_the_root_warning()
+
+
+@celeryd_after_setup.connect
+def _say_it_runs_as_root(env: Mapping[str, str] = os.environ, **_: Any) -> None:
+    if os.geteuid() == 0 and env.get(RUN_NOTED_ROOT) != "1":
+        logging.getLogger("celery.apps.worker").warning(
+            "this worker runs as root: Celery advises a user of its own (the Docker image runs as one)"
+        )
 
 
 @setup_logging.connect

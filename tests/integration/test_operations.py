@@ -684,8 +684,15 @@ def test_commands_on_a_database_without_the_schema_say_to_run_setup(stack: Stack
         conn.execute("CREATE DATABASE no_schema_yet")
     try:
         env = {**stack.env, "DATABASE_URL": psycopg.conninfo.make_conninfo(stack.settings.database_url, dbname="no_schema_yet")}
-        commands = (["status"], ["rebuild"], ["import-report", "b5e7d356-e33a-446d-a371-c3e7cfd925e9"], ["import"])
-        for command in commands:  # `import` gave the library's "Composite type ... not found" with a traceback
+        commands = (
+            ["status"],
+            ["rebuild"],
+            ["import-report", "b5e7d356-e33a-446d-a371-c3e7cfd925e9"],
+            ["import"],  # gave the library's "Composite type ... not found" with a traceback
+            ["api", "--port", str(free_port())],  # served, and answered 500 to every request (a review)
+            ["worker"],  # ran on
+        )
+        for command in commands:
             done = subprocess.run(
                 [sys.executable, "-m", "infra.cli", *command], env=env, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
             )
@@ -697,11 +704,23 @@ def test_commands_on_a_database_without_the_schema_say_to_run_setup(stack: Stack
             conn.execute("DROP DATABASE no_schema_yet")
 
 
+def test_the_servers_stop_at_once_naming_a_database_they_cannot_reach(stack: Stack) -> None:
+    """`ledger api` exited 3 after a traceback that did not name DATABASE_URL; `ledger worker` ran on (a review)."""
+    env = {**stack.env, "DATABASE_URL": make_conninfo(stack.settings.database_url, port=str(free_port()))}
+    for command in (["api", "--port", str(free_port())], ["worker"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "infra.cli", *command], env=env, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
+        )
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith(f"ledger {command[0]}: cannot reach PostgreSQL at "), done.stderr
+        assert done.stderr.strip().endswith("(check DATABASE_URL)"), done.stderr
+
+
 def test_commands_against_a_database_that_does_not_exist_say_what_the_server_said(stack: Stack) -> None:
     """A pool that can make no connection says only "couldn't get a connection after 2.00 sec":
     a wrong password or database name read as an unreachable server (a review)."""
     env = {**stack.env, "DATABASE_URL": psycopg.conninfo.make_conninfo(stack.settings.database_url, dbname="no_such_database")}
-    for command in (["setup"], ["rebuild"], ["import"], ["status"]):
+    for command in (["setup"], ["rebuild"], ["import"], ["status"], ["api", "--port", str(free_port())], ["worker"]):
         done = subprocess.run(
             [sys.executable, "-m", "infra.cli", *command], env=env, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
         )

@@ -122,23 +122,36 @@ def test_a_channel_whose_connection_to_redis_closed_raises_a_connection_error_ce
     assert isinstance(redis.exceptions.ConnectionError(), kombu_redis.Transport.connection_errors)
 
 
-def test_ledger_runs_note_on_root_quiets_celerys_warning_and_nothing_else() -> None:
-    """`ledger run` says in one line that its worker runs as root (a throwaway stack in a root
-    shell); the worker it starts then leaves out Celery's ten-line SecurityWarning, and only that."""
+def test_celerys_root_warning_is_one_json_line_once_the_worker_starts(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Celery warned in ten plain lines, before its logging was set up, that a worker runs as root:
+    they broke the JSON lines (a review). The warning is left out, and only it; the started worker
+    says it in one line, unless `ledger run` said it already."""
     import warnings
 
     from celery.exceptions import SecurityWarning
 
-    from workers.celery_app import quiet_the_root_warning
+    from workers.celery_app import _say_it_runs_as_root, quiet_the_root_warning
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        quiet_the_root_warning({})
         warnings.warn(SecurityWarning("as root"), stacklevel=1)
-        quiet_the_root_warning({"LEDGER_RUN_NOTED_ROOT": "1"})
+        quiet_the_root_warning()
         warnings.warn(SecurityWarning("as root"), stacklevel=1)
         warnings.warn(UserWarning("another"), stacklevel=1)
     assert [type(w.message).__name__ for w in seen] == ["SecurityWarning", "UserWarning"]
+
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    with caplog.at_level(logging.WARNING, logger="celery.apps.worker"):
+        _say_it_runs_as_root({"LEDGER_RUN_NOTED_ROOT": "1"})
+        assert caplog.messages == []
+        _say_it_runs_as_root({})
+    assert caplog.messages == ["this worker runs as root: Celery advises a user of its own (the Docker image runs as one)"]
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    caplog.clear()
+    _say_it_runs_as_root({})
+    assert caplog.messages == []
 
 
 def test_two_different_errors_of_one_type_at_one_place_are_both_logged(capsys: pytest.CaptureFixture[str]) -> None:
