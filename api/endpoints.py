@@ -135,8 +135,8 @@ def path_int(request: Request, name: str) -> int:
         raise ApiError(
             400,
             "validation_error",
-            f"{name} must be a positive integer",
-            [{"field": name, "message": f"Expected a positive integer, got {raw!r}"}],
+            f"{name} must be a positive integer of at most {schemas.BIGINT}",  # 2**63 was "not a positive integer"
+            [{"field": name, "message": f"Expected a positive integer of at most {schemas.BIGINT}, got {raw!r}"}],
         )
     return int(digits)
 

@@ -188,7 +188,8 @@ def print_report(row: dict[str, Any]) -> None:
     print(
         f"import completed: {summary['customers_imported']} customers and {summary['loans_imported']} loans imported, "
         f"{summary['customers_already_present']} customers and {summary['loans_already_present']} loans already present, "
-        f"{len(summary['rekeyed_loans'])} loans given new IDs, {len(row['issues'])} rows rejected"
+        f"{len(summary.get('rekeyed_customers', []))} customers and {len(summary['rekeyed_loans'])} loans given new IDs"
+        f" (their file IDs were taken), {len(row['issues'])} rows rejected"
     )
     files = list(dict.fromkeys(issue["file"] for issue in row["issues"]))  # in the order they were met
     for issue in sorted(row["issues"], key=lambda issue: (files.index(issue["file"]), issue["row"])):

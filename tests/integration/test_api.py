@@ -460,7 +460,11 @@ def test_view_loan_and_view_loans_errors(client: TestClient) -> None:
     assert_error(client.get("/view-loan/987654321"), 404, "loan_not_found")
     assert_error(client.get("/view-loan/abc"), 400, "validation_error")
     assert_error(client.get("/view-loan/-3"), 400, "validation_error")
-    assert_error(client.get("/view-loan/99999999999999999999999"), 400, "validation_error")
+    for too_large in ("/view-loan/9223372036854775808", "/view-loan/99999999999999999999999"):  # said "not a positive integer"
+        assert assert_error(client.get(too_large), 400, "validation_error")["message"] == (
+            "loan_id must be a positive integer of at most 9223372036854775807"
+        )
+    assert client.get("/view-loan/9223372036854775807").status_code == 404
     assert_error(client.get("/view-loans/987654321"), 404, "customer_not_found")
     customer = register(client)
     assert client.get(f"/view-loans/{customer['customer_id']}").json() == []

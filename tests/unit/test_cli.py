@@ -446,3 +446,22 @@ def test_a_password_with_an_unencoded_slash_or_at_sign_is_not_shown_where_the_da
     assert _where("postgresql://ledger:pa/ss@db.example:5432/books") == "db.example:5432/books"
     assert _where("postgresql://ledger:pa@ss@db.example/books") == "db.example:5432/books"
     assert _where("postgresql://ledger:secret@db.example:6543/books") == "db.example:6543/books"
+
+
+def test_the_import_report_counts_the_customers_given_new_ids_too(capsys: pytest.CaptureFixture[str]) -> None:
+    """It said how many loans were given new IDs, not the customers (a review)."""
+    from infra.cli import print_report
+
+    summary = {
+        "customers_imported": 3,
+        "loans_imported": 5,
+        "customers_already_present": 0,
+        "loans_already_present": 0,
+        "rekeyed_customers": [{"file_id": 7778, "customer_id": 7782}],
+        "rekeyed_loans": [{"file_id": 1, "loan_id": 9}, {"file_id": 2, "loan_id": 10}],
+    }
+    print_report({"state": "completed", "summary": summary, "issues": []})
+    assert capsys.readouterr().out == (
+        "import completed: 3 customers and 5 loans imported, 0 customers and 0 loans already present,"
+        " 1 customers and 2 loans given new IDs (their file IDs were taken), 0 rows rejected\n"
+    )
