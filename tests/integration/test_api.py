@@ -530,7 +530,12 @@ def test_openapi_document_describes_every_endpoint(client: TestClient) -> None:
         "/imports/{job_id}",
     }
     register_schema = document["components"]["schemas"]["RegisterRequest"]
-    assert register_schema["properties"]["age"] == {"type": "integer", "minimum": 18, "maximum": 100}
+    assert register_schema["properties"]["age"] == {
+        "type": "integer",
+        "minimum": 18,
+        "maximum": 100,
+        "description": "Years: a whole number written as one (12, not 12.0 or 1.2e1)",
+    }
     assert document["paths"]["/create-loan"]["post"]["responses"]["201"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/CreateLoanResponse"
     }
