@@ -8,7 +8,6 @@ the check cannot drift apart.
 from __future__ import annotations
 
 import json
-import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -85,7 +84,7 @@ def parse_json(body: bytes) -> Any:
         raise ApiError(400, "malformed_json", "The request body must be a JSON object")
     try:
         return _json.decode(body)
-    except msgspec.ValidationError:  # valid JSON all the same: an integer the decoder does not read
+    except msgspec.ValidationError:  # an integer longer than the decoder reads
         raise _too_long(body) from None
     except msgspec.DecodeError as error:
         raise ApiError(400, "malformed_json", f"The request body is not valid JSON: {error}") from None
@@ -98,23 +97,42 @@ def parse_json(body: bytes) -> Any:
 
 
 MAX_INTEGER_DIGITS = 4300  # Python's limit on converting digits to an int, which the decoder keeps
-_LONG_INTEGER = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:\s*-?[0-9]{%d}' % (MAX_INTEGER_DIGITS + 1))
+
+
+class _LongInteger(str):
+    """The digits of an integer longer than the decoder reads, as the json module met them."""
+
+
+def _integer(digits: str) -> int | str:
+    return _LongInteger(digits) if len(digits.lstrip("-")) > MAX_INTEGER_DIGITS else int(digits)
+
+
+def _holds_long_integer(value: Any) -> bool:
+    found, stack = False, [value]  # not recursive: a value can be nested as deep as the json module reads
+    while stack and not found:
+        item = stack.pop()
+        found = isinstance(item, _LongInteger)
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return found
 
 
 def _too_long(body: bytes) -> ApiError:
-    """An integer of more digits than the decoder reads: the field that has it, when its name can
-    be found, as a field too long for any type (it was "not valid JSON", with no field named)."""
+    """An integer of more digits than the decoder reads (it stops there, and said "not valid JSON"
+    naming no field): the body read again by the json module, whose hook keeps such digits as text,
+    to name the top-level field whose value holds one. A search of the body for the digits' key
+    took quadratic time on crafted text after them, and named keys the decoder never read."""
+    try:
+        pairs = json.loads(body, parse_int=_integer, object_pairs_hook=list)
+    except RecursionError:
+        return ApiError(400, "malformed_json", "The request body is nested too deeply")
+    except ValueError as error:  # not JSON after all, past the digits where the decoder stopped
+        return ApiError(400, "malformed_json", f"The request body is not valid JSON: {error}")
     message = f"Expected a number of at most {MAX_INTEGER_DIGITS:,} digits"
-    found = _LONG_INTEGER.search(body)
-    name = None
-    if found:
-        try:
-            name = json.loads(b'"' + found.group(1) + b'"')
-        except ValueError:  # a match that was no key after all
-            name = None
-    if not name:
-        return ApiError(400, "malformed_json", f"The request body holds a number of more than {MAX_INTEGER_DIGITS:,} digits")
-    return ApiError(400, "validation_error", "The request has invalid fields", [{"field": name, "message": message}])
+    for name, value in pairs if isinstance(pairs, list) and pairs and isinstance(pairs[0], tuple) else ():
+        if _holds_long_integer(value) and name.isprintable() and name.encode("utf-8", "replace").decode() == name:
+            return ApiError(400, "validation_error", "The request has invalid fields", [{"field": name, "message": message}])
+    return ApiError(400, "malformed_json", f"The request body holds a number of more than {MAX_INTEGER_DIGITS:,} digits")
 
 
 @dataclass(frozen=True)

@@ -746,6 +746,8 @@ def explain(error: BaseException) -> str | None:
         return str(error)
     settings = Settings.from_env()  # checked by main() already
     cause = error.__cause__ if isinstance(error, persistence.PersistenceError) else error  # the library wraps psycopg's
+    if isinstance(cause, psycopg.errors.InsufficientPrivilege):  # a user that may connect, not read the ledger's tables
+        return f"the database user may not use the ledger's tables ({str(cause).strip().splitlines()[0]}): check DATABASE_URL's user and its grants"
     if isinstance(cause, psycopg.errors.UndefinedTable):
         return f"the database has no ledger schema yet ({str(cause).strip().splitlines()[0]}): run `ledger setup` first"
     if isinstance(error, persistence.ProgrammingError) and re.fullmatch(r"Composite type '\w+' not found", str(error)):
@@ -757,7 +759,8 @@ def explain(error: BaseException) -> str | None:
     unreachable = isinstance(cause, psycopg.OperationalError) and cause.sqlstate is None
     pool_timeout = isinstance(error, (persistence.OperationalError, persistence.InterfaceError)) and cause is None
     if unreachable or pool_timeout:
-        reason = str(cause or error).strip().splitlines()[-1]
+        # Every line: libpq's last is only its question ("Is the server running on that host...?"), without "Connection refused".
+        reason = " ".join(line.strip() for line in str(cause or error).strip().splitlines())
         if reason.startswith("couldn't get a connection"):  # a pool's: it hides why (a wrong password, no such database)
             reason = _why_no_connection(settings.database_url) or reason
         return f"cannot reach PostgreSQL at {_where(settings.database_url)}: {reason} (check DATABASE_URL)"

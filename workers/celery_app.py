@@ -85,23 +85,36 @@ kombu_redis.Channel._connparams = _connparams  # type: ignore[method-assign]
 kombu_redis.QoS.restore_unacked = _restore_unacked  # type: ignore[method-assign]
 
 
-# Celery warns in ten plain lines that a worker runs as root, before its logging is set up: among
-# the JSON lines they broke a log shipper's parsing (a review). They are left out; the worker says
-# it in one JSON line once it starts (`_say_it_runs_as_root`), unless `ledger run` (a throwaway
-# stack, often in a root shell) has said it in a line of its own.
-def quiet_the_root_warning() -> None:
-    warnings.filterwarnings("ignore", category=SecurityWarning)
+# Celery warns in plain lines that a worker runs with privileges (as root, in the sudo or wheel
+# group, with a group the system does not know) before its logging is set up: among the JSON lines
+# they broke a log shipper's parsing (a review). They are held, and the worker logs each as one
+# JSON line once it starts (`_say_held_warnings`); the one that it runs as root is left out when
+# `ledger run` (a throwaway stack, often in a root shell) has said so in a line of its own.
+_held_warnings: list[str] = []
+RUNS_AS_ROOT = "You're running the worker with superuser privileges"  # how Celery's warning begins
 
 
-quiet_the_root_warning()
+def hold_security_warnings() -> None:
+    shown = warnings.showwarning
+
+    def hold(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, SecurityWarning):
+            _held_warnings.append(" ".join(str(message).split()))
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = hold
+
+
+hold_security_warnings()
 
 
 @celeryd_after_setup.connect
-def _say_it_runs_as_root(env: Mapping[str, str] = os.environ, **_: Any) -> None:
-    if os.geteuid() == 0 and env.get(RUN_NOTED_ROOT) != "1":
-        logging.getLogger("celery.apps.worker").warning(
-            "this worker runs as root: Celery advises a user of its own (the Docker image runs as one)"
-        )
+def _say_held_warnings(env: Mapping[str, str] = os.environ, **_: Any) -> None:
+    held, _held_warnings[:] = list(_held_warnings), []
+    for message in held:
+        if not (message.startswith(RUNS_AS_ROOT) and env.get(RUN_NOTED_ROOT) == "1"):
+            logging.getLogger("celery.apps.worker").warning(message)
 
 
 @setup_logging.connect

@@ -122,36 +122,41 @@ def test_a_channel_whose_connection_to_redis_closed_raises_a_connection_error_ce
     assert isinstance(redis.exceptions.ConnectionError(), kombu_redis.Transport.connection_errors)
 
 
-def test_celerys_root_warning_is_one_json_line_once_the_worker_starts(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Celery warned in ten plain lines, before its logging was set up, that a worker runs as root:
-    they broke the JSON lines (a review). The warning is left out, and only it; the started worker
-    says it in one line, unless `ledger run` said it already."""
+def test_celerys_privilege_warnings_are_json_lines_once_the_worker_starts(caplog: pytest.LogCaptureFixture) -> None:
+    """Celery warned in plain lines, before its logging was set up, that a worker runs with
+    privileges: they broke the JSON lines (a review). They are held, each said in one line once the
+    worker starts (the one for root not again after `ledger run` said it); other warnings pass."""
     import warnings
 
+    from celery import platforms
     from celery.exceptions import SecurityWarning
 
-    from workers.celery_app import _say_it_runs_as_root, quiet_the_root_warning
+    from workers.celery_app import _say_held_warnings, hold_security_warnings
 
-    with warnings.catch_warnings(record=True) as seen:
+    root = platforms.ROOT_DISCOURAGED.format(uid=0, euid=0, gid=0, egid=0)
+    passed: list[str] = []
+    with warnings.catch_warnings():  # restores what showed warnings before
         warnings.simplefilter("always")
-        warnings.warn(SecurityWarning("as root"), stacklevel=1)
-        quiet_the_root_warning()
-        warnings.warn(SecurityWarning("as root"), stacklevel=1)
+        warnings.showwarning = lambda message, *_, **__: passed.append(str(message))
+        hold_security_warnings()
+        warnings.warn(SecurityWarning(root), stacklevel=1)
+        warnings.warn(SecurityWarning(platforms.ASSUMING_ROOT), stacklevel=1)  # a group the system does not know
         warnings.warn(UserWarning("another"), stacklevel=1)
-    assert [type(w.message).__name__ for w in seen] == ["SecurityWarning", "UserWarning"]
-
-    monkeypatch.setattr("os.geteuid", lambda: 0)
-    with caplog.at_level(logging.WARNING, logger="celery.apps.worker"):
-        _say_it_runs_as_root({"LEDGER_RUN_NOTED_ROOT": "1"})
-        assert caplog.messages == []
-        _say_it_runs_as_root({})
-    assert caplog.messages == ["this worker runs as root: Celery advises a user of its own (the Docker image runs as one)"]
-    monkeypatch.setattr("os.geteuid", lambda: 1000)
-    caplog.clear()
-    _say_it_runs_as_root({})
-    assert caplog.messages == []
+        assert passed == ["another"]
+        with caplog.at_level(logging.WARNING, logger="celery.apps.worker"):
+            _say_held_warnings({"LEDGER_RUN_NOTED_ROOT": "1"})
+        assert caplog.messages == [
+            "An entry for the specified gid or egid was not found. We're assuming this is a potential security issue."
+        ]
+        caplog.clear()
+        warnings.warn(SecurityWarning(root), stacklevel=1)
+        with caplog.at_level(logging.WARNING, logger="celery.apps.worker"):
+            _say_held_warnings({})
+            _say_held_warnings({})  # said once
+    assert caplog.messages == [
+        "You're running the worker with superuser privileges: this is absolutely not recommended!"
+        " Please specify a different user using the --uid option. User information: uid=0 euid=0 gid=0 egid=0"
+    ]
 
 
 def test_two_different_errors_of_one_type_at_one_place_are_both_logged(capsys: pytest.CaptureFixture[str]) -> None:

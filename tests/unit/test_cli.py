@@ -329,6 +329,21 @@ def test_only_a_server_that_cannot_be_reached_is_explained_so(monkeypatch: pytes
     said = explain(persistence.OperationalError("couldn't get a connection after 2.00 sec"))
     assert said is not None and said.startswith("cannot reach PostgreSQL at 127.0.0.1:1/books: connection")
     assert "couldn't get a connection" not in said and "refused" in said and "secret" not in said
+    # libpq's lines, all of them: its last alone was the question without the reason (a review).
+    refused = psycopg.OperationalError(
+        'connection failed: connection to server at "127.0.0.1", port 1 failed: Connection refused\n'
+        "\tIs the server running on that host and accepting TCP/IP connections?"
+    )
+    assert explain(refused) == (
+        'cannot reach PostgreSQL at 127.0.0.1:1/books: connection failed: connection to server at "127.0.0.1", port 1 failed:'
+        " Connection refused Is the server running on that host and accepting TCP/IP connections? (check DATABASE_URL)"
+    )
+    # A user that may connect but not read the tables (`ledger api` and `ledger worker` look before they start).
+    denied = psycopg.errors.InsufficientPrivilege("permission denied for schema readmodel\nLINE 1: ...")
+    assert explain(denied) == (
+        "the database user may not use the ledger's tables (permission denied for schema readmodel):"
+        " check DATABASE_URL's user and its grants"
+    )
     # The server answered, with an error of its own: not a matter of reaching it, and the traceback stays.
     for answered in (psycopg.errors.DiskFull("could not extend file"), psycopg.errors.LockNotAvailable("lock timeout")):
         assert explain(answered) is None

@@ -121,7 +121,10 @@ def test_bytes_that_are_not_utf8_and_deep_nesting_are_malformed(raw: bytes, mess
         (b'{"customer_id": %s, "loan_amount": 1000, "interest_rate": 10, "tenure": 12}' % (b"9" * 4301), "customer_id"),
         (b'{"tenure": 12, "loan_amount": -%s}' % (b"1" * 9000), "loan_amount"),
         (b'{"customer_\\u0069d" : %s}' % (b"7" * 5000), "customer_id"),  # named as decoded
-        (b'{"nested": {"deeper": %s}}' % (b"7" * 5000), "deeper"),
+        (b'{"customer_id": {"loan_amount": %s}, "loan_amount": 1}' % (b"7" * 5000), "customer_id"),  # the field it is in
+        (b'{"tenure": [[%s]], "\\udc00": %s}' % (b"7" * 5000, b"7" * 5000), "tenure"),  # not a name no one can read
+        # Crafted text after the digits: a search of the body for their key took minutes (quadratic).
+        (b'{"n": [%s], "s": "%s"}' % (b"1" * 4301, b'\\"' * 200_000), "n"),
     ],
 )
 def test_an_integer_longer_than_the_decoder_reads_names_its_field(body: bytes, field: str) -> None:
@@ -135,6 +138,11 @@ def test_an_integer_longer_than_the_decoder_reads_names_its_field(body: bytes, f
 
 
 def test_an_integer_longer_than_the_decoder_reads_outside_an_object_is_said_so() -> None:
+    for not_json in (b'{"tenure": [%s] ]] "phone_number": 1' % (b"9" * 4301), b'[%s] "\\ud800": 1' % (b"9" * 4301)):
+        with pytest.raises(ApiError) as raised:  # the decoder stops at the digits; what follows is not JSON either
+            decode(not_json, LoanRequestBody)
+        assert (raised.value.code, raised.value.details) == ("malformed_json", None)
+        assert raised.value.message.startswith("The request body is not valid JSON: ")
     with pytest.raises(ApiError) as raised:
         decode(b"[%s]" % (b"9" * 4301), LoanRequestBody)
     assert (raised.value.code, raised.value.message) == (
