@@ -971,6 +971,37 @@ def test_a_later_import_adds_loans_to_a_customer_already_in_the_ledger_in_one_ev
     assert ledger.loans.owner(61) == 7
 
 
+def test_a_batch_whose_customers_keep_changing_is_saved_in_halves_down_to_one_customer(ledger: Ledger) -> None:
+    """Each time a batch of more than one customer is planned, one of its customers books a loan (a
+    write while a long batch is read): the whole batch was planned again 200 times and the import
+    failed (a review, under 19 repayments a second). Halved after each conflict, it goes in."""
+    ids = range(7, 15)
+    run_import(ledger, [customer_row(i, i, f"90000000{i:02d}") for i in ids], [loan_row(i, i, 100 + i) for i in ids])
+    busy = 11
+    plan = ledger._plan_batch
+    sizes: list[int] = []
+
+    def plan_while_a_customer_books(job: Any, units: Any, rows_before: int, import_plan: Any) -> Any:
+        planned = plan(job, units, rows_before, import_plan)
+        sizes.append(len(units))
+        if len(units) > 1 and any(cid == busy for _, cid, _ in units):
+            ledger.book_loan(busy, LoanRequest(D(1_000), D(14), 6))
+        return planned
+
+    ledger._plan_batch = plan_while_a_customer_books  # type: ignore[method-assign]
+    job_id, _ = ledger.request_import("/x/customers.xlsx", "/x/loans.xlsx", uuid4())
+    customers = [customer_row(i, i, f"90000000{i:02d}") for i in ids]
+    report = ledger.import_history(job_id, customers, [loan_row(i, i, 200 + i) for i in ids], [], batch_size=500)
+
+    assert (report.customers_already_present, report.loans_imported) == (8, 8)
+    assert all(200 + i in [t.loan_id for t in ledger.get_customer(i).loans] for i in ids)
+    assert len(ledger.get_customer(busy).loans) == 2 + 4  # its file loans, and one booking per conflict
+    # Planned whole twice (the first save, then again), then in halves until the busy one was alone.
+    assert sizes == [8, 8, 4, 4, 2, 1, 1, 2], sizes
+    job = ledger.get_import_job(job_id)
+    assert (job.state, job.rows_done, job.total_rows, job.loans_recorded) == ("completed", 16, 16, 8)
+
+
 def test_a_batch_whose_save_conflicts_while_the_next_is_planned_is_planned_again(ledger: Ledger) -> None:
     """Batches are stored by a second thread while the next is planned. A customer registered
     while batch 1 is being stored takes a phone number of that batch: its save conflicts, it is
