@@ -150,8 +150,12 @@ def _compress_events_with_lz4(conn: psycopg.Connection) -> None:
         log.warning("events stay compressed with pglz: %s", error)
 
 
-def build_ledger(settings: Settings, pool_size: int = 4) -> tuple[Ledger, ConnectionPool]:
-    """The application on PostgreSQL, with sequence IDs and the configured clock."""
+def build_ledger(settings: Settings, pool_size: int = 4, *, check_connections: bool = False) -> tuple[Ledger, ConnectionPool]:
+    """The application on PostgreSQL, with sequence IDs and the configured clock. With
+    `check_connections` (the worker's), each pooled connection is checked as it is taken (a round
+    trip): after a PostgreSQL restart the worker's next import met one the server had closed, and
+    waited up to a minute to try again (a review). The API drops its pools' connections itself when
+    its listener reconnects, and keeps the round trip off its requests."""
     pool = ConnectionPool(  # sequences and existence checks: single statements, no transaction needed
         settings.database_url,
         min_size=1,
@@ -159,10 +163,14 @@ def build_ledger(settings: Settings, pool_size: int = 4) -> tuple[Ledger, Connec
         open=True,
         timeout=5,
         kwargs={"connect_timeout": 5, "autocommit": True},
+        check=ConnectionPool.check_connection if check_connections else None,
     )
+    env = settings.eventsourcing_env()
+    if check_connections:
+        env["POSTGRES_PRE_PING"] = env["LEDGER_POSTGRES_PRE_PING"] = "y"  # the library's pool, the same way
     try:
         app = Ledger(
-            settings.eventsourcing_env(),
+            env,
             ids=PostgresIds(pool),
             clock=settings.clock(),
             index=PostgresIndex(pool),

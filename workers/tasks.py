@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 @cache
 def _ledger() -> Ledger:
-    app, _pool = build_ledger(Settings.from_env())
+    app, _pool = build_ledger(Settings.from_env(), check_connections=True)
     return app
 
 
@@ -164,10 +164,11 @@ def _forget_runs(job_id: str) -> None:
 
 
 @celery.task(bind=True, max_retries=None)
-def import_history(self: Task, job_id: str, customers_path: str, loans_path: str) -> dict[str, Any]:
+def import_history(self: Task, job_id: str, customers_path: str, loans_path: str, away: int = 0) -> dict[str, Any]:
     """Run one import job. Delivered twice, or resumed after a worker died, it is safe:
     one import at a time (advisory lock; another waits its turn), and the import skips what is
-    already recorded. A job whose runs kill their worker process IMPORT_KILLED_RUNS times fails."""
+    already recorded. A job whose runs kill their worker process IMPORT_KILLED_RUNS times fails.
+    `away`: how many runs in a row before this one found the database away (their back-off's)."""
     settings = Settings.from_env()
     _mark_alive(job_id)
 
@@ -175,7 +176,7 @@ def import_history(self: Task, job_id: str, customers_path: str, loans_path: str
         with exclusive(settings) as lock:
             if lock is None:  # another import runs (or this one, delivered twice): try again shortly
                 log.info("import %s waits for the import before it", job_id)
-                raise self.retry(countdown=IMPORT_RETRY_SECONDS)
+                raise self.retry(countdown=IMPORT_RETRY_SECONDS, kwargs={"away": 0})  # the database answered
 
             logged = [0.0]  # when the last progress line was logged
 
@@ -243,10 +244,12 @@ def import_history(self: Task, job_id: str, customers_path: str, loans_path: str
             return {key: len(value) if isinstance(value, list) else value for key, value in result.items()}
     except (*DATABASE_AWAY, RunAgain) as error:
         # The job stays running, and this task takes it up again (skipping what it recorded) as soon
-        # as the database answers: after 2, 4, 8, 16, 32 s, then every minute.
-        countdown = min(IMPORT_RETRY_SECONDS * 2 ** min(self.request.retries, 5), 60)
+        # as the database answers: after 2, 4, 8, 16, 32 s, then every minute. Counted from the
+        # runs that found it away, not from every retry: an import that had waited its turn behind
+        # another 30 times waited a minute for a database back since long before (a review).
+        countdown = min(IMPORT_RETRY_SECONDS * 2 ** min(away, 5), 60)
         log.warning("import %s: the database is away or the job ran twice (%s); trying again in %d s", job_id, error, countdown)
-        raise self.retry(countdown=countdown) from error
+        raise self.retry(countdown=countdown, kwargs={"away": away + 1}) from error
 
 
 class RunAgain(Exception):

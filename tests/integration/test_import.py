@@ -679,6 +679,61 @@ def test_a_conflict_after_the_lock_session_ended_is_run_again_not_failed(
     assert client.get(f"/imports/{job_id}").json()["state"] == "queued"
 
 
+def test_the_workers_ledger_takes_no_pooled_connection_the_server_closed(stack: Stack) -> None:
+    """After a PostgreSQL restart the worker's next import met a pooled connection the server had
+    closed, failed, and waited to try again (a review). The worker's ledger checks each as it is
+    taken; the API's does not (a round trip a request), and drops its own when its listener reconnects."""
+    for checked in (True, False):
+        app, pool = build_ledger(stack.settings, check_connections=checked)
+        try:
+            assert app.index.existing([customer_uuid(987_654_321)]) == set()
+            with pool.connection() as conn:
+                backend = conn.info.backend_pid
+            with stack.connect() as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            time.sleep(0.2)
+            if checked:
+                assert app.index.existing([customer_uuid(987_654_321)]) == set()
+                assert app.recorder.datastore.pre_ping  # the library's pool, the same way
+            else:
+                with pytest.raises(psycopg.OperationalError):
+                    app.index.existing([customer_uuid(987_654_321)])
+        finally:
+            pool.close()
+            app.close()
+    assert tasks._ledger().recorder.datastore.pre_ping  # the worker's is the checked one
+
+
+def test_an_import_that_finds_the_database_away_backs_off_by_its_own_count_not_every_retry(
+    stack: Stack, imported: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The back-off counted every retry: an import that had waited its turn behind another 30
+    times and then met a connection closed by a PostgreSQL restart waited a minute (a review)."""
+    job_id = requested_job(stack)
+
+    def away(*args: object, **kwargs: object) -> dict[str, Any]:
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    asked: list[dict[str, Any]] = []
+
+    def retry(**options: Any) -> Exception:  # what the task asks of Celery's retry (called directly, it says nothing)
+        asked.append(options)
+        return Retry("retry asked")
+
+    monkeypatch.setattr(tasks, "run_import", away)
+    monkeypatch.setattr(tasks.import_history, "retry", retry)
+    forget_task_state()
+    tasks.import_history.push_request(retries=30)  # as redelivered after 30 waits for the lock
+    try:
+        for before in (0, 3, 9):
+            with pytest.raises(Retry):
+                tasks.import_history.run(job_id, str(DATA / "customer_data.xlsx"), str(DATA / "loan_data.xlsx"), away=before)
+    finally:
+        tasks.import_history.pop_request()
+        forget_task_state()
+    assert [(a["countdown"], a["kwargs"]) for a in asked] == [(2, {"away": 1}), (16, {"away": 4}), (60, {"away": 10})]
+
+
 def test_a_job_over_the_kill_count_keeps_its_count_until_it_is_failed(
     stack: Stack, client: TestClient, imported: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
