@@ -471,6 +471,36 @@ def cmd_beat(args: argparse.Namespace) -> int:
     )
 
 
+class Watchdog:
+    """`ledger run`'s watchdog (infra.watchdog), in a process group of its own: told of each
+    service and throwaway server as it starts, it stops them should `ledger run` end without
+    doing it (SIGKILL runs no handler)."""
+
+    def __init__(self) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "infra.watchdog"], stdin=subprocess.PIPE, cwd=REPO_ROOT, process_group=0
+        )
+
+    def note(self, kind: str, value: str) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.write(f"{kind} {value}\n".encode())
+        self._process.stdin.flush()
+
+    def watched(self, process: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        self.note("group", str(process.pid))  # `_spawn` makes each its own group
+        return process
+
+    def done(self) -> None:
+        """Everything stopped: the watchdog has nothing to do, and ends."""
+        with contextlib.suppress(OSError):
+            self.note("done", "")
+        assert self._process.stdin is not None
+        with contextlib.suppress(OSError):
+            self._process.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(5)
+
+
 def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     """A service of `ledger run`, in a process group of its own: a terminal's Ctrl-C or hangup
     reaches `ledger run` alone, which stops its services in order. Sent to them as well, a
@@ -546,9 +576,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(_stopped(configured), file=sys.stderr)
         return False  # the error, if any, goes on
 
+    watchdog = Watchdog()
     with contextlib.ExitStack() as ending:
+        ending.callback(watchdog.done)  # last: once everything stopped (or failed to, and said so)
         ending.push(say_stopped)
-        database_url, redis_url = ending.enter_context(services())
+        database_url, redis_url = ending.enter_context(services(noted=watchdog.note))
         started = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
         os.environ.update(started)
         env = dict(os.environ)
@@ -564,14 +596,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 worker_env = {**env, RUN_NOTED_ROOT: "1"}
-            processes.append(_spawn([*ledger_cli, "worker"], worker_env))
-            processes.append(_spawn([*ledger_cli, "beat"], env))
+            processes.append(watchdog.watched(_spawn([*ledger_cli, "worker"], worker_env)))
+            processes.append(watchdog.watched(_spawn([*ledger_cli, "beat"], env)))
             if not args.no_import:
                 job_id = start_import(settings, *_reference_files(settings))
                 # The worker logs on this terminal too: a bar redrawn in place would run into its lines.
                 print_report(follow_import(settings, job_id, progress=Progress(in_place=False)))
-            server = _spawn(
-                [*ledger_cli, "api", "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)], env
+            server = watchdog.watched(
+                _spawn([*ledger_cli, "api", "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)], env)
             )
             processes.append(server)
             base = f"http://{args.host}:{args.port}"

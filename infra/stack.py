@@ -16,11 +16,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import redis
+
+# What a server started: ("postgres", its directory), ("group", its process group), ("remove", a directory of its).
+Noted = Callable[[str, str], None]
 
 
 class StackError(RuntimeError):
@@ -103,9 +106,10 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def postgres(fast: bool = False) -> Iterator[str]:
+def postgres(fast: bool = False, noted: Noted = lambda kind, value: None) -> Iterator[str]:
     """A new cluster on a free loopback port; yields its URL for database `ledger`."""
     server = PostgresServer(fast)
+    noted("postgres", str(server.workdir))
     say(f"starting a throwaway PostgreSQL on 127.0.0.1:{server.port} ({server.workdir})")
     try:
         server.start()
@@ -193,20 +197,24 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[str]:
+def redis_server(noted: Noted = lambda kind, value: None) -> Iterator[str]:
     server = RedisServer()
     say(f"starting a throwaway Redis on 127.0.0.1:{server.port}")
     try:
         server.start()
+        assert server.process is not None
+        noted("group", str(server.process.pid))  # its own process group
+        noted("remove", str(server.workdir))
         yield server.url
     finally:
         server.remove()
 
 
 @contextlib.contextmanager
-def services(fast: bool = False) -> Iterator[tuple[str, str]]:
-    """DATABASE_URL and REDIS_URL: the configured ones, or throwaway servers started here."""
+def services(fast: bool = False, noted: Noted = lambda kind, value: None) -> Iterator[tuple[str, str]]:
+    """DATABASE_URL and REDIS_URL: the configured ones, or throwaway servers started here.
+    `noted` is told of each server as it starts (`ledger run`'s watchdog, infra.watchdog)."""
     with contextlib.ExitStack() as stack:
-        database_url = os.environ.get("DATABASE_URL") or stack.enter_context(postgres(fast))
-        redis_url = os.environ.get("REDIS_URL") or stack.enter_context(redis_server())
+        database_url = os.environ.get("DATABASE_URL") or stack.enter_context(postgres(fast, noted))
+        redis_url = os.environ.get("REDIS_URL") or stack.enter_context(redis_server(noted))
         yield database_url, redis_url

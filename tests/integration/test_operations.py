@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -635,6 +636,31 @@ def test_ledger_run_whose_terminal_closes_stops_everything_it_started(tmp_path: 
     while running := [pid for pid, state in _processes() if pid in started and state != "Z"]:
         assert time.monotonic() < deadline, f"processes of `ledger run` still run: {running}"  # (zombies are done)
         time.sleep(0.2)
+
+
+def test_ledger_run_killed_outright_has_its_watchdog_stop_everything_it_started(tmp_path: Path) -> None:
+    """SIGKILL runs no handler: `ledger run`'s services and its throwaway PostgreSQL and Redis went
+    on running, their data left behind (a review). Its watchdog, told of each as it started, stops
+    them once `ledger run` is gone without having done it."""
+    redis_dirs = set(Path(tempfile.gettempdir()).glob("ledger-redis-*"))
+    run, log, port = ledger_run_serving(tmp_path, "--no-import")
+    started = _descendants(run.pid)  # the services, what they started, and the watchdog
+    redis_dirs = set(Path(tempfile.gettempdir()).glob("ledger-redis-*")) - redis_dirs  # its Redis's
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait(timeout=10)
+    said = log.read_text()
+    pg = re.search(r"PostgreSQL on 127\.0\.0\.1:(\d+) \((\S+)\)", said)
+    redis = re.search(r"Redis on 127\.0\.0\.1:(\d+)", said)
+    assert pg and redis and len(started) > 4, (said, started)
+    deadline = time.monotonic() + 60
+    while (running := [pid for pid, state in _processes() if pid in started and state != "Z"]) or Path(pg.group(2)).exists():
+        assert time.monotonic() < deadline, f"still there: {running}, {pg.group(2)}"
+        time.sleep(0.2)
+    for listened in (pg.group(1), redis.group(1), str(port)):
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", int(listened))) != 0, f"something still listens on {listened}"
+    assert len(redis_dirs) == 1 and not any(d.exists() for d in redis_dirs), redis_dirs
+    assert "ledger run ended without stopping what it started (killed?): its watchdog stops it" in log.read_text()
 
 
 def _processes() -> list[tuple[int, str]]:
