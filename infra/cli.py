@@ -482,9 +482,12 @@ class Watchdog:
         )
 
     def note(self, kind: str, value: str) -> None:
+        """Best effort: a watchdog that died (killed on its own) must not stop `ledger run`, nor
+        leave a service it was being told of unstopped (a review)."""
         assert self._process.stdin is not None
-        self._process.stdin.write(f"{kind} {value}\n".encode())
-        self._process.stdin.flush()
+        with contextlib.suppress(OSError, ValueError):  # a broken pipe; a pipe closed by done()
+            self._process.stdin.write(f"{kind} {value}\n".encode())
+            self._process.stdin.flush()
 
     def watched(self, process: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
         self.note("group", str(process.pid))  # `_spawn` makes each its own group
@@ -492,8 +495,7 @@ class Watchdog:
 
     def done(self) -> None:
         """Everything stopped: the watchdog has nothing to do, and ends."""
-        with contextlib.suppress(OSError):
-            self.note("done", "")
+        self.note("done", "")
         assert self._process.stdin is not None
         with contextlib.suppress(OSError):
             self._process.stdin.close()

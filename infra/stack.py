@@ -63,8 +63,9 @@ def _as_postgres_user(command: list[str]) -> list[str]:
 class PostgresServer:
     """A throwaway cluster on a free loopback port that can be stopped and started again."""
 
-    def __init__(self, fast: bool = False) -> None:
+    def __init__(self, fast: bool = False, noted: Noted = lambda kind, value: None) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="ledger-pg-"))
+        noted("postgres", str(self.workdir))  # before initdb fills it: killed during it, nothing is left
         self.data = self.workdir / "data"
         self.port = free_port()
         self.fast = fast
@@ -108,8 +109,7 @@ class PostgresServer:
 @contextlib.contextmanager
 def postgres(fast: bool = False, noted: Noted = lambda kind, value: None) -> Iterator[str]:
     """A new cluster on a free loopback port; yields its URL for database `ledger`."""
-    server = PostgresServer(fast)
-    noted("postgres", str(server.workdir))
+    server = PostgresServer(fast, noted)
     say(f"starting a throwaway PostgreSQL on 127.0.0.1:{server.port} ({server.workdir})")
     try:
         server.start()
@@ -157,7 +157,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, noted: Noted = lambda kind, value: None) -> None:
         self.process = subprocess.Popen(
             [
                 self.binary,
@@ -175,6 +175,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             process_group=0,  # stopped by whoever started it, not by the terminal's Ctrl-C
         )
+        noted("group", str(self.process.pid))  # before it answers: killed meanwhile, it is stopped all the same
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -199,12 +200,10 @@ class RedisServer:
 @contextlib.contextmanager
 def redis_server(noted: Noted = lambda kind, value: None) -> Iterator[str]:
     server = RedisServer()
+    noted("remove", str(server.workdir))
     say(f"starting a throwaway Redis on 127.0.0.1:{server.port}")
     try:
-        server.start()
-        assert server.process is not None
-        noted("group", str(server.process.pid))  # its own process group
-        noted("remove", str(server.workdir))
+        server.start(noted)
         yield server.url
     finally:
         server.remove()

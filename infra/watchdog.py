@@ -7,8 +7,8 @@ left behind (a review).
 `group <pgid>` (a service, or Redis, in a process group of its own), `postgres <workdir>` (a
 throwaway cluster), `remove <directory>` (Redis's), and `done` once it has stopped them itself.
 When its input ends (the pipe's only writer, `ledger run`, has exited) without `done`, it stops
-the groups (SIGTERM, then SIGKILL after the grace period), stops each cluster, and deletes the
-clusters' and the other directories.
+the groups, the last started first (SIGTERM, then SIGKILL after the grace period), stops each
+cluster, and deletes the clusters' and the other directories.
 """
 
 from __future__ import annotations
@@ -42,14 +42,17 @@ def _signal(groups: list[int], signum: int) -> None:
 
 
 def clean_up(groups: list[int], clusters: list[Path], directories: list[Path], grace: float = GRACE_SECONDS) -> None:
-    """Stop the process groups, then the clusters, and delete the clusters' and the other directories."""
+    """Stop the process groups, the last started first (the API, beat, the worker, then Redis, as
+    `ledger run` stops them: a worker stopped after Redis waits for it), each given `grace`
+    seconds before SIGKILL; then the clusters; then delete their and the other directories."""
     from infra.stack import _as_postgres_user, _pg_binary
 
-    _signal(groups, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while (running := [group for group in groups if _alive(group)]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    _signal(running, signal.SIGKILL)
+    for group in reversed(groups):
+        _signal([group], signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while _alive(group) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _signal([group], signal.SIGKILL)
     for workdir in clusters:
         stop = [_pg_binary("pg_ctl"), "-D", str(workdir / "data"), "-m", "immediate", "-w", "stop"]
         subprocess.run(_as_postgres_user(stop), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)

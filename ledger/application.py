@@ -877,6 +877,7 @@ class Ledger(Application[UUID]):
         progress after it; the whole batch's report and the job as last saved are returned."""
         pending = [planned.units]
         rows_before, report, last, conflicts = planned.rows_before, ImportReport(), planned, 0
+        _back_off(0)  # the first save's conflict: let the other writer get clear
         while pending:
             units = pending.pop(0)
             part = self._plan_batch(self.get_import_job(job_id), units, rows_before, plan)
@@ -887,10 +888,9 @@ class Ledger(Application[UUID]):
                     raise
                 conflicts += 1
                 if conflicts == SAVE_ATTEMPTS:
-                    rows = f"rows {planned.rows_before + 1} to {planned.rows_after}"
                     raise Contention(
-                        f"other requests changed the customers of {rows} at each of {SAVE_ATTEMPTS} tries to save them;"
-                        " import the files again (what was imported stays, and adds nothing)"
+                        f"other requests kept changing customers of the file ({SAVE_ATTEMPTS} conflicts in a row while"
+                        " saving them); what was imported stays: import the files again to add the rest"
                     ) from error
                 pending[:0] = [units[: len(units) // 2], units[len(units) // 2 :]] if len(units) > 1 else [units]
                 _back_off(conflicts)

@@ -480,3 +480,38 @@ def test_the_import_report_counts_the_customers_given_new_ids_too(capsys: pytest
         "import completed: 3 customers and 5 loans imported, 0 customers and 0 loans already present,"
         " 1 customers and 2 loans given new IDs (their file IDs were taken), 0 rows rejected\n"
     )
+
+
+def test_a_watchdog_that_died_stops_nothing_ledger_run_does() -> None:
+    """`Watchdog.note` raised BrokenPipeError once its process was gone: `ledger run` failed, and
+    a service spawned just before the note was never stopped (a review)."""
+    from infra.cli import Watchdog
+
+    watchdog = Watchdog()
+    watchdog._process.kill()
+    watchdog._process.wait()
+    for _ in range(3):
+        watchdog.note("group", "12345")
+    watchdog.done()
+    watchdog.note("group", "12345")  # after done(): its pipe is closed
+
+
+def test_the_throwaway_servers_are_noted_before_they_are_ready(tmp_path: Path) -> None:
+    """Noted only once started, a Redis killed with `ledger run` while it came up (its pings take up
+    to 10 s), or a cluster while initdb filled it, was left running, or on disk (a review)."""
+    from infra.stack import PostgresServer, RedisServer, StackError
+
+    redis_noted: list[tuple[str, str]] = []
+    server = RedisServer()
+    server.binary = "/bin/false"  # exits at once, never answers
+    with pytest.raises(StackError):
+        server.start(lambda kind, value: redis_noted.append((kind, value)))
+    assert [kind for kind, _ in redis_noted] == ["group"]
+    server.remove()
+
+    pg_noted: list[tuple[str, str, bool]] = []
+    cluster = PostgresServer(noted=lambda kind, value: pg_noted.append((kind, value, (Path(value) / "data").exists())))
+    try:
+        assert pg_noted == [("postgres", str(cluster.workdir), False)]  # before initdb made the data
+    finally:
+        cluster.remove()
