@@ -130,7 +130,7 @@ def _too_long(body: bytes) -> ApiError:
         return ApiError(400, "malformed_json", f"The request body is not valid JSON: {error}")
     message = f"Expected a number of at most {MAX_INTEGER_DIGITS:,} digits"
     for name, value in pairs if isinstance(pairs, list) and pairs and isinstance(pairs[0], tuple) else ():
-        if _holds_long_integer(value) and name.isprintable() and name.encode("utf-8", "replace").decode() == name:
+        if _holds_long_integer(value) and name.isprintable():  # no lone surrogate (\udc00), which no answer can carry
             return ApiError(400, "validation_error", "The request has invalid fields", [{"field": name, "message": message}])
     return ApiError(400, "malformed_json", f"The request body holds a number of more than {MAX_INTEGER_DIGITS:,} digits")
 

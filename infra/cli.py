@@ -794,7 +794,7 @@ def explain(error: BaseException) -> str | None:
     pool_timeout = isinstance(error, (persistence.OperationalError, persistence.InterfaceError)) and cause is None
     if unreachable or pool_timeout:
         # Every line: libpq's last is only its question ("Is the server running on that host...?"), without "Connection refused".
-        reason = " ".join(line.strip() for line in str(cause or error).strip().splitlines())
+        reason = _one_line(str(cause or error))
         if reason.startswith("couldn't get a connection"):  # a pool's: it hides why (a wrong password, no such database)
             reason = _why_no_connection(settings.database_url) or reason
         return f"cannot reach PostgreSQL at {_where(settings.database_url)}: {reason} (check DATABASE_URL)"
@@ -809,8 +809,13 @@ def _why_no_connection(url: str) -> str | None:
     try:
         psycopg.connect(url, connect_timeout=3).close()
     except psycopg.Error as error:
-        return " ".join(line.strip() for line in str(error).strip().splitlines())
+        return _one_line(str(error))
     return None  # it connects now
+
+
+def _one_line(message: str) -> str:
+    """libpq's message of several lines (the reason, then a hint on a line of its own), as one."""
+    return " ".join(line.strip() for line in message.strip().splitlines())
 
 
 def _where(url: str) -> str:

@@ -94,7 +94,7 @@ class PostgresServer:
         self._run([_pg_binary("pg_ctl"), "-D", str(self.data), "-l", log, "-o", options, "-w", "start"])
 
     def stop(self, mode: str = "fast") -> None:
-        self._run([_pg_binary("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"], check=False)
+        stop_cluster(self.workdir, mode)
 
     def create_database(self) -> None:
         with psycopg.connect(f"postgresql://ledger@127.0.0.1:{self.port}/postgres", autocommit=True) as conn:
@@ -104,6 +104,17 @@ class PostgresServer:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def stop_cluster(workdir: Path, mode: str = "fast", *, quiet: bool = False) -> None:
+    """Stop the cluster of a `PostgresServer`'s directory (nothing if it is not running; `quiet`:
+    without pg_ctl's complaint about that)."""
+    command = [_pg_binary("pg_ctl"), "-D", str(workdir / "data"), "-m", mode, "-w", "stop"]
+    stderr = subprocess.DEVNULL if quiet else None
+    # In a process group of its own: a second Ctrl-C at the terminal stopped a `pg_ctl stop` half way.
+    subprocess.run(
+        _as_postgres_user(command), check=False, stdout=subprocess.DEVNULL, stderr=stderr, cwd=workdir, process_group=0
+    )
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,34 +27,30 @@ GRACE_SECONDS = 20.0
 def _alive(group: int) -> bool:
     try:
         os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a group of another user's now: not ours
+    except (ProcessLookupError, PermissionError):  # gone; or another user's group now: not ours
         return False
     return True
 
 
-def _signal(groups: list[int], signum: int) -> None:
-    for group in groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, signum)
+def _signal(group: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signum)
 
 
 def clean_up(groups: list[int], clusters: list[Path], directories: list[Path], grace: float = GRACE_SECONDS) -> None:
     """Stop the process groups, the last started first (the API, beat, the worker, then Redis, as
     `ledger run` stops them: a worker stopped after Redis waits for it), each given `grace`
     seconds before SIGKILL; then the clusters; then delete their and the other directories."""
-    from infra.stack import _as_postgres_user, _pg_binary
+    from infra.stack import stop_cluster
 
     for group in reversed(groups):
-        _signal([group], signal.SIGTERM)
+        _signal(group, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while _alive(group) and time.monotonic() < deadline:
             time.sleep(0.1)
-        _signal([group], signal.SIGKILL)
+        _signal(group, signal.SIGKILL)
     for workdir in clusters:
-        stop = [_pg_binary("pg_ctl"), "-D", str(workdir / "data"), "-m", "immediate", "-w", "stop"]
-        subprocess.run(_as_postgres_user(stop), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        stop_cluster(workdir, "immediate", quiet=True)
         shutil.rmtree(workdir, ignore_errors=True)
     for directory in directories:
         shutil.rmtree(directory, ignore_errors=True)
