@@ -38,6 +38,7 @@ from ledger.domain import (
     phone_uuid,
 )
 from ledger.history import CUSTOMER_COLUMNS, CustomerRecord, LoanRecord, parse_customer
+from ledger.importing import HistoryImport
 from ledger.policy import Decision, LoanRequest
 from ledger.ports import FixedClock
 
@@ -856,7 +857,7 @@ def test_a_reimport_whose_customer_row_went_bad_counts_the_loans_already_recorde
 
 
 def test_import_batches_stop_at_a_customer_count_or_a_row_budget_keeping_loans_with_their_customer() -> None:
-    from ledger.application import _batches
+    from ledger.importing import _batches
 
     units = [(None, n, [loan_row(n, n, 100 + i) for i in range(loans)]) for n, loans in enumerate([3, 0, 5, 1, 1])]
     assert [[u[1] for u in b] for b in _batches(units, customers=2, rows=100)] == [[0, 1], [2, 3], [4]]
@@ -971,24 +972,26 @@ def test_a_later_import_adds_loans_to_a_customer_already_in_the_ledger_in_one_ev
     assert ledger.loans.owner(61) == 7
 
 
-def test_a_batch_whose_customers_keep_changing_is_saved_in_halves_down_to_one_customer(ledger: Ledger) -> None:
+def test_a_batch_whose_customers_keep_changing_is_saved_in_halves_down_to_one_customer(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each time a batch of more than one customer is planned, one of its customers books a loan (a
     write while a long batch is read): the whole batch was planned again 200 times and the import
     failed (a review, under 19 repayments a second). Halved after each conflict, it goes in."""
     ids = range(7, 15)
     run_import(ledger, [customer_row(i, i, f"90000000{i:02d}") for i in ids], [loan_row(i, i, 100 + i) for i in ids])
     busy = 11
-    plan = ledger._plan_batch
+    plan = HistoryImport._plan_batch
     sizes: list[int] = []
 
-    def plan_while_a_customer_books(job: Any, units: Any, rows_before: int, import_plan: Any) -> Any:
-        planned = plan(job, units, rows_before, import_plan)
+    def plan_while_a_customer_books(run: HistoryImport, job: Any, units: Any, rows_before: int, import_plan: Any) -> Any:
+        planned = plan(run, job, units, rows_before, import_plan)
         sizes.append(len(units))
         if len(units) > 1 and any(cid == busy for _, cid, _ in units):
             ledger.book_loan(busy, LoanRequest(D(1_000), D(14), 6))
         return planned
 
-    ledger._plan_batch = plan_while_a_customer_books  # type: ignore[method-assign]
+    monkeypatch.setattr(HistoryImport, "_plan_batch", plan_while_a_customer_books)
     job_id, _ = ledger.request_import("/x/customers.xlsx", "/x/loans.xlsx", uuid4())
     customers = [customer_row(i, i, f"90000000{i:02d}") for i in ids]
     report = ledger.import_history(job_id, customers, [loan_row(i, i, 200 + i) for i in ids], [], batch_size=500)
