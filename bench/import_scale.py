@@ -185,6 +185,31 @@ def rebuild_rows(stack: Stack) -> list[tuple[str, object]]:
     ]
 
 
+def again_rows(stack: Stack, customers: Path, loans: Path, max_seconds: float, worker_pid: int) -> list[tuple[str, object]]:
+    """The same files imported a second time: every row is found recorded, and nothing is added."""
+    events_before = stack.events()
+    sampler = RssSampler(worker_pid)
+    sampler.start()
+    try:
+        say("importing the same files again")
+        result = run_import(stack, customers, loans, max_seconds, sampler)
+    finally:
+        sampler.stop()
+    summary = (result["row"] or {}).get("summary") or {}
+    if result["completed_at"] is None:
+        return [("re-import", f"PARTIAL: not finished after {result['elapsed']:.0f} s (--max-seconds)")]
+    return [
+        ("re-import of the same files", f"{result['completed_at']:.1f} s"),
+        (
+            "re-import: already present",
+            f"{summary.get('customers_already_present')} customers, {summary.get('loans_already_present')} loans"
+            f" ({summary.get('customers_imported')} customers and {summary.get('loans_imported')} loans imported)",
+        ),
+        ("re-import: events appended", f"{stack.events() - events_before} (the job's own)"),
+        ("re-import: worker peak RSS (process tree)", f"{sampler.peak / MB:,.0f} MB"),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_arguments(parser, customers=100_000, loans=1_000_000)
@@ -192,6 +217,7 @@ def main() -> int:
     parser.add_argument("--page-size", type=int, default=1000, help="PROJECTION_PAGE_SIZE (events per projection transaction)")
     parser.add_argument("--max-seconds", type=float, default=3600, help="stop and report PARTIAL figures after this long")
     parser.add_argument("--rebuild", action="store_true", help="then time a full rebuild of the read model")
+    parser.add_argument("--again", action="store_true", help="then import the same files again (it adds nothing) and time that")
     args = parser.parse_args()
 
     customers, loans, generated_in = data_files(args)
@@ -271,6 +297,8 @@ def main() -> int:
         rows.append(("the peak's processes (RSS, MB)", f"{parts}, {sampler.peak_at:,.0f} s into the import"))
         rows.append(("worker peak PSS (process tree)", f"{sampler.pss_peak / MB:,.0f} MB (shared pages counted once)"))
         rows.append(("largest worker process, peak RSS", f"{sampler.process_peak / MB:,.0f} MB (the pool child importing)"))
+        if args.again and finished:
+            rows += again_rows(stack, customers, loans, args.max_seconds, worker.pid)
         if args.rebuild and finished:
             rows += rebuild_rows(stack)
         print(result_block("import_scale", rows), flush=True)

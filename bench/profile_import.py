@@ -38,6 +38,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--callers", default="__instancecheck__", help="also show who calls functions matching this")
+    parser.add_argument(
+        "--again", action="store_true", help="import first unprofiled, then profile importing the same files again"
+    )
     args = parser.parse_args()
     customers, loans, _ = data_files(args)
     rows = count_rows(customers) + count_rows(loans)
@@ -48,6 +51,10 @@ def main() -> int:
     with Stack(import_dir=customers.parent) as stack:
         app, pool = build_ledger(stack.settings)
         try:
+            if args.again:
+                say(f"importing {rows} rows in-process, unprofiled")
+                first, _ = app.request_import(str(customers), str(loans))
+                run_import(app, first, customers, loans, args.batch_size)
             job_id, _ = app.request_import(str(customers), str(loans))
             profiler = cProfile.Profile()
             say(f"importing {rows} rows in-process under cProfile")

@@ -242,6 +242,7 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
         self._lock_timeout = f"{datastore.lock_timeout}s"
         self._function_missing_since: float | None = None  # when the function was last found missing
         self._select_latest: dict[tuple[str, str], str] = {}  # by the snapshots' schema and table
+        self._select_latest_many: dict[tuple[str, str], str] = {}
 
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         """Undecorated: `Ledger` makes the retries, knowing which inserts were tried again."""
@@ -302,6 +303,55 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
         if rows and rows[0][0]:
             return stored[0], stored[1:]
         return None, stored
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def select_latest_many(
+        self, originator_ids: Collection[UUID], snapshots: PostgresAggregateRecorder
+    ) -> dict[UUID, tuple[StoredEvent | None, list[StoredEvent]]]:
+        """`select_latest` for many aggregates in one statement: those with no event are left out.
+        A re-import finds every customer of its file recorded already, and reading them one round
+        trip each took most of its time."""
+        if snapshots.datastore is not self.datastore:  # read the library's way, one at a time
+            each = {i: self.select_latest(i, snapshots) for i in originator_ids}
+            return {i: (snapshot, events) for i, (snapshot, events) in each.items() if snapshot is not None or events}
+        key = (snapshots.datastore.schema, snapshots.events_table_name)
+        statement = self._select_latest_many.get(key)
+        if statement is None:
+            # Each ID looked up through the tables' primary keys (LATERAL, and OFFSET 0 so that the
+            # planner cannot flatten the events' subquery into a join): on a store just filled by an
+            # import, with no statistics yet, it chose a hash join over every event, 44 ms a call
+            # for 500 IDs instead of 8.
+            statement = self._select_latest_many[key] = (
+                sql.SQL(
+                    "WITH ids AS (SELECT DISTINCT id FROM unnest(%(ids)s::uuid[]) AS given(id)),"
+                    " snapshot AS (SELECT ids.id, s.originator_version, s.topic, s.state FROM ids CROSS JOIN LATERAL"
+                    " (SELECT originator_version, topic, state FROM {snapshots} WHERE originator_id = ids.id"
+                    " ORDER BY originator_version DESC LIMIT 1) AS s)"
+                    " SELECT true, id, originator_version, topic, state FROM snapshot"
+                    " UNION ALL SELECT false, ids.id, e.originator_version, e.topic, e.state FROM ids"
+                    " LEFT JOIN snapshot ON snapshot.id = ids.id CROSS JOIN LATERAL"
+                    " (SELECT originator_version, topic, state FROM {events} WHERE originator_id = ids.id"
+                    " AND originator_version > COALESCE(snapshot.originator_version, 0) OFFSET 0) AS e"
+                    " ORDER BY 2, 1 DESC, 3"
+                )
+                .format(
+                    snapshots=sql.Identifier(*key),
+                    events=sql.Identifier(self.datastore.schema, self.events_table_name),
+                )
+                .as_string()
+            )
+        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cursor:
+            cursor.execute(statement, {"ids": list(originator_ids)}, prepare=True)
+            rows = cursor.fetchall()
+        found: dict[UUID, tuple[StoredEvent | None, list[StoredEvent]]] = {}
+        for is_snapshot, originator_id, version, topic, state in rows:
+            stored = StoredEvent(originator_id, version, topic, bytes(state))
+            events = found.setdefault(originator_id, (None, []))[1]
+            if is_snapshot:
+                found[originator_id] = (stored, events)
+            else:
+                events.append(stored)
+        return found
 
     @property
     def _without_function(self) -> bool:

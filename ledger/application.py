@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -190,6 +191,12 @@ class LatestReader(Protocol):
         """The aggregate's latest snapshot in the `snapshots` recorder (None if none), and its events after it."""
         ...
 
+    def select_latest_many(
+        self, originator_ids: Collection[UUID], snapshots: Any
+    ) -> dict[UUID, tuple[StoredEvent | None, list[StoredEvent]]]:
+        """`select_latest` of each aggregate recorded among these."""
+        ...
+
 
 class _Repository(Repository[UUID]):
     """The library's repository, reading an aggregate's latest snapshot and the events after it in
@@ -215,6 +222,29 @@ class _Repository(Repository[UUID]):
         domain_events: list[Any] = [] if snapshot is None else [self.snapshot_store.mapper.to_domain_event(snapshot)]
         domain_events += map(self.event_store.mapper.to_domain_event, events)
         return self._project(aggregate_id, version, domain_events, projector_func)
+
+    def get_many(self, aggregate_ids: Collection[UUID]) -> dict[UUID, Any]:
+        """The aggregates with these IDs (those recorded: an ID with no events is left out), read
+        together in one round trip when the recorder can, else one at a time."""
+        recorder = self.event_store.recorder
+        found: dict[UUID, Any] = {}
+        if not aggregate_ids:
+            return found
+        if self.snapshot_store is None or not hasattr(recorder, "select_latest_many"):
+            for aggregate_id in aggregate_ids:
+                with contextlib.suppress(AggregateNotFoundError):
+                    found[aggregate_id] = self.get(aggregate_id)
+            return found
+        latest = cast("LatestReader", recorder).select_latest_many(aggregate_ids, self.snapshot_store.recorder)
+        for aggregate_id, (snapshot, events) in latest.items():
+            try:
+                domain_events: list[Any] = [] if snapshot is None else [self.snapshot_store.mapper.to_domain_event(snapshot)]
+                domain_events += map(self.event_store.mapper.to_domain_event, events)
+            except MapperDeserialisationError:
+                found[aggregate_id] = self.get(aggregate_id)  # its snapshot unreadable: as `get` reads it
+                continue
+            found[aggregate_id] = self._project(aggregate_id, None, domain_events, project_aggregate)
+        return found
 
     @staticmethod
     def _project(
@@ -382,6 +412,10 @@ class Ledger(Application[UUID]):
         )
         customer = self.get_customer(done.response["customer_id"]) if done.replayed else registered[0]
         return Registration(last_position=done.last_position, events=done.events, customer=customer, replayed=done.replayed)
+
+    def aggregates(self, aggregate_ids: Collection[UUID]) -> dict[UUID, Any]:
+        """Many aggregates at once, by ID (see _Repository.get_many)."""
+        return cast(_Repository, self.repository).get_many(aggregate_ids)
 
     def get_customer(self, customer_id: int) -> Customer:
         try:

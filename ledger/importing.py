@@ -220,12 +220,13 @@ class HistoryImport:
         rows = sum((record is not None) + len(loans) for record, _, loans in units)
         report = ImportReport()
         known = self.ledger.index.existing(_candidate_ids(units, plan.contested))
+        recorded = self._customers_for_file_ids([cid for _, cid, _ in units], known)
         taken = self.ledger.loans.taken({r.loan_id for _, _, rows in units for r in rows if r.loan_id <= plan.contested})
         claims = _Claims(plan.first_use, plan.contested, known, taken, _FreshLoanIds(self.ledger.ids))
         claims.decide(r for record, cid, rows in units if not plan.refuses(record, cid) for r in rows)
         aggregates: list[Aggregate] = []
         for record, cid, loans in units:
-            aggregates += self._import_unit(record, cid, loans, claims, plan, known, report)
+            aggregates += self._import_unit(record, cid, loans, recorded.get(cid), claims, plan, known, report)
         job.progress(
             rows_before + rows,
             [i.as_dict() for i in report.issues],
@@ -300,6 +301,7 @@ class HistoryImport:
         record: CustomerRecord | None,
         file_id: int,
         rows: list[LoanRecord],
+        existing: Customer | None,
         claims: _Claims,
         plan: _ImportPlan,
         known: set[UUID],
@@ -307,9 +309,9 @@ class HistoryImport:
     ) -> list[Aggregate]:
         """The events for one customer row (file Customer ID `file_id`) and its loan rows.
 
-        `known` holds which of the batch's candidate aggregates already exist."""
+        `existing` is the ledger's customer for the file ID, if any; `known` holds which of the
+        batch's candidate aggregates already exist."""
         labels = plan.labels
-        existing = self._customer_for_file_id(file_id, known)
         if plan.refuses(record, file_id):
             # The file's row for this customer was refused: its loans are not for whoever the ledger
             # knows by that ID. Those an earlier import of this file recorded are there all the same.
@@ -431,9 +433,10 @@ class HistoryImport:
             u for r in rows for u in (customer_uuid(r.customer_id), file_customer_uuid(r.customer_id), phone_uuid(r.phone_number))
         }
         known = self.ledger.index.existing(candidates)
+        recorded = self._customers_for_file_ids([record.customer_id for record in rows], known)
         unclaimed: set[int] = set()
         for record in rows:
-            existing = self._customer_for_file_id(record.customer_id, known)
+            existing = recorded.get(record.customer_id)
             if existing is not None and not self._rekeys(existing, record, record.customer_id):
                 if existing.phone_number != record.phone_number:
                     unclaimed.add(record.row)
@@ -462,14 +465,20 @@ class HistoryImport:
         first = next(iter(self.ledger.events.get(customer.id, limit=1)), None)
         return isinstance(first, Customer.HistoryImported)
 
-    def _customer_for_file_id(self, file_id: int, known: set[UUID]) -> Customer | None:
-        """The ledger's customer for a file's Customer ID: the one it was re-keyed to, or the one holding the ID."""
-        if file_customer_uuid(file_id) in known:
-            link: FileCustomer = self.ledger.repository.get(file_customer_uuid(file_id))
-            return self.ledger.get_customer(link.customer_id)
-        if customer_uuid(file_id) in known:
-            return self.ledger.get_customer(file_id)
-        return None
+    def _customers_for_file_ids(self, file_ids: Iterable[int], known: set[UUID]) -> dict[int, Customer]:
+        """The ledger's customer for each of these file Customer IDs that has one: the one it was
+        re-keyed to, or the one holding the ID. Read together, in two round trips: a re-import finds
+        every customer of its file recorded, and a read each took about half its time."""
+        linked = {file_id: file_customer_uuid(file_id) for file_id in file_ids if file_customer_uuid(file_id) in known}
+        links = self.ledger.aggregates(set(linked.values()))
+        holders = {file_id: cast(FileCustomer, links[link]).customer_id for file_id, link in linked.items()}
+        holders.update({file_id: file_id for file_id in file_ids if file_id not in holders and customer_uuid(file_id) in known})
+        customers = self.ledger.aggregates({customer_uuid(customer_id) for customer_id in holders.values()})
+        found = {}
+        for file_id, customer_id in holders.items():
+            customer = customers.get(customer_uuid(customer_id))
+            found[file_id] = customer if customer is not None else self.ledger.get_customer(customer_id)  # raises
+        return found
 
     def _imported_terms(self, row: LoanRecord, claims: _Claims) -> LoanTerms:
         return LoanTerms(

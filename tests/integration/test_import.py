@@ -26,6 +26,7 @@ from eventsourcing.persistence import RecordConflictError
 from starlette.testclient import TestClient
 
 from infra.config import REPO_ROOT
+from infra.importer import run_import
 from infra.postgres import IMPORT_LOCK, build_ledger
 from ledger.domain import customer_uuid
 from ledger.history import CUSTOMER_COLUMNS, LOAN_COLUMNS
@@ -131,6 +132,40 @@ def test_importing_the_same_files_again_adds_nothing(stack: Stack, client: TestC
     with stack.connect() as conn:
         events_after = conn.execute("SELECT count(*) FROM ledger_events WHERE topic NOT LIKE '%ImportJob%'").fetchone()
     assert events_after == events_before
+
+
+def test_a_reimport_reads_each_batch_s_customers_together_not_one_at_a_time(
+    stack: Stack, imported: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-importing finds every customer of the file recorded: read one round trip each, that
+    was about half a re-import's time (a review: 65-76 s for the 1,100,000-row files that took 27 s
+    to import). Each batch reads its customers in one statement."""
+    app, pool = build_ledger(stack.settings)
+    try:
+        recorder = app.recorder
+        one, many = recorder.select_latest, recorder.select_latest_many  # type: ignore[attr-defined]
+        customers = {customer_uuid(i) for i in range(1, 301)}
+
+        def alone(originator_id: UUID, snapshots: Any) -> Any:
+            assert originator_id not in customers, "a customer read on its own"
+            return one(originator_id, snapshots)  # the job's own reads
+
+        reads: list[int] = []
+
+        def counted(ids: Any, snapshots: Any) -> Any:
+            reads.append(len(ids))
+            return many(ids, snapshots)
+
+        monkeypatch.setattr(recorder, "select_latest", alone)
+        monkeypatch.setattr(recorder, "select_latest_many", counted)
+        job_id, _ = app.request_import(str(DATA / "customer_data.xlsx"), str(DATA / "loan_data.xlsx"))
+        summary = run_import(app, job_id, DATA / "customer_data.xlsx", DATA / "loan_data.xlsx", batch_size=100)
+    finally:
+        pool.close()
+        app.close()
+    assert (summary["state"], summary["customers_imported"], summary["loans_imported"]) == ("completed", 0, 0)
+    assert (summary["customers_already_present"], summary["loans_already_present"]) == (300, 782)
+    assert reads == [100, 100, 100]  # the three batches' customers (no file ID was re-keyed: no links to read)
 
 
 def test_new_customers_and_loans_get_ids_above_the_imported_ones(client: TestClient, imported: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from uuid import uuid4
 import psycopg
 import pytest
 from eventsourcing.application import Repository, project_aggregate
-from eventsourcing.persistence import OperationalError, StoredEvent
+from eventsourcing.persistence import MapperDeserialisationError, OperationalError, StoredEvent
 from starlette.testclient import TestClient
 
 from infra.config import Settings
@@ -519,11 +519,33 @@ def test_a_command_reads_a_customers_latest_snapshot_and_later_events_in_one_sta
         with pytest.raises(CustomerNotFound):
             app.get_customer(10**9)
 
+        # many at once (a re-import's batch): the same snapshot and events, the same customers; one
+        # with no snapshot, and an ID with no events, which is left out
+        fresh = customer_uuid(app.register_customer("Bo", "Snap", 41, "9600000017", Decimal(50_000)).customer.customer_id)
+        missing = customer_uuid(10**9)
+        latest = recorder.select_latest_many([uuid, fresh, missing, uuid], snapshots)
+        assert latest == {uuid: (snapshot, after), fresh: (None, recorder.select_events(fresh))}
+        many = app.aggregates({uuid, fresh, missing})
+        assert many.keys() == {uuid, fresh} and vars(many[uuid]) == vars(customer)
+        assert vars(many[fresh]) == vars(app.repository.get(fresh))
+        assert app.aggregates(set()) == {}
+        decode = app.snapshots.mapper.to_domain_event
+
+        def unreadable(stored: StoredEvent) -> object:  # a snapshot another version of the code wrote
+            if stored.topic.endswith("Snapshot"):
+                raise MapperDeserialisationError("missing required field `loans`")
+            return decode(stored)
+
+        monkeypatch.setattr(app.snapshots.mapper, "to_domain_event", unreadable)
+        assert vars(app.aggregates({uuid, fresh})[uuid]) == vars(customer)  # read from its events, as `get` does
+        monkeypatch.undo()
+
         # snapshots kept through another datastore (another application's) cannot be joined: read the library's way
         other = Ledger(stack.settings.eventsourcing_env())
         try:
             assert other.snapshots is not None and other.snapshots.recorder.datastore is not recorder.datastore  # type: ignore[attr-defined]
             assert recorder.select_latest(uuid, other.snapshots.recorder) == (snapshot, after)  # type: ignore[arg-type]
+            assert recorder.select_latest_many([uuid, missing], other.snapshots.recorder) == {uuid: (snapshot, after)}  # type: ignore[arg-type]
         finally:
             other.close()
     finally:
