@@ -207,6 +207,10 @@ def again_rows(stack: Stack, customers: Path, loans: Path, max_seconds: float, w
         ),
         ("re-import: events appended", f"{stack.events() - events_before} (the job's own)"),
         ("re-import: worker peak RSS (process tree)", f"{sampler.peak / MB:,.0f} MB"),
+        (
+            "re-import: the peak's processes (RSS, MB)",
+            " + ".join(f"{size / MB:,.0f} ({role})" for size, role in sampler.peak_parts),
+        ),
     ]
 
 

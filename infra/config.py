@@ -96,6 +96,7 @@ class Settings:
     ready_stall_seconds: float = 60.0  # behind with no progress this long: /ready says not ready
     query_cache_size: int = 20_000  # customers whose answers each API process keeps; 0 keeps none
     import_split_size: int = SPLIT_SIZE  # sheet XML bytes from which a helper process reads half
+    worker_max_memory_mb: int = 200  # a worker's pool process whose peak passed this is replaced after its task; 0: never
     # set by `ledger api` for its worker processes: where they share the projection position they have seen
     api_position_file: str | None = None
 
@@ -119,6 +120,7 @@ class Settings:
             db_pool_size=_whole(env, "DB_POOL_SIZE", 10, 1),
             query_cache_size=_whole(env, "QUERY_CACHE_SIZE", 20_000, 0),
             import_split_size=_whole(env, "IMPORT_SPLIT_SIZE", SPLIT_SIZE, 0),  # 0: every sheet split
+            worker_max_memory_mb=_whole(env, "WORKER_MAX_MEMORY_MB", 200, 0),
             api_position_file=env.get("LEDGER_API_POSITION_FILE") or None,
         )
 

@@ -290,6 +290,28 @@ def test_health_and_readiness_say_which_check_failed(stack: Stack, client: TestC
     assert not_ready.json()["checks"]["postgres"]["ok"] is True
 
 
+def test_a_pool_process_whose_memory_passed_the_limit_is_replaced_once_its_task_ends(stack: Stack) -> None:
+    """A pool process keeps the memory an import took until it ends (a re-import in the same process
+    peaked at 506 MB of the worker's 500): one whose peak passed WORKER_MAX_MEMORY_MB is replaced
+    once its task is done. Here the limit is 1 MB, which every pool process passes."""
+    stack.stop_worker()
+    env = stack.env
+    stack.env = {**env, "WORKER_MAX_MEMORY_MB": "1"}
+    try:
+        stack.start_worker()
+        assert stack.worker is not None
+        started = set(_descendants(stack.worker.pid))
+        tasks.catch_up.delay()
+        deadline = time.monotonic() + 30
+        while not started - set(_descendants(stack.worker.pid)):
+            assert time.monotonic() < deadline, f"no pool process replaced: {started} {_descendants(stack.worker.pid)}"
+            time.sleep(0.2)
+    finally:
+        stack.stop_worker()
+        stack.env = env
+        stack.start_worker()
+
+
 def test_readiness_names_a_failed_service_without_its_address(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
