@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -61,6 +62,17 @@ def _today(env: Mapping[str, str]) -> date | None:
         raise ConfigError(f"LEDGER_TODAY must be an ISO date (2026-11-22) or empty, got {text!r}") from None
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def log_level(env: Mapping[str, str]) -> int:
+    """LOG_LEVEL: the least severe lines logged (WARNING leaves out every request's access line)."""
+    text = _setting(env, "LOG_LEVEL", "INFO").strip().upper()
+    if text not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return int(logging.getLevelName(text))
+
+
 def _database_url(env: Mapping[str, str]) -> str:
     url = _setting(env, "DATABASE_URL", "postgresql://ledger@127.0.0.1:5432/ledger")
     # libpq ends the user and password at the first '@' (or the user at a '/'): one more '@' before
@@ -96,6 +108,7 @@ class Settings:
     ready_stall_seconds: float = 60.0  # behind with no progress this long: /ready says not ready
     query_cache_size: int = 20_000  # customers whose answers each API process keeps; 0 keeps none
     import_split_size: int = SPLIT_SIZE  # sheet XML bytes from which a helper process reads half
+    log_level: int = logging.INFO
     worker_max_memory_mb: int = 200  # a worker's pool process whose peak passed this is replaced after its task; 0: never
     # set by `ledger api` for its worker processes: where they share the projection position they have seen
     api_position_file: str | None = None
@@ -120,6 +133,7 @@ class Settings:
             db_pool_size=_whole(env, "DB_POOL_SIZE", 10, 1),
             query_cache_size=_whole(env, "QUERY_CACHE_SIZE", 20_000, 0),
             import_split_size=_whole(env, "IMPORT_SPLIT_SIZE", SPLIT_SIZE, 0),  # 0: every sheet split
+            log_level=log_level(env),
             worker_max_memory_mb=_whole(env, "WORKER_MAX_MEMORY_MB", 200, 0),
             api_position_file=env.get("LEDGER_API_POSITION_FILE") or None,
         )

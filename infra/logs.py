@@ -102,8 +102,11 @@ class RoutineTasks(logging.Filter):
         return not any(isinstance(name, str) and name in ROUTINE_TASKS for name in names)
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """Route every logger (uvicorn's and Celery's included) through one JSON handler on stderr."""
+def configure_logging(level: int | None = None) -> None:
+    """Route every logger (uvicorn's and Celery's included) through one JSON handler on stderr, at
+    `level` (default: LOG_LEVEL's, which every `ledger` command has checked as it started)."""
+    from infra.config import log_level  # here: infra.config imports infra.xlsx_split, which imports this module
+
     # The JSON lines carry none of the caller's file, line, thread or process: skip gathering them
     # (the logging HOWTO's "Optimization" section), a visible share of a small request's cost.
     logging._srcfile = None  # type: ignore[attr-defined]
@@ -115,7 +118,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     handler.addFilter(Repeats())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(log_level(os.environ) if level is None else level)
     for name in ("uvicorn", "uvicorn.error", "celery", "celery.task", "celery.worker"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []

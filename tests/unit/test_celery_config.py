@@ -177,3 +177,24 @@ def test_two_different_errors_of_one_type_at_one_place_are_both_logged(capsys: p
         root.handlers[:], level = saved
         root.setLevel(level)
     assert [line["exception"].splitlines()[-1] for line in lines] == ["KeyError: 'a'", "KeyError: 'totally_different_bug'"]
+
+
+def test_log_level_warning_leaves_out_every_request_s_access_line_and_keeps_warnings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every request writes an access line (about 225 bytes: 2 MB a minute at 150 requests a
+    second, which nothing rotated; a soak review): LOG_LEVEL=WARNING keeps them out."""
+    from api.observability import account
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        for level, expected in (("warning", ["a warning"]), ("", ["request", "a warning"])):
+            monkeypatch.setenv("LOG_LEVEL", level)
+            configure_logging()
+            account("GET", "GET", "/view-loan/{loan_id}", "/view-loan/1", 200, 0.001, "rid")
+            logging.getLogger("api.endpoints").warning("a warning")
+            assert [json.loads(line)["message"] for line in capsys.readouterr().err.splitlines()] == expected
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
