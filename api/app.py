@@ -202,5 +202,6 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 def app_from_env() -> Starlette:
     """For uvicorn: `ledger api` serves it with uvloop and `api.server.JsonErrorsProtocol` (plain
     `uvicorn api.app:app_from_env --factory` works too, but answers unparsable requests in text)."""
-    configure_logging()
-    return create_app()
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    return create_app(settings)

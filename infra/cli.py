@@ -385,7 +385,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    _database_ready(Settings.from_env())
+    settings = Settings.from_env()
+    _database_ready(settings)
     # Metrics from every uvicorn process are summed through files in one directory; one made
     # here is removed when the server stops (uvicorn runs in this process for that reason).
     made = None
@@ -412,7 +413,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         # the JSON the API's processes log, not in uvicorn's plain format beside them.
         "log_config": None,
     }
-    configure_logging()
+    configure_logging(settings.log_level)
     try:
         if args.workers == 1:
             uvicorn.run("api.app:app_from_env", **options)  # exits 3 when the app cannot start

@@ -67,10 +67,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 def log_level(env: Mapping[str, str]) -> int:
     """LOG_LEVEL: the least severe lines logged (WARNING leaves out every request's access line)."""
-    text = _setting(env, "LOG_LEVEL", "INFO").strip().upper()
-    if text not in LOG_LEVELS:
+    text = _setting(env, "LOG_LEVEL", "INFO").strip()
+    if text.upper() not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
-    return int(logging.getLevelName(text))
+    return int(logging.getLevelName(text.upper()))
 
 
 def _database_url(env: Mapping[str, str]) -> str:

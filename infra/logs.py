@@ -104,7 +104,8 @@ class RoutineTasks(logging.Filter):
 
 def configure_logging(level: int | None = None) -> None:
     """Route every logger (uvicorn's and Celery's included) through one JSON handler on stderr, at
-    `level` (default: LOG_LEVEL's, which every `ledger` command has checked as it started)."""
+    `level` (default: LOG_LEVEL's, for a process started by one that has checked it: the import's
+    helper that reads half a sheet)."""
     from infra.config import log_level  # here: infra.config imports infra.xlsx_split, which imports this module
 
     # The JSON lines carry none of the caller's file, line, thread or process: skip gathering them

@@ -4,7 +4,7 @@ ledger holds already matched against what it recorded."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 # One save is one psycopg pipeline carrying every event as a single array parameter; saves of
 # several MiB were seen to hang (bench/pipeline_hang.py), so a batch also stops at this many rows.
 MAX_ROWS_PER_SAVE = 2000
+CUSTOMERS_READ_AT_ONCE = 500  # as a batch of the default size reads them
 
 
 @dataclass
@@ -433,15 +434,17 @@ class HistoryImport:
             u for r in rows for u in (customer_uuid(r.customer_id), file_customer_uuid(r.customer_id), phone_uuid(r.phone_number))
         }
         known = self.ledger.index.existing(candidates)
-        recorded = self._customers_for_file_ids([record.customer_id for record in rows], known)
         unclaimed: set[int] = set()
-        for record in rows:
-            existing = recorded.get(record.customer_id)
-            if existing is not None and not self._rekeys(existing, record, record.customer_id):
-                if existing.phone_number != record.phone_number:
+        for start in range(0, len(rows), CUSTOMERS_READ_AT_ONCE):  # a file of repeats: not all its customers in memory
+            some = rows[start : start + CUSTOMERS_READ_AT_ONCE]
+            recorded = self._customers_for_file_ids([record.customer_id for record in some], known)
+            for record in some:
+                existing = recorded.get(record.customer_id)
+                if existing is not None and not self._rekeys(existing, record, record.customer_id):
+                    if existing.phone_number != record.phone_number:
+                        unclaimed.add(record.row)
+                elif phone_uuid(record.phone_number) in known:  # a new customer, or one re-keyed
                     unclaimed.add(record.row)
-            elif phone_uuid(record.phone_number) in known:  # a new customer, or one re-keyed
-                unclaimed.add(record.row)
         return unclaimed
 
     def _rekeys(self, existing: Customer, record: CustomerRecord, file_id: int) -> bool:
@@ -465,7 +468,7 @@ class HistoryImport:
         first = next(iter(self.ledger.events.get(customer.id, limit=1)), None)
         return isinstance(first, Customer.HistoryImported)
 
-    def _customers_for_file_ids(self, file_ids: Iterable[int], known: set[UUID]) -> dict[int, Customer]:
+    def _customers_for_file_ids(self, file_ids: Collection[int], known: set[UUID]) -> dict[int, Customer]:
         """The ledger's customer for each of these file Customer IDs that has one: the one it was
         re-keyed to, or the one holding the ID. Read together, in two round trips: a re-import finds
         every customer of its file recorded, and a read each took about half its time."""

@@ -126,5 +126,5 @@ def _json_logs(**_: Any) -> None:
     """Celery's own log setup is replaced by the JSON lines the API writes too; its banners are
     left out (`ledger worker` and `ledger beat` run Celery with --quiet), and what its worker
     says from its signal handlers is a JSON line too."""
-    configure_logging()
+    configure_logging(settings.log_level)
     celery_worker.safe_say = say_as_json("celery.apps.worker")

@@ -172,7 +172,7 @@ def test_progress_is_in_place_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch
         ("IMPORT_BATCH_SIZE", "0", "IMPORT_BATCH_SIZE must be at least 1, got 0"),
         ("DB_POOL_SIZE", "ten", "DB_POOL_SIZE must be a whole number, got 'ten'"),
         ("DATABASE_URL", "notaurl", "DATABASE_URL is not a PostgreSQL URL or connection string"),
-        ("LOG_LEVEL", "loud", "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, got 'LOUD'"),
+        ("LOG_LEVEL", "loud", "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, got 'loud'"),
     ],
 )
 def test_a_bad_setting_is_named_before_anything_starts(

@@ -1135,3 +1135,53 @@ def test_a_resumed_import_that_finds_other_files_stops_and_keeps_what_it_recorde
     assert ledger.recorder.max_notification_id() == position
     summary = ledger.import_history(job_id, *interrupted_history(), [], batch_size=2, files_digest="first").summary()
     assert (summary["customers_imported"], summary["loans_imported"], summary["customers_already_present"]) == (6, 6, 0)
+
+
+def test_the_customers_of_rows_with_repeated_phones_are_read_a_batch_at_a_time(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-import reads the customers whose rows repeat a phone to see which row keeps it: read
+    together, a file of repeats would hold every such customer in memory at once (a review)."""
+    ids = range(1, 1201)
+    run_import(ledger, [customer_row(i, i, f"9{i:09d}") for i in ids], [])
+    reads: list[int] = []
+    read = ledger.aggregates
+
+    def counted(aggregate_ids: Any) -> Any:
+        reads.append(len(aggregate_ids))
+        return read(aggregate_ids)
+
+    monkeypatch.setattr(ledger, "aggregates", counted)
+    again = [customer_row(i, i, f"9{i + i % 2:09d}") for i in ids]  # 1 and 2 give 2's phone, 3 and 4 4's, ...
+    unclaimed = HistoryImport(ledger)._rows_claiming_no_phone(again)
+    assert unclaimed == {i for i in ids if i % 2}  # the rows whose customer holds another phone take none
+    assert max(reads) == 500 and sum(reads) == 1200
+
+
+def test_two_file_ids_that_reach_one_customer_in_one_batch_add_to_it_without_a_conflict(ledger: Ledger) -> None:
+    """File Customer ID 7 was re-keyed to a new customer (7 was registered before the import); a
+    later file has rows for both file ID 7 and that customer's own ID. Each unit loaded a copy of
+    the customer, and the batch's two saves of it conflicted with each other until halved; read
+    once for the batch, the customer takes both units' loans in one save."""
+    registered = ledger.register_customer("Early", "Bird", 30, "9111111111", D(10_000)).customer.customer_id
+    first = run_import(ledger, [customer_row(2, registered, "9000000001")], [loan_row(2, registered, 50)])
+    moved = first["rekeyed_customers"][0]["customer_id"]  # type: ignore[index]
+    inserts = ledger.recorder.insert_events
+    conflicts = [0]
+
+    def counting(events: Any, **kwargs: Any) -> Any:
+        try:
+            return inserts(events, **kwargs)
+        except RecordConflictError:
+            conflicts[0] += 1
+            raise
+
+    ledger.recorder.insert_events = counting  # type: ignore[method-assign]
+    second = run_import(
+        ledger,
+        [customer_row(2, registered, "9200000001"), customer_row(3, moved, "9000000001")],
+        [loan_row(2, registered, 60), loan_row(3, moved, 61)],
+    )
+    assert conflicts == [0]
+    assert second["loans_imported"] == 2
+    assert sorted(t.source_loan_id for t in ledger.get_customer(moved).loans) == [50, 60, 61]
