@@ -195,6 +195,33 @@ class LedgerFactory(PostgresFactory):
         self.datastore.pool.conninfo = self.env.get("DATABASE_URL") or ""  # the library's own parameters win
 
 
+# An aggregate's latest snapshot and its events after it, in one statement (snapshot first).
+SELECT_LATEST = (
+    "WITH snapshot AS (SELECT originator_version, topic, state FROM {snapshots}"
+    " WHERE originator_id = %(id)s ORDER BY originator_version DESC LIMIT 1)"
+    " SELECT true, originator_version, topic, state FROM snapshot"
+    " UNION ALL SELECT false, originator_version, topic, state FROM {events}"
+    " WHERE originator_id = %(id)s AND originator_version > COALESCE((SELECT originator_version FROM snapshot), 0)"
+    " ORDER BY 1 DESC, 2"
+)
+# The same for many aggregates, each through the tables' primary keys (LATERAL, and OFFSET 0 so
+# that the planner cannot flatten the events' subquery into a join): on a store just filled by an
+# import, with no statistics yet, it chose a hash join over every event, 44 ms a call for 500 IDs
+# instead of 8.
+SELECT_LATEST_MANY = (
+    "WITH ids AS (SELECT DISTINCT id FROM unnest(%(ids)s::uuid[]) AS given(id)),"
+    " snapshot AS (SELECT ids.id, s.originator_version, s.topic, s.state FROM ids CROSS JOIN LATERAL"
+    " (SELECT originator_version, topic, state FROM {snapshots} WHERE originator_id = ids.id"
+    " ORDER BY originator_version DESC LIMIT 1) AS s)"
+    " SELECT true, id, originator_version, topic, state FROM snapshot"
+    " UNION ALL SELECT false, ids.id, e.originator_version, e.topic, e.state FROM ids"
+    " LEFT JOIN snapshot ON snapshot.id = ids.id CROSS JOIN LATERAL"
+    " (SELECT originator_version, topic, state FROM {events} WHERE originator_id = ids.id"
+    " AND originator_version > COALESCE(snapshot.originator_version, 0) OFFSET 0) AS e"
+    " ORDER BY 2, 1 DESC, 3"
+)
+
+
 class OrderedInsertRecorder(PostgresApplicationRecorder):
     """The library's recorder, inserting each save's events in one statement: a stored function
     that takes the table lock, NOTIFYs the library's channel and inserts the events, committed as
@@ -278,24 +305,7 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
             latest = snapshots.select_events(originator_id, desc=True, limit=1)
             snapshot = latest[0] if latest else None
             return snapshot, list(self.select_events(originator_id, gt=snapshot.originator_version if snapshot else None))
-        key = (snapshots.datastore.schema, snapshots.events_table_name)
-        statement = self._select_latest.get(key)
-        if statement is None:
-            statement = self._select_latest[key] = (
-                sql.SQL(
-                    "WITH snapshot AS (SELECT originator_version, topic, state FROM {snapshots}"
-                    " WHERE originator_id = %(id)s ORDER BY originator_version DESC LIMIT 1)"
-                    " SELECT true, originator_version, topic, state FROM snapshot"
-                    " UNION ALL SELECT false, originator_version, topic, state FROM {events}"
-                    " WHERE originator_id = %(id)s AND originator_version > COALESCE((SELECT originator_version FROM snapshot), 0)"
-                    " ORDER BY 1 DESC, 2"
-                )
-                .format(
-                    snapshots=sql.Identifier(*key),
-                    events=sql.Identifier(self.datastore.schema, self.events_table_name),
-                )
-                .as_string()
-            )
+        statement = self._latest_statement(self._select_latest, snapshots, SELECT_LATEST)
         with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cursor:
             cursor.execute(statement, {"id": originator_id}, prepare=True)
             rows = cursor.fetchall()
@@ -314,32 +324,7 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
         if snapshots.datastore is not self.datastore:  # read the library's way, one at a time
             each = {i: self.select_latest(i, snapshots) for i in originator_ids}
             return {i: (snapshot, events) for i, (snapshot, events) in each.items() if snapshot is not None or events}
-        key = (snapshots.datastore.schema, snapshots.events_table_name)
-        statement = self._select_latest_many.get(key)
-        if statement is None:
-            # Each ID looked up through the tables' primary keys (LATERAL, and OFFSET 0 so that the
-            # planner cannot flatten the events' subquery into a join): on a store just filled by an
-            # import, with no statistics yet, it chose a hash join over every event, 44 ms a call
-            # for 500 IDs instead of 8.
-            statement = self._select_latest_many[key] = (
-                sql.SQL(
-                    "WITH ids AS (SELECT DISTINCT id FROM unnest(%(ids)s::uuid[]) AS given(id)),"
-                    " snapshot AS (SELECT ids.id, s.originator_version, s.topic, s.state FROM ids CROSS JOIN LATERAL"
-                    " (SELECT originator_version, topic, state FROM {snapshots} WHERE originator_id = ids.id"
-                    " ORDER BY originator_version DESC LIMIT 1) AS s)"
-                    " SELECT true, id, originator_version, topic, state FROM snapshot"
-                    " UNION ALL SELECT false, ids.id, e.originator_version, e.topic, e.state FROM ids"
-                    " LEFT JOIN snapshot ON snapshot.id = ids.id CROSS JOIN LATERAL"
-                    " (SELECT originator_version, topic, state FROM {events} WHERE originator_id = ids.id"
-                    " AND originator_version > COALESCE(snapshot.originator_version, 0) OFFSET 0) AS e"
-                    " ORDER BY 2, 1 DESC, 3"
-                )
-                .format(
-                    snapshots=sql.Identifier(*key),
-                    events=sql.Identifier(self.datastore.schema, self.events_table_name),
-                )
-                .as_string()
-            )
+        statement = self._latest_statement(self._select_latest_many, snapshots, SELECT_LATEST_MANY)
         with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cursor:
             cursor.execute(statement, {"ids": list(originator_ids)}, prepare=True)
             rows = cursor.fetchall()
@@ -352,6 +337,18 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
             else:
                 events.append(stored)
         return found
+
+    def _latest_statement(self, made: dict[tuple[str, str], str], snapshots: PostgresAggregateRecorder, text: str) -> str:
+        """`text` for the `snapshots` table (made once for each, kept in `made`)."""
+        key = (snapshots.datastore.schema, snapshots.events_table_name)
+        statement = made.get(key)
+        if statement is None:
+            statement = made[key] = (
+                sql.SQL(text)
+                .format(snapshots=sql.Identifier(*key), events=sql.Identifier(self.datastore.schema, self.events_table_name))
+                .as_string()
+            )
+        return statement
 
     @property
     def _without_function(self) -> bool:
