@@ -325,7 +325,11 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
             each = {i: self.select_latest(i, snapshots) for i in originator_ids}
             return {i: (snapshot, events) for i, (snapshot, events) in each.items() if snapshot is not None or events}
         statement = self._latest_statement(self._select_latest_many, snapshots, SELECT_LATEST_MANY)
-        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cursor:
+        with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor(row_factory=tuple_row) as cursor:
+            # Without statistics (a store just filled) the planner takes each ID for thousands of
+            # events, and the cost it sees has PostgreSQL compile the statement (JIT) at every call:
+            # up to 94 ms a call, and 3-10 s of a re-import of a million loans (bench/README item 27).
+            cursor.execute("SET LOCAL jit = off")
             cursor.execute(statement, {"ids": list(originator_ids)}, prepare=True)
             rows = cursor.fetchall()
         found: dict[UUID, tuple[StoredEvent | None, list[StoredEvent]]] = {}
