@@ -102,12 +102,9 @@ class RoutineTasks(logging.Filter):
         return not any(isinstance(name, str) and name in ROUTINE_TASKS for name in names)
 
 
-def configure_logging(level: int | None = None) -> None:
+def configure_logging(level: int = logging.INFO) -> None:
     """Route every logger (uvicorn's and Celery's included) through one JSON handler on stderr, at
-    `level` (default: LOG_LEVEL's, for a process started by one that has checked it: the import's
-    helper that reads half a sheet)."""
-    from infra.config import log_level  # here: infra.config imports infra.xlsx_split, which imports this module
-
+    `level` (the servers pass their settings' LOG_LEVEL)."""
     # The JSON lines carry none of the caller's file, line, thread or process: skip gathering them
     # (the logging HOWTO's "Optimization" section), a visible share of a small request's cost.
     logging._srcfile = None  # type: ignore[attr-defined]
@@ -119,7 +116,7 @@ def configure_logging(level: int | None = None) -> None:
     handler.addFilter(Repeats())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(log_level(os.environ) if level is None else level)
+    root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "celery", "celery.task", "celery.worker"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []

@@ -219,9 +219,14 @@ class _Repository(Repository[UUID]):
         if version is not None or self.snapshot_store is None or not hasattr(recorder, "select_latest"):
             return super()._reconstruct_aggregate(aggregate_id, version, projector_func)
         snapshot, events = cast("LatestReader", recorder).select_latest(aggregate_id, self.snapshot_store.recorder)
+        return self._project(aggregate_id, version, self._decoded(snapshot, events), projector_func)
+
+    def _decoded(self, snapshot: StoredEvent | None, events: list[StoredEvent]) -> list[Any]:
+        """A snapshot (if any) and the events after it, as domain events."""
+        assert self.snapshot_store is not None  # only asked with one
         domain_events: list[Any] = [] if snapshot is None else [self.snapshot_store.mapper.to_domain_event(snapshot)]
         domain_events += map(self.event_store.mapper.to_domain_event, events)
-        return self._project(aggregate_id, version, domain_events, projector_func)
+        return domain_events
 
     def get_many(self, aggregate_ids: Collection[UUID]) -> dict[UUID, Any]:
         """The aggregates with these IDs (those recorded: an ID with no events is left out), read
@@ -238,12 +243,9 @@ class _Repository(Repository[UUID]):
         latest = cast("LatestReader", recorder).select_latest_many(aggregate_ids, self.snapshot_store.recorder)
         for aggregate_id, (snapshot, events) in latest.items():
             try:
-                domain_events: list[Any] = [] if snapshot is None else [self.snapshot_store.mapper.to_domain_event(snapshot)]
-                domain_events += map(self.event_store.mapper.to_domain_event, events)
+                found[aggregate_id] = self._project(aggregate_id, None, self._decoded(snapshot, events), project_aggregate)
             except MapperDeserialisationError:
                 found[aggregate_id] = self.get(aggregate_id)  # its snapshot unreadable: as `get` reads it
-                continue
-            found[aggregate_id] = self._project(aggregate_id, None, domain_events, project_aggregate)
         return found
 
     @staticmethod

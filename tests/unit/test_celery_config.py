@@ -185,13 +185,14 @@ def test_log_level_warning_leaves_out_every_request_s_access_line_and_keeps_warn
     """Every request writes an access line (about 225 bytes: 2 MB a minute at 150 requests a
     second, which nothing rotated; a soak review): LOG_LEVEL=WARNING keeps them out."""
     from api.observability import account
+    from infra.config import Settings
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
         for level, expected in (("warning", ["a warning"]), ("", ["request", "a warning"])):
             monkeypatch.setenv("LOG_LEVEL", level)
-            configure_logging()
+            configure_logging(Settings.from_env().log_level)
             account("GET", "GET", "/view-loan/{loan_id}", "/view-loan/1", 200, 0.001, "rid")
             logging.getLogger("api.endpoints").warning("a warning")
             assert [json.loads(line)["message"] for line in capsys.readouterr().err.splitlines()] == expected
